@@ -1,0 +1,175 @@
+"""sdkernels::group_norm: F.group_norm, then optionally SiLU, then optionally + residual, in one op.
+
+    out = [silu](group_norm(x, num_groups, weight, bias, eps)) [+ residual]
+
+x is (N, C, *spatial) with 1 to 3 spatial dims; statistics are fp32 whatever the input dtype; the output has x's
+dtype and memory layout (channels_last in, channels_last out).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import _ext, dispatch
+from ._common import KERNEL_DTYPES, fail, is_channels_last_like, new_output, nsc_strides
+
+OP = "group_norm"
+
+
+def group_norm_reference(x, num_groups, weight=None, bias=None, eps=1e-5, silu=False, residual=None):
+    """The specification, in eager PyTorch: fp32 math for fp16/bf16 inputs, the input's dtype out."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = F.group_norm(x.to(compute), num_groups,
+                     None if weight is None else weight.to(compute),
+                     None if bias is None else bias.to(compute), eps)
+    if silu:
+        y = F.silu(y)
+    if residual is not None:
+        y = y + residual.to(compute)
+    return y.to(x.dtype)
+
+
+def check_inputs(x, num_groups, weight, bias, eps, silu, residual) -> None:
+    inputs = dict(x=x, weight=weight, bias=bias, residual=residual)
+    if not isinstance(x, torch.Tensor):
+        fail(OP, "x must be a tensor", **inputs)
+    if x.dim() < 3 or x.dim() > 5:
+        fail(OP, f"x must be (N, C, *spatial) with 1 to 3 spatial dims, not rank {x.dim()}", **inputs)
+    if not x.is_floating_point():
+        fail(OP, f"x must be floating point, not {x.dtype}", **inputs)
+    C = x.shape[1]
+    if not isinstance(num_groups, int) or num_groups < 1 or C % num_groups != 0:
+        fail(OP, f"num_groups={num_groups!r} must be a positive integer that divides the {C} channels", **inputs)
+    if not eps >= 0:
+        fail(OP, f"eps={eps!r} must be non-negative", **inputs)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if t.shape != (C,):
+            fail(OP, f"{name} must have shape ({C},) for {C} channels", **inputs)
+        if t.device != x.device:
+            fail(OP, f"{name} is on {t.device} but x is on {x.device}", **inputs)
+        if not t.is_floating_point():
+            fail(OP, f"{name} must be floating point", **inputs)
+    if residual is not None:
+        if residual.shape != x.shape:
+            fail(OP, "residual must have x's shape", **inputs)
+        if residual.device != x.device:
+            fail(OP, f"residual is on {residual.device} but x is on {x.device}", **inputs)
+        if not residual.is_floating_point():
+            fail(OP, "residual must be floating point", **inputs)
+
+
+def _layout(x, residual):
+    """(strides of x, residual, out) as (sN, sC, sS) and whether channels vary fastest, or a reason why not."""
+    sx = nsc_strides(x)
+    if sx is None:
+        return None, "x's spatial dims are not one stride apart (a strided view); the kernel needs them flat"
+    channels_last = is_channels_last_like(x)
+    if residual is not None and nsc_strides(residual) is None:
+        return None, "residual's spatial dims are not one stride apart"
+    return channels_last, None
+
+
+def _kernel_why_not(x, num_groups, weight, bias, eps, silu, residual):
+    if x.dtype not in KERNEL_DTYPES:
+        return f"dtype {x.dtype} is not one of fp16, bf16, fp32"
+    if x.numel() == 0:
+        return "empty tensor"
+    if x.numel() >= 2**31:
+        return "more than 2**31 elements"
+    return _layout(x, residual)[1]
+
+
+# ---- triton backend -------------------------------------------------------------------------------------------
+
+def _triton_available():
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:  # pragma: no cover - triton ships with CUDA torch
+        return f"triton is not importable ({e})"
+    return None
+
+
+def _triton_why_not(x, num_groups, weight, bias, eps, silu, residual):
+    from ..kernels.utils import device_ok, interpreting
+    if not device_ok(x):
+        return (f"tensor on {x.device.type}: Triton runs CUDA tensors"
+                + ("" if interpreting() else " (or CPU tensors under TRITON_INTERPRET=1)"))
+    return _kernel_why_not(x, num_groups, weight, bias, eps, silu, residual)
+
+
+def _triton_run(x, num_groups, weight, bias, eps, silu, residual):
+    from ..kernels.group_norm import group_norm_triton
+    out = new_output(x)
+    channels_last, _ = _layout(x, residual)
+    r = residual if residual is not None else x
+    strides = ((nsc_strides(x), nsc_strides(r), nsc_strides(out)), channels_last)
+    return group_norm_triton(x, num_groups, weight, bias, float(eps), silu, residual, out, strides)
+
+
+# ---- CUDA C++ backend (channels_last, 16-byte vectors) -------------------------------------------------------
+
+def _cuda_why_not(x, num_groups, weight, bias, eps, silu, residual):
+    if x.device.type != "cuda":
+        return f"tensor on {x.device.type}, not CUDA"
+    reason = _kernel_why_not(x, num_groups, weight, bias, eps, silu, residual)
+    if reason:
+        return reason
+    if not is_channels_last_like(x) or nsc_strides(x)[2] != x.shape[1]:
+        return "x is not dense channels_last (the CUDA kernel reads whole NHWC rows)"
+    if residual is not None and residual.stride() != x.stride():
+        return "residual's layout differs from x's"
+    C = x.shape[1]
+    vec = 16 // x.element_size()
+    if C % vec or x.data_ptr() % 16 or (residual is not None and residual.data_ptr() % 16):
+        return f"channels ({C}) not a multiple of {vec} or data not 16-byte aligned"
+    for t in (weight, bias):
+        if t is not None and not t.is_contiguous():
+            return "weight/bias not contiguous"
+    return None
+
+
+def _cuda_run(x, num_groups, weight, bias, eps, silu, residual):
+    out = new_output(x)
+    _ext.load().group_norm_nhwc(x, weight, bias, residual, out, num_groups, float(eps), bool(silu))
+    return out
+
+
+group_norm_dispatch = dispatch.define(OP, group_norm_reference)
+group_norm_dispatch.register(dispatch.Backend("cuda", _cuda_run, _cuda_why_not, available=_ext.unavailable_reason))
+group_norm_dispatch.register(dispatch.Backend("triton", _triton_run, _triton_why_not, available=_triton_available))
+
+
+def _reference_into_layout(x, *args):
+    out = new_output(x)
+    out.copy_(group_norm_reference(x, *args))
+    return out
+
+
+group_norm_dispatch.reference = _reference_into_layout
+
+
+# ---- the torch op ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("sdkernels::group_norm", mutates_args=())
+def _group_norm_op(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                   eps: float, silu: bool, residual: Optional[torch.Tensor]) -> torch.Tensor:
+    check_inputs(x, num_groups, weight, bias, eps, silu, residual)
+    return group_norm_dispatch(x, num_groups, weight, bias, eps, silu, residual)
+
+
+@_group_norm_op.register_fake
+def _(x, num_groups, weight, bias, eps, silu, residual):
+    check_inputs(x, num_groups, weight, bias, eps, silu, residual)
+    return new_output(x)
+
+
+def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
+               bias: Optional[torch.Tensor] = None, eps: float = 1e-5, silu: bool = False,
+               residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """GroupNorm, then SiLU if ``silu``, then ``+ residual`` if given; see the module docstring."""
+    check_inputs(x, num_groups, weight, bias, eps, silu, residual)
+    return torch.ops.sdkernels.group_norm(x, num_groups, weight, bias, float(eps), bool(silu), residual)

@@ -1,0 +1,33 @@
+"""Test lanes: on a machine without a GPU the Triton kernels run in Triton's interpreter at small sizes (the CPU
+lane, CI); with a GPU every backend runs at SD sizes (the GPU lane). Tests marked ``gpu`` are skipped only when
+there is no GPU, and the GPU lane's script fails if any of them was skipped."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["SDKERNELS_POISON_OUTPUTS"] = "1"
+
+import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("cpu", deadline=None, max_examples=25, derandomize=True, print_blob=True)
+settings.register_profile("gpu", deadline=None, max_examples=60, derandomize=True, print_blob=True)
+settings.load_profile(os.environ.get("SDKERNELS_HYPOTHESIS_PROFILE", "gpu" if torch.cuda.is_available() else "cpu"))
+
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (runs in the GPU lane)")
+    for item in items:
+        if "gpu" in item.keywords and not GPU:
+            item.add_marker(skip_gpu)
