@@ -1,0 +1,110 @@
+"""Shared by every benchmark script: timing, machine facts, and the results file format.
+
+Results file (bench/results/<name>.json):
+    {"gpu", "torch", "triton", "date", "copy_gbps", "rows": [{"bench", "case", "dtype", "ours_ms", "baseline",
+     "baseline_ms", "speedup", "gbps", ...}]}
+one row per case and baseline; "speedup" is baseline_ms / ours_ms.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def on_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def bench_ms(fn, warmup_ms: float = 25, rep_ms: float = 100) -> float:
+    """Median time of fn() in milliseconds: triton.testing.do_bench (CUDA events, L2 flushed between runs) on a
+    GPU; on the CPU (interpreter smoke runs) a short wall-clock median that means nothing for speed."""
+    if on_gpu():
+        from triton.testing import do_bench
+        return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    fn()
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def machine() -> dict:
+    info = {"torch": torch.__version__, "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if on_gpu():
+        p = torch.cuda.get_device_properties(0)
+        info.update(gpu=p.name, sms=p.multi_processor_count, cuda=torch.version.cuda)
+    else:
+        info.update(gpu=None, note="no GPU: Triton interpreter on the CPU, times are not speed")
+    return info
+
+
+_copy_gbps = None
+
+
+def copy_bandwidth_gbps() -> float | None:
+    """Measured device-to-device copy bandwidth (bytes read + written per second), the memory-bound ceiling."""
+    global _copy_gbps
+    if not on_gpu():
+        return None
+    if _copy_gbps is None:
+        src = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda").random_()
+        dst = torch.empty_like(src)
+        ms = bench_ms(lambda: dst.copy_(src))
+        _copy_gbps = 2 * src.numel() / ms / 1e6
+    return _copy_gbps
+
+
+class Results:
+    """Rows of one benchmark run, written as JSON with the machine facts."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.rows = []
+
+    def add(self, bench: str, case: str, dtype, ours_ms: float, baseline: str, baseline_ms: float,
+            bytes_moved: float | None = None, flops: float | None = None, **extra) -> dict:
+        row = {"bench": bench, "case": case, "dtype": str(dtype).replace("torch.", ""), "ours_ms": ours_ms,
+               "baseline": baseline, "baseline_ms": baseline_ms, "speedup": baseline_ms / ours_ms}
+        if bytes_moved is not None:
+            row["gbps"] = bytes_moved / ours_ms / 1e6
+            row["baseline_gbps"] = bytes_moved / baseline_ms / 1e6
+        if flops is not None:
+            row["tflops"] = flops / ours_ms / 1e9
+            row["baseline_tflops"] = flops / baseline_ms / 1e9
+        row.update(extra)
+        self.rows.append(row)
+        return row
+
+    def write(self, path: str | None = None) -> str:
+        path = path or os.path.join(RESULTS_DIR, f"{self.name}.json")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        doc = dict(machine(), copy_gbps=copy_bandwidth_gbps(), rows=self.rows)
+        with open(path, "w") as f:
+            json.dump(doc, f, indent=1)
+        return path
+
+    def table(self) -> str:
+        lines = [f"{'bench':24s} {'case':36s} {'dtype':8s} {'ours ms':>9s} {'baseline':>10s} {'base ms':>9s} "
+                 f"{'speedup':>7s} {'GB/s':>7s} {'TFLOP/s':>7s}"]
+        for r in self.rows:
+            gb = f"{r['gbps']:7.0f}" if "gbps" in r else " " * 7
+            tf = f"{r['tflops']:7.1f}" if "tflops" in r else " " * 7
+            lines.append(f"{r['bench']:24s} {r['case']:36s} {r['dtype']:8s} {r['ours_ms']:9.4f} "
+                         f"{r['baseline']:>10s} {r['baseline_ms']:9.4f} {r['speedup']:7.2f} {gb} {tf}")
+        return "\n".join(lines)
