@@ -1,0 +1,243 @@
+"""sdkernels::group_norm against its float64 reference: every backend, layouts, dtypes, odd shapes, errors."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, note
+from hypothesis import strategies as st
+
+import sdkernels
+from sdkernels import dispatch
+from sdkernels.ops.group_norm import group_norm_reference
+from sdkernels.testing import assert_close
+from conftest import DEVICE, GPU
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+BACKENDS = ["triton", "cuda"] if GPU else ["triton"]
+
+
+def make_case(shape, groups, dtype, layout, affine, residual, device=DEVICE, offset=0.5):
+    """Random x (with a non-zero mean, as real activations have), weight, bias and residual in the given layout."""
+    x = (torch.randn(shape, device=device) * 2 + offset).to(dtype)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d) \
+            if x.dim() in (4, 5) else x.transpose(1, 2).contiguous().transpose(1, 2)
+    elif layout == "strided":  # a view whose spatial dims cannot be flattened: the kernels must not take it blindly
+        big = torch.randn(*shape[:-1], shape[-1] * 2, device=device).to(dtype)
+        x = big[..., ::2]
+    C = shape[1]
+    w = torch.randn(C, device=device).to(dtype) if affine else None
+    b = torch.randn(C, device=device).to(dtype) if affine else None
+    r = torch.randn(shape, device=device).to(dtype).to(memory_format=torch.contiguous_format) if residual else None
+    if r is not None and layout == "channels_last":
+        r = torch.empty_like(x).copy_(r)  # same layout as x, as in a patched channels_last model
+    return x, groups, w, b, r
+
+
+def reference64(x, groups, w, b, eps, silu, r):
+    up = lambda t: None if t is None else t.double()  # noqa: E731
+    return group_norm_reference(up(x), groups, up(w), up(b), eps, silu, up(r))
+
+
+def check(backend, x, groups, w, b, eps, silu, r, strict=True):
+    with sdkernels.use_backend(backend, op="group_norm", strict=strict):
+        out = sdkernels.group_norm(x, groups, w, b, eps, silu, r)
+    if strict:
+        assert dispatch.last_backend("group_norm") == backend
+    assert out.dtype == x.dtype and out.shape == x.shape
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        assert out.stride() == x.stride(), "output must keep the input's layout"
+    group_size = x.numel() // (x.shape[0] * groups)
+    assert_close(out, reference64(x, groups, w, b, eps, silu, r), x.dtype, group_size,
+                 what=f"{backend} {tuple(x.shape)} G={groups} {x.dtype} stride={x.stride()}")
+    return out
+
+
+def supported(backend, x, r):
+    args = (x, 1, None, None, 1e-5, False, r)
+    op = dispatch.ops()["group_norm"]
+    b = next(b for b in op.backends if b.name == backend)
+    return b.why_not(*args) is None
+
+
+# ---- properties (CPU lane: interpreter, small sizes; GPU lane: larger) ----------------------------------------
+
+MAX_HW = 70 if not GPU else 130
+
+
+@given(batch=st.integers(1, 3), groups=st.sampled_from([1, 2, 3, 4, 8, 32]), per_group=st.integers(1, 6),
+       h=st.integers(1, MAX_HW), w=st.integers(1, MAX_HW), dtype=st.sampled_from(DTYPES),
+       layout=st.sampled_from(["contiguous", "channels_last", "strided"]), affine=st.booleans(),
+       residual=st.booleans(), silu=st.booleans(), eps=st.sampled_from([1e-5, 1e-6, 1e-3, 0.1]),
+       backend=st.sampled_from(BACKENDS))
+def test_group_norm_matches_reference(batch, groups, per_group, h, w, dtype, layout, affine, residual, silu, eps,
+                                      backend):
+    if not GPU and batch * groups * per_group * h * w > 6000:
+        h, w = min(h, 12), min(w, 12)  # the interpreter is slow; large groups are covered by the split-plan test
+    shape = (batch, groups * per_group, h, w)
+    note(f"shape={shape} G={groups} {dtype} {layout} affine={affine} residual={residual} silu={silu} eps={eps}")
+    x, g, wt, b, r = make_case(shape, groups, dtype, layout, affine, residual)
+    if supported(backend, x, r):
+        check(backend, x, g, wt, b, eps, silu, r)
+    else:  # e.g. strided views, or NCHW for the CUDA kernel: the op still answers right, through the fallback
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", sdkernels.SdkernelsFallbackWarning)
+            check(backend, x, g, wt, b, eps, silu, r, strict=False)
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 33), (1, 4, 3, 5, 7), (3, 8, 1, 1), (1, 2, 1)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_rank3_rank5_and_tiny(shape, layout):
+    x, g, w, b, r = make_case(shape, 2, torch.float32, layout, True, True)
+    check("triton", x, g, w, b, 1e-5, True, r)
+
+
+@pytest.fixture
+def split_plan(monkeypatch):
+    """Make the Triton launcher take the split (statistics, then apply) plan with many tiles and several tiles
+    per statistics program, at sizes the interpreter handles."""
+    import sdkernels.kernels.group_norm as k
+    monkeypatch.setattr(k, "ONE_PASS_MAX", 0)
+    monkeypatch.setattr(k, "TILE", 64)
+    monkeypatch.setattr(k, "MAX_SPLIT", 4)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_split_plan(split_plan, layout, dtype):
+    x, g, w, b, r = make_case((2, 12, 13, 11), 3, dtype, layout, True, True)
+    check("triton", x, g, w, b, 1e-5, True, r)
+
+
+def test_split_plan_large_mean(split_plan):
+    """A large mean against a small spread: naive sum-of-squares statistics lose it; (mean, M2) merging does not."""
+    x = torch.randn(1, 4, 20, 20, device=DEVICE) + 100.0
+    check("triton", x, 2, None, None, 1e-6, False, None)
+
+
+# ---- errors and fallbacks -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda: (torch.randn(4, 8), 2, None, None), "rank 2"),
+    (lambda: (torch.randn(2, 6, 4, 4), 4, None, None), "divides the 6 channels"),
+    (lambda: (torch.randn(2, 6, 4, 4), 0, None, None), "positive integer"),
+    (lambda: (torch.randn(2, 6, 4, 4), 3, torch.randn(5), None), r"shape \(6,\)"),
+    (lambda: (torch.randn(2, 6, 4, 4), 3, None, torch.randn(6, device="meta")), "is on meta"),
+    (lambda: (torch.randint(0, 5, (2, 6, 4, 4)), 3, None, None), "floating point"),
+])
+def test_invalid_inputs_raise_clear_errors(bad, match):
+    x, g, w, b = bad()
+    with pytest.raises(sdkernels.SdkernelsInputError, match=match) as e:
+        sdkernels.group_norm(x, g, w, b)
+    assert "sdkernels::group_norm" in str(e.value) and "x=Tensor(shape=" in str(e.value)
+
+
+def test_invalid_residual_and_eps():
+    x = torch.randn(2, 6, 4, 4)
+    with pytest.raises(sdkernels.SdkernelsInputError, match="residual must have x's shape"):
+        sdkernels.group_norm(x, 3, residual=torch.randn(2, 6, 4, 5))
+    with pytest.raises(sdkernels.SdkernelsInputError, match="eps"):
+        sdkernels.group_norm(x, 3, eps=-1.0)
+
+
+def test_unsupported_dtype_falls_back_once_with_warning():
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64, device=DEVICE)
+    dispatch._warned.clear()
+    with pytest.warns(sdkernels.SdkernelsFallbackWarning, match="float64"):
+        out = sdkernels.group_norm(x, 3, silu=True)
+    assert dispatch.last_backend("group_norm") == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sdkernels.SdkernelsFallbackWarning)
+        sdkernels.group_norm(x, 3, silu=True)  # the second time it is quiet
+    torch.testing.assert_close(out, F.silu(F.group_norm(x, 3)))
+
+
+def test_strict_forcing_reports_every_reason():
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(RuntimeError, match="forced backend 'triton'.*float64"):
+        with sdkernels.use_backend("triton", strict=True):
+            sdkernels.group_norm(x, 3)
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        with sdkernels.use_backend("nope"):
+            sdkernels.group_norm(x, 3)
+
+
+def test_env_forces_reference(monkeypatch):
+    monkeypatch.setenv("SDKERNELS_BACKEND", "group_norm=reference")
+    x = torch.randn(1, 4, 3, 3, device=DEVICE)
+    sdkernels.group_norm(x, 2)
+    assert dispatch.last_backend("group_norm") == "reference"
+
+
+# ---- torch integration ----------------------------------------------------------------------------------------
+
+def small_args(device=DEVICE, dtype=torch.float32):
+    x, g, w, b, r = make_case((2, 8, 5, 7), 4, dtype, "channels_last", True, True, device=device)
+    return (x, g, w, b, 1e-5, True, r)
+
+
+def test_opcheck():
+    torch.library.opcheck(torch.ops.sdkernels.group_norm.default, small_args())
+    x, g, *_ = small_args()
+    torch.library.opcheck(torch.ops.sdkernels.group_norm.default, (x, g, None, None, 1e-6, False, None))
+
+
+def test_torch_compile_fullgraph():
+    args = small_args()
+
+    def f(x, g, w, b, eps, silu, r):
+        return sdkernels.group_norm(x * 2, g, w, b, eps, silu, r) + 1
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if not GPU else "inductor")
+    torch.testing.assert_close(compiled(*args), f(*args))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_cuda_graph_capture_and_replay(backend):
+    args = list(small_args(dtype=torch.float16))
+    with sdkernels.use_backend(backend, strict=True):
+        sdkernels.group_norm(*args)  # warm-up: compiles kernels outside the capture
+        graph = torch.cuda.CUDAGraph()
+        static_x = args[0]
+        with torch.cuda.graph(graph):
+            static_out = sdkernels.group_norm(*args)
+    for _ in range(2):
+        static_x.copy_(torch.randn_like(static_x))
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = reference64(*args)
+        assert_close(static_out, expected, torch.float16, what=f"{backend} graph replay")
+
+
+# ---- GPU lane at SD sizes -------------------------------------------------------------------------------------
+
+SD_SHAPES = [  # (B, C, H, W, G) of the SD1.5 / SDXL UNets and the VAE decoder
+    (2, 320, 64, 64, 32), (2, 640, 32, 32, 32), (2, 1280, 16, 16, 32), (2, 1280, 8, 8, 32), (2, 960, 64, 64, 32),
+    (2, 1920, 32, 32, 32), (2, 2560, 16, 16, 32), (2, 320, 128, 128, 32), (1, 512, 64, 64, 32),
+    (1, 256, 256, 256, 32), (1, 128, 512, 512, 32), (1, 128, 1024, 1024, 32),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", SD_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sd_shapes(shape, backend, dtype):
+    *dims, G = shape
+    layout = "channels_last" if backend == "cuda" else ("contiguous" if dims[2] % 2 else "channels_last")
+    for lay in {layout, "channels_last"}:
+        x, g, w, b, r = make_case(tuple(dims), G, dtype, lay, True, dims[1] == 320)
+        check(backend, x, g, w, b, 1e-6, True, r)
+
+
+@pytest.mark.gpu
+@given(batch=st.integers(1, 2), groups=st.sampled_from([8, 16, 32]),
+       channels=st.sampled_from([128, 256, 320, 512, 640, 960, 1280, 1920, 2560]),
+       h=st.integers(1, 130), w=st.integers(1, 130), dtype=st.sampled_from(DTYPES),
+       residual=st.booleans(), silu=st.booleans(), affine=st.booleans())
+def test_cuda_backend_properties(batch, groups, channels, h, w, dtype, residual, silu, affine):
+    note(f"B={batch} C={channels} H={h} W={w} G={groups} {dtype} residual={residual} silu={silu}")
+    x, g, wt, b, r = make_case((batch, channels, h, w), groups, dtype, "channels_last", affine, residual)
+    check("cuda", x, g, wt, b, 1e-5, silu, r)
