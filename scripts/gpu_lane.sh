@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# One call on the GPU machine (device tool): build, run the whole test suite on the GPU, check every kernel
+# under compute-sanitizer, run the benchmarks. Logs and results go to $OUT (default .out/).
+#   bash scripts/gpu_lane.sh [build] [test] [sanitize] [bench]      (default: all four)
+# Test or bench arguments: PYTEST_ARGS="-k group_norm" BENCH="bench/bench_group_norm.py --quick"
+# diffusers is not on that machine: carry .whl/ (bash ../shared/device/prepare.sh puts its wheels there).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-.out}; mkdir -p "$OUT"
+steps=${*:-build test sanitize bench}
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+status=0
+step() { echo; echo "=== $1 ($(date +%T))"; }
+
+if [ -d .whl ] && ! python3 -c "import diffusers" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+if [[ $steps == *build* ]]; then
+  step build
+  python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -20 | tee "$OUT/build.log"
+  python3 -m sdkernels.info | tee "$OUT/info.txt"
+fi
+
+if [[ $steps == *test* ]]; then
+  step test
+  python3 -m pytest -q -rs -p no:cacheprovider ${PYTEST_ARGS:-} tests 2>&1 | tee "$OUT/tests.log"
+  rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || status=1
+  # The GPU lane must run its GPU tests, not skip them.
+  if grep -q "needs a CUDA GPU" "$OUT/tests.log"; then echo "GPU LANE ERROR: GPU tests were skipped"; status=1; fi
+fi
+
+if [[ $steps == *sanitize* ]]; then
+  step sanitize
+  compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \
+    python3 scripts/sanitize_kernels.py 2>&1 | tail -25 | tee "$OUT/sanitize.log"
+  rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || { echo "SANITIZER FAILED rc=$rc"; status=1; }
+fi
+
+if [[ $steps == *bench* ]]; then
+  step bench
+  for script in ${BENCH:-bench/bench_*.py}; do
+    [ -f "$script" ] || continue
+    name=$(basename "$script" .py); name=${name#bench_}
+    echo "== $script"
+    python3 $script --out "$OUT/$name.json" 2>&1 | tee "$OUT/bench_$name.log" | tail -60
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  done
+fi
+echo; echo "=== gpu_lane done: status $status"
+exit $status
