@@ -23,11 +23,29 @@ def on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def bench_ms(fn, warmup_ms: float = 25, rep_ms: float = 100) -> float:
+def as_cuda_graph(fn):
+    """fn captured once (after a warm-up on a side stream) into a CUDA graph; returns the replay function. Timing
+    replays measures the GPU work without the Python and launch overhead of each call."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def bench_ms(fn, warmup_ms: float = 25, rep_ms: float = 100, graph: bool = False) -> float:
     """Median time of fn() in milliseconds: triton.testing.do_bench (CUDA events, L2 flushed between runs) on a
-    GPU; on the CPU (interpreter smoke runs) a short wall-clock median that means nothing for speed."""
+    GPU, of CUDA-graph replays when ``graph``; on the CPU (interpreter smoke runs) a short wall-clock median that
+    means nothing for speed."""
     if on_gpu():
         from triton.testing import do_bench
+        if graph:
+            fn = as_cuda_graph(fn)
         return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
     fn()
     times = []
@@ -76,6 +94,7 @@ class Results:
     def __init__(self, name: str):
         self.name = name
         self.rows = []
+        self.meta = {}  # run-wide facts (e.g. how times were taken), written beside the machine facts
 
     def add(self, bench: str, case: str, dtype, ours_ms: float, baseline: str, baseline_ms: float,
             bytes_moved: float | None = None, flops: float | None = None, **extra) -> dict:
@@ -94,7 +113,7 @@ class Results:
     def write(self, path: str | None = None) -> str:
         path = path or os.path.join(RESULTS_DIR, f"{self.name}.json")
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        doc = dict(machine(), copy_gbps=copy_bandwidth_gbps(), rows=self.rows)
+        doc = dict(machine(), copy_gbps=copy_bandwidth_gbps(), **self.meta, rows=self.rows)
         with open(path, "w") as f:
             json.dump(doc, f, indent=1)
         return path

@@ -23,7 +23,12 @@ MAX_SPLIT = 64           # partials per group (the apply kernel reads them all)
 
 
 @triton.jit
-def _addresses(n, g, i, Cg, S, sN, sC, sS, CHANNELS_LAST: tl.constexpr):
+def _addresses(n, g, i, Cg, S, sN, sC, sS, CHANNELS_LAST: tl.constexpr, FLAT: tl.constexpr = False):
+    if FLAT:
+        # Contiguous NCHW: a group is one contiguous run, so the address is an affine function of i that Triton
+        # can see is contiguous (16-byte vector loads); the channel only matters for the affine weights.
+        ch = g * Cg + i // S
+        return n.to(tl.int64) * sN + (g * Cg).to(tl.int64) * sC + i, ch
     if CHANNELS_LAST:
         s = i // Cg
         c = i - s * Cg
@@ -53,7 +58,7 @@ def _normalize_store(x, mean, rstd, ch, mask, offs_out, offs_res, w_ptr, b_ptr, 
 @triton.jit
 def _group_norm_one_pass(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, G, Cg, S, eps,
                          sxN, sxC, sxS, srN, srC, srS, soN, soC, soS,
-                         BLOCK: tl.constexpr, CHANNELS_LAST: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                         BLOCK: tl.constexpr, CHANNELS_LAST: tl.constexpr, FLAT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                          HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
     ng = tl.program_id(0)
     n = ng // G
@@ -61,20 +66,21 @@ def _group_norm_one_pass(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, G, Cg, S, eps,
     size = Cg * S
     i = tl.arange(0, BLOCK)
     mask = i < size
-    offs_x, ch = _addresses(n, g, i, Cg, S, sxN, sxC, sxS, CHANNELS_LAST)
+    offs_x, ch = _addresses(n, g, i, Cg, S, sxN, sxC, sxS, CHANNELS_LAST, FLAT)
     x = tl.load(x_ptr + offs_x, mask=mask, other=0.0).to(tl.float32)
     mean = tl.sum(x, axis=0) / size
     d = tl.where(mask, x - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / size + eps)
-    offs_o, _ = _addresses(n, g, i, Cg, S, soN, soC, soS, CHANNELS_LAST)
-    offs_r, _ = _addresses(n, g, i, Cg, S, srN, srC, srS, CHANNELS_LAST)
+    offs_o, _ = _addresses(n, g, i, Cg, S, soN, soC, soS, CHANNELS_LAST, FLAT)
+    offs_r, _ = _addresses(n, g, i, Cg, S, srN, srC, srS, CHANNELS_LAST, FLAT)
     _normalize_store(x, mean, rstd, ch, mask, offs_o, offs_r, w_ptr, b_ptr, res_ptr, out_ptr,
                      HAS_WEIGHT, HAS_BIAS, SILU, HAS_RESIDUAL)
 
 
 @triton.jit
 def _group_norm_partial_stats(x_ptr, part_ptr, G, Cg, S, sxN, sxC, sxS, tiles_per_program,
-                              SPLIT: tl.constexpr, TILE_SIZE: tl.constexpr, CHANNELS_LAST: tl.constexpr):
+                              SPLIT: tl.constexpr, TILE_SIZE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                              FLAT: tl.constexpr):
     """Program (ng, p) folds tiles p*tiles_per_program ... of group ng into (count, mean, M2) at part[ng, p]."""
     ng = tl.program_id(0)
     p = tl.program_id(1)
@@ -87,7 +93,7 @@ def _group_norm_partial_stats(x_ptr, part_ptr, G, Cg, S, sxN, sxC, sxS, tiles_pe
     for t in range(tiles_per_program):
         i = (p * tiles_per_program + t) * TILE_SIZE + tl.arange(0, TILE_SIZE)
         mask = i < size
-        offs, _ = _addresses(n, g, i, Cg, S, sxN, sxC, sxS, CHANNELS_LAST)
+        offs, _ = _addresses(n, g, i, Cg, S, sxN, sxC, sxS, CHANNELS_LAST, FLAT)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         cnt = tl.sum(mask.to(tl.float32), axis=0)
         tile_mean = tl.sum(x, axis=0) / tl.maximum(cnt, 1.0)
@@ -109,7 +115,7 @@ def _group_norm_partial_stats(x_ptr, part_ptr, G, Cg, S, sxN, sxC, sxS, tiles_pe
 def _group_norm_apply(x_ptr, part_ptr, w_ptr, b_ptr, res_ptr, out_ptr, G, Cg, S, eps,
                       sxN, sxC, sxS, srN, srC, srS, soN, soC, soS,
                       SPLIT: tl.constexpr, TILE_SIZE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                      HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                      FLAT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
                       HAS_RESIDUAL: tl.constexpr):
     ng = tl.program_id(0)
     tile = tl.program_id(1)
@@ -129,10 +135,10 @@ def _group_norm_apply(x_ptr, part_ptr, w_ptr, b_ptr, res_ptr, out_ptr, G, Cg, S,
 
     i = tile * TILE_SIZE + tl.arange(0, TILE_SIZE)
     mask = i < Cg * S
-    offs_x, ch = _addresses(n, g, i, Cg, S, sxN, sxC, sxS, CHANNELS_LAST)
+    offs_x, ch = _addresses(n, g, i, Cg, S, sxN, sxC, sxS, CHANNELS_LAST, FLAT)
     x = tl.load(x_ptr + offs_x, mask=mask, other=0.0).to(tl.float32)
-    offs_o, _ = _addresses(n, g, i, Cg, S, soN, soC, soS, CHANNELS_LAST)
-    offs_r, _ = _addresses(n, g, i, Cg, S, srN, srC, srS, CHANNELS_LAST)
+    offs_o, _ = _addresses(n, g, i, Cg, S, soN, soC, soS, CHANNELS_LAST, FLAT)
+    offs_r, _ = _addresses(n, g, i, Cg, S, srN, srC, srS, CHANNELS_LAST, FLAT)
     _normalize_store(x, mean, rstd, ch, mask, offs_o, offs_r, w_ptr, b_ptr, res_ptr, out_ptr,
                      HAS_WEIGHT, HAS_BIAS, SILU, HAS_RESIDUAL)
 
@@ -150,7 +156,8 @@ def group_norm_triton(x, num_groups, weight, bias, eps, silu, residual, out, str
     Cg = C // G
     size = Cg * S
     (sx, sr, so), channels_last = strides
-    flags = dict(CHANNELS_LAST=channels_last, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+    flat = all(t is None or t.is_contiguous() for t in (x, residual, out))
+    flags = dict(CHANNELS_LAST=channels_last, FLAT=flat, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
                  SILU=bool(silu), HAS_RESIDUAL=residual is not None)
     # Unused pointers still need a tensor; x is never read through them because the flags are off.
     w, b, r = (weight if weight is not None else x, bias if bias is not None else x,
@@ -170,7 +177,7 @@ def group_norm_triton(x, num_groups, weight, bias, eps, silu, residual, out, str
     partials = torch.empty((N * G, split, 3), device=x.device, dtype=torch.float32)
     _group_norm_partial_stats[(N * G, split)](x, partials, G, Cg, S, *sx, tiles_per_program, SPLIT=split,
                                               TILE_SIZE=TILE, CHANNELS_LAST=channels_last,
-                                              num_warps=_warps(TILE))
+                                              FLAT=flat, num_warps=_warps(TILE))
     _group_norm_apply[(N * G, tiles)](x, partials, w, b, r, out, G, Cg, S, eps, *sx, *sr, *so, SPLIT=split,
                                       TILE_SIZE=TILE, num_warps=_warps(TILE), **flags)
     return out
