@@ -2,7 +2,7 @@
 # One call on the GPU machine (device tool): build, run the whole test suite on the GPU, check every kernel
 # under compute-sanitizer, run the benchmarks. Logs and results go to $OUT (default .out/).
 #   bash scripts/gpu_lane.sh [build] [test] [sanitize] [bench]      (default: all four)
-# Test or bench arguments: PYTEST_ARGS="-k group_norm" BENCH="bench/bench_group_norm.py --quick"
+# Test or bench arguments: PYTEST_ARGS="tests/test_group_norm.py -x" BENCH=bench/bench_group_norm.py BENCH_ARGS=--quick
 # diffusers is not on that machine: carry .whl/ (bash ../shared/device/prepare.sh puts its wheels there).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +25,7 @@ fi
 
 if [[ $steps == *test* ]]; then
   step test
-  python3 -m pytest -q -rs -p no:cacheprovider ${PYTEST_ARGS:-} tests 2>&1 | tee "$OUT/tests.log"
+  python3 -m pytest -q -rs -p no:cacheprovider ${PYTEST_ARGS:-tests} 2>&1 | tee "$OUT/tests.log"
   rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || status=1
   # The GPU lane must run its GPU tests, not skip them.
   if grep -q "needs a CUDA GPU" "$OUT/tests.log"; then echo "GPU LANE ERROR: GPU tests were skipped"; status=1; fi
@@ -44,7 +44,7 @@ if [[ $steps == *bench* ]]; then
     [ -f "$script" ] || continue
     name=$(basename "$script" .py); name=${name#bench_}
     echo "== $script"
-    python3 $script --out "$OUT/$name.json" 2>&1 | tee "$OUT/bench_$name.log" | tail -60
+    python3 "$script" ${BENCH_ARGS:-} --out "$OUT/$name.json" 2>&1 | tee "$OUT/bench_$name.log" | tail -60
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
   done
 fi
