@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch.nn.functional as F  # noqa: E402
 
 import sdkernels  # noqa: E402
-from bench.common import RESULTS_DIR, Results, bench_ms, copy_bandwidth_gbps, on_gpu  # noqa: E402
+from bench.common import RESULTS_DIR, Results, bench_rotating_ms, copy_bandwidth_gbps, input_sets, on_gpu  # noqa: E402
 from bench.shapes import WORKLOADS, group_norm_case, group_norm_shapes  # noqa: E402
 from sdkernels.dispatch import last_backend, use_backend  # noqa: E402
 from sdkernels.ops.group_norm import OP, group_norm_dispatch, group_norm_reference  # noqa: E402
@@ -132,9 +132,9 @@ def run_poisoned(fn):
 
 
 def forced(backend, fn):
-    def run():
+    def run(*args):
         with use_backend(backend, op=OP, strict=True):
-            return fn()
+            return fn(*args)
     return run
 
 
@@ -146,9 +146,15 @@ def measure_case(case: Case, dtype, device, timing: dict, compile_skip: str | No
     up = torch.float64 if dtype == torch.float32 else torch.float32
     expected = group_norm_reference(x.to(up), G, w.to(up), b.to(up), eps, silu=True)
     reduction = x.numel() // (x.shape[0] * G)
+    # Every provider is timed over the same rotating input sets (x first, then fresh copies).
+    sets = [(x,)] + [(xs,) for xs, in input_sets(lambda: (torch.empty_like(x).copy_(torch.randn_like(x)),),
+                                                  x.numel() * x.element_size())][1:]
 
-    def ours():
+    def ours(x):
         return sdkernels.group_norm(x, G, w, b, eps, silu=True)
+
+    def time_it(fn):
+        return bench_rotating_ms(fn, sets, **timing)
 
     ms, skipped = {}, {}
     for backend in group_norm_dispatch.backends:
@@ -157,18 +163,18 @@ def measure_case(case: Case, dtype, device, timing: dict, compile_skip: str | No
             skipped[backend.name] = reason
             continue
         fn = forced(backend.name, ours)
-        check_output(f"{BENCH} {case.name} {dtype} backend={backend.name}", run_poisoned(fn), x, expected,
-                     reduction)
-        ms[backend.name] = bench_ms(fn, **timing)
-    out = run_poisoned(ours)
+        check_output(f"{BENCH} {case.name} {dtype} backend={backend.name}", run_poisoned(lambda: fn(x)), x,
+                     expected, reduction)
+        ms[backend.name] = time_it(fn)
+    out = run_poisoned(lambda: ours(x))
     default = last_backend(OP)
     check_output(f"{BENCH} {case.name} {dtype} default dispatch ({default})", out, x, expected, reduction)
     # The default dispatch runs one of the backends just timed; time it only when it fell back to the reference.
-    ms["default"] = ms[default] if default in ms else bench_ms(ours, **timing)
+    ms["default"] = ms[default] if default in ms else time_it(ours)
     del out, expected
 
     try:
-        ms["eager"] = bench_ms(lambda: eager_group_norm_silu(x, w, b, G, eps), **timing)
+        ms["eager"] = time_it(lambda x: eager_group_norm_silu(x, w, b, G, eps))
     except Exception as e:  # e.g. a dtype eager lacks on the CPU: a missing baseline, not a failed run
         skipped["eager"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
@@ -184,7 +190,7 @@ def measure_case(case: Case, dtype, device, timing: dict, compile_skip: str | No
             if x.is_cuda:
                 torch.cuda.synchronize()
             compile_s = time.perf_counter() - t0
-            ms["compile"] = bench_ms(lambda: compiled(x, w, b), **timing)
+            ms["compile"] = time_it(lambda x: compiled(x, w, b))
         except Exception as e:  # a baseline that cannot be built is reported, never fatal
             skipped["compile"] = f"compile failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
     return {"ms": ms, "skipped": skipped, "default": default, "compile_s": compile_s}
@@ -339,8 +345,9 @@ def main(argv=None) -> int:
     order = {c.name: i for i, c in enumerate(model_cases)} if on_gpu() else {c.name: i for i, c in enumerate(cases)}
     cases.sort(key=lambda c: order[c.name])
     results = Results("group_norm")
-    results.meta["timing"] = ("median of CUDA-graph replays (do_bench)" if on_gpu() and args.graph
-                              else "median of plain calls (do_bench)")
+    results.meta["timing"] = ("per call: median CUDA-graph replay (do_bench) of back-to-back calls over input sets "
+                              "that overflow L2 3x" if on_gpu() and args.graph
+                              else "per call: median of plain calls (do_bench) over input sets that overflow L2 3x")
     for case in cases:
         add_rows(results, case, dtype, measured[case.name], copy_gbps)
     print(results.table())

@@ -56,6 +56,32 @@ def bench_ms(fn, warmup_ms: float = 25, rep_ms: float = 100, graph: bool = False
     return statistics.median(times)
 
 
+def input_sets(make, bytes_per_set: int, most: int = 32) -> list:
+    """Enough independent input sets (make() each) that cycling through them overflows the L2 cache three times,
+    so repeated calls read device memory as a real model's layers do, not a cache-resident copy."""
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20) if on_gpu() else 0
+    count = max(1, min(most, -(-3 * l2 // max(bytes_per_set, 1))))
+    return [make() for _ in range(count)]
+
+
+def bench_rotating_ms(fn, sets: list, warmup_ms: float = 25, rep_ms: float = 100, graph: bool = True) -> float:
+    """Time per call of fn(*set), cycling through the input sets. With ``graph``, one CUDA graph holds one call per
+    set back to back, as the layers of a captured model run, and the time of a replay is divided by their count:
+    the launch overhead of a lone graph replay does not land on small kernels."""
+    calls = [lambda s=s: fn(*s) for s in sets]
+    if graph and on_gpu():
+        def all_calls():
+            for call in calls:
+                call()
+        return bench_ms(all_calls, warmup_ms, rep_ms, graph=True) / len(calls)
+    state = {"i": 0}
+
+    def next_call():
+        state["i"] = (state["i"] + 1) % len(calls)
+        return calls[state["i"]]()
+    return bench_ms(next_call, warmup_ms, rep_ms)
+
+
 def machine() -> dict:
     info = {"torch": torch.__version__, "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}

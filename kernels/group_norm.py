@@ -1,29 +1,34 @@
 """GroupNorm (+SiLU) (+residual) in Triton, for NCHW-like and channels_last tensors without layout copies.
 
-The tensor is seen as (N, C, S) with S the flattened spatial size and strides (sN, sC, sS). A group of batch n
-is the flat range i in [0, Cg*S); ``CHANNELS_LAST`` picks which of (channel, spatial) varies fastest with i, so
-that consecutive i are consecutive addresses in both layouts.
+x is seen as (N, C, S), S the flattened spatial size, with strides (sN, sC, sS). Three plans:
 
-Two plans:
-  * one pass: one program per (n, g) holds the whole group in registers (small groups);
-  * split: a statistics kernel where each of SPLIT programs per group folds its tiles into (count, mean, M2),
-    then an apply kernel that merges the SPLIT partials (Chan's formula) and normalizes one tile per program.
-Statistics are fp32 and two-pass within each tile, merged with Chan's formula, so large groups (4 M elements in
-the VAE decoder) keep their precision.
+  * one_pass: one program per (n, g) loads the whole group into registers at once (all loads in flight together),
+    reduces, normalizes and stores: one launch, one read. For groups up to ONE_PASS_MAX elements.
+  * flat (large groups, any flat layout): a group is the index range i in [0, Cg*S); tile partials
+    (count, mean, M2) -> a finalize kernel merging them per group into (mean, rstd) -> an apply kernel.
+  * rows (large groups, channels_last): programs take whole contiguous NHWC rows (every channel), so loads are
+    16-byte vectors; partials are per channel and the finalize kernel merges the Cg channels of each group.
+
+Statistics are fp32: each tile's mean and M2 are computed two-pass from registers and tiles are merged with Chan's
+formula, so groups of 4 M elements with a large mean (the VAE decoder at 1024 px) keep their precision.
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-from .utils import multiprocessor_count, next_power_of_2
+from .utils import next_power_of_2
 
-ONE_PASS_MAX = 8192      # largest group held in one program's registers
-TILE = 4096              # elements per tile in the split plan
-MAX_SPLIT = 64           # partials per group (the apply kernel reads them all)
+ONE_PASS_MAX = 65536     # largest group held in one program's registers
+TILE = 4096              # elements per program in the flat plan
+ROW_TILE = 8192          # elements per program in the rows plan (rows x all channels)
+MERGE_CHUNK = 1024       # partials merged per step in the finalize kernel
 
 
 @triton.jit
-def _addresses(n, g, i, Cg, S, sN, sC, sS, CHANNELS_LAST: tl.constexpr, FLAT: tl.constexpr = False):
+def _addresses(n, g, i, Cg, S, sN, sC, sS, CHANNELS_LAST: tl.constexpr, FLAT: tl.constexpr):
+    """Offsets of the flat in-group indices i of group (n, g), and their channels."""
     if FLAT:
         # Contiguous NCHW: a group is one contiguous run, so the address is an affine function of i that Triton
         # can see is contiguous (16-byte vector loads); the channel only matters for the affine weights.
@@ -40,10 +45,9 @@ def _addresses(n, g, i, Cg, S, sN, sC, sS, CHANNELS_LAST: tl.constexpr, FLAT: tl
 
 
 @triton.jit
-def _normalize_store(x, mean, rstd, ch, mask, offs_out, offs_res, w_ptr, b_ptr, res_ptr, out_ptr,
-                     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-                     HAS_RESIDUAL: tl.constexpr):
-    y = (x - mean) * rstd
+def _finish(y, ch, mask, offs_out, offs_res, w_ptr, b_ptr, res_ptr, out_ptr, HAS_WEIGHT: tl.constexpr,
+            HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """Affine, SiLU, residual and store of the normalized values y."""
     if HAS_WEIGHT:
         y = y * tl.load(w_ptr + ch, mask=mask, other=1.0).to(tl.float32)
     if HAS_BIAS:
@@ -56,10 +60,22 @@ def _normalize_store(x, mean, rstd, ch, mask, offs_out, offs_res, w_ptr, b_ptr, 
 
 
 @triton.jit
-def _group_norm_one_pass(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, G, Cg, S, eps,
-                         sxN, sxC, sxS, srN, srC, srS, soN, soC, soS,
-                         BLOCK: tl.constexpr, CHANNELS_LAST: tl.constexpr, FLAT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                         HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+def _merge(count, mean, m2, cnt_b, mean_b, m2_b):
+    """Chan et al.: the (count, mean, M2) of two disjoint sets from each one's."""
+    total = count + cnt_b
+    delta = mean_b - mean
+    frac = cnt_b / tl.maximum(total, 1.0)
+    return total, mean + delta * frac, m2 + m2_b + delta * delta * count * frac
+
+
+# ---- one pass ---------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _one_pass_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, G, Cg, S, eps,
+                     sxN, sxC, sxS, srN, srC, srS, soN, soC, soS,
+                     BLOCK: tl.constexpr, CHANNELS_LAST: tl.constexpr, FLAT: tl.constexpr,
+                     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                     HAS_RESIDUAL: tl.constexpr):
     ng = tl.program_id(0)
     n = ng // G
     g = ng - n * G
@@ -73,111 +89,188 @@ def _group_norm_one_pass(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, G, Cg, S, eps,
     rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / size + eps)
     offs_o, _ = _addresses(n, g, i, Cg, S, soN, soC, soS, CHANNELS_LAST, FLAT)
     offs_r, _ = _addresses(n, g, i, Cg, S, srN, srC, srS, CHANNELS_LAST, FLAT)
-    _normalize_store(x, mean, rstd, ch, mask, offs_o, offs_r, w_ptr, b_ptr, res_ptr, out_ptr,
-                     HAS_WEIGHT, HAS_BIAS, SILU, HAS_RESIDUAL)
+    _finish(d * rstd, ch, mask, offs_o, offs_r, w_ptr, b_ptr, res_ptr, out_ptr,
+            HAS_WEIGHT, HAS_BIAS, SILU, HAS_RESIDUAL)
 
+
+# ---- partials -> finalize -> apply --------------------------------------------------------------------------------
 
 @triton.jit
-def _group_norm_partial_stats(x_ptr, part_ptr, G, Cg, S, sxN, sxC, sxS, tiles_per_program,
-                              SPLIT: tl.constexpr, TILE_SIZE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                              FLAT: tl.constexpr):
-    """Program (ng, p) folds tiles p*tiles_per_program ... of group ng into (count, mean, M2) at part[ng, p]."""
-    ng = tl.program_id(0)
-    p = tl.program_id(1)
+def _flat_partials_kernel(x_ptr, part_ptr, G, Cg, S, sxN, sxC, sxS, tiles, K_total,
+                          TILE_SIZE: tl.constexpr, CHANNELS_LAST: tl.constexpr, FLAT: tl.constexpr):
+    """Program (ng, t): (count, mean, M2) of tile t of group ng, stored at partials[:, ng, t]."""
+    pid = tl.program_id(0)
+    ng = pid // tiles
+    t = pid - ng * tiles
     n = ng // G
     g = ng - n * G
     size = Cg * S
-    count = 0.0
-    mean = 0.0
-    m2 = 0.0
-    for t in range(tiles_per_program):
-        i = (p * tiles_per_program + t) * TILE_SIZE + tl.arange(0, TILE_SIZE)
-        mask = i < size
-        offs, _ = _addresses(n, g, i, Cg, S, sxN, sxC, sxS, CHANNELS_LAST, FLAT)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        cnt = tl.sum(mask.to(tl.float32), axis=0)
-        tile_mean = tl.sum(x, axis=0) / tl.maximum(cnt, 1.0)
-        d = tl.where(mask, x - tile_mean, 0.0)
-        tile_m2 = tl.sum(d * d, axis=0)
-        total = count + cnt
-        delta = tile_mean - mean
-        frac = cnt / tl.maximum(total, 1.0)
-        mean = mean + delta * frac
-        m2 = m2 + tile_m2 + delta * delta * count * frac
-        count = total
-    base = part_ptr + (ng * SPLIT + p) * 3
-    tl.store(base + 0, count)
-    tl.store(base + 1, mean)
-    tl.store(base + 2, m2)
+    i = t * TILE_SIZE + tl.arange(0, TILE_SIZE)
+    mask = i < size
+    offs, _ = _addresses(n, g, i, Cg, S, sxN, sxC, sxS, CHANNELS_LAST, FLAT)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    cnt = tl.minimum(size - t * TILE_SIZE, TILE_SIZE).to(tl.float32)
+    mean = tl.sum(x, axis=0) / cnt
+    d = tl.where(mask, x - mean, 0.0)
+    tl.store(part_ptr + pid, cnt)
+    tl.store(part_ptr + K_total + pid, mean)
+    tl.store(part_ptr + 2 * K_total + pid, tl.sum(d * d, axis=0))
 
 
 @triton.jit
-def _group_norm_apply(x_ptr, part_ptr, w_ptr, b_ptr, res_ptr, out_ptr, G, Cg, S, eps,
-                      sxN, sxC, sxS, srN, srC, srS, soN, soC, soS,
-                      SPLIT: tl.constexpr, TILE_SIZE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                      FLAT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-                      HAS_RESIDUAL: tl.constexpr):
+def _rows_partials_kernel(x_ptr, part_ptr, G, Cg, C, S, sxN, sxS, row_tiles, K_total,
+                          BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program (n, t): per-channel (count, mean, M2) over rows [t*BLOCK_S, ...) of sample n. Channel c of group g
+    lands at partials[:, n*G + g, t*Cg + c%Cg], so each group's partials are contiguous for the finalize kernel."""
+    n = tl.program_id(1)
+    t = tl.program_id(0)
+    s = t * BLOCK_S + tl.arange(0, BLOCK_S)
+    c = tl.arange(0, BLOCK_C)
+    mask = (s < S)[:, None] & (c < C)[None, :]
+    offs = n.to(tl.int64) * sxN + s.to(tl.int64)[:, None] * sxS + c[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    cnt = tl.minimum(S - t * BLOCK_S, BLOCK_S).to(tl.float32)
+    mean = tl.sum(x, axis=0) / cnt
+    d = tl.where(mask, x - mean[None, :], 0.0)
+    m2 = tl.sum(d * d, axis=0)
+    g = c // Cg
+    k = (n * G + g) * (row_tiles * Cg) + t * Cg + (c - g * Cg)
+    cmask = c < C
+    tl.store(part_ptr + k, tl.zeros_like(mean) + cnt, mask=cmask)
+    tl.store(part_ptr + K_total + k, mean, mask=cmask)
+    tl.store(part_ptr + 2 * K_total + k, m2, mask=cmask)
+
+
+@triton.jit
+def _finalize_kernel(part_ptr, stats_ptr, K, K_total, eps, CHUNK: tl.constexpr):
+    """Program ng merges its K partials into (mean, rstd) at stats[ng]."""
     ng = tl.program_id(0)
-    tile = tl.program_id(1)
+    count = 0.0
+    mean = 0.0
+    m2 = 0.0
+    for k0 in range(0, K, CHUNK):
+        k = k0 + tl.arange(0, CHUNK)
+        mask = k < K
+        base = part_ptr + ng * K + k
+        cnt = tl.load(base, mask=mask, other=0.0)
+        means = tl.load(base + K_total, mask=mask, other=0.0)
+        m2s = tl.load(base + 2 * K_total, mask=mask, other=0.0)
+        chunk_count = tl.sum(cnt, axis=0)
+        chunk_mean = tl.sum(cnt * means, axis=0) / tl.maximum(chunk_count, 1.0)
+        dm = tl.where(mask, means - chunk_mean, 0.0)
+        chunk_m2 = tl.sum(m2s, axis=0) + tl.sum(cnt * dm * dm, axis=0)
+        count, mean, m2 = _merge(count, mean, m2, chunk_count, chunk_mean, chunk_m2)
+    tl.store(stats_ptr + 2 * ng, mean)
+    tl.store(stats_ptr + 2 * ng + 1, 1.0 / tl.sqrt(m2 / count + eps))
+
+
+@triton.jit
+def _flat_apply_kernel(x_ptr, stats_ptr, w_ptr, b_ptr, res_ptr, out_ptr, G, Cg, S, tiles,
+                       sxN, sxC, sxS, srN, srC, srS, soN, soC, soS,
+                       TILE_SIZE: tl.constexpr, CHANNELS_LAST: tl.constexpr, FLAT: tl.constexpr,
+                       HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                       HAS_RESIDUAL: tl.constexpr):
+    pid = tl.program_id(0)
+    ng = pid // tiles
+    t = pid - ng * tiles
     n = ng // G
     g = ng - n * G
-    # Merge the SPLIT partials of this group (Chan et al.): mean = sum(c*m)/sum(c), M2 = sum(M2 + c*(m-mean)^2).
-    k = tl.arange(0, SPLIT)
-    base = part_ptr + (ng * SPLIT + k) * 3
-    cnt = tl.load(base + 0)
-    means = tl.load(base + 1)
-    m2s = tl.load(base + 2)
-    total = tl.sum(cnt, axis=0)
-    mean = tl.sum(cnt * means, axis=0) / total
-    dm = means - mean
-    var = (tl.sum(m2s, axis=0) + tl.sum(cnt * dm * dm, axis=0)) / total
-    rstd = 1.0 / tl.sqrt(var + eps)
-
-    i = tile * TILE_SIZE + tl.arange(0, TILE_SIZE)
+    mean = tl.load(stats_ptr + 2 * ng)
+    rstd = tl.load(stats_ptr + 2 * ng + 1)
+    i = t * TILE_SIZE + tl.arange(0, TILE_SIZE)
     mask = i < Cg * S
     offs_x, ch = _addresses(n, g, i, Cg, S, sxN, sxC, sxS, CHANNELS_LAST, FLAT)
     x = tl.load(x_ptr + offs_x, mask=mask, other=0.0).to(tl.float32)
     offs_o, _ = _addresses(n, g, i, Cg, S, soN, soC, soS, CHANNELS_LAST, FLAT)
     offs_r, _ = _addresses(n, g, i, Cg, S, srN, srC, srS, CHANNELS_LAST, FLAT)
-    _normalize_store(x, mean, rstd, ch, mask, offs_o, offs_r, w_ptr, b_ptr, res_ptr, out_ptr,
-                     HAS_WEIGHT, HAS_BIAS, SILU, HAS_RESIDUAL)
+    _finish((x - mean) * rstd, ch, mask, offs_o, offs_r, w_ptr, b_ptr, res_ptr, out_ptr,
+            HAS_WEIGHT, HAS_BIAS, SILU, HAS_RESIDUAL)
 
 
-def _warps(block: int) -> int:
-    return max(1, min(16, block // 256))
+@triton.jit
+def _rows_apply_kernel(x_ptr, stats_ptr, w_ptr, b_ptr, res_ptr, out_ptr, G, Cg, C, S,
+                       sxN, sxS, srN, srS, soN, soS,
+                       BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    n = tl.program_id(1)
+    t = tl.program_id(0)
+    s = (t * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)
+    c = tl.arange(0, BLOCK_C)
+    cmask = c < C
+    mask = (s < S)[:, None] & cmask[None, :]
+    ng = n * G + c // Cg
+    mean = tl.load(stats_ptr + 2 * ng, mask=cmask, other=0.0)
+    rstd = tl.load(stats_ptr + 2 * ng + 1, mask=cmask, other=0.0)
+    x = tl.load(x_ptr + n.to(tl.int64) * sxN + s[:, None] * sxS + c[None, :], mask=mask, other=0.0)
+    y = (x.to(tl.float32) - mean[None, :]) * rstd[None, :]
+    ch = c[None, :] + tl.zeros_like(s)[:, None].to(tl.int32)
+    _finish(y, ch, mask, n.to(tl.int64) * soN + s[:, None] * soS + c[None, :],
+            n.to(tl.int64) * srN + s[:, None] * srS + c[None, :], w_ptr, b_ptr, res_ptr, out_ptr,
+            HAS_WEIGHT, HAS_BIAS, SILU, HAS_RESIDUAL)
 
 
-def group_norm_triton(x, num_groups, weight, bias, eps, silu, residual, out, strides, plan=None):
+# ---- launcher ---------------------------------------------------------------------------------------------------
+
+def _warps(block: int, most: int = 16) -> int:
+    return max(4, min(most, block // 256))
+
+
+def choose_plan(size: int, C: int, channels_last: bool, dense_rows: bool) -> str:
+    forced = os.environ.get("SDKERNELS_GN_PLAN")  # a knob for benchmarks comparing plans
+    if forced:
+        return forced
+    if size <= ONE_PASS_MAX:
+        return "one_pass"
+    return "rows" if channels_last and dense_rows and C <= ROW_TILE else "flat"
+
+
+def group_norm_triton(x, num_groups, weight, bias, eps, silu, residual, out, strides):
     """Launch on x seen as (N, C, S). ``strides`` gives (x, residual, out) strides as (sN, sC, sS) triples and
     whether channels vary fastest (channels_last); the caller checked shapes, dtypes and layouts."""
     N, C = x.shape[0], x.shape[1]
-    S = x.numel() // max(N * C, 1)
+    S = x.numel() // (N * C)
     G = num_groups
     Cg = C // G
     size = Cg * S
     (sx, sr, so), channels_last = strides
     flat = all(t is None or t.is_contiguous() for t in (x, residual, out))
-    flags = dict(CHANNELS_LAST=channels_last, FLAT=flat, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                 SILU=bool(silu), HAS_RESIDUAL=residual is not None)
+    epilogue = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=bool(silu),
+                    HAS_RESIDUAL=residual is not None)
     # Unused pointers still need a tensor; x is never read through them because the flags are off.
     w, b, r = (weight if weight is not None else x, bias if bias is not None else x,
                residual if residual is not None else x)
-    if plan is None:
-        plan = "one_pass" if size <= ONE_PASS_MAX else "split"
+    # Rows need channel stride 1 in x, residual and out (out = empty_like(x) shares x's layout).
+    dense_rows = channels_last and sx[1] == 1 and so[1] == 1 and sr[1] == 1
+    plan = choose_plan(size, C, channels_last, dense_rows)
+
     if plan == "one_pass":
         block = next_power_of_2(size)
-        _group_norm_one_pass[(N * G,)](x, w, b, r, out, G, Cg, S, eps, *sx, *sr, *so, BLOCK=block,
-                                       num_warps=_warps(block), **flags)
+        _one_pass_kernel[(N * G,)](x, w, b, r, out, G, Cg, S, eps, *sx, *sr, *so, BLOCK=block,
+                                   CHANNELS_LAST=channels_last, FLAT=flat, num_warps=_warps(block, 32),
+                                   **epilogue)
         return out
+
+    stats = torch.empty((N * G, 2), device=x.device, dtype=torch.float32)
+    if plan == "rows":
+        block_c = next_power_of_2(C)
+        block_s = max(1, ROW_TILE // block_c)
+        row_tiles = triton.cdiv(S, block_s)
+        K = row_tiles * Cg
+        partials = torch.empty((3, N * G * K), device=x.device, dtype=torch.float32)
+        grid = (row_tiles, N)
+        _rows_partials_kernel[grid](x, partials, G, Cg, C, S, sx[0], sx[2], row_tiles, N * G * K,
+                                    BLOCK_S=block_s, BLOCK_C=block_c, num_warps=_warps(ROW_TILE))
+        _finalize_kernel[(N * G,)](partials, stats, K, N * G * K, eps, CHUNK=MERGE_CHUNK, num_warps=4)
+        _rows_apply_kernel[grid](x, stats, w, b, r, out, G, Cg, C, S, sx[0], sx[2], sr[0], sr[2], so[0], so[2],
+                                 BLOCK_S=block_s, BLOCK_C=block_c, num_warps=_warps(ROW_TILE), **epilogue)
+        return out
+
     tiles = triton.cdiv(size, TILE)
-    # Enough statistics programs to fill the GPU a few times over, at most MAX_SPLIT per group.
-    want = max(1, 4 * multiprocessor_count(x.device) // max(N * G, 1))
-    split = min(MAX_SPLIT, next_power_of_2(min(want, tiles)))
-    tiles_per_program = triton.cdiv(tiles, split)
-    partials = torch.empty((N * G, split, 3), device=x.device, dtype=torch.float32)
-    _group_norm_partial_stats[(N * G, split)](x, partials, G, Cg, S, *sx, tiles_per_program, SPLIT=split,
-                                              TILE_SIZE=TILE, CHANNELS_LAST=channels_last,
-                                              FLAT=flat, num_warps=_warps(TILE))
-    _group_norm_apply[(N * G, tiles)](x, partials, w, b, r, out, G, Cg, S, eps, *sx, *sr, *so, SPLIT=split,
-                                      TILE_SIZE=TILE, num_warps=_warps(TILE), **flags)
+    partials = torch.empty((3, N * G * tiles), device=x.device, dtype=torch.float32)
+    layout = dict(CHANNELS_LAST=channels_last, FLAT=flat)
+    _flat_partials_kernel[(N * G * tiles,)](x, partials, G, Cg, S, *sx, tiles, N * G * tiles, TILE_SIZE=TILE,
+                                            num_warps=_warps(TILE), **layout)
+    _finalize_kernel[(N * G,)](partials, stats, tiles, N * G * tiles, eps, CHUNK=MERGE_CHUNK, num_warps=4)
+    _flat_apply_kernel[(N * G * tiles,)](x, stats, w, b, r, out, G, Cg, S, tiles, *sx, *sr, *so, TILE_SIZE=TILE,
+                                         num_warps=_warps(TILE), **layout, **epilogue)
     return out

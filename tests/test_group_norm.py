@@ -55,10 +55,18 @@ def check(backend, x, groups, w, b, eps, silu, r, strict=True):
 
 
 def supported(backend, x, r):
+    """Whether the backend takes these inputs. Availability is not asked: in the GPU lane every backend must be
+    available (test_every_backend_available), so an unavailable one fails the strict check instead of hiding."""
     args = (x, 1, None, None, 1e-5, False, r)
     op = dispatch.ops()["group_norm"]
     b = next(b for b in op.backends if b.name == backend)
     return b.why_not(*args) is None
+
+
+@pytest.mark.gpu
+def test_every_backend_available():
+    op = dispatch.ops()["group_norm"]
+    assert {b.name: b.available() for b in op.backends} == {b.name: None for b in op.backends}
 
 
 # ---- properties (CPU lane: interpreter, small sizes; GPU lane: larger) ----------------------------------------
@@ -93,26 +101,30 @@ def test_rank3_rank5_and_tiny(shape, layout):
     check("triton", x, g, w, b, 1e-5, True, r)
 
 
-@pytest.fixture
-def split_plan(monkeypatch):
-    """Make the Triton launcher take the split (statistics, then apply) plan with many tiles and several tiles
-    per statistics program, at sizes the interpreter handles."""
+@pytest.fixture(params=["flat", "rows"])
+def split_plan(request, monkeypatch):
+    """Make the Triton launcher take a multi-kernel plan (partials, finalize, apply) with many tiles and several
+    finalize chunks, at sizes the interpreter handles."""
     import sdkernels.kernels.group_norm as k
-    monkeypatch.setattr(k, "ONE_PASS_MAX", 0)
+    monkeypatch.setenv("SDKERNELS_GN_PLAN", request.param)
     monkeypatch.setattr(k, "TILE", 64)
-    monkeypatch.setattr(k, "MAX_SPLIT", 4)
+    monkeypatch.setattr(k, "ROW_TILE", 64)
+    monkeypatch.setattr(k, "MERGE_CHUNK", 16)
+    return request.param
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_split_plan(split_plan, layout, dtype):
+def test_split_plans(split_plan, layout, dtype):
+    if split_plan == "rows" and layout != "channels_last":
+        pytest.skip("the rows plan reads whole NHWC rows: channels_last only")
     x, g, w, b, r = make_case((2, 12, 13, 11), 3, dtype, layout, True, True)
     check("triton", x, g, w, b, 1e-5, True, r)
 
 
-def test_split_plan_large_mean(split_plan):
+def test_split_plans_large_mean(split_plan):
     """A large mean against a small spread: naive sum-of-squares statistics lose it; (mean, M2) merging does not."""
-    x = torch.randn(1, 4, 20, 20, device=DEVICE) + 100.0
+    x = (torch.randn(1, 4, 20, 20, device=DEVICE) + 100.0).to(memory_format=torch.channels_last)
     check("triton", x, 2, None, None, 1e-6, False, None)
 
 
