@@ -6,21 +6,12 @@
 """
 from . import dispatch, ops
 from .dispatch import SdkernelsFallbackWarning, use_backend
-from .ops import group_norm
+from .ops import geglu, gelu, group_norm, linear_geglu
 from .ops._common import SdkernelsInputError
+from .patch import patch, unpatch  # imports only torch: patchers and diffusers load on the first call
 
 __version__ = "0.1.0"
 
 
-def patch(pipe_or_model, **kwargs):
-    from .patch import patch as _patch
-    return _patch(pipe_or_model, **kwargs)
-
-
-def unpatch(pipe_or_model):
-    from .patch import unpatch as _unpatch
-    return _unpatch(pipe_or_model)
-
-
-__all__ = ["patch", "unpatch", "group_norm", "use_backend", "dispatch", "ops", "SdkernelsFallbackWarning",
+__all__ = ["patch", "unpatch", "group_norm", "geglu", "gelu", "linear_geglu", "use_backend", "dispatch", "ops", "SdkernelsFallbackWarning",
            "SdkernelsInputError", "__version__"]

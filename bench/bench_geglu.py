@@ -1,0 +1,253 @@
+"""Benchmark: the GEGLU of diffusers' FeedForward, elementwise (sdkernels.geglu) and fused into its projection
+(sdkernels.linear_geglu), at the SD1.5 (512 px) and SDXL (1024 px) UNet shapes, batch 2.
+
+    python bench/bench_geglu.py [--dtype fp16] [--quick] [--no-graph] [--out PATH]
+
+Case names: M tokens (batch x latent pixels), K the FeedForward's dim, N the projection's width (2 x inner, the
+nn.Linear's out_features); the output is (M, N / 2). Benches:
+  geglu         (M, N) -> (M, N/2): ours vs eager (`a, g = h.chunk(2, -1); a * F.gelu(g)`) and torch.compile of
+                it; GB/s of one read and one write, and % of the measured copy bandwidth.
+  linear_geglu  x (M, K), W (N, K): ours (one matmul, GEGLU in its epilogue) vs the eager pair (cuBLAS F.linear,
+                then the eager GEGLU) and torch.compile of the pair; cuBLAS F.linear alone is shown as a reference
+                row ("linear_only"), TFLOP/s of 2*M*K*N.
+Every output is checked against the fp32 reference and against eager before anything is timed; a mismatch aborts
+the run before any row is written. Times are medians of CUDA-graph replays (--no-graph: plain calls).
+
+Without a GPU it is a correctness smoke run: the Triton kernels run in Triton's interpreter at tiny shapes,
+torch.compile is skipped, the times mean nothing, and results go to bench/results/cpu_smoke/geglu.json.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton (sdkernels imports it)
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch.nn.functional as F  # noqa: E402
+
+from bench.common import RESULTS_DIR, Results, bench_ms, copy_bandwidth_gbps, on_gpu  # noqa: E402
+from sdkernels.dispatch import last_backend  # noqa: E402
+from sdkernels.ops.geglu import geglu, geglu_reference, linear_geglu, linear_geglu_reference  # noqa: E402
+from sdkernels.testing import assert_close, tolerance  # noqa: E402
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# (M, K, N, where): the FeedForward projections of the SD1.5 UNet at 512 px and the SDXL UNet at 1024 px, batch 2.
+SD_CASES = [
+    (2 * 4096, 320, 2 * 1280, "SD1.5"), (2 * 1024, 640, 2 * 2560, "SD1.5"), (2 * 256, 1280, 2 * 5120, "SD1.5"),
+    (2 * 64, 1280, 2 * 5120, "SD1.5"), (2 * 4096, 640, 2 * 2560, "SDXL"), (2 * 1024, 1280, 2 * 5120, "SDXL"),
+]
+SMOKE_CASES = [(6, 24, 2 * 19, "smoke"), (33, 40, 2 * 37, "smoke")]
+TARGETS = {"geglu_copy_pct": 85.0, "geglu_x_eager": 2.0, "linear_geglu_x_eager": 1.25}
+LARGE_BYTES = 32e6
+
+
+class Abort(Exception):
+    """An output is wrong: no row of this run may be written."""
+
+
+def eager_geglu(h):
+    a, g = h.chunk(2, dim=-1)
+    return a * F.gelu(g)
+
+
+def eager_linear_geglu(x, w, b):
+    return eager_geglu(F.linear(x, w, b))
+
+
+def check(label, out, expected, dtype, reduction_size, factor=1.0):
+    """out within factor x the dtype's tolerance of expected; the bulk test runs on the device, assert_close
+    explains a failure."""
+    atol, rtol = tolerance(dtype, reduction_size)
+    atol, rtol = atol * factor, rtol * factor
+    e = expected.float()
+    if out.shape == e.shape and bool(((out.float() - e).abs() <= atol + rtol * e.abs()).all()):
+        return
+    try:
+        assert_close(out, expected.double(), dtype, reduction_size, what=label)
+    except AssertionError as err:
+        raise Abort(str(err)) from None
+    raise Abort(f"{label}: outside {factor}x the tolerance")
+
+
+def compiled_or_reason(fn, args, budget):
+    """torch.compile(fn) warmed up on args, and the seconds it took; or None and why not."""
+    if not on_gpu():
+        return None, "no GPU: the torch.compile baseline runs only in the GPU run", 0.0
+    if budget["spent"] > budget["limit"]:
+        return None, f"compile budget of {budget['limit']:.0f} s spent", 0.0
+    try:
+        compiled = torch.compile(fn, dynamic=False)
+        t0 = time.perf_counter()
+        compiled(*args)
+        torch.cuda.synchronize()
+        spent = time.perf_counter() - t0
+        budget["spent"] += spent
+        return compiled, None, spent
+    except Exception as e:  # a baseline that cannot be built is reported, never fatal
+        return None, f"compile failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", 0.0
+
+
+def measure(providers: dict, timing: dict) -> dict:
+    return {name: bench_ms(fn, **timing) for name, fn in providers.items()}
+
+
+def bench_geglu(M, N, dtype, device, timing, budget):
+    h = torch.randn(M, N, device=device).mul_(2).to(dtype)
+    label = f"geglu M={M},N={N} {dtype}"
+    expected = geglu_reference(h.float())
+    out = geglu(h)
+    check(label, out, expected, dtype, 1)
+    check(f"{label} vs eager", out, eager_geglu(h), dtype, 1, factor=2.0)
+    providers = {"ours": lambda: geglu(h), "eager": lambda: eager_geglu(h)}
+    compiled, why, compile_s = compiled_or_reason(eager_geglu, (h,), budget)
+    if compiled is not None:
+        check(f"{label} torch.compile", compiled(h), expected, dtype, 1, factor=2.0)
+        providers["compile"] = lambda: compiled(h)
+    ms = measure(providers, timing)
+    return dict(ms=ms, skipped={"compile": why} if why else {}, backend=last_backend("geglu"),
+                bytes=(M * N + M * N // 2) * h.element_size(), compile_s=compile_s)
+
+
+def bench_linear_geglu(M, K, N, dtype, device, timing, budget):
+    x = torch.randn(M, K, device=device).to(dtype)
+    w = (torch.randn(N, K, device=device) * K ** -0.5).to(dtype)
+    b = (torch.randn(N, device=device) * 0.5).to(dtype)
+    label = f"linear_geglu M={M},K={K},N={N} {dtype}"
+    expected = linear_geglu_reference(x.float(), w.float(), b.float())
+    out = linear_geglu(x, w, b)
+    check(label, out, expected, dtype, K)
+    check(f"{label} vs eager", out, eager_linear_geglu(x, w, b), dtype, K, factor=2.0)
+    providers = {"ours": lambda: linear_geglu(x, w, b), "eager": lambda: eager_linear_geglu(x, w, b),
+                 "linear_only": lambda: F.linear(x, w, b)}
+    compiled, why, compile_s = compiled_or_reason(eager_linear_geglu, (x, w, b), budget)
+    if compiled is not None:
+        check(f"{label} torch.compile", compiled(x, w, b), expected, dtype, K, factor=2.0)
+        providers["compile"] = lambda: compiled(x, w, b)
+    ms = measure(providers, timing)
+    config = None
+    if on_gpu():
+        from sdkernels.kernels.linear_geglu import tuned_config
+        config = str(tuned_config(M, N // 2, K, dtype))
+    return dict(ms=ms, skipped={"compile": why} if why else {}, backend=last_backend("linear_geglu"),
+                flops=2.0 * M * K * N, compile_s=compile_s, config=config)
+
+
+def add_rows(results, bench, case, dtype, m, copy_gbps, where):
+    ms = m["ms"]
+    extra = dict(model=where, ours_backend=m["backend"], skipped=m["skipped"], compile_s=m["compile_s"])
+    if m.get("config"):
+        extra["tile_config"] = m["config"]
+    if "bytes" in m and copy_gbps:
+        extra.update(floor_ms=m["bytes"] / copy_gbps / 1e6, copy_pct=100 * m["bytes"] / ms["ours"] / 1e6 / copy_gbps)
+    for baseline, baseline_ms in ms.items():
+        if baseline != "ours":
+            results.add(bench, case, dtype, ms["ours"], baseline, baseline_ms, bytes_moved=m.get("bytes"),
+                        flops=m.get("flops"), **extra)
+
+
+def verdicts(results: Results) -> list:
+    """One line per target: the worst case and whether every case met it."""
+    def line(what, pairs, target, fmt):
+        if not pairs:
+            return f"{what}: no measurements"
+        worst = min(pairs, key=lambda p: p[1])
+        if target is None:
+            return f"{what}: worst {fmt.format(worst[1])} ({worst[0]})"
+        missed = [c for c, v in pairs if v < target]
+        verdict = "met at every case" if not missed else f"MISSED at {len(missed)} of {len(pairs)}: {missed}"
+        return f"{what}: worst {fmt.format(worst[1])} ({worst[0]}); target >= {fmt.format(target)}: {verdict}"
+
+    rows = results.rows
+    geglu_eager = [(r["case"], r["speedup"]) for r in rows if r["bench"] == "geglu" and r["baseline"] == "eager"]
+    copy = [(r["case"], r["copy_pct"], r["gbps"] * r["ours_ms"] * 1e6) for r in rows
+            if r["bench"] == "geglu" and r["baseline"] == "eager" and "copy_pct" in r]
+    large = [(c, pct) for c, pct, moved in copy if moved >= LARGE_BYTES]
+    lines = [line("geglu, % of copy bandwidth", [(c, pct) for c, pct, _ in copy], TARGETS["geglu_copy_pct"],
+                  "{:.0f}%"),
+             line(f"geglu, % of copy bandwidth where a call moves >= {LARGE_BYTES / 1e6:.0f} MB (launch and tail "
+                  "costs fade)", large, TARGETS["geglu_copy_pct"], "{:.0f}%"),
+             line("geglu, speedup vs eager", geglu_eager, TARGETS["geglu_x_eager"], "{:.2f}x")]
+    for where in ("SD1.5", "SDXL"):
+        pairs = [(r["case"], r["speedup"]) for r in rows
+                 if r["bench"] == "linear_geglu" and r["baseline"] == "eager" and r["model"] == where]
+        if pairs:
+            lines.append(line(f"linear_geglu at the {where} shapes, speedup vs cuBLAS Linear + eager GEGLU", pairs,
+                              TARGETS["linear_geglu_x_eager"], "{:.2f}x"))
+    compiled = [(f"{r['bench']} {r['case']}", r["speedup"]) for r in rows if r["baseline"] == "compile"]
+    if compiled:
+        lines.append(line("speedup vs torch.compile of the same (no target)", compiled, None, "{:.2f}x"))
+    return lines
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dtype", default="fp16", choices=list(DTYPES))
+    p.add_argument("--quick", action="store_true", help="shorter timing")
+    p.add_argument("--graph", action=argparse.BooleanOptionalAction, default=True,
+                   help="time CUDA-graph replays (default), so per-call Python and launch overhead, which graphs "
+                        "remove in a patched pipeline, does not hide the kernels' time")
+    p.add_argument("--compile-budget-s", type=float, default=35.0,
+                   help="stop compiling new cases once this many seconds went into torch.compile")
+    p.add_argument("--out", help="results JSON (default bench/results/geglu.json; "
+                                 "bench/results/cpu_smoke/geglu.json without a GPU)")
+    args = p.parse_args(argv)
+    dtype = DTYPES[args.dtype]
+    torch.manual_seed(0)
+    t_start = time.perf_counter()
+    if on_gpu():
+        device, cases = "cuda", SD_CASES
+        timing = dict(warmup_ms=10, rep_ms=40) if args.quick else dict(warmup_ms=25, rep_ms=100)
+        timing["graph"] = args.graph
+        copy_gbps = copy_bandwidth_gbps()
+        print(f"{torch.cuda.get_device_name()}: copy bandwidth {copy_gbps:.0f} GB/s; {dtype}; "
+              f"{'CUDA-graph replays' if args.graph else 'plain calls'}")
+    else:
+        print("no GPU: correctness smoke run in the Triton interpreter at tiny sizes; timings are not speed")
+        device, cases, timing, copy_gbps = "cpu", SMOKE_CASES, {}, None
+
+    results = Results("geglu")
+    results.meta["timing"] = ("median of CUDA-graph replays (do_bench)" if on_gpu() and args.graph
+                              else "median of plain calls" + ("" if on_gpu() else " (CPU interpreter: not speed)"))
+    results.meta["case_names"] = "M tokens, K input features, N = 2 x inner (the projection's width)"
+    budget = {"spent": 0.0, "limit": args.compile_budget_s}
+    try:
+        for M, K, N, where in cases:
+            m = bench_geglu(M, N, dtype, device, timing, budget)
+            add_rows(results, "geglu", f"M={M},N={N}", dtype, m, copy_gbps, where)
+            m = bench_linear_geglu(M, K, N, dtype, device, timing, budget)
+            add_rows(results, "linear_geglu", f"M={M},K={K},N={N}", dtype, m, copy_gbps, where)
+            if on_gpu():
+                torch.cuda.empty_cache()
+    except Abort as e:
+        print(f"\n{'!' * 100}\nABORT: an output is wrong; no results are written.\n{e}\n{'!' * 100}", file=sys.stderr)
+        return 2
+
+    print(results.table())
+    print()
+    for r in results.rows:
+        if r["baseline"] == "eager" and "tile_config" in r:
+            print(f"linear_geglu {r['case']}: tuned tile config {r['tile_config']}")
+    skipped = {(k, v) for r in results.rows for k, v in r["skipped"].items()}
+    for provider, reason in sorted(skipped):
+        print(f"skipped {provider}: {reason}")
+    if on_gpu():
+        print("\n".join(verdicts(results)))
+    else:
+        print("no GPU: every output matched the reference and eager; the times above are the Triton interpreter's "
+              "and eager CPU's, not speed")
+    out = args.out or (os.path.join(RESULTS_DIR, "geglu.json") if on_gpu()
+                       else os.path.join(RESULTS_DIR, "cpu_smoke", "geglu.json"))
+    print(f"wrote {results.write(out)} in {time.perf_counter() - t_start:.0f} s "
+          f"(torch.compile: {budget['spent']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""Swap sdkernels ops into diffusers models, and back.
+
+    sdkernels.patch(pipe)                  # every registered patcher, on pipe.unet, pipe.vae, ...
+    sdkernels.patch(unet, ops=["group_norm"])
+    sdkernels.unpatch(pipe)                # every patched module exactly as it was
+
+This module is the op-agnostic frame: a ``Patcher`` finds the modules it can speed up in a model, says why it
+leaves the others alone, patches one module in place and restores it. The patchers themselves (what diffusers
+code they mirror, which op they call) live in ``sdkernels.patchers``.
+
+Rules every patcher follows, through the helpers below:
+  * patch instances, never classes: a replaced ``forward`` is a method bound on the instance, and the one it
+    replaces is kept to be called when our path cannot run (autograd, autocast, inputs the op does not take) and
+    to be put back by ``unpatch``;
+  * patching is idempotent: a module already patched by a patcher is counted, not patched again (patch() only
+    adds: to change which ops are patched, unpatch first);
+  * a module taken over by one patcher (a GroupNorm fused into its ResNet block) is skipped by later ones.
+"""
+from __future__ import annotations
+
+import logging
+import types
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+logger = logging.getLogger("sdkernels")
+
+# Pipeline attributes that hold the models we patch; text encoders and tokenizers are left alone.
+MODEL_ATTRIBUTES = ("unet", "vae", "transformer", "controlnet")
+
+_PATCHED_BY = "_sdkernels_patched_by"          # on a patched module: names of the patchers that patched it
+_ORIGINAL_FORWARD = "_sdkernels_original_forward"
+_SWAPPED_CHILDREN = "_sdkernels_swapped_children"
+_SUMMARY = "_sdkernels_summary"                # on a patched model: its PatchSummary
+
+
+@dataclass(frozen=True)
+class Patcher:
+    """One kind of replacement. ``find`` yields (qualified name, module) candidates; ``why_not`` says why a
+    candidate cannot be patched (None when it can); ``apply`` patches it in place, keeping on the module what
+    ``restore`` needs; ``covers`` names the submodules a patched module has taken over, which later patchers
+    must leave alone."""
+    name: str
+    find: Callable[[nn.Module], Iterable[tuple]]
+    apply: Callable[[nn.Module], None]
+    restore: Callable[[nn.Module], None]
+    why_not: Callable[[nn.Module], Optional[str]] = lambda module: None
+    covers: Callable[[nn.Module], Iterable[nn.Module]] = lambda module: ()
+
+
+_registry: list = []  # in priority order: an earlier patcher takes a module before a later one sees it
+
+
+def register(patcher: Patcher) -> Patcher:
+    if any(p.name == patcher.name for p in _registry):
+        raise ValueError(f"sdkernels.patch: a patcher named {patcher.name!r} is already registered")
+    _registry.append(patcher)
+    return patcher
+
+
+def patchers() -> list:
+    """The registered patchers, in priority order."""
+    _load_patchers()
+    return list(_registry)
+
+
+@dataclass
+class PatchSummary:
+    """What patch() did to one model: modules patched per patcher, and the candidates left with the reason."""
+    model: str
+    replaced: dict = field(default_factory=dict)   # patcher name -> number of modules it has patched
+    left: list = field(default_factory=list)       # (qualified module name, patcher name, reason)
+
+    def __str__(self) -> str:
+        replaced = ", ".join(f"{k} {v}" for k, v in self.replaced.items()) or "nothing selected"
+        line = f"sdkernels.patch {self.model}: replaced {replaced}"
+        if self.left:
+            groups = Counter((p, reason) for _, p, reason in self.left)
+            line += "; left " + "; ".join(f"{p} x{n} ({reason})" for (p, reason), n in groups.items())
+        return line
+
+
+def patch(pipe_or_model, *, ops: Optional[Iterable[str]] = None):
+    """Apply the patchers named in ``ops`` (default: all) to every model of a pipeline, or to one nn.Module.
+    Logs one line per model on the "sdkernels" logger and returns its argument; ``summary()`` reads the result."""
+    selected = _select(ops)
+    for label, model in _models(pipe_or_model):
+        result = _patch_model(model, label, selected)
+        model.__dict__[_SUMMARY] = result
+        logger.info("%s", result)
+    return pipe_or_model
+
+
+def unpatch(pipe_or_model):
+    """Put back every module that patch() changed in these models, exactly as it was; returns its argument."""
+    _load_patchers()
+    by_name = {p.name: p for p in _registry}
+    for _, model in _models(pipe_or_model):
+        for module in list(model.modules()):  # restoring may swap children back in, so walk a snapshot
+            names = module.__dict__.get(_PATCHED_BY, ())
+            for name in reversed(names):
+                if name not in by_name:
+                    raise RuntimeError(f"sdkernels.unpatch: {type(module).__name__} was patched by {name!r}, "
+                                       "which is not registered")
+                by_name[name].restore(module)
+            module.__dict__.pop(_PATCHED_BY, None)
+        model.__dict__.pop(_SUMMARY, None)
+    return pipe_or_model
+
+
+def summary(pipe_or_model):
+    """The PatchSummary of a patched model (None if unpatched), or {attribute: PatchSummary} for a pipeline."""
+    if isinstance(pipe_or_model, nn.Module):
+        return pipe_or_model.__dict__.get(_SUMMARY)
+    return {label: model.__dict__.get(_SUMMARY) for label, model in _models(pipe_or_model)}
+
+
+def patched_by(module: nn.Module) -> tuple:
+    """Names of the patchers that patched this module (empty if none)."""
+    return module.__dict__.get(_PATCHED_BY, ())
+
+
+# ---- helpers for patchers ------------------------------------------------------------------------------------
+
+def bind_forward(module: nn.Module, forward: Callable) -> None:
+    """Make ``forward(module, ...)`` the instance's forward, keeping the one it replaces for original_forward()
+    and unbind_forward(). Hooks still run: nn.Module.__call__ looks forward up on the instance."""
+    state = module.__dict__
+    if _ORIGINAL_FORWARD in state:
+        raise RuntimeError(f"sdkernels: the forward of this {type(module).__name__} is already replaced")
+    # (the instance attribute it shadows, or None when forward came from the class; the callable to fall back to)
+    state[_ORIGINAL_FORWARD] = (state.get("forward"), module.forward)
+    state["forward"] = types.MethodType(forward, module)
+
+
+def original_forward(module: nn.Module) -> Callable:
+    return module.__dict__[_ORIGINAL_FORWARD][1]
+
+
+def unbind_forward(module: nn.Module) -> None:
+    shadowed, _ = module.__dict__.pop(_ORIGINAL_FORWARD)
+    if shadowed is None:
+        del module.__dict__["forward"]
+    else:
+        module.__dict__["forward"] = shadowed
+
+
+def swap_child(parent: nn.Module, name: str, replacement: nn.Module) -> None:
+    """Register ``replacement`` as ``parent.<name>``, keeping the child it replaces for restore_child()."""
+    swapped = parent.__dict__.setdefault(_SWAPPED_CHILDREN, {})
+    if name in swapped:
+        raise RuntimeError(f"sdkernels: {type(parent).__name__}.{name} is already swapped")
+    swapped[name] = parent._modules[name]
+    parent._modules[name] = replacement
+
+
+def restore_child(parent: nn.Module, name: str) -> None:
+    swapped = parent.__dict__[_SWAPPED_CHILDREN]
+    parent._modules[name] = swapped.pop(name)
+    if not swapped:
+        del parent.__dict__[_SWAPPED_CHILDREN]
+
+
+def why_not_plain(module, cls: type, what: str, *, hooks_matter: bool) -> Optional[str]:
+    """None when ``module`` is a ``cls`` running ``cls.forward`` unchanged (and, if ``hooks_matter``, with no
+    hooks that a fused path would skip); otherwise why not, naming it ``what``."""
+    if not isinstance(module, cls):
+        return f"{what} is {type(module).__name__}, not {cls.__name__}"
+    if type(module).forward is not cls.forward:
+        return f"{what} is {type(module).__name__}, a {cls.__name__} with its own forward"
+    if "forward" in module.__dict__:
+        return f"{what}'s forward is replaced on the instance ({_replaced_by(module)})"
+    if hooks_matter and (module._forward_hooks or module._forward_pre_hooks):
+        return f"{what} has forward hooks, which the fused path would not call"
+    return None
+
+
+def must_run_original(*tensors) -> bool:
+    """True when our ops cannot stand in for the original module: autograd has to record it (our ops have no
+    backward), or autocast is on for the tensors' device (it changes dtypes in ways the original module defines)."""
+    present = [t for t in tensors if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
+        return True
+    return bool(present) and _autocast_enabled(present[0].device.type)
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch before 2.4 took no device type: the flag was CUDA's, and CPU had its own
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+def _replaced_by(module) -> str:
+    if _ORIGINAL_FORWARD in module.__dict__:
+        names = patched_by(module)
+        return f"by sdkernels {', '.join(names)}" if names else "by sdkernels, as part of its parent's patch"
+    return "by another library, e.g. an accelerate offload hook"
+
+
+# ---- internals -----------------------------------------------------------------------------------------------
+
+def _load_patchers() -> None:
+    from . import patchers  # noqa: F401  (importing it registers them)
+
+
+def _select(ops) -> list:
+    _load_patchers()
+    if ops is None:
+        return list(_registry)
+    if isinstance(ops, str):
+        ops = [ops]
+    wanted = list(ops)
+    known = [p.name for p in _registry]
+    unknown = [name for name in wanted if name not in known]
+    if unknown:
+        raise ValueError(f"sdkernels.patch: unknown ops {unknown}; known: {known}")
+    return [p for p in _registry if p.name in wanted]
+
+
+def _models(obj) -> list:
+    """[(label, model)] for an nn.Module, a dict of components, or a pipeline-like object, each model once."""
+    if isinstance(obj, nn.Module):
+        return [(type(obj).__name__, obj)]
+    source = obj if isinstance(obj, dict) else getattr(obj, "components", None)
+    if not isinstance(source, dict):
+        source = {name: getattr(obj, name, None) for name in MODEL_ATTRIBUTES}
+    found, seen = [], set()
+    for name in MODEL_ATTRIBUTES:
+        model = source.get(name)
+        if isinstance(model, nn.Module) and id(model) not in seen:
+            seen.add(id(model))
+            found.append((f"{name} ({type(model).__name__})", model))
+    if not found:
+        raise TypeError(f"sdkernels.patch: expected an nn.Module or a diffusers pipeline with any of "
+                        f"{', '.join(MODEL_ATTRIBUTES)} as nn.Modules, got {type(obj).__name__}")
+    return found
+
+
+def _patch_model(model: nn.Module, label: str, selected: list) -> PatchSummary:
+    result = PatchSummary(label, {p.name: 0 for p in selected})
+    covered: set = set()  # ids of modules taken over by a patched module
+    for patcher in selected:
+        for qualified_name, module in patcher.find(model):
+            if id(module) in covered:
+                continue
+            if patcher.name not in patched_by(module):
+                reason = patcher.why_not(module)
+                if reason is not None:
+                    result.left.append((qualified_name, patcher.name, reason))
+                    continue
+                patcher.apply(module)
+                module.__dict__[_PATCHED_BY] = patched_by(module) + (patcher.name,)
+            result.replaced[patcher.name] += 1
+            covered.update(id(m) for m in patcher.covers(module))
+    return result
