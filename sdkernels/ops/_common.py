@@ -51,3 +51,21 @@ def new_output(like: torch.Tensor) -> torch.Tensor:
     if os.environ.get("SDKERNELS_POISON_OUTPUTS") == "1":
         return torch.full_like(like, float("nan"))
     return torch.empty_like(like)
+
+
+def triton_available():
+    """None where Triton can be imported, else why not (a Backend's ``available``)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:  # pragma: no cover - triton ships with CUDA torch
+        return f"triton is not importable ({e})"
+    return None
+
+
+def triton_device_why_not(*tensors):
+    """Why Triton cannot run on these tensors' device, or None: CUDA tensors, or CPU ones under the interpreter."""
+    from ..kernels.utils import device_ok, interpreting
+    if device_ok(*tensors):
+        return None
+    return (f"tensor on {tensors[0].device.type}: Triton runs CUDA tensors"
+            + ("" if interpreting() else " (or CPU tensors under TRITON_INTERPRET=1)"))

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dispatch
-from ._common import KERNEL_DTYPES, fail, new_output
+from ._common import KERNEL_DTYPES, fail, new_output, triton_available, triton_device_why_not
 
 APPROXIMATIONS = ("none", "tanh")
 MAX_ROW_DIMS = 3       # leading dims the elementwise kernel indexes after merging; more take the reference
@@ -144,19 +144,10 @@ def _empty(shape, like: torch.Tensor) -> torch.Tensor:
 
 # ---- triton backends ------------------------------------------------------------------------------------------
 
-def _triton_available():
-    try:
-        import triton  # noqa: F401
-    except ImportError as e:  # pragma: no cover - triton ships with CUDA torch
-        return f"triton is not importable ({e})"
-    return None
-
-
 def _common_why_not(*tensors):
-    from ..kernels.utils import device_ok, interpreting
-    if not device_ok(*tensors):
-        return (f"tensor on {tensors[0].device.type}: Triton runs CUDA tensors"
-                + ("" if interpreting() else " (or CPU tensors under TRITON_INTERPRET=1)"))
+    reason = triton_device_why_not(*tensors)
+    if reason:
+        return reason
     if tensors[0].dtype not in KERNEL_DTYPES:
         return f"dtype {tensors[0].dtype} is not one of fp16, bf16, fp32"
     if any(t.numel() == 0 for t in tensors):
@@ -273,13 +264,13 @@ def _contiguous(reference):
 
 gelu_dispatch = dispatch.define("gelu", _reference_keeping_layout)
 gelu_dispatch.register(dispatch.Backend("triton", _gelu_triton_run, _gelu_triton_why_not,
-                                        available=_triton_available))
+                                        available=triton_available))
 geglu_dispatch = dispatch.define("geglu", _contiguous(geglu_reference))
 geglu_dispatch.register(dispatch.Backend("triton", _geglu_triton_run, _geglu_triton_why_not,
-                                         available=_triton_available))
+                                         available=triton_available))
 linear_geglu_dispatch = dispatch.define("linear_geglu", _contiguous(linear_geglu_reference))
 linear_geglu_dispatch.register(dispatch.Backend("triton", _linear_geglu_triton_run, _linear_geglu_triton_why_not,
-                                                available=_triton_available))
+                                                available=triton_available))
 
 
 # ---- the torch ops --------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext, dispatch
-from ._common import KERNEL_DTYPES, fail, is_channels_last_like, new_output, nsc_strides
+from ._common import (KERNEL_DTYPES, fail, is_channels_last_like, new_output, nsc_strides, triton_available,
+                      triton_device_why_not)
 
 OP = "group_norm"
 
@@ -93,20 +94,8 @@ def _kernel_why_not(x, num_groups, weight, bias, eps, silu, residual):
 
 # ---- triton backend -------------------------------------------------------------------------------------------
 
-def _triton_available():
-    try:
-        import triton  # noqa: F401
-    except ImportError as e:  # pragma: no cover - triton ships with CUDA torch
-        return f"triton is not importable ({e})"
-    return None
-
-
 def _triton_why_not(x, num_groups, weight, bias, eps, silu, residual):
-    from ..kernels.utils import device_ok, interpreting
-    if not device_ok(x):
-        return (f"tensor on {x.device.type}: Triton runs CUDA tensors"
-                + ("" if interpreting() else " (or CPU tensors under TRITON_INTERPRET=1)"))
-    return _kernel_why_not(x, num_groups, weight, bias, eps, silu, residual)
+    return triton_device_why_not(x) or _kernel_why_not(x, num_groups, weight, bias, eps, silu, residual)
 
 
 def _triton_run(x, num_groups, weight, bias, eps, silu, residual):
@@ -148,7 +137,7 @@ def _cuda_run(x, num_groups, weight, bias, eps, silu, residual):
 
 group_norm_dispatch = dispatch.define(OP, group_norm_reference)
 group_norm_dispatch.register(dispatch.Backend("cuda", _cuda_run, _cuda_why_not, available=_ext.unavailable_reason))
-group_norm_dispatch.register(dispatch.Backend("triton", _triton_run, _triton_why_not, available=_triton_available))
+group_norm_dispatch.register(dispatch.Backend("triton", _triton_run, _triton_why_not, available=triton_available))
 
 
 def _reference_into_layout(x, *args):
