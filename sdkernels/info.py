@@ -9,9 +9,14 @@ from . import ops as _ops  # noqa: F401  (registers every op)
 
 def probe_inputs(device):
     """A typical input per op, to ask each backend whether it would run it."""
-    x = torch.randn(2, 64, 8, 8, device=device, dtype=torch.float16).to(memory_format=torch.channels_last)
-    w = torch.ones(64, device=device, dtype=torch.float16)
-    return {"group_norm": (x, 32, w, w, 1e-5, True, None)}
+    half = dict(device=device, dtype=torch.float16)
+    x = torch.randn(2, 64, 8, 8, **half).to(memory_format=torch.channels_last)
+    w = torch.ones(64, **half)
+    tokens = torch.randn(2, 64, 320, **half)
+    proj = torch.randn(2 * 1280, 320, **half)
+    return {"group_norm": (x, 32, w, w, 1e-5, True, None),
+            "gelu": (tokens, "none"), "geglu": (tokens, "none"),
+            "linear_geglu": (tokens, proj, torch.randn(2 * 1280, **half), "none")}
 
 
 def report() -> str:
