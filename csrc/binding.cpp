@@ -1,0 +1,126 @@
+// The one torch binding of the extension (sdkernels._C): a thin list of checked wrappers around the plain-CUDA
+// launchers of csrc/*.cu. Each wrapper checks what its kernel assumes (device, dtype, layout, alignment), raising
+// an error that names the function, then launches on the current CUDA stream of the input's device.
+// Only c10/cuda headers (not ATen/cuda/CUDAContext.h, which pulls in cuBLAS/cuSPARSE headers): it then compiles
+// with nothing more than the CUDA runtime headers.
+#include <torch/extension.h>
+
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <climits>
+#include <cstdint>
+#include <optional>
+
+#include "group_norm_nhwc.h"
+
+namespace {
+
+int sdk_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return SDK_FLOAT32;
+    case at::kHalf: return SDK_FLOAT16;
+    case at::kBFloat16: return SDK_BFLOAT16;
+    case at::kDouble: return SDK_FLOAT64;
+    default: return -1;
+  }
+}
+
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// t seen as (N, S, C): the batch stride when channels have stride 1 and the spatial dims (size-1 dims aside) form
+// one dense run of stride C, else -1.
+int64_t nhwc_batch_stride(const at::Tensor& t) {
+  if (t.stride(1) != 1) return -1;
+  int64_t expected = t.size(1);
+  for (int64_t d = t.dim() - 1; d >= 2; --d) {
+    if (t.size(d) == 1) continue;
+    if (t.stride(d) != expected) return -1;
+    expected *= t.size(d);
+  }
+  return t.stride(0);
+}
+
+// ---- sdkernels::group_norm, channels_last (csrc/group_norm_nhwc.cu) --------------------------------------------
+
+void group_norm_nhwc(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, at::Tensor out,
+                     int64_t num_groups, double eps, bool silu) {
+  constexpr const char* fn = "sdkernels._C.group_norm_nhwc";
+  TORCH_CHECK(x.is_cuda(), fn, ": x must be a CUDA tensor, got one on ", x.device());
+  TORCH_CHECK(x.dim() >= 3 && x.dim() <= 5, fn, ": x must be (N, C, *spatial) with 1 to 3 spatial dims, got shape ",
+              x.sizes());
+  const int dtype = sdk_dtype(x.scalar_type());
+  TORCH_CHECK(dtype == SDK_FLOAT32 || dtype == SDK_FLOAT16 || dtype == SDK_BFLOAT16, fn,
+              ": x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  if (x.numel() == 0) return;
+  const int64_t N = x.size(0), C = x.size(1), S = x.numel() / (N * C);
+  TORCH_CHECK(N <= INT_MAX && C <= INT_MAX && S <= INT_MAX, fn, ": x of shape ", x.sizes(), " is too large");
+  TORCH_CHECK(num_groups >= 1 && num_groups <= C && C % num_groups == 0, fn, ": num_groups=", num_groups,
+              " must divide the ", C, " channels");
+  const int64_t vec = 16 / x.element_size();
+
+  // x, residual and out: channels_last, 16-byte aligned vectors; returns the batch stride.
+  auto layout = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.device() == x.device(), fn, ": ", name, " is on ", t.device(), " but x is on ", x.device());
+    TORCH_CHECK(t.sizes() == x.sizes() && t.scalar_type() == x.scalar_type(), fn, ": ", name, " must have x's shape ",
+                x.sizes(), " and dtype ", x.scalar_type(), ", got ", t.sizes(), " ", t.scalar_type());
+    const int64_t sn = nhwc_batch_stride(t);
+    TORCH_CHECK(sn >= 0, fn, ": ", name, " must be channels_last with dense spatial dims (channel stride 1, "
+                "spatial stride C), got strides ", t.strides());
+    TORCH_CHECK(aligned16(t) && sn % vec == 0, fn, ": ", name, " must be 16-byte aligned in every sample");
+    return sn;
+  };
+  const int64_t x_sn = layout(x, "x"), out_sn = layout(out, "out");
+  TORCH_CHECK(N == 1 || out_sn >= S * C, fn, ": out's samples overlap (batch stride ", out_sn, ")");
+  // A residual of another dtype is rounded to x's first (SD never mixes them; the result stays within tolerance).
+  at::Tensor res;
+  if (residual.has_value() && residual->defined()) {
+    TORCH_CHECK(residual->is_floating_point(), fn, ": residual must be floating point");
+    res = residual->scalar_type() == x.scalar_type() ? *residual : residual->to(x.scalar_type());
+  }
+  const int64_t res_sn = res.defined() ? layout(res, "residual") : 0;
+
+  auto param = [&](const std::optional<at::Tensor>& t, const char* name, int* param_dtype) -> const void* {
+    if (!t.has_value() || !t->defined()) return nullptr;
+    TORCH_CHECK(t->device() == x.device(), fn, ": ", name, " is on ", t->device(), " but x is on ", x.device());
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == C && t->is_contiguous(), fn, ": ", name,
+                " must be a contiguous (", C, ",) tensor, got shape ", t->sizes(), " strides ", t->strides());
+    *param_dtype = sdk_dtype(t->scalar_type());
+    TORCH_CHECK(*param_dtype >= 0, fn, ": ", name, " must be float32, float16, bfloat16 or float64, got ",
+                t->scalar_type());
+    return t->data_ptr();
+  };
+
+  const char* why = sdk_group_norm_nhwc_why_not((int)N, (int)S, (int)C, (int)num_groups, dtype);
+  TORCH_CHECK(why == nullptr, fn, ": ", why, " (x of shape ", x.sizes(), ", num_groups=", num_groups, ")");
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  SdkGroupNormArgs a{};
+  a.x = x.data_ptr();
+  a.weight = param(weight, "weight", &a.weight_dtype);
+  a.bias = param(bias, "bias", &a.bias_dtype);
+  a.residual = res.defined() ? res.data_ptr() : nullptr;
+  a.out = out.data_ptr();
+  a.x_batch_stride = x_sn;
+  a.residual_batch_stride = res_sn;
+  a.out_batch_stride = out_sn;
+  a.N = (int)N; a.S = (int)S; a.C = (int)C; a.G = (int)num_groups;
+  a.dtype = dtype;
+  a.eps = (float)eps;
+  a.silu = silu;
+  const size_t bytes = sdk_group_norm_nhwc_workspace_bytes(a.N, a.S, a.C, a.G, dtype);
+  const at::Tensor workspace = at::empty({(int64_t)bytes}, x.options().dtype(at::kByte));
+  a.workspace = workspace.data_ptr();
+  const cudaError_t err = sdk_group_norm_nhwc(a, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, fn, ": kernel launch failed: ", cudaGetErrorString(err));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("group_norm_nhwc", &group_norm_nhwc,
+        "out = [silu](group_norm(x, num_groups, weight, bias, eps)) [+ residual], x and out channels_last; writes out",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("residual"), py::arg("out"), py::arg("num_groups"),
+        py::arg("eps"), py::arg("silu"));
+}
