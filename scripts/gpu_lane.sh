@@ -10,7 +10,9 @@ OUT=${OUT:-.out}; mkdir -p "$OUT"
 steps=${*:-build test sanitize bench}
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 status=0
+LOG="$OUT/lane.log"
 step() { echo; echo "=== $1 ($(date +%T))"; }
+exec > >(tee -a "$LOG") 2>&1  # one log of everything (the device returns few files)
 
 if [ -d .whl ] && ! python3 -c "import diffusers" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -19,8 +21,8 @@ fi
 
 if [[ $steps == *build* ]]; then
   step build
-  python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -20 | tee "$OUT/build.log"
-  python3 -m sdkernels.info | tee "$OUT/info.txt"
+  python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -20
+  python3 -m sdkernels.info
 fi
 
 if [[ $steps == *test* ]]; then
@@ -34,7 +36,7 @@ fi
 if [[ $steps == *sanitize* ]]; then
   step sanitize
   compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \
-    python3 scripts/sanitize_kernels.py 2>&1 | tail -25 | tee "$OUT/sanitize.log"
+    python3 scripts/sanitize_kernels.py 2>&1 | tail -25
   rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || { echo "SANITIZER FAILED rc=$rc"; status=1; }
 fi
 
@@ -44,8 +46,7 @@ if [[ $steps == *bench* ]]; then
     [ -f "$script" ] || continue
     name=$(basename "$script" .py); name=${name#bench_}
     echo "== $script"
-    python3 "$script" ${BENCH_ARGS:-} --out "$OUT/$name.json" 2>&1 | tee "$OUT/bench_$name.log" | tail -60
-    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    python3 "$script" ${BENCH_ARGS:-} --out "$OUT/$name.json" || status=1
   done
 fi
 echo; echo "=== gpu_lane done: status $status"
