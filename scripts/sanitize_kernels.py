@@ -3,7 +3,7 @@ forced strictly so nothing silently takes the reference path; results are checke
 import torch
 
 import sdkernels
-from sdkernels.ops import geglu_reference, gelu_reference, group_norm_reference, linear_geglu_reference
+from sdkernels.ops import attention_reference, geglu_reference, gelu_reference, group_norm_reference, linear_geglu_reference
 from sdkernels.testing import assert_close, relative_error
 
 
@@ -30,6 +30,20 @@ def geglu_cases():
             yield "linear_geglu", sdkernels.linear_geglu, linear_geglu_reference, (x, w, b, "none")
 
 
+def attention_cases():
+    """Odd token counts (masked tails), each kernel head dim, diffusers' layout and (B, H, N, d), a key mask."""
+    for backend in ("flash", "partial_softmax", "partial_softmax_cuda"):
+        for dtype in (torch.float16, torch.bfloat16):
+            for B, H, N, Nk, d in ((1, 3, 77, 77, 40), (2, 2, 131, 77, 64), (1, 2, 65, 300, 80), (2, 1, 33, 19, 128),
+                                   (1, 1, 17, 129, 160)):
+                q = torch.randn(B, N, H * d, device="cuda", dtype=dtype)
+                k, v = (torch.randn(B, Nk, H * d, device="cuda", dtype=dtype) for _ in range(2))
+                mask = torch.where(torch.rand(B, 1, 1, Nk, device="cuda") < 0.3, -10000.0, 0.0).to(dtype)
+                yield backend, (q, k, v, d ** -0.5, mask, H)
+                yield backend, (q.unflatten(-1, (H, d)).transpose(1, 2), k.unflatten(-1, (H, d)).transpose(1, 2),
+                                v.unflatten(-1, (H, d)).transpose(1, 2), d ** -0.5, None, 0)
+
+
 def main():
     n = 0
     for backend, args in group_norm_cases():
@@ -43,6 +57,12 @@ def main():
         expected = reference(*args)
         rel = relative_error(out, expected)
         assert rel < 2e-2, f"{name} {args[0].dtype}: relative error {rel:.3g}"
+        n += 1
+    for backend, args in attention_cases():
+        with sdkernels.use_backend(backend, strict=True):
+            out = sdkernels.flash_attention(*args[:3], scale=args[3], attn_mask=args[4], heads=args[5])
+        rel = relative_error(out, attention_reference(*args))
+        assert rel < 2e-2, f"flash_attention {backend} {args[0].dtype} {tuple(args[0].shape)}: relative error {rel:.3g}"
         n += 1
     torch.cuda.synchronize()
     print(f"sanitize_kernels: {n} kernel calls checked")

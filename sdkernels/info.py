@@ -16,7 +16,8 @@ def probe_inputs(device):
     proj = torch.randn(2 * 1280, 320, **half)
     return {"group_norm": (x, 32, w, w, 1e-5, True, None),
             "gelu": (tokens, "none"), "geglu": (tokens, "none"),
-            "linear_geglu": (tokens, proj, torch.randn(2 * 1280, **half), "none")}
+            "linear_geglu": (tokens, proj, torch.randn(2 * 1280, **half), "none"),
+            "flash_attention": (tokens, tokens, tokens, 40 ** -0.5, None, 8)}
 
 
 def report() -> str:

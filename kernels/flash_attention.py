@@ -1,0 +1,285 @@
+"""Attention forward, non-causal, tiled with an online softmax (FlashAttention-2 style), in Triton.
+
+Every tensor is seen as (B, H, tokens, d) through four strides, so diffusers' (B, N, H*d) layout is read in place.
+tl.dot needs each dim to be a power of two >= 16, so the head dim is covered by at most two such chunks, D0 + D1,
+and each product is the sum (QK^T) or the concatenation (PV) of two dots: 80 = 64 + 16 and 160 = 128 + 32 exactly,
+40 as 32 + 16 = 48 (padding 40 to 64, as FA2/FA3 and SDPA do, wastes 37% of the tensor-core work; to 48, 17%).
+Padded head-dim columns read as zero and are not stored.
+
+Token, head and batch strides arrive divided by STRIDE_UNIT (16 bytes in elements where they all allow it), so that
+the compiler knows rows start 16-byte aligned and uses vector loads and asynchronous copies (cp.async) even where a
+stride is not a multiple of 16 elements (d = 40: a head starts every 80 bytes).
+
+Scores live in the log2 domain, s = (q.k) * scale * log2(e) + mask * log2(e), so that exp2 replaces exp; without a
+mask the scale is applied late (to the row max, and inside exp2's argument as one FMA: scale > 0). Keys past
+the end of the last block are read clamped to the last key and masked to -inf, and query rows past the end are
+read clamped and not stored, so no load needs a row mask.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .utils import interpreting, multiprocessor_count
+
+LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(LOG2E)  # the same, readable inside kernels
+
+# Head dim -> (D0, D1): the power-of-two chunks the dots run on (D1 = 0: one chunk; D0 + D1 > d: padded).
+HEAD_DIM_CHUNKS = {40: (32, 16), 64: (64, 0), 80: (64, 16), 128: (128, 0), 160: (128, 32)}
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) for fp16/bf16 on sm_90 (H100/H200). Starting points: re-measure with
+# `python bench/bench_attention.py --sweep` and update this table with what wins.
+HALF_CONFIGS = {
+    40: (128, 128, 8, 3),
+    64: (128, 128, 8, 3),
+    80: (128, 64, 8, 3),
+    128: (128, 64, 8, 3),
+    160: (128, 64, 8, 2),
+}
+# fp32 inputs use exact (ieee) dots, which run on CUDA cores: small tiles.
+FP32_CONFIG = (32, 32, 8, 1)
+# Under the interpreter: small tiles, so that tests at N <= 80 still see several blocks and a tail (few blocks:
+# the interpreter spends its time per block, not per element).
+INTERPRETER_CONFIG = (32, 64, 1, 1)
+
+
+def launch_config(head_dim, dtype, N, batch_heads, mask_kind, device):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one launch."""
+    if interpreting():
+        return INTERPRETER_CONFIG
+    if dtype == torch.float32:
+        return FP32_CONFIG
+    block_m, block_n, warps, stages = HALF_CONFIGS[head_dim]
+    # Too few 128-row tiles to fill the GPU (short N, e.g. d=160 at N=256): halve the tile to double the programs.
+    if triton.cdiv(N, 128) * batch_heads < multiprocessor_count(device):
+        block_m, warps = 64, 4
+    if mask_kind == 2:  # a full mask tile's 64-bit addresses cost registers: narrower key blocks
+        block_n = min(block_n, 64)
+    return block_m, block_n, warps, stages
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr):
+    """acc + a @ b in fp32. PRECISION "upcast" multiplies in fp32 after an exact widening: the interpreter's dot
+    reads bf16 operands as raw integers, and a bf16 x bf16 product is exact in fp32, so this is what the tensor
+    cores compute."""
+    if PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _load_tile(base, rows, stride_row, stride_col, COL0: tl.constexpr, WIDTH: tl.constexpr,
+               HEAD_DIM: tl.constexpr):
+    """Columns COL0 .. COL0+WIDTH of the given rows (already clamped in range); columns past HEAD_DIM read as 0
+    (the masked load keeps 16-byte vectors: 40 = 32 + 8 real + 8 padded)."""
+    cols = COL0 + tl.arange(0, WIDTH)
+    ptrs = base + rows[:, None] * stride_row + cols[None, :] * stride_col
+    if COL0 + WIDTH > HEAD_DIM:
+        return tl.load(ptrs, mask=(cols < HEAD_DIM)[None, :], other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _load_query(q_base, rows_m, stride_qn, stride_qd, D0: tl.constexpr, D1: tl.constexpr,
+                HEAD_DIM: tl.constexpr):
+    """The query tile as its two head-dim chunks (the second is the first again when there is one chunk)."""
+    q0 = _load_tile(q_base, rows_m, stride_qn, stride_qd, 0, D0, HEAD_DIM)
+    if D1 > 0:
+        q1 = _load_tile(q_base, rows_m, stride_qn, stride_qd, D0, D1, HEAD_DIM)
+    else:
+        q1 = q0
+    return q0, q1
+
+
+@triton.jit
+def _scores(q0, q1, k_base, mask_base, rows_m, start_n, Nk, stride_kn, stride_kd, stride_mm, stride_mn, qk_scale,
+            D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+            TAIL: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
+    """Scores of one key block in the log2 domain, (BLOCK_M, BLOCK_N) fp32, and the key rows it read; without a
+    mask still to be multiplied by qk_scale (see _log2_scores)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if TAIL:
+        rows_n = tl.minimum(offs_n, Nk - 1)
+    else:
+        rows_n = offs_n
+    k0 = _load_tile(k_base, rows_n, stride_kn, stride_kd, 0, D0, HEAD_DIM)
+    s = _dot(q0, tl.trans(k0), tl.zeros([q0.shape[0], BLOCK_N], dtype=tl.float32), PRECISION)
+    if D1 > 0:
+        k1 = _load_tile(k_base, rows_n, stride_kn, stride_kd, D0, D1, HEAD_DIM)
+        s = _dot(q1, tl.trans(k1), s, PRECISION)
+    if MASK == 1:  # one mask row for every query (a key-padding mask): load it as a vector
+        bias = tl.load(mask_base + rows_n * stride_mn)
+        s = s * qk_scale + bias.to(tl.float32)[None, :] * _LOG2E
+    elif MASK == 2:
+        bias = tl.load(mask_base + rows_m[:, None] * stride_mm + rows_n[None, :] * stride_mn)
+        s = s * qk_scale + bias.to(tl.float32) * _LOG2E
+    if TAIL:
+        s = tl.where((offs_n < Nk)[None, :], s, float("-inf"))
+    return s, rows_n
+
+
+@triton.jit
+def _log2_scores(s, qk_scale, MASK: tl.constexpr):
+    """_scores' result (or a row max of it: scaling by qk_scale > 0 commutes with max) in the log2 domain. Where
+    the multiply is left to here it fuses with the subtraction that follows into one FMA per score."""
+    if MASK == 0:
+        return s * qk_scale
+    else:
+        return s
+
+
+@triton.jit
+def _accumulate_pv(acc0, acc1, p, v_base, rows_n, stride_vn, stride_vd, D0: tl.constexpr, D1: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += p @ v over both head-dim chunks; p is already in v's dtype."""
+    v0 = _load_tile(v_base, rows_n, stride_vn, stride_vd, 0, D0, HEAD_DIM)
+    acc0 = _dot(p, v0, acc0, PRECISION)
+    if D1 > 0:
+        v1 = _load_tile(v_base, rows_n, stride_vn, stride_vd, D0, D1, HEAD_DIM)
+        acc1 = _dot(p, v1, acc1, PRECISION)
+    return acc0, acc1
+
+
+@triton.jit
+def _online_softmax_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, mask_base, rows_m, start_n, Nk,
+                          stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, qk_scale,
+                          D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                          TAIL: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
+    s, rows_n = _scores(q0, q1, k_base, mask_base, rows_m, start_n, Nk, stride_kn, stride_kd, stride_mm,
+                        stride_mn, qk_scale, D0, D1, HEAD_DIM, BLOCK_N, TAIL, MASK, PRECISION)
+    m_new = tl.maximum(m_i, _log2_scores(tl.max(s, 1), qk_scale, MASK))
+    if MASK > 0:
+        # A row masked to -inf so far would give exp2(-inf - -inf) = NaN; subtract 0 instead (its p is 0 anyway).
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_sub = m_new
+    p = tl.math.exp2(_log2_scores(s, qk_scale, MASK) - m_sub[:, None])
+    alpha = tl.math.exp2(m_i - m_sub)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc0 = acc0 * alpha[:, None]
+    if D1 > 0:
+        acc1 = acc1 * alpha[:, None]
+    acc0, acc1 = _accumulate_pv(acc0, acc1, p.to(v_base.dtype.element_ty), v_base, rows_n, stride_vn, stride_vd,
+                                D0, D1, HEAD_DIM, PRECISION)
+    return acc0, acc1, m_new, l_i
+
+
+@triton.jit
+def _store_output(o_base, acc0, acc1, offs_m, N, stride_on, stride_od, D0: tl.constexpr, D1: tl.constexpr,
+                  HEAD_DIM: tl.constexpr):
+    """Store the rows < N of both chunks, the second without its padded columns."""
+    row_ok = (offs_m < N)[:, None]
+    cols = tl.arange(0, D0)
+    tl.store(o_base + offs_m[:, None] * stride_on + cols[None, :] * stride_od, acc0.to(o_base.dtype.element_ty),
+             mask=row_ok)
+    if D1 > 0:
+        cols = tl.arange(0, D1)
+        ptrs = o_base + D0 * stride_od + offs_m[:, None] * stride_on + cols[None, :] * stride_od
+        tl.store(ptrs, acc1.to(o_base.dtype.element_ty), mask=row_ok & (cols < HEAD_DIM - D0)[None, :])
+
+
+@triton.jit
+def _bh_base(ptr, b, h, stride_b, stride_h, STRIDE_UNIT: tl.constexpr):
+    """Start of the (b, h) slice; strides in units of STRIDE_UNIT elements, 64-bit (the tensor may be large)."""
+    return ptr + (b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h) * STRIDE_UNIT
+
+
+@triton.jit
+def _flash_attention_fwd(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, H, N, Nk, qk_scale,
+                         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
+                         smb, smh, smm, smn,
+                         D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr,
+                         STRIDE_UNIT: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh - b * H
+    q_base = _bh_base(q_ptr, b, h, sqb, sqh, STRIDE_UNIT)
+    k_base = _bh_base(k_ptr, b, h, skb, skh, STRIDE_UNIT)
+    v_base = _bh_base(v_ptr, b, h, svb, svh, STRIDE_UNIT)
+    mask_base = _bh_base(mask_ptr, b, h, smb, smh, 1)
+    sqn *= STRIDE_UNIT
+    skn *= STRIDE_UNIT
+    svn *= STRIDE_UNIT
+    son *= STRIDE_UNIT
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_m = tl.minimum(offs_m, N - 1)
+    q0, q1 = _load_query(q_base, rows_m, sqn, sqd, D0, D1, HEAD_DIM)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    if D1 > 0:
+        acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+    else:
+        acc1 = acc0  # unused; carried unchanged through the loop
+    full_end = (Nk // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full_end, BLOCK_N):
+        acc0, acc1, m_i, l_i = _online_softmax_block(
+            acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, mask_base, rows_m, start_n, Nk, skn, skd, svn, svd,
+            smm, smn, qk_scale, D0, D1, HEAD_DIM, BLOCK_N, False, MASK, PRECISION)
+    if full_end < Nk:
+        acc0, acc1, m_i, l_i = _online_softmax_block(
+            acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, mask_base, rows_m, full_end, Nk, skn, skd, svn, svd,
+            smm, smn, qk_scale, D0, D1, HEAD_DIM, BLOCK_N, True, MASK, PRECISION)
+
+    inv_l = 1.0 / l_i
+    o_base = _bh_base(o_ptr, b, h, sob, soh, STRIDE_UNIT)
+    _store_output(o_base, acc0 * inv_l[:, None], acc1 * inv_l[:, None], offs_m, N, son, sod, D0, D1, HEAD_DIM)
+
+
+def dot_precision(dtype) -> str:
+    """How the kernels' dots multiply: fp32 inputs exactly ("ieee"; TF32 would miss an fp32 reference by ~1e-3),
+    bf16 under the interpreter widened to fp32 first (see _dot), fp16/bf16 on the GPU on tensor cores."""
+    if dtype == torch.float32:
+        return "ieee"
+    if dtype == torch.bfloat16 and interpreting():
+        return "upcast"
+    return "tf32"  # ignored for 16-bit inputs
+
+
+def stride_unit(*tensors) -> int:
+    """16 bytes in elements if every batch, head and token stride of the (B, H, tokens, d) views is a multiple of
+    it, else 1: the kernels take those strides divided by this unit (see the module docstring)."""
+    unit = 16 // tensors[0].element_size()
+    ok = all(s % unit == 0 for t in tensors for s in t.stride()[:3])
+    return unit if ok else 1
+
+
+def view_strides(t, unit):
+    """(batch, head, token) strides divided by ``unit``, then the head-dim stride in elements."""
+    sb, sh, sn, sd = t.stride()
+    return sb // unit, sh // unit, sn // unit, sd
+
+
+def mask_strides(mask):
+    return mask.stride() if mask is not None else (0, 0, 0, 0)
+
+
+def mask_kind(mask) -> int:
+    """0: no mask; 1: the same mask row for every query (loaded as a vector); 2: a full (N, Nk) mask per head."""
+    if mask is None:
+        return 0
+    return 1 if mask.stride(2) == 0 or mask.shape[2] == 1 else 2
+
+
+def flash_attention_triton(q, k, v, out, scale, mask, config=None):
+    """out = softmax(scale * q k^T + mask) v on (B, H, tokens, d) views (any strides). ``mask`` is None or a view
+    broadcast to (B, H, N, Nk) (zero strides where it broadcasts). The caller checked shapes, dtypes and head dim."""
+    B, H, N, d = q.shape
+    Nk = k.shape[2]
+    D0, D1 = HEAD_DIM_CHUNKS[d]
+    block_m, block_n, warps, stages = config or launch_config(d, q.dtype, N, B * H, mask_kind(mask), q.device)
+    unit = stride_unit(q, k, v, out)
+    grid = (triton.cdiv(N, block_m), B * H)
+    _flash_attention_fwd[grid](
+        q, k, v, out, mask if mask is not None else q, H, N, Nk, float(scale) * LOG2E,
+        *view_strides(q, unit), *view_strides(k, unit), *view_strides(v, unit), *view_strides(out, unit),
+        *mask_strides(mask),
+        D0=D0, D1=D1, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, MASK=mask_kind(mask),
+        PRECISION=dot_precision(q.dtype), STRIDE_UNIT=unit, num_warps=warps, num_stages=stages)
+    return out

@@ -1,0 +1,206 @@
+"""Attention through a partially fused softmax ("Speed Is All You Need", arXiv 2304.11267), in Triton.
+
+Two passes over the keys instead of one online-softmax pass:
+  1. row statistics: for each query row of S = scale * q k^T + mask, its max L and the sum of exp(S - L), stored as
+     a (B*H, N, 2) fp32 tensor. The key range is split across SPLIT programs per row block (each writes a partial
+     (L, sum)) and a merge kernel combines them, so that short N (few row blocks) still fills the GPU;
+  2. softmax . V: S is recomputed blockwise, exp(S - L) is multiplied by V on the tensor cores and the sum divides
+     the result once at the end (dividing each p first would push small fp16 p into subnormals).
+Neither pass writes the N x Nk matrix. The tiles, head-dim chunks and score computation are the flash kernel's.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .flash_attention import (HEAD_DIM_CHUNKS, LOG2E, _LOG2E, _accumulate_pv, _bh_base, _load_query, _log2_scores,
+                              _scores, _store_output, dot_precision, launch_config, mask_kind, mask_strides,
+                              stride_unit, view_strides)
+from .utils import multiprocessor_count
+
+_LN2 = tl.constexpr(0.6931471805599453)
+# Row-statistics programs wanted per streaming multiprocessor; the key range is split until there are this many.
+PROGRAMS_PER_SM = 2
+MERGE_BLOCK = 128
+
+
+@triton.jit
+def _fold_block_stats(m_i, l_i, s, qk_scale, MASK: tl.constexpr):
+    """Fold one block of _scores' scores into the running row max and sum of exp2(s - max) (log2 domain)."""
+    m_new = tl.maximum(m_i, _log2_scores(tl.max(s, 1), qk_scale, MASK))
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    l_i = l_i * tl.math.exp2(m_i - m_sub) + tl.sum(tl.math.exp2(_log2_scores(s, qk_scale, MASK) - m_sub[:, None]), 1)
+    return m_new, l_i
+
+
+@triton.jit
+def _attention_row_stats(q_ptr, k_ptr, mask_ptr, out_ptr, H, N, Nk, qk_scale, blocks_per_split,
+                         sqb, sqh, sqn, sqd, skb, skh, skn, skd, smb, smh, smm, smn,
+                         D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr,
+                         STRIDE_UNIT: tl.constexpr):
+    """Program (row block, b*H + h, split) writes (max, sum) in natural units of its rows over its key blocks to
+    out[split, b*H + h, row, :]; the last split also takes the partial tail block."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = bh // H
+    h = bh - b * H
+    q_base = _bh_base(q_ptr, b, h, sqb, sqh, STRIDE_UNIT)
+    k_base = _bh_base(k_ptr, b, h, skb, skh, STRIDE_UNIT)
+    mask_base = _bh_base(mask_ptr, b, h, smb, smh, 1)
+    sqn *= STRIDE_UNIT
+    skn *= STRIDE_UNIT
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_m = tl.minimum(offs_m, N - 1)
+    q0, q1 = _load_query(q_base, rows_m, sqn, sqd, D0, D1, HEAD_DIM)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    n_full = Nk // BLOCK_N
+    first = split * blocks_per_split
+    last = tl.minimum(first + blocks_per_split, n_full)
+    for blk in range(first, last):
+        s, _ = _scores(q0, q1, k_base, mask_base, rows_m, blk * BLOCK_N, Nk, skn, skd, smm, smn, qk_scale,
+                       D0, D1, HEAD_DIM, BLOCK_N, False, MASK, PRECISION)
+        m_i, l_i = _fold_block_stats(m_i, l_i, s, qk_scale, MASK)
+    if (split == tl.num_programs(2) - 1) & (n_full * BLOCK_N < Nk):
+        s, _ = _scores(q0, q1, k_base, mask_base, rows_m, n_full * BLOCK_N, Nk, skn, skd, smm, smn, qk_scale,
+                       D0, D1, HEAD_DIM, BLOCK_N, True, MASK, PRECISION)
+        m_i, l_i = _fold_block_stats(m_i, l_i, s, qk_scale, MASK)
+
+    out = out_ptr + ((split * tl.num_programs(1) + bh).to(tl.int64) * N + offs_m) * 2
+    row_ok = offs_m < N
+    tl.store(out, m_i * _LN2, mask=row_ok)
+    tl.store(out + 1, l_i, mask=row_ok)
+
+
+@triton.jit
+def _merge_row_stats(part_ptr, stats_ptr, rows, splits, BLOCK: tl.constexpr):
+    """stats[r] = (L, sum) of partials part[0..splits-1, r]: L = max L_s, sum = sum_s sum_s * exp(L_s - L)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < rows
+    big_l = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    for s in range(splits):
+        big_l = tl.maximum(big_l, tl.load(part_ptr + (s * rows + offs).to(tl.int64) * 2, mask=ok, other=0.0))
+    l_sub = tl.where(big_l == float("-inf"), 0.0, big_l)
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(splits):
+        base = part_ptr + (s * rows + offs).to(tl.int64) * 2
+        part_l = tl.load(base, mask=ok, other=0.0)
+        part_sum = tl.load(base + 1, mask=ok, other=0.0)
+        total += part_sum * tl.math.exp2((part_l - l_sub) * _LOG2E)
+    tl.store(stats_ptr + offs.to(tl.int64) * 2, big_l, mask=ok)
+    tl.store(stats_ptr + offs.to(tl.int64) * 2 + 1, total, mask=ok)
+
+
+@triton.jit
+def _softmax_pv_block(acc0, acc1, l2, q0, q1, k_base, v_base, mask_base, rows_m, start_n, Nk,
+                      stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, qk_scale,
+                      D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                      TAIL: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
+    s, rows_n = _scores(q0, q1, k_base, mask_base, rows_m, start_n, Nk, stride_kn, stride_kd, stride_mm,
+                        stride_mn, qk_scale, D0, D1, HEAD_DIM, BLOCK_N, TAIL, MASK, PRECISION)
+    p = tl.math.exp2(_log2_scores(s, qk_scale, MASK) - l2[:, None])
+    return _accumulate_pv(acc0, acc1, p.to(v_base.dtype.element_ty), v_base, rows_n, stride_vn, stride_vd,
+                          D0, D1, HEAD_DIM, PRECISION)
+
+
+@triton.jit
+def _softmax_times_v(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, stats_ptr, H, N, Nk, qk_scale,
+                     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
+                     smb, smh, smm, smn,
+                     D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr,
+                     STRIDE_UNIT: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh - b * H
+    q_base = _bh_base(q_ptr, b, h, sqb, sqh, STRIDE_UNIT)
+    k_base = _bh_base(k_ptr, b, h, skb, skh, STRIDE_UNIT)
+    v_base = _bh_base(v_ptr, b, h, svb, svh, STRIDE_UNIT)
+    mask_base = _bh_base(mask_ptr, b, h, smb, smh, 1)
+    sqn *= STRIDE_UNIT
+    skn *= STRIDE_UNIT
+    svn *= STRIDE_UNIT
+    son *= STRIDE_UNIT
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_m = tl.minimum(offs_m, N - 1)
+    q0, q1 = _load_query(q_base, rows_m, sqn, sqd, D0, D1, HEAD_DIM)
+    stats = stats_ptr + (bh.to(tl.int64) * N + rows_m) * 2
+    l2 = tl.load(stats) * _LOG2E
+    l2 = tl.where(l2 == float("-inf"), 0.0, l2)  # fully masked rows: no NaN from -inf - -inf
+    row_sum = tl.load(stats + 1)
+
+    acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    if D1 > 0:
+        acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+    else:
+        acc1 = acc0  # unused; carried unchanged through the loop
+    full_end = (Nk // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full_end, BLOCK_N):
+        acc0, acc1 = _softmax_pv_block(acc0, acc1, l2, q0, q1, k_base, v_base, mask_base, rows_m, start_n, Nk,
+                                       skn, skd, svn, svd, smm, smn, qk_scale, D0, D1, HEAD_DIM, BLOCK_N, False,
+                                       MASK, PRECISION)
+    if full_end < Nk:
+        acc0, acc1 = _softmax_pv_block(acc0, acc1, l2, q0, q1, k_base, v_base, mask_base, rows_m, full_end, Nk,
+                                       skn, skd, svn, svd, smm, smn, qk_scale, D0, D1, HEAD_DIM, BLOCK_N, True,
+                                       MASK, PRECISION)
+    inv_sum = 1.0 / row_sum
+    o_base = _bh_base(o_ptr, b, h, sob, soh, STRIDE_UNIT)
+    _store_output(o_base, acc0 * inv_sum[:, None], acc1 * inv_sum[:, None], offs_m, N, son, sod, D0, D1,
+                  HEAD_DIM)
+
+
+def choose_splits(n_row_programs: int, n_key_blocks: int, device) -> int:
+    """How many programs share each row block's key range: enough to fill the GPU, at most one per key block."""
+    want = triton.cdiv(PROGRAMS_PER_SM * multiprocessor_count(device), max(n_row_programs, 1))
+    return max(1, min(want, n_key_blocks))
+
+
+def attention_row_stats_triton(q, k, scale, mask, splits=None, config=None):
+    """(B*H, N, 2) fp32: per row of S = scale * q k^T + mask its max L and its sum of exp(S - L). q, k are
+    (B, H, tokens, d) views; mask None or broadcast to (B, H, N, Nk)."""
+    B, H, N, d = q.shape
+    Nk = k.shape[2]
+    D0, D1 = HEAD_DIM_CHUNKS[d]
+    block_m, block_n, warps, stages = config or launch_config(d, q.dtype, N, B * H, mask_kind(mask), q.device)
+    n_row_programs = triton.cdiv(N, block_m) * B * H
+    n_key_blocks = triton.cdiv(Nk, block_n)
+    splits = splits or choose_splits(n_row_programs, n_key_blocks, q.device)
+    splits = min(splits, n_key_blocks)
+    blocks_per_split = triton.cdiv(Nk // block_n, splits)
+    stats = torch.empty((B * H, N, 2), device=q.device, dtype=torch.float32)
+    out = stats if splits == 1 else torch.empty((splits, B * H, N, 2), device=q.device, dtype=torch.float32)
+    unit = stride_unit(q, k)
+    _attention_row_stats[(triton.cdiv(N, block_m), B * H, splits)](
+        q, k, mask if mask is not None else q, out, H, N, Nk, float(scale) * LOG2E, blocks_per_split,
+        *view_strides(q, unit), *view_strides(k, unit), *mask_strides(mask),
+        D0=D0, D1=D1, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, MASK=mask_kind(mask),
+        PRECISION=dot_precision(q.dtype), STRIDE_UNIT=unit, num_warps=warps, num_stages=stages)
+    if splits > 1:
+        rows = B * H * N
+        _merge_row_stats[(triton.cdiv(rows, MERGE_BLOCK),)](out, stats, rows, splits, BLOCK=MERGE_BLOCK,
+                                                            num_warps=4)
+    return stats
+
+
+def partial_softmax_attention_triton(q, k, v, out, scale, mask, row_stats=None, config=None):
+    """out = softmax(scale * q k^T + mask) v through row statistics, then softmax . V. ``row_stats(q, k, scale,
+    mask)`` computes the statistics (default: attention_row_stats_triton); the caller checked inputs."""
+    B, H, N, d = q.shape
+    Nk = k.shape[2]
+    D0, D1 = HEAD_DIM_CHUNKS[d]
+    block_m, block_n, warps, stages = config or launch_config(d, q.dtype, N, B * H, mask_kind(mask), q.device)
+    if row_stats is None:
+        stats = attention_row_stats_triton(q, k, scale, mask, config=config)
+    else:
+        stats = row_stats(q, k, scale, mask)
+    unit = stride_unit(q, k, v, out)
+    _softmax_times_v[(triton.cdiv(N, block_m), B * H)](
+        q, k, v, out, mask if mask is not None else q, stats, H, N, Nk, float(scale) * LOG2E,
+        *view_strides(q, unit), *view_strides(k, unit), *view_strides(v, unit), *view_strides(out, unit),
+        *mask_strides(mask),
+        D0=D0, D1=D1, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, MASK=mask_kind(mask),
+        PRECISION=dot_precision(q.dtype), STRIDE_UNIT=unit, num_warps=warps, num_stages=stages)
+    return out

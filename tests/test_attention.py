@@ -1,0 +1,406 @@
+"""sdkernels::flash_attention (backends "flash" and "partial_softmax") against a float32/float64 math reference.
+
+The accuracy criterion is the flash-attention repo's: our max error against the high-precision reference is at most
+twice eager PyTorch's (math attention in the input dtype) plus a small slack."""
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, note
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+
+import sdkernels
+from sdkernels import dispatch
+from sdkernels.ops import attention as attn_ops
+from sdkernels.ops.attention import as_bhnd, attention_reference, flash_attention, from_bhnd
+from sdkernels.testing import tolerance
+from conftest import DEVICE, GPU
+
+OP = "flash_attention"
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+# The CUDA C++ row statistics run only on a GPU (with the extension built): the GPU lane requires them.
+BACKENDS = ["flash", "partial_softmax"] + (["partial_softmax_cuda"] if GPU else [])
+KERNEL_HEAD_DIMS = [40, 64, 80, 128, 160]
+FALLBACK_HEAD_DIMS = [96, 256]
+LAYOUTS = ["bnhd", "fused_qkv", "bhnd", "bhnd_transposed", "head_dim_strided"]
+MASKS = [None, "keys", "key_bias", "full", "broadcast_heads", "2d"]
+
+
+# ---- inputs ---------------------------------------------------------------------------------------------------
+
+def make_qkv(B, H, N, Nk, d, dtype, layout, amplitude=1.0, device=DEVICE):
+    """q, k, v and the ``heads`` argument in one of the layouts attention meets in diffusers (or odd ones)."""
+    def rnd(*shape):
+        return (torch.randn(*shape, device=device) * amplitude).to(dtype)
+    if layout == "bnhd":  # diffusers' projections: (B, tokens, H*d)
+        return rnd(B, N, H * d), rnd(B, Nk, H * d), rnd(B, Nk, H * d), H
+    if layout == "fused_qkv":  # slices of fused projections: token stride 3*H*d (q) and 2*H*d (k, v)
+        qx, kv = rnd(B, N, 3 * H * d), rnd(B, Nk, 2 * H * d)
+        return qx[..., H * d:2 * H * d], kv[..., :H * d], kv[..., H * d:], H
+    if layout == "bhnd":
+        return rnd(B, H, N, d), rnd(B, H, Nk, d), rnd(B, H, Nk, d), 0
+    if layout == "bhnd_transposed":  # what AttnProcessor2_0 hands SDPA: (B, N, H, d) viewed as (B, H, N, d)
+        return (rnd(B, N, H, d).transpose(1, 2), rnd(B, Nk, H, d).transpose(1, 2),
+                rnd(B, Nk, H, d).transpose(1, 2), 0)
+    if layout == "head_dim_strided":  # every other element of a wider tensor: head-dim stride 2
+        return rnd(B, H, N, 2 * d)[..., ::2], rnd(B, H, Nk, 2 * d)[..., ::2], rnd(B, H, Nk, 2 * d)[..., 1::2], 0
+    raise ValueError(layout)
+
+
+def make_mask(kind, B, H, N, Nk, dtype, device=DEVICE):
+    """An additive mask: diffusers' key padding (-10000 on some keys), a random bias per key and head (one row for
+    every query, as diffusers' prepared masks are), or dense random biases with some -inf."""
+    if kind is None:
+        return None
+    if kind == "keys":
+        drop = torch.rand(B, 1, 1, Nk, device=device) < 0.3
+        drop[..., 0] = False  # every row keeps a key
+        return torch.where(drop, -10000.0, 0.0).to(dtype)
+    if kind == "key_bias":
+        return torch.randn(B, H, 1, Nk, device=device).to(dtype)
+    shape = {"full": (B, H, N, Nk), "broadcast_heads": (1, 1, N, Nk), "2d": (N, Nk)}[kind]
+    mask = torch.randn(shape, device=device)
+    mask = mask.masked_fill(torch.rand(shape, device=device) < 0.2, float("-inf"))
+    mask[..., 0] = 0.0
+    return mask.to(dtype)
+
+
+def eager_attention(q, k, v, scale, mask, heads):
+    """What eager PyTorch computes in the input dtype (diffusers' AttnProcessor): matmul, softmax, matmul."""
+    q4, k4, v4 = (as_bhnd(t, heads) for t in (q, k, v))
+    s = (q4 @ k4.transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s + mask.to(s.dtype)
+    return from_bhnd(torch.softmax(s, dim=-1) @ v4, heads)
+
+
+def reference(q, k, v, scale, mask, heads):
+    high = torch.float64 if q.dtype == torch.float32 else torch.float32
+    up = lambda t: None if t is None else t.to(high)  # noqa: E731
+    return attention_reference(up(q), up(k), up(v), scale, up(mask), heads)
+
+
+def check_accuracy(out, q, k, v, scale, mask, heads, what=""):
+    """Our max error vs the reference <= 2 x eager's in the same dtype + slack; NaN (unwritten output) fails."""
+    ref = reference(q, k, v, scale, mask, heads).double()
+    err = (out.double() - ref).abs().max().item()
+    eager_err = (eager_attention(q, k, v, scale, mask, heads).double() - ref).abs().max().item()
+    slack = tolerance(q.dtype)[0] / 4
+    assert torch.isfinite(out).all(), f"{what}: non-finite output (an element never written?)"
+    assert err <= 2 * eager_err + slack, (
+        f"{what}: max error {err:.3g} vs the reference exceeds 2 x eager's {eager_err:.3g} + {slack:.3g}")
+    return err, eager_err
+
+
+def run(backend, q, k, v, scale, mask, heads, strict=True):
+    with sdkernels.use_backend(backend, op=OP, strict=strict):
+        out = flash_attention(q, k, v, scale, mask, heads)
+    return out
+
+
+def expected_to_run(backend, q, mask, heads) -> bool:
+    """Whether ``backend`` should take these inputs, by the op's documented rules."""
+    if attn_ops.head_dim(q, heads) not in KERNEL_HEAD_DIMS or q.dtype not in DTYPES:
+        return False
+    if mask is not None and not mask.is_floating_point():
+        return False
+    return backend != "partial_softmax_cuda" or mask is None or mask.dtype == q.dtype
+
+
+def check(backend, q, k, v, mask, heads, scale=None, what=""):
+    d = attn_ops.head_dim(q, heads)
+    scale = d ** -0.5 if scale is None else scale
+    chosen = next(b for b in dispatch.ops()[OP].backends if b.name == backend)
+    reason = chosen.why_not(q, k, v, scale, mask, heads) or chosen.available()
+    supported = expected_to_run(backend, q, mask, heads)
+    assert (reason is None) == supported, f"{backend} {what}: expected {'to run' if supported else 'a reason'}, " \
+                                          f"got {reason!r}"
+    if supported:
+        out = run(backend, q, k, v, scale, mask, heads)
+        assert dispatch.last_backend(OP) == backend
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", sdkernels.SdkernelsFallbackWarning)
+            out = run(backend, q, k, v, scale, mask, heads, strict=False)
+        assert dispatch.last_backend(OP) == "reference"
+    assert out.shape == q.shape and out.dtype == q.dtype
+    if q.is_contiguous() or (q.dim() == 4 and q.transpose(1, 2).is_contiguous()):
+        assert out.stride() == q.stride(), "the output keeps q's layout"
+    check_accuracy(out, q, k, v, scale, mask, heads, what=f"{backend} {what}")
+    return out
+
+
+# ---- properties (CPU lane: interpreter, small sizes; GPU lane: up to 300 tokens) ------------------------------
+
+MAX_TOKENS = 300 if GPU else 80
+MAX_BATCH_HEADS = 40 if GPU else 6
+
+
+@hsettings(max_examples=60 if GPU else 16)
+@given(batch=st.integers(1, 4 if GPU else 2), heads=st.integers(1, 10),
+       n=st.one_of(st.integers(1, MAX_TOKENS), st.just(77)), nk=st.one_of(st.integers(1, MAX_TOKENS), st.just(77)),
+       d=st.sampled_from(KERNEL_HEAD_DIMS + FALLBACK_HEAD_DIMS), dtype=st.sampled_from(DTYPES),
+       layout=st.sampled_from(LAYOUTS), mask=st.sampled_from(MASKS), mask_fp32=st.booleans(),
+       amplitude=st.sampled_from([1.0, 3.0]), backend=st.sampled_from(BACKENDS))
+def test_matches_reference(batch, heads, n, nk, d, dtype, layout, mask, mask_fp32, amplitude, backend):
+    if batch * heads > MAX_BATCH_HEADS:
+        heads = max(1, MAX_BATCH_HEADS // batch)
+    note(f"B={batch} H={heads} N={n} Nk={nk} d={d} {dtype} {layout} mask={mask} x{amplitude} {backend}")
+    q, k, v, h = make_qkv(batch, heads, n, nk, d, dtype, layout, amplitude)
+    m = make_mask(mask, batch, heads, n, nk, torch.float32 if mask_fp32 else dtype)
+    check(backend, q, k, v, m, h, what=f"B={batch} H={heads} N={n} Nk={nk} d={d} {dtype} {layout} mask={mask}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", KERNEL_HEAD_DIMS)
+def test_every_head_dim_and_dtype(d, dtype, backend):
+    """Each native head dim (40 and 80 and 160 through two chunks, 40 padded to 48) at an odd query length and the
+    cross-attention key length 77 (a full key block and a masked tail)."""
+    q, k, v, h = make_qkv(2, 3, 45, 77, d, dtype, "bnhd")
+    check(backend, q, k, v, None, h, what=f"d={d} {dtype}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mask", ["keys", "key_bias", "full", "broadcast_heads", "2d"])
+def test_every_mask_kind(mask, backend):
+    q, k, v, h = make_qkv(2, 3, 40, 77, 40, torch.float16, "bnhd")
+    check(backend, q, k, v, make_mask(mask, 2, 3, 40, 77, torch.float16), h, what=f"mask={mask}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_custom_scale_and_one_key(backend):
+    q, k, v, h = make_qkv(1, 2, 5, 1, 64, torch.float32, "bhnd")
+    out = check(backend, q, k, v, None, h, scale=0.37)
+    torch.testing.assert_close(out, v.expand_as(out))  # one key: softmax is 1, the output is v
+    q, k, v, h = make_qkv(1, 2, 33, 70, 80, torch.float16, "bnhd")
+    check(backend, q, k, v, None, h, scale=1.0, what="scale=1")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_masked_to_minus_inf_in_their_first_blocks(backend):
+    """Rows whose first key block is all -inf: a naive online softmax computes exp(-inf - -inf) = NaN there."""
+    from sdkernels.kernels.flash_attention import launch_config
+    B, H, N, Nk, d = 1, 2, 20, 150, 64
+    block_n = launch_config(d, torch.float16, N, B * H, 2, torch.device(DEVICE))[1]
+    q, k, v, h = make_qkv(B, H, N, Nk, d, torch.float16, "bnhd")
+    mask = torch.zeros(B, H, N, Nk, device=DEVICE)
+    mask[:, :, ::2, :min(2 * block_n, Nk - 3)] = float("-inf")
+    check(backend, q, k, v, mask.half(), h, what="leading -inf blocks")
+
+
+@pytest.fixture
+def many_splits(monkeypatch):
+    """Make the partial-softmax row statistics split every row block's keys across several programs."""
+    import sdkernels.kernels.partial_softmax as ps
+    monkeypatch.setattr(ps, "PROGRAMS_PER_SM", 10_000)
+
+
+@pytest.mark.parametrize("nk", [200, 77, 64])
+@pytest.mark.parametrize("mask", [None, "key_bias", "full"])
+def test_partial_softmax_with_split_key_ranges(many_splits, nk, mask):
+    q, k, v, h = make_qkv(2, 2, 33, nk, 40, torch.float16, "bnhd")
+    check("partial_softmax", q, k, v, make_mask(mask, 2, 2, 33, nk, torch.float16), h, what=f"split Nk={nk}")
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 8])
+def test_row_stats_match_max_and_sum(splits):
+    """The (B*H, N, 2) statistics themselves: row max of S = scale q k^T + mask and sum of exp(S - max)."""
+    from sdkernels.kernels.partial_softmax import attention_row_stats_triton
+    B, H, N, Nk, d = 2, 3, 37, 250, 80
+    q, k, _, h = make_qkv(B, H, N, Nk, d, torch.float16, "bnhd")
+    mask = make_mask("full", B, H, N, Nk, torch.float16)
+    q4, k4 = as_bhnd(q, h), as_bhnd(k, h)
+    stats = attention_row_stats_triton(q4, k4, d ** -0.5, mask, splits=splits)
+    s = (q4.double() @ k4.double().transpose(-1, -2)) * d ** -0.5 + mask.double()
+    row_max = s.amax(-1)
+    row_sum = (s - row_max[..., None]).exp().sum(-1)
+    torch.testing.assert_close(stats[..., 0].double(), row_max.reshape(B * H, N), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(stats[..., 1].double(), row_sum.reshape(B * H, N), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_cuda_row_stats_are_available_and_match_triton():
+    reason = attn_ops._cuda_stats_available()
+    assert reason is None, f"partial_softmax_cuda unavailable on this GPU: {reason}"
+    from sdkernels.kernels.partial_softmax import attention_row_stats_triton
+    for dtype, mask_kind, splits in [(torch.float16, None, 1), (torch.bfloat16, "full", 7), (torch.float32, "keys", 3)]:
+        B, H, N, Nk, d = 2, 3, 300, 333, 40
+        q, k, _, h = make_qkv(B, H, N, Nk, d, dtype, "bnhd")
+        mask = make_mask(mask_kind, B, H, N, Nk, dtype)
+        q4, k4 = as_bhnd(q, h), as_bhnd(k, h)
+        mask4 = attn_ops.broadcast_mask(mask, q4, k4)
+        ours = attn_ops.cuda_row_stats(q4, k4, d ** -0.5, mask4, splits)
+        triton_stats = attention_row_stats_triton(q4, k4, d ** -0.5, mask4, splits=splits)
+        torch.testing.assert_close(ours, triton_stats, atol=2e-4, rtol=2e-4)
+
+
+def test_output_layouts():
+    for layout in ("bnhd", "fused_qkv"):
+        q, k, v, h = make_qkv(2, 2, 9, 12, 40, torch.float16, layout)
+        out = run("flash", q, k, v, 40 ** -0.5, None, h)
+        assert out.shape == (2, 9, 80) and out.is_contiguous()
+    q, k, v, h = make_qkv(2, 2, 9, 12, 40, torch.float16, "bhnd_transposed")
+    out = run("flash", q, k, v, 40 ** -0.5, None, h)
+    assert out.stride() == q.stride()  # (B, N, H, d) in memory: the processor's reshape back is free
+
+
+# ---- fallbacks and errors -------------------------------------------------------------------------------------
+
+def test_unsupported_head_dim_falls_back_once_with_warning():
+    q, k, v, h = make_qkv(1, 2, 7, 9, 96, torch.float16, "bnhd")
+    dispatch._warned.clear()
+    with pytest.warns(sdkernels.SdkernelsFallbackWarning, match="head dim 96"):
+        out = flash_attention(q, k, v, heads=h)
+    assert dispatch.last_backend(OP) == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sdkernels.SdkernelsFallbackWarning)
+        flash_attention(q, k, v, heads=h)
+    check_accuracy(out, q, k, v, 96 ** -0.5, None, h, what="fallback d=96")
+
+
+def test_bool_mask_and_float64_fall_back():
+    q, k, v, h = make_qkv(1, 2, 7, 9, 64, torch.float32, "bhnd")
+    keep = torch.rand(1, 1, 7, 9, device=DEVICE) > 0.3
+    keep[..., 0] = True
+    with pytest.warns(sdkernels.SdkernelsFallbackWarning, match="boolean"):
+        out = flash_attention(q, k, v, attn_mask=keep)
+    torch.testing.assert_close(out, attention_reference(q, k, v, 64 ** -0.5, keep))
+    q, k, v = (t.double() for t in (q, k, v))
+    with pytest.warns(sdkernels.SdkernelsFallbackWarning, match="float64"):
+        out = flash_attention(q, k, v)
+    torch.testing.assert_close(out, attention_reference(q, k, v, 64 ** -0.5))
+
+
+def test_non_positive_scale_falls_back():
+    q, k, v, h = make_qkv(1, 2, 7, 9, 64, torch.float16, "bnhd")
+    with pytest.warns(sdkernels.SdkernelsFallbackWarning, match="not positive"):
+        out = flash_attention(q, k, v, -0.3, heads=h)
+    check_accuracy(out, q, k, v, -0.3, None, h, what="negative scale")
+
+
+def test_strict_forcing_reports_the_reason():
+    q, k, v, h = make_qkv(1, 2, 7, 9, 256, torch.float16, "bnhd")
+    with pytest.raises(RuntimeError, match="forced backend 'flash'.*head dim 256"):
+        with sdkernels.use_backend("flash", op=OP, strict=True):
+            flash_attention(q, k, v, heads=h)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda: (torch.randn(2, 5, 80), torch.randn(2, 7, 80), torch.randn(2, 7, 80), None, 3), "multiple of heads"),
+    (lambda: (torch.randn(2, 5, 80), torch.randn(2, 7, 80), torch.randn(2, 6, 80), None, 2), "same number of tokens"),
+    (lambda: (torch.randn(2, 5, 80), torch.randn(3, 7, 80), torch.randn(3, 7, 80), None, 2), "same batch"),
+    (lambda: (torch.randn(2, 2, 5, 40), torch.randn(2, 2, 7, 32), torch.randn(2, 2, 7, 40), None, None),
+     "same head dim"),
+    (lambda: (torch.randn(2, 5, 80), torch.randn(2, 7, 80), torch.randn(2, 7, 80), None, None), r"\(B, H, tokens"),
+    (lambda: (torch.randn(2, 2, 5, 40), torch.randn(2, 2, 7, 40).half(), torch.randn(2, 2, 7, 40), None, None),
+     "share dtype"),
+    (lambda: (torch.randn(2, 2, 5, 40), torch.randn(2, 2, 7, 40), torch.randn(2, 2, 7, 40), torch.randn(2, 2, 5, 6),
+              None), "broadcast to"),
+    (lambda: (torch.randn(2, 2, 5, 40), torch.randn(2, 2, 7, 40), torch.randn(2, 2, 7, 40),
+              torch.zeros(5, 7, dtype=torch.int32), None), "additive float mask"),
+    (lambda: (torch.randint(0, 3, (2, 2, 5, 40)), torch.randn(2, 2, 7, 40), torch.randn(2, 2, 7, 40), None, None),
+     "floating point"),
+])
+def test_invalid_inputs_raise_clear_errors(bad, match):
+    q, k, v, mask, heads = bad()
+    with pytest.raises(sdkernels.SdkernelsInputError, match=match) as e:
+        flash_attention(q, k, v, attn_mask=mask, heads=heads)
+    assert "sdkernels::flash_attention" in str(e.value) and "q=Tensor(shape=" in str(e.value)
+
+
+def test_backend_chooser_is_consulted_unless_a_backend_is_forced():
+    q, k, v, h = make_qkv(1, 2, 7, 9, 40, torch.float16, "bnhd")
+    seen = []
+
+    def choose(*args):
+        seen.append(args[0].shape)
+        return "partial_softmax"
+
+    attn_ops.set_backend_chooser(choose)
+    try:
+        flash_attention(q, k, v, heads=h)
+        assert dispatch.last_backend(OP) == "partial_softmax" and seen
+        with sdkernels.use_backend("flash", op=OP, strict=True):
+            flash_attention(q, k, v, heads=h)
+        assert dispatch.last_backend(OP) == "flash"
+    finally:
+        attn_ops.set_backend_chooser(None)
+
+
+# ---- torch integration ----------------------------------------------------------------------------------------
+
+def small_args(dtype=torch.float32, mask=True):
+    q, k, v, h = make_qkv(2, 2, 9, 13, 40, dtype, "bnhd")
+    return (q, k, v, 40 ** -0.5, make_mask("keys", 2, 2, 9, 13, dtype) if mask else None, h)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    with sdkernels.use_backend(backend, op=OP, strict=True):
+        torch.library.opcheck(torch.ops.sdkernels.flash_attention.default, small_args())
+        q, k, v, h = make_qkv(1, 2, 5, 6, 64, torch.float32, "bhnd_transposed")
+        torch.library.opcheck(torch.ops.sdkernels.flash_attention.default, (q, k, v, 0.125, None, 0))
+
+
+def test_torch_compile_fullgraph():
+    args = small_args()
+
+    def f(q, k, v, scale, mask, heads):
+        return flash_attention(q * 2, k, v, scale, mask, heads) + 1
+
+    compiled = torch.compile(f, fullgraph=True, backend="inductor" if GPU else "aot_eager")
+    with sdkernels.use_backend("flash", op=OP, strict=True):
+        torch.testing.assert_close(compiled(*args), f(*args))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_graph_capture_and_replay(backend):
+    q, k, v, scale, mask, h = small_args(torch.float16)
+    with sdkernels.use_backend(backend, op=OP, strict=True):
+        flash_attention(q, k, v, scale, mask, h)  # compile outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = flash_attention(q, k, v, scale, mask, h)
+        for _ in range(2):
+            for t in (q, k, v):
+                t.copy_(torch.randn_like(t))
+            graph.replay()
+            torch.cuda.synchronize()
+            torch.testing.assert_close(out, flash_attention(q, k, v, scale, mask, h), atol=0, rtol=0)
+
+
+# ---- SD sizes (GPU lane) --------------------------------------------------------------------------------------
+
+SD_CASES = [  # (B, H, N, Nk, d): SD1.5 self/cross attention at 512px, SD2.1/SDXL d=64
+    (2, 8, 4096, 4096, 40), (2, 8, 4096, 77, 40), (2, 8, 1024, 1024, 80), (2, 8, 1024, 77, 80),
+    (2, 8, 256, 256, 160), (2, 8, 256, 77, 160), (2, 10, 4096, 4096, 64), (2, 10, 1024, 77, 64),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", SD_CASES, ids=lambda c: "B={},H={},N={},Nk={},d={}".format(*c))
+def test_sd_sizes(case, dtype, backend):
+    B, H, N, Nk, d = case
+    q, k, v, h = make_qkv(B, H, N, Nk, d, dtype, "bnhd")
+    out = check(backend, q, k, v, None, h, what=str(case))
+    # The same algorithm as SDPA's flash kernel (P rounded to the input dtype): within 2x of its error too.
+    scale = d ** -0.5
+    ref = reference(q, k, v, scale, None, h).double()
+    q4, k4, v4 = (as_bhnd(t, h) for t in (q, k, v))
+    sdpa = from_bhnd(torch.nn.functional.scaled_dot_product_attention(q4, k4, v4), h)
+    err, sdpa_err = ((t.double() - ref).abs().max().item() for t in (out, sdpa))
+    assert err <= 2 * sdpa_err + tolerance(dtype)[0] / 4, f"{case}: error {err:.3g} vs SDPA's {sdpa_err:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sd_cross_attention_with_key_padding_mask(backend):
+    B, H, N, Nk, d = 2, 8, 4096, 77, 40
+    q, k, v, h = make_qkv(B, H, N, Nk, d, torch.float16, "bnhd")
+    check(backend, q, k, v, make_mask("keys", B, H, N, Nk, torch.float16), h, what="cross-attn mask")
