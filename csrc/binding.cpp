@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <optional>
 
+#include "attention_row_stats.h"
 #include "group_norm_nhwc.h"
 
 namespace {
@@ -116,6 +117,62 @@ void group_norm_nhwc(const at::Tensor& x, const std::optional<at::Tensor>& weigh
   TORCH_CHECK(err == cudaSuccess, fn, ": kernel launch failed: ", cudaGetErrorString(err));
 }
 
+// ---- sdkernels::flash_attention, partial-softmax row statistics (csrc/attention_row_stats.cu) -------------------
+
+void attention_row_stats(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
+                         at::Tensor partials, at::Tensor stats, double scale) {
+  constexpr const char* fn = "sdkernels._C.attention_row_stats";
+  TORCH_CHECK(q.is_cuda() && k.device() == q.device(), fn, ": q and k must be CUDA tensors on one device, got ",
+              q.device(), " and ", k.device());
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4, fn, ": q and k must be (B, H, tokens, D), got shapes ", q.sizes(),
+              " and ", k.sizes());
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3), Nk = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == D, fn, ": k of shape ", k.sizes(),
+              " does not match q of shape ", q.sizes());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type(), fn, ": q and k must share a dtype, got ", q.scalar_type(), " and ",
+              k.scalar_type());
+  const int dtype = sdk_dtype(q.scalar_type());
+  TORCH_CHECK(N <= INT_MAX && Nk <= INT_MAX && B * H <= INT_MAX, fn, ": q of shape ", q.sizes(), " is too large");
+  TORCH_CHECK(partials.dim() == 4 && partials.is_contiguous() && partials.scalar_type() == at::kFloat &&
+                  partials.size(1) == B * H && partials.size(2) == N && partials.size(3) == 2 &&
+                  partials.device() == q.device(),
+              fn, ": partials must be a contiguous float32 (splits, B*H, N, 2) tensor on q's device, got ",
+              partials.sizes());
+  TORCH_CHECK(stats.dim() == 3 && stats.is_contiguous() && stats.scalar_type() == at::kFloat &&
+                  stats.size(0) == B * H && stats.size(1) == N && stats.size(2) == 2 && stats.device() == q.device(),
+              fn, ": stats must be a contiguous float32 (B*H, N, 2) tensor on q's device, got ", stats.sizes());
+  const int splits = (int)partials.size(0);
+  const char* why = sdk_attention_row_stats_why_not((int)B, (int)H, (int)N, (int)Nk, (int)D, splits, dtype);
+  TORCH_CHECK(why == nullptr, fn, ": ", why, " (q of shape ", q.sizes(), ", k of shape ", k.sizes(), ", ", splits,
+              " splits)");
+
+  SdkAttentionRowStatsArgs a{};
+  a.q = q.data_ptr();
+  a.k = k.data_ptr();
+  a.mask = nullptr;
+  if (mask.has_value() && mask->defined()) {
+    TORCH_CHECK(mask->device() == q.device() && mask->scalar_type() == q.scalar_type(), fn,
+                ": mask must have q's device and dtype, got ", mask->device(), " ", mask->scalar_type());
+    TORCH_CHECK(mask->dim() == 4 && mask->size(0) == B && mask->size(1) == H && mask->size(2) == N &&
+                    mask->size(3) == Nk,
+                fn, ": mask must be a (B, H, N, Nk) view (broadcast with zero strides), got ", mask->sizes());
+    a.mask = mask->data_ptr();
+    for (int i = 0; i < 4; ++i) a.mask_strides[i] = mask->stride(i);
+  }
+  for (int i = 0; i < 4; ++i) {
+    a.q_strides[i] = q.stride(i);
+    a.k_strides[i] = k.stride(i);
+  }
+  a.partials = partials.data_ptr<float>();
+  a.stats = stats.data_ptr<float>();
+  a.B = (int)B; a.H = (int)H; a.N = (int)N; a.Nk = (int)Nk; a.D = (int)D; a.splits = splits;
+  a.dtype = dtype;
+  a.scale = (float)scale;
+  const c10::cuda::CUDAGuard guard(q.device());
+  const cudaError_t err = sdk_attention_row_stats(a, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, fn, ": kernel launch failed: ", cudaGetErrorString(err));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -123,4 +180,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "out = [silu](group_norm(x, num_groups, weight, bias, eps)) [+ residual], x and out channels_last; writes out",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("residual"), py::arg("out"), py::arg("num_groups"),
         py::arg("eps"), py::arg("silu"));
+  m.def("attention_row_stats", &attention_row_stats,
+        "stats[bh, i] = (max_j S_ij, sum_j exp(S_ij - max)) of S = scale * q k^T + mask, keys split over "
+        "partials.size(0) parts; writes partials and stats",
+        py::arg("q"), py::arg("k"), py::arg("mask"), py::arg("partials"), py::arg("stats"), py::arg("scale"));
 }

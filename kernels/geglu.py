@@ -11,8 +11,10 @@ import triton.language as tl
 
 from .utils import next_power_of_2
 
-SQRT_HALF = 0.7071067811865476
-SQRT_2_OVER_PI = 0.7978845608028654
+# constexpr: a kernel may read only constexpr globals (Triton 3.3+ refuses plain ones on the GPU; the interpreter
+# does not check).
+SQRT_HALF = tl.constexpr(0.7071067811865476)
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 
 TILE_ELEMENTS = 4096     # output elements per program: 8-16 KB of traffic, a few 16-byte vectors per thread
 MIN_BLOCK_C = 128

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # One call on the GPU machine (device tool): build, run the whole test suite on the GPU, check every kernel
 # under compute-sanitizer, run the benchmarks. Logs and results go to $OUT (default .out/).
-#   bash scripts/gpu_lane.sh [build] [test] [sanitize] [bench]      (default: all four)
-# Test or bench arguments: PYTEST_ARGS="tests/test_group_norm.py -x" BENCH=bench/bench_group_norm.py BENCH_ARGS=--quick
+#   bash scripts/gpu_lane.sh [build] [sanitize] [test] [bench]      (default: all four, in this order)
+# Test or bench arguments: PYTEST_ARGS="tests/test_group_norm.py tests/test_geglu.py" BENCH=bench/bench_group_norm.py BENCH_ARGS=--quick
 # diffusers is not on that machine: carry .whl/ (bash ../shared/device/prepare.sh puts its wheels there).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-.out}; mkdir -p "$OUT"
-steps=${*:-build test sanitize bench}
+steps=${*:-build sanitize test bench}
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 status=0
 LOG="$OUT/lane.log"
@@ -25,19 +25,27 @@ if [[ $steps == *build* ]]; then
   python3 -m sdkernels.info
 fi
 
-if [[ $steps == *test* ]]; then
-  step test
-  python3 -m pytest -q -rs -p no:cacheprovider ${PYTEST_ARGS:-tests} 2>&1 | tee "$OUT/tests.log"
-  rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || status=1
-  # The GPU lane must run its GPU tests, not skip them.
-  if grep -q "needs a CUDA GPU" "$OUT/tests.log"; then echo "GPU LANE ERROR: GPU tests were skipped"; status=1; fi
+if [[ $steps == *sanitize* ]]; then
+  # First: a memory error found here names its kernel and case, where in the tests it would poison every later test.
+  step sanitize
+  timeout ${SANITIZE_TIMEOUT_S:-240} compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \
+    python3 scripts/sanitize_kernels.py > "$OUT/sanitize.log" 2>&1
+  rc=$?; grep -v "^=========     " "$OUT/sanitize.log" | tail -40
+  [ "$rc" = 0 ] || { echo "SANITIZER FAILED rc=$rc"; status=1; }
 fi
 
-if [[ $steps == *sanitize* ]]; then
-  step sanitize
-  compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \
-    python3 scripts/sanitize_kernels.py 2>&1 | tail -25
-  rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || { echo "SANITIZER FAILED rc=$rc"; status=1; }
+if [[ $steps == *test* ]]; then
+  step test
+  # One pytest process per test file: a CUDA error in one file cannot fail the files after it.
+  : > "$OUT/tests.log"
+  for file in ${PYTEST_ARGS:-tests/test_*.py}; do
+    echo "== $file" | tee -a "$OUT/tests.log"
+    timeout ${TEST_TIMEOUT_S:-300} python3 -m pytest -q -rs -p no:cacheprovider --durations=5 $file 2>&1 \
+      | tee -a "$OUT/tests.log" | tail -${TEST_TAIL:-15}
+    rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || { echo "TESTS FAILED: $file rc=$rc"; status=1; }
+  done
+  # The GPU lane must run its GPU tests, not skip them.
+  if grep -q "needs a CUDA GPU" "$OUT/tests.log"; then echo "GPU LANE ERROR: GPU tests were skipped"; status=1; fi
 fi
 
 if [[ $steps == *bench* ]]; then

@@ -255,7 +255,8 @@ def test_summary_counts(make, caplog):
     s = summary(model)
     assert gn_replaced(s) == {"resnet_gn_silu": resnets, "norm_out_gn_silu": pairs,
                           "group_norm": norms - 2 * resnets - pairs}
-    assert s.left == []
+    # The tiny models' attention heads are narrower than any kernel head dim: left alone, with that reason.
+    assert all(patcher == "attention" and reason.startswith("head dim") for _, patcher, reason in s.left), s.left
     assert [r.getMessage() for r in caplog.records if r.name == "sdkernels"] == [str(s)]
     assert str(s).startswith(f"sdkernels.patch {type(model).__name__}: replaced resnet_gn_silu {resnets}")
 
