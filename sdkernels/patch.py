@@ -50,6 +50,9 @@ class Patcher:
     restore: Callable[[nn.Module], None]
     why_not: Callable[[nn.Module], Optional[str]] = lambda module: None
     covers: Callable[[nn.Module], Iterable[nn.Module]] = lambda module: ()
+    # Applied by patch() without ``ops``; False for a patcher whose kernels have not yet passed the GPU lane (it
+    # then runs only where named in ``ops``).
+    default: bool = True
 
 
 _registry: list = []  # in priority order: an earlier patcher takes a module before a later one sees it
@@ -85,7 +88,7 @@ class PatchSummary:
 
 
 def patch(pipe_or_model, *, ops: Optional[Iterable[str]] = None):
-    """Apply the patchers named in ``ops`` (default: all) to every model of a pipeline, or to one nn.Module.
+    """Apply the patchers named in ``ops`` (default: every patcher marked ``default``) to every model of a pipeline, or to one nn.Module.
     Logs one line per model on the "sdkernels" logger and returns its argument; ``summary()`` reads the result."""
     selected = _select(ops)
     for label, model in _models(pipe_or_model):
@@ -211,7 +214,7 @@ def _load_patchers() -> None:
 def _select(ops) -> list:
     _load_patchers()
     if ops is None:
-        return list(_registry)
+        return [p for p in _registry if p.default]
     if isinstance(ops, str):
         ops = [ops]
     wanted = list(ops)

@@ -30,7 +30,9 @@ def nsc_strides(t: torch.Tensor):
     dims cannot be flattened into one stride without a copy."""
     spatial = list(zip(t.shape[2:], t.stride()[2:]))
     spatial = [(n, s) for n, s in spatial if n != 1]
-    s_stride = spatial[-1][1] if spatial else 1
+    if not spatial:  # one spatial position: NCHW and NHWC are the same memory; with unit channel stride, call it NHWC
+        return t.stride(0), t.stride(1), t.shape[1] if t.stride(1) == 1 else 1
+    s_stride = spatial[-1][1]
     expected = s_stride
     for n, s in reversed(spatial):
         if s != expected:
