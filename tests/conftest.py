@@ -8,6 +8,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ["SDKERNELS_POISON_OUTPUTS"] = "1"
+# Hypothesis meets hundreds of matmul shapes: autotuning each would take minutes on a GPU. Tests of the autotuner
+# turn it back on.
+os.environ.setdefault("SDKERNELS_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402

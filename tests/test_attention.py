@@ -103,6 +103,8 @@ def expected_to_run(backend, q, mask, heads) -> bool:
     """Whether ``backend`` should take these inputs, by the op's documented rules."""
     if attn_ops.head_dim(q, heads) not in KERNEL_HEAD_DIMS or q.dtype not in DTYPES:
         return False
+    if q.is_cuda and attn_ops.head_dim(q, heads) in attn_ops.GPU_UNSAFE_HEAD_DIMS:
+        return False
     if mask is not None and not mask.is_floating_point():
         return False
     return backend != "partial_softmax_cuda" or mask is None or mask.dtype == q.dtype

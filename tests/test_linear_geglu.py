@@ -217,9 +217,10 @@ def _capture(fn):
 
 
 @pytest.mark.gpu
-def test_cuda_graph_never_autotunes():
+def test_cuda_graph_never_autotunes(monkeypatch):
     """An untuned shape met first inside a capture runs the default config (with one warning) instead of
     autotuning, which would break the capture; once tuned outside, a capture uses the tuned config quietly."""
+    monkeypatch.setenv("SDKERNELS_AUTOTUNE", "1")
     from sdkernels.kernels.linear_geglu import default_config, linear_geglu_triton
     x, w, b = make_case((2, 1001), 320, 640, torch.float16)  # M = 2002: a shape no other test tunes
     geglu_op = lambda: linear_geglu(x, w, b)  # noqa: E731
