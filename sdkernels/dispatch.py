@@ -1,6 +1,7 @@
 """Backend selection shared by every sdkernels op.
 
-Each op owns an ordered list of backends (fastest first). A backend declares what it supports through
+Each op owns an ordered list of backends (fastest first), and optionally a chooser that prefers one per input. A
+backend declares what it supports through
 ``why_not(*args)``, which returns None when it can run the inputs and a short reason otherwise. Dispatch walks the
 list; when nothing fits, the op's reference runs and one warning per (op, reasons) says why.
 
@@ -38,6 +39,10 @@ class Op:
     name: str
     reference: Callable
     backends: list = field(default_factory=list)
+    # A per-input preference among the backends (a rule from measurements, e.g. by size), consulted only when no
+    # backend is forced: chooser(*args) -> a backend name, or None for the priority order. A preferred backend that
+    # cannot run the inputs is passed over like any other.
+    chooser: Optional[Callable[..., Optional[str]]] = None
 
     def register(self, backend: Backend) -> Backend:
         self.backends.append(backend)
@@ -60,6 +65,10 @@ class Op:
             if not candidates:
                 known = ", ".join([b.name for b in self.backends] + [REFERENCE])
                 raise ValueError(f"sdkernels::{self.name}: unknown backend {forced!r}; known: {known}")
+        elif self.chooser is not None:
+            preferred = self.chooser(*args)
+            if preferred is not None:
+                candidates = sorted(candidates, key=lambda b: b.name != preferred)
         reasons = {}
         for b in candidates:
             reason = b.why_not(*args) or b.available()
@@ -90,6 +99,11 @@ def define(name: str, reference: Callable) -> Op:
     op = Op(name, reference)
     _ops[name] = op
     return op
+
+
+def set_chooser(op_name: str, chooser: Optional[Callable[..., Optional[str]]]) -> None:
+    """Install (or with None remove) an op's per-input backend preference (see Op.chooser)."""
+    _ops[op_name].chooser = chooser
 
 
 def ops() -> dict:

@@ -320,7 +320,7 @@ def test_backend_chooser_is_consulted_unless_a_backend_is_forced():
         seen.append(args[0].shape)
         return "partial_softmax"
 
-    attn_ops.set_backend_chooser(choose)
+    dispatch.set_chooser(OP, choose)
     try:
         flash_attention(q, k, v, heads=h)
         assert dispatch.last_backend(OP) == "partial_softmax" and seen
@@ -328,7 +328,7 @@ def test_backend_chooser_is_consulted_unless_a_backend_is_forced():
             flash_attention(q, k, v, heads=h)
         assert dispatch.last_backend(OP) == "flash"
     finally:
-        attn_ops.set_backend_chooser(None)
+        dispatch.set_chooser(OP, None)
 
 
 # ---- torch integration ----------------------------------------------------------------------------------------

@@ -175,6 +175,23 @@ def test_strict_forcing_reports_every_reason():
             sdkernels.group_norm(x, 3)
 
 
+def test_chooser_prefers_triton_at_few_spatial_positions_and_yields_to_forcing():
+    """The measured rule: Triton at <= 256 positions; otherwise the priority order (CUDA first where it can run)."""
+    from sdkernels.ops.group_norm import TRITON_MAX_SPATIAL
+    op = dispatch.ops()["group_norm"]
+    small = torch.randn(2, 64, 16, 16, device=DEVICE).to(memory_format=torch.channels_last)
+    large = torch.randn(1, 16, 33, 33, device=DEVICE).to(memory_format=torch.channels_last)
+    assert 16 * 16 <= TRITON_MAX_SPATIAL < 33 * 33
+    assert op.chooser(small, 8) == "triton" and op.chooser(large, 8) is None
+    sdkernels.group_norm(small, 8)
+    assert dispatch.last_backend("group_norm") == "triton"
+    sdkernels.group_norm(large, 8)
+    assert dispatch.last_backend("group_norm") == ("cuda" if GPU else "triton")
+    with sdkernels.use_backend("reference", op="group_norm"):
+        sdkernels.group_norm(small, 8)
+    assert dispatch.last_backend("group_norm") == "reference"
+
+
 def test_env_forces_reference(monkeypatch):
     monkeypatch.setenv("SDKERNELS_BACKEND", "group_norm=reference")
     x = torch.randn(1, 4, 3, 3, device=DEVICE)

@@ -12,13 +12,13 @@ Backends, in the order tried:
     recomputed blockwise, never writing the N x Nk matrix (kernels/partial_softmax.py);
   * "partial_softmax_cuda": the same with the row statistics in CUDA C++ (csrc/attention_row_stats.cu).
 Inputs none of them runs (head dims other than 40, 64, 80, 128, 160, float64, boolean masks) run on torch's
-scaled_dot_product_attention with one warning. ``set_backend_chooser`` lets a per-shape choice (e.g. measured)
-pick among them when no backend is forced.
+scaled_dot_product_attention with one warning. ``dispatch.set_chooser("flash_attention", fn)`` lets a per-shape
+choice (e.g. measured) pick among them when no backend is forced.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -253,33 +253,13 @@ attention_dispatch.register(dispatch.Backend("partial_softmax_cuda", _partial_so
                                              available=_cuda_stats_available))
 attention_dispatch.reference = _sdpa_fallback
 
-# A per-shape choice among the backends, consulted only when no backend is forced: fn(q, k, v, scale, attn_mask,
-# heads) -> backend name, or None for the default order.
-_chooser: Optional[Callable] = None
-
-
-def set_backend_chooser(fn: Optional[Callable]) -> None:
-    global _chooser
-    _chooser = fn
-
-
-def _run(q, k, v, scale, attn_mask, heads):
-    args = (q, k, v, scale, attn_mask, heads)
-    if _chooser is not None and dispatch._forced(OP)[0] is None:
-        choice = _chooser(*args)
-        if choice is not None:
-            with dispatch.use_backend(choice, op=OP):
-                return attention_dispatch(*args)
-    return attention_dispatch(*args)
-
-
 # ---- the torch op ---------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("sdkernels::flash_attention", mutates_args=())
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, attn_mask: Optional[torch.Tensor],
                   heads: int) -> torch.Tensor:
     check_inputs(q, k, v, scale, attn_mask, heads)
-    return _run(q, k, v, scale, attn_mask, heads)
+    return attention_dispatch(q, k, v, scale, attn_mask, heads)
 
 
 @_attention_op.register_fake
