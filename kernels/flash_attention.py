@@ -72,14 +72,18 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
 @triton.jit
 def _load_tile(base, rows, stride_row, stride_col, COL0: tl.constexpr, WIDTH: tl.constexpr,
                HEAD_DIM: tl.constexpr):
-    """Columns COL0 .. COL0+WIDTH of the given rows (already clamped in range); columns past HEAD_DIM read as 0
-    (the masked load keeps 16-byte vectors: 40 = 32 + 8 real + 8 padded)."""
+    """Columns COL0 .. COL0+WIDTH of the given rows (already clamped in range); columns past HEAD_DIM read as 0.
+    The padded columns are read clamped to the last real one and zeroed in registers, not through a masked load:
+    on an H100 with Triton 3.6 the masked load feeding the dot gave wrong results and an out-of-bounds shared-memory
+    read (see GPU_UNSAFE_HEAD_DIMS in sdkernels/ops/attention.py, which keeps head dim 40 off GPUs until this is
+    measured there)."""
     cols = COL0 + tl.arange(0, WIDTH)
-    ptrs = base + rows[:, None] * stride_row + cols[None, :] * stride_col
     if COL0 + WIDTH > HEAD_DIM:
-        return tl.load(ptrs, mask=(cols < HEAD_DIM)[None, :], other=0.0)
+        real = cols < HEAD_DIM
+        tile = tl.load(base + rows[:, None] * stride_row + tl.minimum(cols, HEAD_DIM - 1)[None, :] * stride_col)
+        return tl.where(real[None, :], tile, tl.zeros_like(tile))
     else:
-        return tl.load(ptrs)
+        return tl.load(base + rows[:, None] * stride_row + cols[None, :] * stride_col)
 
 
 @triton.jit

@@ -8,10 +8,10 @@ from . import dispatch, ops
 from .dispatch import SdkernelsFallbackWarning, use_backend
 from .ops import flash_attention, geglu, gelu, group_norm, linear_geglu
 from .ops._common import SdkernelsInputError
-from .patch import patch, unpatch  # imports only torch: patchers and diffusers load on the first call
+from .patch import default_ops, patch, unpatch  # imports only torch: patchers and diffusers load on the first call
 
 __version__ = "0.1.0"
 
 
-__all__ = ["patch", "unpatch", "flash_attention", "group_norm", "geglu", "gelu", "linear_geglu", "use_backend", "dispatch", "ops", "SdkernelsFallbackWarning",
+__all__ = ["patch", "unpatch", "default_ops", "flash_attention", "group_norm", "geglu", "gelu", "linear_geglu", "use_backend", "dispatch", "ops", "SdkernelsFallbackWarning",
            "SdkernelsInputError", "__version__"]

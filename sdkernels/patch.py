@@ -71,6 +71,11 @@ def patchers() -> list:
     return list(_registry)
 
 
+def default_ops() -> list:
+    """Names of the patchers that patch() applies without ``ops`` (add opt-in ones to this list to run them too)."""
+    return [p.name for p in patchers() if p.default]
+
+
 @dataclass
 class PatchSummary:
     """What patch() did to one model: modules patched per patcher, and the candidates left with the reason."""
@@ -214,7 +219,7 @@ def _load_patchers() -> None:
 def _select(ops) -> list:
     _load_patchers()
     if ops is None:
-        return [p for p in _registry if p.default]
+        ops = default_ops()
     if isinstance(ops, str):
         ops = [ops]
     wanted = list(ops)
