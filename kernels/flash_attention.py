@@ -192,26 +192,32 @@ def _bh_base(ptr, b, h, stride_b, stride_h, STRIDE_UNIT: tl.constexpr):
 
 
 @triton.jit
+def _program_tile(q_ptr, k_ptr, v_ptr, mask_ptr, H, N, sqb, sqh, skb, skh, svb, svh, smb, smh,
+                  BLOCK_M: tl.constexpr, STRIDE_UNIT: tl.constexpr):
+    """What a program of grid (row block, b*H + h, ...) works on: b*H + h, the starts of its (b, h) slices of q,
+    k, v and the mask, its query rows, and those rows clamped into range (read, never stored)."""
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh - b * H
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return (bh, _bh_base(q_ptr, b, h, sqb, sqh, STRIDE_UNIT), _bh_base(k_ptr, b, h, skb, skh, STRIDE_UNIT),
+            _bh_base(v_ptr, b, h, svb, svh, STRIDE_UNIT), _bh_base(mask_ptr, b, h, smb, smh, 1), offs_m,
+            tl.minimum(offs_m, N - 1))
+
+
+@triton.jit
 def _flash_attention_fwd(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, H, N, Nk, qk_scale,
                          sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
                          smb, smh, smm, smn,
                          D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr,
                          STRIDE_UNIT: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh - b * H
-    q_base = _bh_base(q_ptr, b, h, sqb, sqh, STRIDE_UNIT)
-    k_base = _bh_base(k_ptr, b, h, skb, skh, STRIDE_UNIT)
-    v_base = _bh_base(v_ptr, b, h, svb, svh, STRIDE_UNIT)
-    mask_base = _bh_base(mask_ptr, b, h, smb, smh, 1)
+    bh, q_base, k_base, v_base, mask_base, offs_m, rows_m = _program_tile(
+        q_ptr, k_ptr, v_ptr, mask_ptr, H, N, sqb, sqh, skb, skh, svb, svh, smb, smh, BLOCK_M, STRIDE_UNIT)
     sqn *= STRIDE_UNIT
     skn *= STRIDE_UNIT
     svn *= STRIDE_UNIT
     son *= STRIDE_UNIT
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows_m = tl.minimum(offs_m, N - 1)
     q0, q1 = _load_query(q_base, rows_m, sqn, sqd, D0, D1, HEAD_DIM)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -232,7 +238,7 @@ def _flash_attention_fwd(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, H, N, Nk, qk_scal
             smm, smn, qk_scale, D0, D1, HEAD_DIM, BLOCK_N, True, MASK, PRECISION)
 
     inv_l = 1.0 / l_i
-    o_base = _bh_base(o_ptr, b, h, sob, soh, STRIDE_UNIT)
+    o_base = _bh_base(o_ptr, bh // H, bh % H, sob, soh, STRIDE_UNIT)
     _store_output(o_base, acc0 * inv_l[:, None], acc1 * inv_l[:, None], offs_m, N, son, sod, D0, D1, HEAD_DIM)
 
 

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .flash_attention import (HEAD_DIM_CHUNKS, LOG2E, _LOG2E, _accumulate_pv, _bh_base, _load_query, _log2_scores,
-                              _scores, _store_output, dot_precision, launch_config, mask_kind, mask_strides,
+                              _program_tile, _scores, _store_output, dot_precision, launch_config, mask_kind, mask_strides,
                               stride_unit, view_strides)
 from .utils import multiprocessor_count
 
@@ -40,18 +40,11 @@ def _attention_row_stats(q_ptr, k_ptr, mask_ptr, out_ptr, H, N, Nk, qk_scale, bl
                          STRIDE_UNIT: tl.constexpr):
     """Program (row block, b*H + h, split) writes (max, sum) in natural units of its rows over its key blocks to
     out[split, b*H + h, row, :]; the last split also takes the partial tail block."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
     split = tl.program_id(2)
-    b = bh // H
-    h = bh - b * H
-    q_base = _bh_base(q_ptr, b, h, sqb, sqh, STRIDE_UNIT)
-    k_base = _bh_base(k_ptr, b, h, skb, skh, STRIDE_UNIT)
-    mask_base = _bh_base(mask_ptr, b, h, smb, smh, 1)
+    bh, q_base, k_base, _, mask_base, offs_m, rows_m = _program_tile(
+        q_ptr, k_ptr, k_ptr, mask_ptr, H, N, sqb, sqh, skb, skh, skb, skh, smb, smh, BLOCK_M, STRIDE_UNIT)
     sqn *= STRIDE_UNIT
     skn *= STRIDE_UNIT
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows_m = tl.minimum(offs_m, N - 1)
     q0, q1 = _load_query(q_base, rows_m, sqn, sqd, D0, D1, HEAD_DIM)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -112,20 +105,12 @@ def _softmax_times_v(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, stats_ptr, H, N, Nk, 
                      D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr,
                      STRIDE_UNIT: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh - b * H
-    q_base = _bh_base(q_ptr, b, h, sqb, sqh, STRIDE_UNIT)
-    k_base = _bh_base(k_ptr, b, h, skb, skh, STRIDE_UNIT)
-    v_base = _bh_base(v_ptr, b, h, svb, svh, STRIDE_UNIT)
-    mask_base = _bh_base(mask_ptr, b, h, smb, smh, 1)
+    bh, q_base, k_base, v_base, mask_base, offs_m, rows_m = _program_tile(
+        q_ptr, k_ptr, v_ptr, mask_ptr, H, N, sqb, sqh, skb, skh, svb, svh, smb, smh, BLOCK_M, STRIDE_UNIT)
     sqn *= STRIDE_UNIT
     skn *= STRIDE_UNIT
     svn *= STRIDE_UNIT
     son *= STRIDE_UNIT
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows_m = tl.minimum(offs_m, N - 1)
     q0, q1 = _load_query(q_base, rows_m, sqn, sqd, D0, D1, HEAD_DIM)
     stats = stats_ptr + (bh.to(tl.int64) * N + rows_m) * 2
     l2 = tl.load(stats) * _LOG2E
@@ -147,7 +132,7 @@ def _softmax_times_v(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, stats_ptr, H, N, Nk, 
                                        skn, skd, svn, svd, smm, smn, qk_scale, D0, D1, HEAD_DIM, BLOCK_N, True,
                                        MASK, PRECISION)
     inv_sum = 1.0 / row_sum
-    o_base = _bh_base(o_ptr, b, h, sob, soh, STRIDE_UNIT)
+    o_base = _bh_base(o_ptr, bh // H, bh % H, sob, soh, STRIDE_UNIT)
     _store_output(o_base, acc0 * inv_sum[:, None], acc1 * inv_sum[:, None], offs_m, N, son, sod, D0, D1,
                   HEAD_DIM)
 
