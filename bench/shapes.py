@@ -1,9 +1,10 @@
 """The shapes the Stable Diffusion models really feed to their modules, read off the diffusers models themselves.
 
-Each workload (a model config from /work/shared/ANCHORS.md and its inputs) is built and run once on the ``meta``
-device: tensors there have shapes, dtypes and strides but no storage, so even the SDXL UNet costs well under a
-second and no memory. Forward hooks on the chosen module types record each call, and a torch-function mode notes the
-first torch function that consumes each recorded output (so "GroupNorm followed by SiLU" is seen, not assumed).
+Each workload (a model of sdkernels.models, with its config from /work/shared/ANCHORS.md, at a batch and image size)
+is built and run once on the ``meta`` device: tensors there have shapes, dtypes and strides but no storage, so even
+the SDXL UNet costs well under a second and no memory. Forward hooks on the chosen module types record each call,
+and a torch-function mode notes the first torch function that consumes each recorded output (so "GroupNorm followed
+by SiLU" is seen, not assumed).
 
     calls = workload_calls("sd15", nn.GroupNorm)               # every call, in order
     counts = module_input_shapes(model, inputs, nn.Conv2d)     # {(type, input shape): calls per forward}
@@ -15,12 +16,17 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 import sys
 from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's sdkernels
+
+from sdkernels import models  # noqa: E402
 
 # ---- recording module calls ------------------------------------------------------------------------------------
 
@@ -130,61 +136,21 @@ def module_input_shapes(model: nn.Module, inputs, module_types, extra: Optional[
 class Workload:
     name: str
     description: str
-    build: Callable[[], nn.Module]   # the diffusers model (random init; built under the current default device)
-    inputs: Callable[[], Any]        # (args, kwargs) of one call, built under the current default device
-    method: str = "forward"
+    model: str        # a model of sdkernels.models (its diffusers config, random init)
+    batch: int
+    resolution: int   # image size in pixels
 
-
-def _sd15():
-    from diffusers import UNet2DConditionModel
-    return UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
-
-
-def _sd21():
-    from diffusers import UNet2DConditionModel
-    return UNet2DConditionModel(sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
-                                use_linear_projection=True)
-
-
-def _sdxl():
-    from diffusers import UNet2DConditionModel
-    return UNet2DConditionModel(
-        sample_size=128,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
-        attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
-
-
-def _vae():
-    from diffusers import AutoencoderKL
-    return AutoencoderKL(block_out_channels=(128, 256, 512, 512), latent_channels=4,
-                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                         layers_per_block=2)
-
-
-def _unet_inputs(batch, latent, text_dim, sdxl=False):
-    def make():
-        kwargs = dict(sample=torch.randn(batch, 4, latent, latent), timestep=torch.tensor(999.0),
-                      encoder_hidden_states=torch.randn(batch, 77, text_dim))
-        if sdxl:
-            kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, 1280), "time_ids": torch.randn(batch, 6)}
-        return (), kwargs
-    return make
-
-
-def _vae_decode_inputs(batch, latent):
-    return lambda: ((torch.randn(batch, 4, latent, latent),), {})
+    @property
+    def method(self) -> str:
+        return models.spec(self.model).method
 
 
 WORKLOADS = {w.name: w for w in [
-    Workload("sd15", "SD1.5 UNet, batch 2 (CFG), 512 px (64x64 latent)", _sd15, _unet_inputs(2, 64, 768)),
-    Workload("sd21", "SD2.1 UNet, batch 2 (CFG), 768 px (96x96 latent)", _sd21, _unet_inputs(2, 96, 1024)),
-    Workload("sdxl", "SDXL UNet, batch 2 (CFG), 1024 px (128x128 latent)", _sdxl,
-             _unet_inputs(2, 128, 2048, sdxl=True)),
-    Workload("vae512", "VAE decoder, batch 1, 512 px output", _vae, _vae_decode_inputs(1, 64), "decode"),
-    Workload("vae1024", "VAE decoder, batch 1, 1024 px output", _vae, _vae_decode_inputs(1, 128), "decode"),
+    Workload("sd15", "SD1.5 UNet, batch 2 (CFG), 512 px (64x64 latent)", "sd15", 2, 512),
+    Workload("sd21", "SD2.1 UNet, batch 2 (CFG), 768 px (96x96 latent)", "sd21", 2, 768),
+    Workload("sdxl", "SDXL UNet, batch 2 (CFG), 1024 px (128x128 latent)", "sdxl", 2, 1024),
+    Workload("vae512", "VAE decoder, batch 1, 512 px output", "vae", 1, 512),
+    Workload("vae1024", "VAE decoder, batch 1, 1024 px output", "vae", 1, 1024),
 ]}
 
 
@@ -194,8 +160,8 @@ def workload_calls(name: str, module_types) -> list:
         raise ValueError(f"unknown workload {name!r}; known: {', '.join(WORKLOADS)}")
     w = WORKLOADS[name]
     with torch.device("meta"):
-        model = w.build().eval()
-        inputs = w.inputs()
+        model = models.build(w.model)
+        inputs = models.model_inputs(model, w.batch, w.resolution)
     return module_calls(model, inputs, module_types, w.method)
 
 

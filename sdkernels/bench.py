@@ -1,0 +1,374 @@
+"""python -m sdkernels.bench: one UNet step or VAE decode, eager PyTorch against sdkernels, side by side in one run.
+
+    python -m sdkernels.bench --model sd15 --batch 2 --resolution 512 [--compile] [--out r.json] [--plot r.png]
+    sdkernels-bench --model vae --resolution 1024           # the same, installed as a console command
+    python -m sdkernels.bench --model tiny-unet             # no GPU: a tiny config in Triton's interpreter
+
+Variants, all on one model (random weights from sdkernels.models, or --model-path) and one set of inputs; the model
+is patched in place after the eager variants and unpatched at the end, so one copy of the weights is held:
+  eager             the diffusers model as it is
+  eager_graph       the same, captured into one CUDA graph and replayed
+  compile           torch.compile(mode="reduce-overhead") of the eager model (--compile), with its compile time
+  sdkernels         after sdkernels.patch(model)
+  sdkernels_graph   the patched model in one CUDA graph
+Each is timed (median ms of do_bench: CUDA events after a warm-up) and given its it/s, speedup over eager, peak
+memory (max_memory_allocated above the weights and inputs; it includes a graph's pool) and the error of its output
+against eager's in the same dtype: max |out - eager| / max |eager| ("max rel err"), and the norm ratio. A patched
+output beyond MAX_REL_ERR fails the run (exit 1, after the results are written). "setup s" is the time from the
+model as it stood to the first output: patching, capture or compilation, and the first call with its kernel
+compiles. One UNet step is unet(sample, t, encoder_hidden_states[, added_cond_kwargs]).sample; a VAE step is
+vae.decode(latents).sample.
+
+Results JSON (sdkernels.benchmarking's format): one row per (ours, baseline) with ours sdkernels or
+sdkernels_graph and baseline eager, eager_graph or compile; bench "unet_step" or "vae_decode", case
+"model=sd15,B=2,res=512".
+
+Without a GPU it is a correctness smoke run: the Triton kernels run in Triton's interpreter (a tiny model is the
+one to pick), CUDA graphs and torch.compile are skipped, and the times mean nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+import time
+import traceback
+from typing import Optional
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton (our kernels import it)
+
+from . import models  # noqa: E402
+from .benchmarking import DTYPES, Results, as_cuda_graph, bench_ms, machine, on_gpu  # noqa: E402
+from .patch import patch, patchers, summary, unpatch  # noqa: E402
+from .testing import relative_error  # noqa: E402
+
+BASELINES = ("eager", "eager_graph", "compile")
+OURS = ("sdkernels", "sdkernels_graph")
+# A patched output further than this from eager's (max |ours - eager| / max |eager|) fails the run. fp16: about ten
+# times the spread of eager's own SD1.5 output over cuDNN's algorithm choices (1.5e-3); fp32 leaves room for TF32.
+MAX_REL_ERR = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 1e-1}
+# by --quick; each variant's first call, which measure() makes, is the CPU's warm-up
+TIMING = {False: dict(warmup_ms=250, rep_ms=2000, cpu_calls=3, cpu_warmup=False),
+          True: dict(warmup_ms=100, rep_ms=500, cpu_calls=1, cpu_warmup=False)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    model: str          # a name in sdkernels.models.MODELS
+    batch: int
+    resolution: int     # image size in pixels
+    compile: bool = False
+
+    @property
+    def bench(self) -> str:
+        return "vae_decode" if models.spec(self.model).kind == "vae" else "unet_step"
+
+    @property
+    def name(self) -> str:
+        return f"model={self.model},B={self.batch},res={self.resolution}"
+
+
+@dataclasses.dataclass
+class Measurement:
+    variant: str
+    ms: float
+    setup_s: float
+    peak_mib: Optional[float] = None     # GPU only
+    max_rel_err: Optional[float] = None  # None where eager's own output is not finite: nothing to compare with
+    rel_err: Optional[float] = None
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sdkernels.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="sd15", choices=list(models.MODELS),
+                   help="sd15/sd21/sdxl: a UNet step; vae: a VAE decode; tiny-*: tiny configs for the CPU")
+    p.add_argument("--batch", type=_positive_int, help="default: 2 for a UNet (classifier-free guidance), 1 for a VAE")
+    p.add_argument("--resolution", type=_positive_int,
+                   help="image size in pixels (default: the model's own: 512 sd15 and vae, 768 sd21, 1024 sdxl)")
+    p.add_argument("--dtype", choices=list(DTYPES), help="default fp16 on a GPU, fp32 on the CPU")
+    p.add_argument("--compile", action="store_true",
+                   help='also time torch.compile(mode="reduce-overhead") of the eager model (minutes to compile)')
+    p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph variants")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="model and inputs channels_last (default), as fast SD pipelines run them; every variant "
+                        "runs the same layout")
+    p.add_argument("--init", choices=models.INITS, default="unit",
+                   help="random weights: diffusers' init rescaled to unit gain per layer (default), or as it is")
+    p.add_argument("--model-path", help="a local diffusers pipeline folder (its unet/ or vae/) or model folder, "
+                                        "loaded instead of random weights; nothing is downloaded")
+    p.add_argument("--ops", help="comma-separated sdkernels patchers to apply (default: sdkernels.default_ops())")
+    p.add_argument("--out", help="results JSON (default sdkernels-bench-<model>.json here)")
+    p.add_argument("--plot", help="bar chart PNG (default: the --out path with .png; needs matplotlib)")
+    p.add_argument("--quick", action="store_true", help="shorter timing")
+    return p
+
+
+def main(argv=None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    spec = models.spec(args.model)
+    case = Case(args.model, args.batch or spec.batch, args.resolution or spec.resolution, args.compile)
+    try:
+        check_options(args)
+        check_resolution(case, args.model_path)
+    except ValueError as e:
+        p.error(str(e))
+    out = args.out or f"sdkernels-bench-{args.model}.json"
+    return run_and_report([case], args, out, args.plot)
+
+
+def check_options(args) -> None:
+    """ValueError naming what is wrong with the options that apply to every case."""
+    if args.ops is not None:
+        known = [q.name for q in patchers()]
+        unknown = [name for name in _ops(args) if name not in known]
+        if unknown or not _ops(args):
+            raise ValueError(f"--ops: {f'unknown patchers {unknown}' if unknown else 'no patcher named'}; "
+                             f"known: {', '.join(known)}")
+    if args.model_path is not None:
+        models.weights_subfolder(args.model_path, models.spec(args.model).kind)
+
+
+def check_resolution(case: Case, model_path: Optional[str] = None) -> None:
+    step = models.pixels_per_latent(case.model, model_path)
+    if case.resolution % step:
+        raise ValueError(f"--resolution {case.resolution}: must be a multiple of {step} for {case.model} "
+                         f"(one latent covers {step}x{step} pixels)")
+
+
+def run_and_report(cases: list, args, out: str, plot: Optional[str] = None) -> int:
+    """Run the cases, print their tables, write the results JSON (and the chart); 1 if a patched output is wrong."""
+    t_start = time.perf_counter()
+    results, runs, failures = run(cases, args)
+    print(f"wrote {results.write(out)} in {time.perf_counter() - t_start:.0f} s")
+    write_plot(runs, plot or os.path.splitext(out)[0] + ".png")
+    for failure in failures:
+        print(f"FAIL: {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def run(cases: list, args) -> tuple:
+    """(Results, [(case, [Measurement])], [failure messages]) of every case."""
+    dtype = DTYPES[args.dtype or ("fp16" if on_gpu() else "fp32")]
+    results = Results("sdkernels_bench")
+    results.meta.update(
+        timing=(f"median of do_bench (CUDA events), {'quick' if args.quick else 'full'} timing" if on_gpu()
+                else "wall-clock median on the CPU, Triton interpreter: not speed"),
+        weights=args.model_path or f"random, init={args.init}",
+        layout="channels_last" if args.channels_last else "contiguous (NCHW)",
+        errors="max |out - eager| / max |eager| and ||out - eager|| / ||eager||, outputs in the run's dtype",
+        patched={})
+    if not on_gpu():
+        print("no GPU: correctness smoke run in the Triton interpreter; CUDA graphs and torch.compile skipped, "
+              "timings are not speed")
+    runs, failures = [], []
+    for i, case in enumerate(cases, 1):
+        label = f"[{i}/{len(cases)}] {case.bench} {case.name} {str(dtype).replace('torch.', '')}"
+        measured, patched, raised = run_case(case, args, dtype, label)
+        results.meta["patched"][f"{case.bench} {case.name}"] = (
+            {"replaced": patched.replaced, "summary": str(patched)} if patched else {"replaced": {}, "summary": None})
+        add_rows(results, case, dtype, measured)
+        runs.append((case, measured))
+        print(table(label, measured))
+        failures += [f"{case.name}: {m.variant} output differs from eager's by {m.max_rel_err:.3g} (max rel err; "
+                     f"limit {MAX_REL_ERR[dtype]:g} for {dtype})" for m in measured
+                     if m.variant in OURS and m.max_rel_err is not None and not m.max_rel_err <= MAX_REL_ERR[dtype]]
+        failures += [f"{case.name}: {variant} raised {error}" for variant, error in raised if variant in OURS]
+        for variant, error in raised:
+            if variant not in OURS:
+                print(f"{label}: baseline {variant} left out: it raised {error}")
+    return results, runs, failures
+
+
+def run_case(case: Case, args, dtype: torch.dtype, label: str) -> tuple:
+    """([Measurement] of each variant in order, the PatchSummary (None if patching raised), [(variant, error)] of
+    the variants that raised) of one case. A variant that raises is left out (its traceback printed) and the others
+    still run: a failed capture or compile costs its rows, not the run. Eager raising ends the case: there is
+    nothing to compare the others with."""
+    device = "cuda" if on_gpu() else "cpu"
+    torch.manual_seed(0)
+    if not on_gpu() and not case.model.startswith("tiny"):
+        print(f"{label}: no GPU: the Triton interpreter takes hours on a full-size model; tiny-unet and tiny-vae are "
+              "the CPU smoke runs")
+    print(f"{label}: building the model", flush=True)
+    with torch.device(device if args.model_path is None else "cpu"):  # random init is fast on the GPU
+        model = models.build(case.model, init=args.init, path=args.model_path, dtype=dtype)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model.to(device=device, memory_format=memory_format)
+    call_args, call_kwargs = models.model_inputs(model, case.batch, case.resolution)
+    call_args = [_as_layout(x, memory_format) for x in call_args]
+    call_kwargs = {k: _as_layout(v, memory_format) for k, v in call_kwargs.items()}
+
+    def step():
+        return models.model_call(model, call_args, call_kwargs)
+
+    def patched():
+        patch(model, ops=_ops(args))
+        print(f"{label}: {summary(model)}", flush=True)
+        return step
+
+    graphs = on_gpu() and not args.no_graph
+    plan = [("eager", lambda: step)]  # (variant, make): make() prepares the model and returns the step to time
+    if graphs:
+        plan.append(("eager_graph", lambda: as_cuda_graph(step)))
+    if case.compile and on_gpu():
+        plan.append(("compile", lambda: _compiled(model, call_args, call_kwargs)))
+    elif case.compile:
+        print(f"{label}: torch.compile skipped: reduce-overhead mode is a CUDA-graph baseline, and there is no GPU")
+    plan.append(("sdkernels", patched))
+    if graphs:
+        plan.append(("sdkernels_graph", lambda: as_cuda_graph(step)))
+
+    measured, raised, reference = [], [], None
+    timing = TIMING[args.quick]
+    try:
+        with torch.no_grad():
+            for variant, make in plan:
+                print(f"{label}: {variant} ...", flush=True)
+                try:
+                    m, out = measure(variant, make, reference, timing)
+                except Exception as e:
+                    if reference is None:
+                        raise
+                    traceback.print_exc()
+                    raised.append((variant, f"{type(e).__name__}: {e}"))
+                    continue
+                finally:
+                    if variant == "compile":
+                        torch._dynamo.reset()  # drops the compiled graphs and their CUDA-graph pool
+                reference = out if reference is None else reference
+                measured.append(m)
+                print(f"{label}: {variant}: {m.ms:.3f} ms, setup {m.setup_s:.1f} s", flush=True)
+        return measured, summary(model), raised
+    finally:
+        unpatch(model)
+
+
+def measure(variant: str, make, reference, timing: dict) -> tuple:
+    """(Measurement, first output). make() returns the step function (capturing or compiling on the way); its first
+    call's output is compared with the reference (eager's; None: this is eager), then the step is timed."""
+    base = _memory_start()
+    start = time.perf_counter()
+    fn = make()
+    out = fn()
+    if on_gpu():
+        torch.cuda.synchronize()
+    m = Measurement(variant, math.nan, time.perf_counter() - start)
+    if on_gpu():
+        m.peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
+    m.max_rel_err, m.rel_err = output_errors(out, out if reference is None else reference)
+    if reference is not None:
+        out = None  # a graph's static output: the timing replays rewrite it
+    m.ms = bench_ms(fn, **timing)
+    return m, out
+
+
+def output_errors(out: torch.Tensor, reference: torch.Tensor) -> tuple:
+    """(max |out - ref| / max |ref|, ||out - ref|| / ||ref||); (None, None) where ref is not finite."""
+    if not torch.isfinite(reference).all():
+        return None, None
+    ref = reference.double()
+    worst = (out.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)
+    return worst.item(), relative_error(out, reference)
+
+
+def add_rows(results: Results, case: Case, dtype: torch.dtype, measured: list) -> None:
+    by_name = {m.variant: m for m in measured}
+    for ours in (by_name[v] for v in OURS if v in by_name):
+        for base in (by_name[v] for v in BASELINES if v in by_name):
+            results.add(case.bench, case.name, dtype, ours.ms, base.variant, base.ms, ours=ours.variant,
+                        its=1e3 / ours.ms, baseline_its=1e3 / base.ms, peak_mib=ours.peak_mib,
+                        baseline_peak_mib=base.peak_mib, max_rel_err=_number(ours.max_rel_err),
+                        baseline_max_rel_err=_number(base.max_rel_err), rel_err=_number(ours.rel_err),
+                        setup_s=ours.setup_s, baseline_setup_s=base.setup_s)
+
+
+def table(label: str, measured: list) -> str:
+    eager_ms = measured[0].ms
+    lines = [label, f"  {'variant':16s} {'ms':>10s} {'it/s':>9s} {'vs eager':>8s} {'peak MiB':>9s} "
+                    f"{'max rel err':>11s} {'setup s':>8s}"]
+    for m in measured:
+        peak = f"{m.peak_mib:9.0f}" if m.peak_mib is not None else f"{'-':>9s}"
+        err = f"{m.max_rel_err:11.2e}" if m.max_rel_err is not None else f"{'-':>11s}"
+        lines.append(f"  {m.variant:16s} {m.ms:10.3f} {1e3 / m.ms:9.2f} {eager_ms / m.ms:7.2f}x {peak} {err} "
+                     f"{m.setup_s:8.1f}")
+    return "\n".join(lines)
+
+
+def write_plot(runs: list, path: str) -> Optional[str]:
+    """A bar chart of each case's variants (ms, speedup over eager on each bar); skipped without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"plot skipped: matplotlib is not installed (pip install matplotlib to get {path})")
+        return None
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.8 * len(runs), 4.2), squeeze=False)
+    for ax, (case, measured) in zip(axes[0], runs):
+        bars = ax.bar([m.variant for m in measured], [m.ms for m in measured],
+                      color=["tab:orange" if m.variant in OURS else "tab:gray" for m in measured])
+        for bar, m in zip(bars, measured):
+            ax.annotate(f"{measured[0].ms / m.ms:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=8)
+        ax.set_title(f"{case.bench} {case.name}", fontsize=9)
+        ax.set_ylabel("ms per call")
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    gpu = machine()["gpu"]
+    fig.suptitle(f"sdkernels vs eager on {gpu}" if gpu else "CPU, Triton interpreter: times are not speed")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+    return path
+
+
+def _compiled(model, call_args, call_kwargs):
+    compiled = torch.compile(models.entry(model), mode="reduce-overhead")
+
+    def step():
+        torch.compiler.cudagraph_mark_step_begin()  # each call is a new step: its outputs may be overwritten
+        return compiled(*call_args, **call_kwargs).sample
+    return step
+
+
+def _memory_start() -> int:
+    if not on_gpu():
+        return 0
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
+def _as_layout(x, memory_format):
+    return x.contiguous(memory_format=memory_format) if isinstance(x, torch.Tensor) and x.dim() == 4 else x
+
+
+def _ops(args) -> Optional[list]:
+    return None if args.ops is None else [name.strip() for name in args.ops.split(",") if name.strip()]
+
+
+def _number(x: Optional[float]) -> Optional[float]:
+    """x for JSON: None where it is missing or not finite (JSON has no NaN)."""
+    return x if x is not None and math.isfinite(x) else None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())
