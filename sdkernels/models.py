@@ -1,8 +1,9 @@
 """The Stable Diffusion models that the benchmarks and tests run, built offline, and the inputs of one call.
 
-Nothing here downloads: a model is its diffusers config (the reference configs of SD1.5, SD2.1, SDXL and the SD
-VAE) with random weights, or the weights of a local diffusers folder. Random weights are diffusers' own init, or that init rescaled to unit gain per layer (``init="unit"``): PyTorch's default init gives
-each conv and linear layer a gain of about 1/sqrt(3), so a deep stack of them shrinks its signal in a way trained
+Nothing here downloads: a model is its diffusers config (the reference configs of SD1.5, SD2.1, SDXL and the SD VAE)
+with random weights, or the weights of a local diffusers folder. Random weights are diffusers' own init, or that
+init rescaled to unit gain per layer (``init="unit"``): PyTorch's default init gives each conv and linear layer a
+gain of about 1/sqrt(3), so a deep stack of them shrinks its signal in a way trained
 weights do not, and numerical checks on it see flatter values than real images do.
 
     unet = build("sd15", init="unit")                     # on the current default device, fp32
