@@ -120,8 +120,7 @@ def _flat_partials_kernel(x_ptr, part_ptr, G, Cg, S, sxN, sxC, sxS, tiles, K_tot
 @triton.jit
 def _rows_partials_kernel(x_ptr, part_ptr, G, Cg, C, S, sxN, sxS, row_tiles, K_total,
                           BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Program (n, t): per-channel (count, mean, M2) over rows [t*BLOCK_S, ...) of sample n. Channel c of group g
-    lands at partials[:, n*G + g, t*Cg + c%Cg], so each group's partials are contiguous for the finalize kernel."""
+    """Program (n, t): per-channel (count, mean, M2) over rows [t*BLOCK_S, ...) of sample n (channel_partials)."""
     n = tl.program_id(1)
     t = tl.program_id(0)
     s = t * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -130,15 +129,23 @@ def _rows_partials_kernel(x_ptr, part_ptr, G, Cg, C, S, sxN, sxS, row_tiles, K_t
     offs = n.to(tl.int64) * sxN + s.to(tl.int64)[:, None] * sxS + c[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     cnt = tl.minimum(S - t * BLOCK_S, BLOCK_S).to(tl.float32)
+    channel_partials(x, mask, cnt, c, c < C, part_ptr, n, t, G, Cg, row_tiles, K_total)
+
+
+@triton.jit
+def channel_partials(x, mask, cnt, c, c_ok, part_ptr, n, t, G, Cg, row_tiles, K_total):
+    """Per-channel (count, mean, M2) of the cnt valid rows of the fp32 tile x (rows, channels c), zero where
+    ``mask`` is off, stored as row tile t of sample n: channel c of group g at partials[:, n*G + g, t*Cg + c%Cg],
+    so that each group's partials are contiguous for the finalize kernel. The conv epilogue (kernels/conv3x3.py)
+    stores its output's statistics through this too."""
     mean = tl.sum(x, axis=0) / cnt
     d = tl.where(mask, x - mean[None, :], 0.0)
     m2 = tl.sum(d * d, axis=0)
     g = c // Cg
     k = (n * G + g) * (row_tiles * Cg) + t * Cg + (c - g * Cg)
-    cmask = c < C
-    tl.store(part_ptr + k, tl.zeros_like(mean) + cnt, mask=cmask)
-    tl.store(part_ptr + K_total + k, mean, mask=cmask)
-    tl.store(part_ptr + 2 * K_total + k, m2, mask=cmask)
+    tl.store(part_ptr + k, tl.zeros_like(mean) + cnt, mask=c_ok)
+    tl.store(part_ptr + K_total + k, mean, mask=c_ok)
+    tl.store(part_ptr + 2 * K_total + k, m2, mask=c_ok)
 
 
 @triton.jit
@@ -224,6 +231,52 @@ def choose_plan(size: int, C: int, channels_last: bool, dense_rows: bool) -> str
     return "rows" if channels_last and dense_rows and C <= ROW_TILE else "flat"
 
 
+def finalize_partials(partials, K: int, eps: float) -> torch.Tensor:
+    """(N*G, 2) fp32 (mean, rstd) per group from partials (3, N*G*K), K per group (see channel_partials)."""
+    groups = partials.shape[1] // K
+    stats = torch.empty((groups, 2), device=partials.device, dtype=torch.float32)
+    _finalize_kernel[(groups,)](partials, stats, K, partials.shape[1], eps, CHUNK=MERGE_CHUNK, num_warps=4)
+    return stats
+
+
+def _rows_geometry(C, S):
+    block_c = next_power_of_2(C)
+    block_s = max(1, ROW_TILE // block_c)
+    return block_s, block_c, triton.cdiv(S, block_s)
+
+
+def _split_stats(x, G, eps, plan, sx, layout):
+    """The statistics passes of the split plans (partials, then finalize): (N*G, 2) fp32 (mean, rstd)."""
+    N, C = x.shape[0], x.shape[1]
+    S = x.numel() // (N * C)
+    Cg = C // G
+    if plan == "rows":
+        block_s, block_c, row_tiles = _rows_geometry(C, S)
+        K = row_tiles * Cg
+        partials = torch.empty((3, N * G * K), device=x.device, dtype=torch.float32)
+        _rows_partials_kernel[(row_tiles, N)](x, partials, G, Cg, C, S, sx[0], sx[2], row_tiles, N * G * K,
+                                              BLOCK_S=block_s, BLOCK_C=block_c, num_warps=_warps(ROW_TILE))
+        return finalize_partials(partials, K, eps)
+    tiles = triton.cdiv(Cg * S, TILE)
+    partials = torch.empty((3, N * G * tiles), device=x.device, dtype=torch.float32)
+    _flat_partials_kernel[(N * G * tiles,)](x, partials, G, Cg, S, *sx, tiles, N * G * tiles, TILE_SIZE=TILE,
+                                            num_warps=_warps(TILE), **layout)
+    return finalize_partials(partials, tiles, eps)
+
+
+def _layout_flags(channels_last, *tensors):
+    return dict(CHANNELS_LAST=channels_last, FLAT=all(t is None or t.is_contiguous() for t in tensors))
+
+
+def group_norm_stats_triton(x, num_groups, eps, strides):
+    """(N*G, 2) fp32 (mean, rstd) of x seen as (N, C, S), through the split plans' statistics passes (the rows
+    plan where x is dense channels_last). ``strides`` is (x's (sN, sC, sS), channels_last)."""
+    sx, channels_last = strides
+    dense_rows = channels_last and sx[1] == 1
+    plan = "rows" if dense_rows and x.shape[1] <= ROW_TILE else "flat"
+    return _split_stats(x, num_groups, eps, plan, sx, _layout_flags(channels_last, x))
+
+
 def group_norm_triton(x, num_groups, weight, bias, eps, silu, residual, out, strides):
     """Launch on x seen as (N, C, S). ``strides`` gives (x, residual, out) strides as (sN, sC, sS) triples and
     whether channels vary fastest (channels_last); the caller checked shapes, dtypes and layouts."""
@@ -233,7 +286,7 @@ def group_norm_triton(x, num_groups, weight, bias, eps, silu, residual, out, str
     Cg = C // G
     size = Cg * S
     (sx, sr, so), channels_last = strides
-    flat = all(t is None or t.is_contiguous() for t in (x, residual, out))
+    layout = _layout_flags(channels_last, x, residual, out)
     epilogue = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=bool(silu),
                     HAS_RESIDUAL=residual is not None)
     # Unused pointers still need a tensor; x is never read through them because the flags are off.
@@ -246,31 +299,17 @@ def group_norm_triton(x, num_groups, weight, bias, eps, silu, residual, out, str
     if plan == "one_pass":
         block = next_power_of_2(size)
         _one_pass_kernel[(N * G,)](x, w, b, r, out, G, Cg, S, eps, *sx, *sr, *so, BLOCK=block,
-                                   CHANNELS_LAST=channels_last, FLAT=flat, num_warps=_warps(block, 32),
-                                   **epilogue)
+                                   num_warps=_warps(block, 32), **layout, **epilogue)
         return out
 
-    stats = torch.empty((N * G, 2), device=x.device, dtype=torch.float32)
+    stats = _split_stats(x, G, eps, plan, sx, layout)
     if plan == "rows":
-        block_c = next_power_of_2(C)
-        block_s = max(1, ROW_TILE // block_c)
-        row_tiles = triton.cdiv(S, block_s)
-        K = row_tiles * Cg
-        partials = torch.empty((3, N * G * K), device=x.device, dtype=torch.float32)
-        grid = (row_tiles, N)
-        _rows_partials_kernel[grid](x, partials, G, Cg, C, S, sx[0], sx[2], row_tiles, N * G * K,
-                                    BLOCK_S=block_s, BLOCK_C=block_c, num_warps=_warps(ROW_TILE))
-        _finalize_kernel[(N * G,)](partials, stats, K, N * G * K, eps, CHUNK=MERGE_CHUNK, num_warps=4)
-        _rows_apply_kernel[grid](x, stats, w, b, r, out, G, Cg, C, S, sx[0], sx[2], sr[0], sr[2], so[0], so[2],
-                                 BLOCK_S=block_s, BLOCK_C=block_c, num_warps=_warps(ROW_TILE), **epilogue)
+        block_s, block_c, row_tiles = _rows_geometry(C, S)
+        _rows_apply_kernel[(row_tiles, N)](x, stats, w, b, r, out, G, Cg, C, S, sx[0], sx[2], sr[0], sr[2], so[0],
+                                           so[2], BLOCK_S=block_s, BLOCK_C=block_c, num_warps=_warps(ROW_TILE),
+                                           **epilogue)
         return out
-
     tiles = triton.cdiv(size, TILE)
-    partials = torch.empty((3, N * G * tiles), device=x.device, dtype=torch.float32)
-    layout = dict(CHANNELS_LAST=channels_last, FLAT=flat)
-    _flat_partials_kernel[(N * G * tiles,)](x, partials, G, Cg, S, *sx, tiles, N * G * tiles, TILE_SIZE=TILE,
-                                            num_warps=_warps(TILE), **layout)
-    _finalize_kernel[(N * G,)](partials, stats, tiles, N * G * tiles, eps, CHUNK=MERGE_CHUNK, num_warps=4)
     _flat_apply_kernel[(N * G * tiles,)](x, stats, w, b, r, out, G, Cg, S, tiles, *sx, *sr, *so, TILE_SIZE=TILE,
                                          num_warps=_warps(TILE), **layout, **epilogue)
     return out

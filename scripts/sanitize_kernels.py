@@ -4,6 +4,7 @@ import torch
 
 import sdkernels
 from sdkernels.ops import attention_reference, geglu_reference, gelu_reference, group_norm_reference, linear_geglu_reference
+from sdkernels.ops import conv3x3_reference, group_norm_stats_reference
 from sdkernels.testing import assert_close, relative_error
 
 
@@ -44,6 +45,23 @@ def attention_cases():
                                 v.unflatten(-1, (H, d)).transpose(1, 2), d ** -0.5, None, 0)
 
 
+def conv3x3_cases():
+    """Pixel and channel tails, both epilogues (statistics; shortcut and scale), contiguous and channels_last
+    weights."""
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for N, cin, cout, H, W in ((1, 24, 40, 7, 9), (2, 80, 36, 13, 5), (1, 320, 640, 33, 31)):
+            x = torch.randn(N, cin, H, W, device="cuda", dtype=dtype).to(memory_format=torch.channels_last)
+            w = torch.randn(cout, cin, 3, 3, device="cuda", dtype=dtype) / (9 * cin) ** 0.5
+            if cin == 80:
+                w = w.to(memory_format=torch.channels_last)
+            stats = group_norm_stats_reference(x, 4, 1e-5)
+            affine = torch.randn(cin, device="cuda", dtype=dtype)
+            b, add = torch.randn(cout, device="cuda", dtype=dtype), torch.randn(N, cout, device="cuda", dtype=dtype)
+            r = torch.randn(N, cout, H, W, device="cuda", dtype=dtype)
+            yield (x, w, b, stats, affine, affine, add, None, 1.0, 4, 1e-6)
+            yield (x, w, b, stats, affine, affine, None, r, 2.0, 0, 1e-6)
+
+
 def describe_args(args) -> str:
     return " ".join(f"{tuple(a.shape)}:{str(a.dtype)[6:]}" if isinstance(a, torch.Tensor) else repr(a) for a in args)
 
@@ -59,6 +77,9 @@ def cases():
                lambda a=args: group_norm_reference(*a), args, None)
     for name, op, reference, args in geglu_cases():
         yield name, "triton", lambda o=op, a=args: o(*a), lambda r=reference, a=args: r(*a), args, 2e-2
+    for args in conv3x3_cases():
+        yield ("conv3x3_fused", "triton", lambda a=args: torch.ops.sdkernels.conv3x3_fused(*a)[0],
+               lambda a=args: conv3x3_reference(*a)[0], args, 2e-2)
 
 
 def main():

@@ -14,7 +14,10 @@ def probe_inputs(device):
     w = torch.ones(64, **half)
     tokens = torch.randn(2, 64, 320, **half)
     proj = torch.randn(2 * 1280, 320, **half)
-    return {"group_norm": (x, 32, w, w, 1e-5, True, None),
+    conv = torch.randn(64, 64, 3, 3, **half)
+    stats = torch.zeros(2, 32, 2, device=device)
+    return {"group_norm": (x, 32, w, w, 1e-5, True, None), "group_norm_stats": (x, 32, 1e-5),
+            "conv3x3_fused": (x, conv, w, stats, w, w, None, x, 1.0, 32, 1e-6),
             "gelu": (tokens, "none"), "geglu": (tokens, "none"),
             "linear_geglu": (tokens, proj, torch.randn(2 * 1280, **half), "none"),
             "flash_attention": (tokens, tokens, tokens, 40 ** -0.5, None, 8)}

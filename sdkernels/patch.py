@@ -58,10 +58,16 @@ class Patcher:
 _registry: list = []  # in priority order: an earlier patcher takes a module before a later one sees it
 
 
-def register(patcher: Patcher) -> Patcher:
+def register(patcher: Patcher, before: Optional[str] = None) -> Patcher:
+    """Add a patcher last in the priority order, or right ahead of the registered patcher named ``before`` (to take
+    modules that one would otherwise take)."""
     if any(p.name == patcher.name for p in _registry):
         raise ValueError(f"sdkernels.patch: a patcher named {patcher.name!r} is already registered")
-    _registry.append(patcher)
+    names = [p.name for p in _registry]
+    if before is not None and before not in names:
+        raise ValueError(f"sdkernels.patch: cannot register {patcher.name!r} before {before!r}, which is not "
+                         f"registered; registered: {names}")
+    _registry.insert(len(names) if before is None else names.index(before), patcher)
     return patcher
 
 

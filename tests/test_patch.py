@@ -294,7 +294,8 @@ def test_ops_selects_patchers():
     unpatch(unet)
     with pytest.raises(ValueError, match="unknown ops.*known"):
         patch(unet, ops=["groupnorm"])
-    assert [p.name for p in registered_patchers()][:3] == list(ALL_PATCHERS)
+    names = [p.name for p in registered_patchers()]  # the opt-in resnet_block sits ahead of resnet_gn_silu
+    assert [n for n in names if n in ALL_PATCHERS] == list(ALL_PATCHERS)
 
 
 # ---- small models with every patcher's target ----------------------------------------------------------------

@@ -20,56 +20,72 @@ from ._common import (KERNEL_DTYPES, fail, is_channels_last_like, new_output, ns
 OP = "group_norm"
 
 
+def compute_dtype(x) -> torch.dtype:
+    """The dtype the references compute in: fp32 for fp16/bf16/fp32 inputs, fp64 for fp64."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def group_norm_stats_reference(x, num_groups, eps=1e-5):
+    """(N, G, 2) (mean, rstd) of x's groups, two-pass, in compute_dtype(x)."""
+    groups = x.to(compute_dtype(x)).reshape(x.shape[0], num_groups, -1)
+    mean = groups.mean(dim=2)
+    var = (groups - mean[..., None]).square().mean(dim=2)
+    return torch.stack([mean, torch.rsqrt(var + eps)], dim=-1)
+
+
+def normalize_reference(x, stats, weight=None, bias=None):
+    """(x - mean) * rstd per (sample, group) of the given (N, G, 2) statistics, then the affine, in stats' dtype."""
+    N, C = x.shape[:2]
+    mean, rstd = stats[..., :1], stats[..., 1:]
+    y = ((x.to(stats.dtype).reshape(N, stats.shape[1], -1) - mean) * rstd).reshape(x.shape)
+    channel = (1, C) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.to(stats.dtype).reshape(channel)
+    if bias is not None:
+        y = y + bias.to(stats.dtype).reshape(channel)
+    return y
+
+
 def group_norm_reference(x, num_groups, weight=None, bias=None, eps=1e-5, silu=False, residual=None):
     """The specification, in eager PyTorch: fp32 math for fp16/bf16 inputs (fp64 for fp64), x's dtype out.
     Written out rather than F.group_norm, which refuses groups of one element."""
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    N, C = x.shape[:2]
-    groups = x.to(compute).reshape(N, num_groups, -1)
-    mean = groups.mean(dim=2, keepdim=True)
-    var = (groups - mean).square().mean(dim=2, keepdim=True)
-    y = ((groups - mean) * torch.rsqrt(var + eps)).reshape(x.shape)
-    channel = (1, C) + (1,) * (x.dim() - 2)
-    if weight is not None:
-        y = y * weight.to(compute).reshape(channel)
-    if bias is not None:
-        y = y + bias.to(compute).reshape(channel)
+    y = normalize_reference(x, group_norm_stats_reference(x, num_groups, eps), weight, bias)
     if silu:
         y = F.silu(y)
     if residual is not None:
-        y = y + residual.to(compute)
+        y = y + residual.to(y.dtype)
     return y.to(x.dtype)
 
 
-def check_inputs(x, num_groups, weight, bias, eps, silu, residual) -> None:
+def check_inputs(x, num_groups, weight, bias, eps, silu, residual, op=OP) -> None:
     inputs = dict(x=x, weight=weight, bias=bias, residual=residual)
     if not isinstance(x, torch.Tensor):
-        fail(OP, "x must be a tensor", **inputs)
+        fail(op, "x must be a tensor", **inputs)
     if x.dim() < 3 or x.dim() > 5:
-        fail(OP, f"x must be (N, C, *spatial) with 1 to 3 spatial dims, not rank {x.dim()}", **inputs)
+        fail(op, f"x must be (N, C, *spatial) with 1 to 3 spatial dims, not rank {x.dim()}", **inputs)
     if not x.is_floating_point():
-        fail(OP, f"x must be floating point, not {x.dtype}", **inputs)
+        fail(op, f"x must be floating point, not {x.dtype}", **inputs)
     C = x.shape[1]
     if not isinstance(num_groups, int) or num_groups < 1 or C % num_groups != 0:
-        fail(OP, f"num_groups={num_groups!r} must be a positive integer that divides the {C} channels", **inputs)
+        fail(op, f"num_groups={num_groups!r} must be a positive integer that divides the {C} channels", **inputs)
     if not eps >= 0:
-        fail(OP, f"eps={eps!r} must be non-negative", **inputs)
+        fail(op, f"eps={eps!r} must be non-negative", **inputs)
     for name, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue
         if t.shape != (C,):
-            fail(OP, f"{name} must have shape ({C},) for {C} channels", **inputs)
+            fail(op, f"{name} must have shape ({C},) for {C} channels", **inputs)
         if t.device != x.device:
-            fail(OP, f"{name} is on {t.device} but x is on {x.device}", **inputs)
+            fail(op, f"{name} is on {t.device} but x is on {x.device}", **inputs)
         if not t.is_floating_point():
-            fail(OP, f"{name} must be floating point", **inputs)
+            fail(op, f"{name} must be floating point", **inputs)
     if residual is not None:
         if residual.shape != x.shape:
-            fail(OP, "residual must have x's shape", **inputs)
+            fail(op, "residual must have x's shape", **inputs)
         if residual.device != x.device:
-            fail(OP, f"residual is on {residual.device} but x is on {x.device}", **inputs)
+            fail(op, f"residual is on {residual.device} but x is on {x.device}", **inputs)
         if not residual.is_floating_point():
-            fail(OP, "residual must be floating point", **inputs)
+            fail(op, "residual must be floating point", **inputs)
 
 
 def _layout(x, residual):
@@ -184,3 +200,42 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] 
     """GroupNorm, then SiLU if ``silu``, then ``+ residual`` if given; see the module docstring."""
     check_inputs(x, num_groups, weight, bias, eps, silu, residual)
     return torch.ops.sdkernels.group_norm(x, num_groups, weight, bias, float(eps), bool(silu), residual)
+
+
+# ---- sdkernels::group_norm_stats: the statistics alone, for a consumer that normalizes as it loads --------------
+
+STATS_OP = "group_norm_stats"
+
+
+def _stats_triton_why_not(x, num_groups, eps):
+    return _triton_why_not(x, num_groups, None, None, eps, False, None)
+
+
+def _stats_triton_run(x, num_groups, eps):
+    from ..kernels.group_norm import group_norm_stats_triton
+    stats = group_norm_stats_triton(x, num_groups, float(eps), (nsc_strides(x), _layout(x, None)[0]))
+    return stats.view(x.shape[0], num_groups, 2)
+
+
+group_norm_stats_dispatch = dispatch.define(STATS_OP, group_norm_stats_reference)
+group_norm_stats_dispatch.register(dispatch.Backend("triton", _stats_triton_run, _stats_triton_why_not,
+                                                    available=triton_available))
+
+
+@torch.library.custom_op("sdkernels::group_norm_stats", mutates_args=())
+def _group_norm_stats_op(x: torch.Tensor, num_groups: int, eps: float) -> torch.Tensor:
+    check_inputs(x, num_groups, None, None, eps, False, None, op=STATS_OP)
+    return group_norm_stats_dispatch(x, num_groups, eps)
+
+
+@_group_norm_stats_op.register_fake
+def _(x, num_groups, eps):
+    check_inputs(x, num_groups, None, None, eps, False, None, op=STATS_OP)
+    return x.new_empty((x.shape[0], num_groups, 2), dtype=compute_dtype(x))
+
+
+def group_norm_stats(x: torch.Tensor, num_groups: int, eps: float = 1e-5) -> torch.Tensor:
+    """(N, G, 2) (mean, rstd = 1 / sqrt(var + eps)) of x's groups, fp32 (fp64 for fp64 x): what group_norm
+    normalizes with, for an op that applies it as it loads x (sdkernels::conv3x3_fused's prologue)."""
+    check_inputs(x, num_groups, None, None, eps, False, None, op=STATS_OP)
+    return torch.ops.sdkernels.group_norm_stats(x, num_groups, float(eps))
