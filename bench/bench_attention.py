@@ -18,7 +18,6 @@ nothing, and results go to bench/results/cpu_smoke/attention.json (not committed
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -32,14 +31,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch.nn.functional as F  # noqa: E402
 
-from bench.common import RESULTS_DIR, Results, bench_ms, on_gpu  # noqa: E402
+from bench.common import DTYPES, bench_parser, gpu_timing, RESULTS_DIR, Results, bench_ms, on_gpu  # noqa: E402
 from sdkernels.dispatch import last_backend, use_backend  # noqa: E402
 from sdkernels.ops import attention as attn_ops  # noqa: E402
 from sdkernels.ops.attention import as_bhnd, flash_attention, from_bhnd  # noqa: E402
 from sdkernels.testing import tolerance  # noqa: E402
 
 OP = "flash_attention"
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # (B, H, N, Nk, d, where)
 SD_CASES = [
     (2, 8, 4096, 4096, 40, "SD1.5 64x64 self"), (2, 8, 4096, 77, 40, "SD1.5 64x64 cross"),
@@ -256,23 +254,15 @@ def sweep(dtype, timing) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dtype", default="fp16", choices=list(DTYPES))
-    p.add_argument("--quick", action="store_true", help="shorter timing")
-    p.add_argument("--graph", action=argparse.BooleanOptionalAction, default=True,
-                   help="time CUDA-graph replays (default): per-call Python and launch overhead, which graphs remove "
-                        "in a patched pipeline, then does not hide the kernels' time")
+    p = bench_parser(__doc__, "attention")
     p.add_argument("--sweep", action="store_true", help="time every tile config per head dim (GPU, minutes)")
-    p.add_argument("--out", help="results JSON (default bench/results/attention.json; "
-                                 "bench/results/cpu_smoke/attention.json without a GPU)")
     args = p.parse_args(argv)
     dtype = DTYPES[args.dtype]
     torch.manual_seed(0)
     t_start = time.perf_counter()
     if on_gpu():
         device, cases = "cuda", SD_CASES
-        timing = dict(warmup_ms=10, rep_ms=40) if args.quick else dict(warmup_ms=25, rep_ms=100)
-        timing["graph"] = args.graph
+        timing = gpu_timing(args)
         print(f"{torch.cuda.get_device_name()}; {dtype}; {'CUDA-graph replays' if args.graph else 'plain calls'}; "
               f"CUDA row statistics: {cuda_stats_reason() or 'available'}")
         if args.sweep:

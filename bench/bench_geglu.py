@@ -18,7 +18,6 @@ torch.compile is skipped, the times mean nothing, and results go to bench/result
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -32,12 +31,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch.nn.functional as F  # noqa: E402
 
-from bench.common import RESULTS_DIR, Results, bench_ms, copy_bandwidth_gbps, on_gpu  # noqa: E402
+from bench.common import (DTYPES, bench_parser, gpu_timing, RESULTS_DIR, Results, bench_ms,  # noqa: E402
+                          copy_bandwidth_gbps, on_gpu)
 from sdkernels.dispatch import last_backend  # noqa: E402
 from sdkernels.ops.geglu import geglu, geglu_reference, linear_geglu, linear_geglu_reference  # noqa: E402
 from sdkernels.testing import assert_close, tolerance  # noqa: E402
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # (M, K, N, where): the FeedForward projections of the SD1.5 UNet at 512 px and the SDXL UNet at 1024 px, batch 2.
 SD_CASES = [
     (2 * 4096, 320, 2 * 1280, "SD1.5"), (2 * 1024, 640, 2 * 2560, "SD1.5"), (2 * 256, 1280, 2 * 5120, "SD1.5"),
@@ -187,24 +186,16 @@ def verdicts(results: Results) -> list:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dtype", default="fp16", choices=list(DTYPES))
-    p.add_argument("--quick", action="store_true", help="shorter timing")
-    p.add_argument("--graph", action=argparse.BooleanOptionalAction, default=True,
-                   help="time CUDA-graph replays (default), so per-call Python and launch overhead, which graphs "
-                        "remove in a patched pipeline, does not hide the kernels' time")
+    p = bench_parser(__doc__, "geglu")
     p.add_argument("--compile-budget-s", type=float, default=35.0,
                    help="stop compiling new cases once this many seconds went into torch.compile")
-    p.add_argument("--out", help="results JSON (default bench/results/geglu.json; "
-                                 "bench/results/cpu_smoke/geglu.json without a GPU)")
     args = p.parse_args(argv)
     dtype = DTYPES[args.dtype]
     torch.manual_seed(0)
     t_start = time.perf_counter()
     if on_gpu():
         device, cases = "cuda", SD_CASES
-        timing = dict(warmup_ms=10, rep_ms=40) if args.quick else dict(warmup_ms=25, rep_ms=100)
-        timing["graph"] = args.graph
+        timing = gpu_timing(args)
         copy_gbps = copy_bandwidth_gbps()
         print(f"{torch.cuda.get_device_name()}: copy bandwidth {copy_gbps:.0f} GB/s; {dtype}; "
               f"{'CUDA-graph replays' if args.graph else 'plain calls'}")

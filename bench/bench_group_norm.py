@@ -13,7 +13,6 @@ torch.compile is skipped, and the times mean nothing; results go to bench/result
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import statistics
@@ -30,14 +29,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch.nn.functional as F  # noqa: E402
 
 import sdkernels  # noqa: E402
-from bench.common import RESULTS_DIR, Results, bench_rotating_ms, copy_bandwidth_gbps, input_sets, on_gpu  # noqa: E402
+from bench.common import (DTYPES, bench_parser, gpu_timing, RESULTS_DIR, Results, bench_rotating_ms,  # noqa: E402
+                          copy_bandwidth_gbps, input_sets, on_gpu)
 from bench.shapes import WORKLOADS, group_norm_case, group_norm_shapes  # noqa: E402
 from sdkernels.dispatch import last_backend, use_backend  # noqa: E402
 from sdkernels.ops.group_norm import OP, group_norm_dispatch, group_norm_reference  # noqa: E402
 from sdkernels.testing import assert_close, tolerance  # noqa: E402
 
 BENCH = "group_norm_silu"
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # torch.compile costs seconds per case; within the budget, cases are compiled in this order of the models they
 # belong to (the VAE 1024 px shapes carry the compile target), channels_last before NCHW.
 COMPILE_PRIORITY = ["vae1024", "sd15", "vae512", "sdxl", "sd21"]
@@ -286,19 +285,11 @@ def summary(cases, measured, dtype, copy_gbps) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = bench_parser(__doc__, "group_norm")
     p.add_argument("--models", default="sd15,sdxl,vae512,vae1024",
                    help=f"comma-separated, from {', '.join(WORKLOADS)}")
-    p.add_argument("--dtype", default="fp16", choices=list(DTYPES))
-    p.add_argument("--quick", action="store_true",
-                   help="shorter timing; torch.compile only at the VAE 1024 px shapes (the compile target)")
     p.add_argument("--compile-budget-s", type=float, default=50.0,
                    help="stop compiling new cases once this many seconds went into torch.compile")
-    p.add_argument("--graph", action=argparse.BooleanOptionalAction, default=True,
-                   help="time CUDA-graph replays of every provider (default), so that per-call Python and launch "
-                        "overhead, which graphs remove in a patched pipeline, does not hide the kernels' time")
-    p.add_argument("--out", help="results JSON (default bench/results/group_norm.json; "
-                                 "bench/results/cpu_smoke/group_norm.json without a GPU)")
     args = p.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in WORKLOADS]
@@ -311,8 +302,7 @@ def main(argv=None) -> int:
     model_cases = collect_cases(models)
     if on_gpu():
         device, cases = "cuda", sorted(model_cases, key=Case.compile_rank)
-        timing = dict(warmup_ms=10, rep_ms=40) if args.quick else dict(warmup_ms=25, rep_ms=100)
-        timing["graph"] = args.graph
+        timing = gpu_timing(args)
         copy_gbps = copy_bandwidth_gbps()
         print(f"{torch.cuda.get_device_name()}: copy bandwidth {copy_gbps:.0f} GB/s; {len(cases)} cases "
               f"({', '.join(models)}), {dtype}")

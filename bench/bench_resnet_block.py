@@ -34,8 +34,8 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import (DTYPES, RESULTS_DIR, Results, bench_rotating_ms, copy_bandwidth_gbps,  # noqa: E402
-                          input_sets, on_gpu)
+from bench.common import (DTYPES, bench_parser, gpu_timing, RESULTS_DIR, Results, bench_rotating_ms,  # noqa: E402
+                          copy_bandwidth_gbps, input_sets, on_gpu)
 from bench.shapes import WORKLOADS, workload_calls  # noqa: E402
 from sdkernels.models import rescale_to_unit_gain  # noqa: E402
 from sdkernels.patch import patch, patchers  # noqa: E402
@@ -243,15 +243,9 @@ def model_names(text: str) -> list:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = bench_parser(__doc__, BENCH)
     p.add_argument("--models", type=model_names, default="sd15,vae512",
                    help=f"comma-separated, from {', '.join(WORKLOADS)}")
-    p.add_argument("--dtype", default="fp16", choices=list(DTYPES))
-    p.add_argument("--quick", action="store_true", help="shorter timing")
-    p.add_argument("--graph", action=argparse.BooleanOptionalAction, default=True,
-                   help="time CUDA-graph replays of every provider (default), as a captured pipeline runs them")
-    p.add_argument("--out", help=f"results JSON (default bench/results/{BENCH}.json; "
-                                 f"bench/results/cpu_smoke/{BENCH}.json without a GPU)")
     args = p.parse_args(argv)
     models, dtype, t_start = args.models, DTYPES[args.dtype], time.perf_counter()
     torch.manual_seed(0)
@@ -259,8 +253,7 @@ def main(argv=None) -> int:
     if on_gpu():
         device = "cuda"
         cases, left = collect_cases(models)
-        timing = dict(warmup_ms=10, rep_ms=40) if args.quick else dict(warmup_ms=25, rep_ms=100)
-        timing["graph"] = args.graph
+        timing = gpu_timing(args)
         copy_gbps = copy_bandwidth_gbps()
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # an fp32 reference
         print(f"{torch.cuda.get_device_name()}: copy bandwidth {copy_gbps:.0f} GB/s; {len(cases)} blocks "

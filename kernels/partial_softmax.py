@@ -13,8 +13,8 @@ import triton
 import triton.language as tl
 
 from .flash_attention import (HEAD_DIM_CHUNKS, LOG2E, _LOG2E, _accumulate_pv, _bh_base, _load_query, _log2_scores,
-                              _program_tile, _scores, _store_output, dot_precision, launch_config, mask_kind, mask_strides,
-                              stride_unit, view_strides)
+                              _program_tile, _scores, _store_output, dot_precision, launch_config, mask_kind,
+                              mask_strides, stride_unit, view_strides)
 from .utils import multiprocessor_count
 
 _LN2 = tl.constexpr(0.6931471805599453)

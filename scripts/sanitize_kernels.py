@@ -3,7 +3,8 @@ forced strictly so nothing silently takes the reference path; results are checke
 import torch
 
 import sdkernels
-from sdkernels.ops import attention_reference, geglu_reference, gelu_reference, group_norm_reference, linear_geglu_reference
+from sdkernels.ops import (attention_reference, geglu_reference, gelu_reference, group_norm_reference,
+                           linear_geglu_reference)
 from sdkernels.ops import conv3x3_reference, group_norm_stats_reference
 from sdkernels.testing import assert_close, relative_error
 

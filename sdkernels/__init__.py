@@ -13,5 +13,5 @@ from .patch import default_ops, patch, unpatch  # imports only torch: patchers a
 __version__ = "0.1.0"
 
 
-__all__ = ["patch", "unpatch", "default_ops", "flash_attention", "group_norm", "geglu", "gelu", "linear_geglu", "use_backend", "dispatch", "ops", "SdkernelsFallbackWarning",
-           "SdkernelsInputError", "__version__"]
+__all__ = ["patch", "unpatch", "default_ops", "flash_attention", "group_norm", "geglu", "gelu", "linear_geglu",
+           "use_backend", "dispatch", "ops", "SdkernelsFallbackWarning", "SdkernelsInputError", "__version__"]

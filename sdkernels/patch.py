@@ -99,7 +99,7 @@ class PatchSummary:
 
 
 def patch(pipe_or_model, *, ops: Optional[Iterable[str]] = None):
-    """Apply the patchers named in ``ops`` (default: every patcher marked ``default``) to every model of a pipeline, or to one nn.Module.
+    """Apply the patchers named in ``ops`` (default: default_ops()) to every model of a pipeline, or to one nn.Module.
     Logs one line per model on the "sdkernels" logger and returns its argument; ``summary()`` reads the result."""
     selected = _select(ops)
     for label, model in _models(pipe_or_model):
