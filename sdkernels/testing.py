@@ -51,3 +51,18 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
         f"{what}: {n_bad} of {a.numel()} elements differ beyond atol={atol:.3g}, rtol={rtol:.3g} ({dtype}); "
         f"max abs error {err.nan_to_num(float('inf')).max().item():.3g}, relative error "
         f"{relative_error(a.nan_to_num(0), e):.3g}\n" + "\n".join(lines))
+
+
+def randomize_weights(model, seed: int = 0):
+    """Weights with unit-ish gain per layer (diffusers' init leaves some outputs tiny) and norms' affine away from 1
+    and 0, from a seeded CPU generator; returns the model in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
+            elif name.endswith("weight"):
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return model.eval()

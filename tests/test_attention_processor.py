@@ -11,7 +11,7 @@ from sdkernels import dispatch
 from sdkernels.attention_processor import SdkernelsAttnProcessor
 from sdkernels.patch import patch, patched_by, summary, unpatch
 from sdkernels.patchers import attention as attention_patcher  # noqa: F401  (registers the patcher)
-from sdkernels.testing import assert_close, relative_error
+from sdkernels.testing import assert_close, randomize_weights, relative_error
 from conftest import DEVICE, GPU
 
 diffusers = pytest.importorskip("diffusers")
@@ -35,17 +35,7 @@ def _no_tf32():
 
 
 def randomize(model, seed=0):
-    """Unit-gain weights (diffusers' init leaves some outputs tiny) and norms' affine away from 1 and 0."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
-            elif name.endswith("weight"):
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    return model.eval().to(DEVICE)
+    return randomize_weights(model, seed).to(DEVICE)
 
 
 def key_mask(batch, nk, as_2d=False):

@@ -4,7 +4,6 @@ every path our kernels cannot take (autograd, autocast, odd inputs, hooks, unver
 import contextlib
 import copy
 import logging
-import math
 import types
 import warnings
 
@@ -14,6 +13,7 @@ from torch import nn
 
 import sdkernels
 from sdkernels import dispatch
+from sdkernels.testing import randomize_weights as randomize
 from sdkernels.patch import original_forward, patch, patched_by, summary, unpatch
 from sdkernels.patch import patchers as registered_patchers
 from sdkernels.patchers import group_norm as gn_patchers
@@ -36,19 +36,6 @@ GN_PATCHERS = ("resnet_gn_silu", "norm_out_gn_silu", "group_norm")
 def gn_replaced(s):
     """The GroupNorm patchers' counts (other ops' patchers, registered too, are tested in their own files)."""
     return {k: v for k, v in s.replaced.items() if k in GN_PATCHERS}
-
-def randomize(model, seed=0):
-    """Weights with unit-ish gain per layer (diffusers' init leaves some outputs tiny), norms' affine away from 1/0."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
-            elif name.endswith("weight"):
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 def tiny_unet(groups=8):
