@@ -10,7 +10,8 @@ is patched in place after the eager variants and unpatched at the end, so one co
   eager_graph       the same, captured into one CUDA graph and replayed
   compile           torch.compile(mode="reduce-overhead") of the eager model (--compile), with its compile time
   sdkernels         after sdkernels.patch(model)
-  sdkernels_graph   the patched model in one CUDA graph
+  sdkernels_graph   after sdkernels.patch(model, cuda_graph=True): its graph per input signature, each call
+                    with the wrapper's checks, input copies and output clone (what a pipeline gets)
 Each is timed (median ms of do_bench: CUDA events after a warm-up) and given its it/s, speedup over eager, peak
 memory (max_memory_allocated above the weights and inputs; it includes a graph's pool) and the error of its output
 against eager's in the same dtype: max |out - eager| / max |eager| ("max rel err"), and the norm ratio. A patched
@@ -207,8 +208,8 @@ def run_case(case: Case, args, dtype: torch.dtype, label: str) -> tuple:
     def step():
         return models.model_call(model, call_args, call_kwargs)
 
-    def patched():
-        patch(model, ops=_ops(args))
+    def patched(cuda_graph=False):
+        patch(model, ops=_ops(args), cuda_graph=cuda_graph)
         print(f"{label}: {summary(model)}", flush=True)
         return step
 
@@ -222,7 +223,7 @@ def run_case(case: Case, args, dtype: torch.dtype, label: str) -> tuple:
         print(f"{label}: torch.compile skipped: reduce-overhead mode is a CUDA-graph baseline, and there is no GPU")
     plan.append(("sdkernels", patched))
     if graphs:
-        plan.append(("sdkernels_graph", lambda: as_cuda_graph(step)))
+        plan.append(("sdkernels_graph", lambda: patched(cuda_graph=True)))
 
     measured, raised, reference = [], [], None
     timing = TIMING[args.quick]

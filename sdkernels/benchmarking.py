@@ -24,11 +24,12 @@ def on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def as_cuda_graph(fn):
+def as_cuda_graph(fn, pool=None):
     """fn captured once (after a warm-up on a side stream) into a CUDA graph; returns the replay function, which
     returns what fn returned during capture (its static output, rewritten by each replay). The tensors fn reads are
     the graph's static input buffers: copy new inputs into them, never rebind them. Timing replays measures the GPU
-    work without the Python and launch overhead of each call."""
+    work without the Python and launch overhead of each call. ``pool`` (torch.cuda.graph_pool_handle()) lets
+    graphs that never run at the same time share their memory (sdkernels.graphs captures one per input shape)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -36,7 +37,7 @@ def as_cuda_graph(fn):
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         out = fn()
 
     def replay():

@@ -27,6 +27,8 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
+from . import graphs
+
 logger = logging.getLogger("sdkernels")
 
 # Pipeline attributes that hold the models we patch; text encoders and tokenizers are left alone.
@@ -98,14 +100,19 @@ class PatchSummary:
         return line
 
 
-def patch(pipe_or_model, *, ops: Optional[Iterable[str]] = None):
+def patch(pipe_or_model, *, ops: Optional[Iterable[str]] = None, cuda_graph: bool = False):
     """Apply the patchers named in ``ops`` (default: default_ops()) to every model of a pipeline, or to one nn.Module.
-    Logs one line per model on the "sdkernels" logger and returns its argument; ``summary()`` reads the result."""
+    Logs one line per model on the "sdkernels" logger and returns its argument; ``summary()`` reads the result.
+    With ``cuda_graph``, each UNet2DConditionModel and each AutoencoderKL's decode also run through CUDA graphs, one
+    per input signature (sdkernels.graphs); on a model patched before, this adds just the graphs."""
     selected = _select(ops)
     for label, model in _models(pipe_or_model):
         result = _patch_model(model, label, selected)
         model.__dict__[_SUMMARY] = result
         logger.info("%s", result)
+        if cuda_graph and not graphs.install(model, label):
+            logger.info("sdkernels.patch %s: no CUDA graphs: only UNet2DConditionModel and AutoencoderKL take them",
+                        label)
     return pipe_or_model
 
 
@@ -114,6 +121,7 @@ def unpatch(pipe_or_model):
     _load_patchers()
     by_name = {p.name: p for p in _registry}
     for _, model in _models(pipe_or_model):
+        graphs.uninstall(model)
         for module in list(model.modules()):  # restoring may swap children back in, so walk a snapshot
             names = module.__dict__.get(_PATCHED_BY, ())
             for name in reversed(names):
