@@ -270,11 +270,21 @@ def mask_strides(mask):
     return mask.stride() if mask is not None else (0, 0, 0, 0)
 
 
-def mask_kind(mask) -> int:
-    """0: no mask; 1: the same mask row for every query (loaded as a vector); 2: a full (N, Nk) mask per head."""
+# Whether a mask row shared by every query is loaded as one vector (kind 1) also where the head dim takes two dot
+# chunks. On an H100 with Triton 3.6, compute-sanitizer found an out-of-range shared-memory read in the row max at
+# head dim 80 (64 + 16) with a key-padding mask loaded that way (d = 64 was clean): such masks take the full-tile
+# load of kind 2 (with a zero row stride) there until scripts/probe_attention.sh shows the vector load clean.
+VECTOR_MASK_WITH_TWO_CHUNKS = False
+
+
+def mask_kind(mask, head_dim) -> int:
+    """0: no mask; 1: the same mask row for every query (loaded as a vector); 2: a full (N, Nk) mask tile per
+    program (also used for shared rows where the vector load is unsafe, see VECTOR_MASK_WITH_TWO_CHUNKS)."""
     if mask is None:
         return 0
-    return 1 if mask.stride(2) == 0 or mask.shape[2] == 1 else 2
+    shared_row = mask.stride(2) == 0 or mask.shape[2] == 1
+    vector_ok = HEAD_DIM_CHUNKS[head_dim][1] == 0 or VECTOR_MASK_WITH_TWO_CHUNKS
+    return 1 if shared_row and vector_ok else 2
 
 
 def flash_attention_triton(q, k, v, out, scale, mask, config=None):
@@ -283,13 +293,13 @@ def flash_attention_triton(q, k, v, out, scale, mask, config=None):
     B, H, N, d = q.shape
     Nk = k.shape[2]
     D0, D1 = HEAD_DIM_CHUNKS[d]
-    block_m, block_n, warps, stages = config or launch_config(d, q.dtype, N, B * H, mask_kind(mask), q.device)
+    block_m, block_n, warps, stages = config or launch_config(d, q.dtype, N, B * H, mask_kind(mask, d), q.device)
     unit = stride_unit(q, k, v, out)
     grid = (triton.cdiv(N, block_m), B * H)
     _flash_attention_fwd[grid](
         q, k, v, out, mask if mask is not None else q, H, N, Nk, float(scale) * LOG2E,
         *view_strides(q, unit), *view_strides(k, unit), *view_strides(v, unit), *view_strides(out, unit),
         *mask_strides(mask),
-        D0=D0, D1=D1, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, MASK=mask_kind(mask),
+        D0=D0, D1=D1, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, MASK=mask_kind(mask, d),
         PRECISION=dot_precision(q.dtype), STRIDE_UNIT=unit, num_warps=warps, num_stages=stages)
     return out

@@ -41,7 +41,7 @@ def _attention_row_stats(q_ptr, k_ptr, mask_ptr, out_ptr, H, N, Nk, qk_scale, bl
     """Program (row block, b*H + h, split) writes (max, sum) in natural units of its rows over its key blocks to
     out[split, b*H + h, row, :]; the last split also takes the partial tail block."""
     split = tl.program_id(2)
-    bh, q_base, k_base, _, mask_base, offs_m, rows_m = _program_tile(
+    bh, q_base, k_base, _v_base, mask_base, offs_m, rows_m = _program_tile(
         q_ptr, k_ptr, k_ptr, mask_ptr, H, N, sqb, sqh, skb, skh, skb, skh, smb, smh, BLOCK_M, STRIDE_UNIT)
     sqn *= STRIDE_UNIT
     skn *= STRIDE_UNIT
@@ -53,12 +53,12 @@ def _attention_row_stats(q_ptr, k_ptr, mask_ptr, out_ptr, H, N, Nk, qk_scale, bl
     first = split * blocks_per_split
     last = tl.minimum(first + blocks_per_split, n_full)
     for blk in range(first, last):
-        s, _ = _scores(q0, q1, k_base, mask_base, rows_m, blk * BLOCK_N, Nk, skn, skd, smm, smn, qk_scale,
-                       D0, D1, HEAD_DIM, BLOCK_N, False, MASK, PRECISION)
+        s, _rows_n = _scores(q0, q1, k_base, mask_base, rows_m, blk * BLOCK_N, Nk, skn, skd, smm, smn, qk_scale,
+                             D0, D1, HEAD_DIM, BLOCK_N, False, MASK, PRECISION)
         m_i, l_i = _fold_block_stats(m_i, l_i, s, qk_scale, MASK)
     if (split == tl.num_programs(2) - 1) & (n_full * BLOCK_N < Nk):
-        s, _ = _scores(q0, q1, k_base, mask_base, rows_m, n_full * BLOCK_N, Nk, skn, skd, smm, smn, qk_scale,
-                       D0, D1, HEAD_DIM, BLOCK_N, True, MASK, PRECISION)
+        s, _rows_n = _scores(q0, q1, k_base, mask_base, rows_m, n_full * BLOCK_N, Nk, skn, skd, smm, smn, qk_scale,
+                             D0, D1, HEAD_DIM, BLOCK_N, True, MASK, PRECISION)
         m_i, l_i = _fold_block_stats(m_i, l_i, s, qk_scale, MASK)
 
     out = out_ptr + ((split * tl.num_programs(1) + bh).to(tl.int64) * N + offs_m) * 2
@@ -149,7 +149,7 @@ def attention_row_stats_triton(q, k, scale, mask, splits=None, config=None):
     B, H, N, d = q.shape
     Nk = k.shape[2]
     D0, D1 = HEAD_DIM_CHUNKS[d]
-    block_m, block_n, warps, stages = config or launch_config(d, q.dtype, N, B * H, mask_kind(mask), q.device)
+    block_m, block_n, warps, stages = config or launch_config(d, q.dtype, N, B * H, mask_kind(mask, d), q.device)
     n_row_programs = triton.cdiv(N, block_m) * B * H
     n_key_blocks = triton.cdiv(Nk, block_n)
     splits = splits or choose_splits(n_row_programs, n_key_blocks, q.device)
@@ -161,7 +161,7 @@ def attention_row_stats_triton(q, k, scale, mask, splits=None, config=None):
     _attention_row_stats[(triton.cdiv(N, block_m), B * H, splits)](
         q, k, mask if mask is not None else q, out, H, N, Nk, float(scale) * LOG2E, blocks_per_split,
         *view_strides(q, unit), *view_strides(k, unit), *mask_strides(mask),
-        D0=D0, D1=D1, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, MASK=mask_kind(mask),
+        D0=D0, D1=D1, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, MASK=mask_kind(mask, d),
         PRECISION=dot_precision(q.dtype), STRIDE_UNIT=unit, num_warps=warps, num_stages=stages)
     if splits > 1:
         rows = B * H * N
@@ -176,7 +176,7 @@ def partial_softmax_attention_triton(q, k, v, out, scale, mask, row_stats=None, 
     B, H, N, d = q.shape
     Nk = k.shape[2]
     D0, D1 = HEAD_DIM_CHUNKS[d]
-    block_m, block_n, warps, stages = config or launch_config(d, q.dtype, N, B * H, mask_kind(mask), q.device)
+    block_m, block_n, warps, stages = config or launch_config(d, q.dtype, N, B * H, mask_kind(mask, d), q.device)
     if row_stats is None:
         stats = attention_row_stats_triton(q, k, scale, mask, config=config)
     else:
@@ -186,6 +186,6 @@ def partial_softmax_attention_triton(q, k, v, out, scale, mask, row_stats=None, 
         q, k, v, out, mask if mask is not None else q, stats, H, N, Nk, float(scale) * LOG2E,
         *view_strides(q, unit), *view_strides(k, unit), *view_strides(v, unit), *view_strides(out, unit),
         *mask_strides(mask),
-        D0=D0, D1=D1, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, MASK=mask_kind(mask),
+        D0=D0, D1=D1, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, MASK=mask_kind(mask, d),
         PRECISION=dot_precision(q.dtype), STRIDE_UNIT=unit, num_warps=warps, num_stages=stages)
     return out

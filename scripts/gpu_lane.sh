@@ -36,13 +36,22 @@ fi
 
 if [[ $steps == *test* ]]; then
   step test
-  # One pytest process per test file: a CUDA error in one file cannot fail the files after it.
-  : > "$OUT/tests.log"
+  # One pytest process per test file, TEST_JOBS at a time: a CUDA error in one file cannot fail another, and the
+  # files compile their kernels in parallel on the machine's cores. All logs end up in $OUT/tests.log (the device
+  # returns only a few files).
+  LOGS=$(mktemp -d); : > "$OUT/tests.log"
+  run_file() {
+    log="$LOGS/$(basename "$1" .py).log"
+    timeout ${TEST_TIMEOUT_S:-300} python3 -m pytest -q -rs -p no:cacheprovider --durations=5 "$1" > "$log" 2>&1
+    echo "rc=$?" >> "$log"
+  }
+  export -f run_file; export LOGS TEST_TIMEOUT_S
+  ls ${PYTEST_ARGS:-tests/test_*.py} | xargs -P ${TEST_JOBS:-6} -I{} bash -c 'run_file {}'
   for file in ${PYTEST_ARGS:-tests/test_*.py}; do
-    echo "== $file" | tee -a "$OUT/tests.log"
-    timeout ${TEST_TIMEOUT_S:-300} python3 -m pytest -q -rs -p no:cacheprovider --durations=5 $file 2>&1 \
-      | tee -a "$OUT/tests.log" | tail -${TEST_TAIL:-15}
-    rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || { echo "TESTS FAILED: $file rc=$rc"; status=1; }
+    log="$LOGS/$(basename "$file" .py).log"
+    { echo "== $file"; cat "$log"; } >> "$OUT/tests.log"
+    echo "== $file"; tail -${TEST_TAIL:-15} "$log"
+    rc=$(tail -1 "$log"); [ "$rc" = rc=0 ] || { echo "TESTS FAILED: $file $rc"; status=1; }
   done
   # The GPU lane must run its GPU tests, not skip them.
   if grep -q "needs a CUDA GPU" "$OUT/tests.log"; then echo "GPU LANE ERROR: GPU tests were skipped"; status=1; fi

@@ -1,6 +1,8 @@
 """Probe one flash-attention kernel configuration on the GPU, in its own process (a memory error ends only it):
-    python scripts/probe_attention.py D DTYPE CHUNKS CONFIG     e.g. 40 fp16 32,16 64,128,4,3
-prints the relative error against the float32 reference for a few odd shapes, or dies with the CUDA error."""
+    python scripts/probe_attention.py D DTYPE CHUNKS CONFIG [MASK]     e.g. 40 fp16 32,16 64,128,4,3 keys
+MASK: "keys" (a key-padding mask shared by every query), "keys-vector" (the same, loaded as one vector even with two
+head-dim chunks: VECTOR_MASK_WITH_TWO_CHUNKS) or "full" (one mask row per query). Prints the relative error against
+the float32 reference for a few odd shapes, or dies with the CUDA error."""
 import sys
 
 import torch
@@ -13,12 +15,21 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: under TRITON_INT
 d, dtype = int(sys.argv[1]), {"fp16": torch.float16, "bf16": torch.bfloat16}[sys.argv[2]]
 fa.HEAD_DIM_CHUNKS[d] = tuple(int(v) for v in sys.argv[3].split(","))
 config = tuple(int(v) for v in sys.argv[4].split(","))
+mask_name = sys.argv[5] if len(sys.argv) > 5 else "none"
+fa.VECTOR_MASK_WITH_TWO_CHUNKS = mask_name == "keys-vector"
 worst = 0.0
 for B, H, N, Nk in ((1, 3, 77, 77), (2, 8, 300, 77), (2, 5, 1024, 1024), (1, 2, 129, 200)):
     q, k, v = (torch.randn(B, n, H * d, device=DEVICE, dtype=dtype) for n in (N, Nk, Nk))
+    mask = None
+    if mask_name != "none":
+        rows = 1 if mask_name.startswith("keys") else N
+        mask = torch.where(torch.rand(B, 1, rows, Nk, device=DEVICE) < 0.3, -10000.0, 0.0).to(dtype)
+        mask[..., 0] = 0  # every row keeps a key
     out = torch.full_like(q, float("nan"))
-    fa.flash_attention_triton(*(as_bhnd(t, H) for t in (q, k, v, out)), d ** -0.5, None, config=config)
+    mask_view = mask.expand(B, H, N, Nk) if mask is not None else None
+    fa.flash_attention_triton(*(as_bhnd(t, H) for t in (q, k, v, out)), d ** -0.5, mask_view, config=config)
     if DEVICE == "cuda":
         torch.cuda.synchronize()
-    worst = max(worst, relative_error(out, attention_reference(q, k, v, d ** -0.5, None, H)))
-print(f"probe d={d} {sys.argv[2]} chunks={sys.argv[3]} config={sys.argv[4]}: worst relative error {worst:.3g}")
+    worst = max(worst, relative_error(out, attention_reference(q, k, v, d ** -0.5, mask, H)))
+print(f"probe d={d} {sys.argv[2]} chunks={sys.argv[3]} config={sys.argv[4]} mask={mask_name}: "
+      f"worst relative error {worst:.3g}")

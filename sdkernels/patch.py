@@ -204,10 +204,15 @@ def why_not_plain(module, cls: type, what: str, *, hooks_matter: bool) -> Option
 def must_run_original(*tensors) -> bool:
     """True when our ops cannot stand in for the original module: autograd has to record it (our ops have no
     backward), or autocast is on for the tensors' device (it changes dtypes in ways the original module defines)."""
-    present = [t for t in tensors if t is not None]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
-        return True
-    return bool(present) and _autocast_enabled(present[0].device.type)
+    # Plain loops: torch.compile (2.11) cannot trace bool() of a list.
+    first = None
+    for t in tensors:
+        if t is None:
+            continue
+        if torch.is_grad_enabled() and t.requires_grad:
+            return True
+        first = t if first is None else first
+    return first is not None and _autocast_enabled(first.device.type)
 
 
 def _autocast_enabled(device_type: str) -> bool:

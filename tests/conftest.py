@@ -29,6 +29,16 @@ def _seed():
     yield
 
 
+@pytest.fixture
+def no_tf32():
+    """fp32 comparisons of whole models on a GPU: cuDNN's default TF32 convolutions would turn a 1e-7 difference in
+    one op into one TF32 rounding step (5e-4) of the model's output."""
+    previous = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (runs in the GPU lane)")
     for item in items:

@@ -19,19 +19,15 @@ from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0  # noqa: E402
 
 OP = "flash_attention"
-# Head dim 40 takes the fallback on GPUs for now (sdkernels.ops.attention.GPU_UNSAFE_HEAD_DIMS): there the modules
-# use 64, so that the GPU lane tests the kernels.
+# Head dims 40, 80 and 160 take the fallback on GPUs for now (sdkernels.ops.attention.GPU_UNSAFE_HEAD_DIMS): there
+# the modules use 64, so that the GPU lane tests the kernels.
 DIM_HEAD = 64 if GPU else 40
 
 
 @pytest.fixture(autouse=True)
-def _no_tf32():
-    """fp32 comparisons on a GPU: cuDNN's default TF32 convolutions would turn a 1e-7 difference in attention into
-    one TF32 rounding step (5e-4) of the model's output."""
-    previous = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+def _no_tf32(no_tf32):
+    """fp32 comparisons of whole models (see conftest.no_tf32)."""
     yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def randomize(model, seed=0):
@@ -64,8 +60,9 @@ CONFIGS = {
                   {}),
     "spatial_norm": (dict(query_dim=64, heads=1, dim_head=64, spatial_norm_dim=4, residual_connection=True,
                           bias=True), (1, 64, 6, 6), None, dict(temb=lambda: torch.randn(1, 4, 3, 3, device=DEVICE))),
-    "qk_norm": (dict(query_dim=160, heads=2, dim_head=80, qk_norm="layer_norm"), (2, 25, 160), None, {}),
-    "out_dim": (dict(query_dim=80, heads=2, dim_head=DIM_HEAD, out_dim=160, out_bias=False), (1, 19, 80), None, {}),
+    "qk_norm": (dict(query_dim=160, heads=2, dim_head=DIM_HEAD, qk_norm="layer_norm"), (2, 25, 160), None, {}),
+    "out_dim": (dict(query_dim=80, heads=2, dim_head=DIM_HEAD, out_dim=4 * DIM_HEAD, out_bias=False), (1, 19, 80), None,
+                {}),
 }
 
 

@@ -304,6 +304,7 @@ def test_patched_forward_with_grad_runs_the_original():
     p.unpatch(ff)
 
 
+@pytest.mark.usefixtures("no_tf32")
 def test_patched_tiny_unet_matches():
     from diffusers import UNet2DConditionModel
     p = _patching()

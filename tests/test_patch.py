@@ -101,12 +101,9 @@ def _classes_untouched():
 
 
 @pytest.fixture
-def exact_fp32():
+def exact_fp32(no_tf32):
     """fp32 references without TF32 (cuDNN convolutions use it by default)."""
-    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
 
 
 def on_device(model, *tensors):

