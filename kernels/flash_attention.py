@@ -177,8 +177,9 @@ def _store_output(o_base, acc0, acc1, offs_m, N, stride_on, stride_od, D0: tl.co
     """Store the rows < N of both chunks, the second without its padded columns."""
     row_ok = (offs_m < N)[:, None]
     cols = tl.arange(0, D0)
+    # One padded chunk (D0 > HEAD_DIM, e.g. 40 as 64 in a probe) must not write into the next head's columns.
     tl.store(o_base + offs_m[:, None] * stride_on + cols[None, :] * stride_od, acc0.to(o_base.dtype.element_ty),
-             mask=row_ok)
+             mask=row_ok & (cols < HEAD_DIM)[None, :])
     if D1 > 0:
         cols = tl.arange(0, D1)
         ptrs = o_base + D0 * stride_od + offs_m[:, None] * stride_on + cols[None, :] * stride_od

@@ -18,7 +18,10 @@ config = tuple(int(v) for v in sys.argv[4].split(","))
 mask_name = sys.argv[5] if len(sys.argv) > 5 else "none"
 fa.VECTOR_MASK_WITH_TWO_CHUNKS = mask_name == "keys-vector"
 worst = 0.0
-for B, H, N, Nk in ((1, 3, 77, 77), (2, 8, 300, 77), (2, 5, 1024, 1024), (1, 2, 129, 200)):
+# (1, 2, 65, 300): d = 80 and 160 went wrong there on an H100 (4 full key blocks of 64 and a tail) while the others
+# passed.
+for B, H, N, Nk in ((1, 3, 77, 77), (2, 8, 300, 77), (2, 5, 1024, 1024),
+                    (1, 2, 129, 200), (1, 2, 65, 300)):
     q, k, v = (torch.randn(B, n, H * d, device=DEVICE, dtype=dtype) for n in (N, Nk, Nk))
     mask = None
     if mask_name != "none":

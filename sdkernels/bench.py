@@ -260,7 +260,10 @@ def measure(variant: str, make, reference, timing: dict) -> tuple:
     if on_gpu():
         torch.cuda.synchronize()
     m = Measurement(variant, math.nan, time.perf_counter() - start)
-    if on_gpu():
+    if on_gpu():  # the peak of a warm call: the first one's autotuning and compiling are setup, not the step's
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
         m.peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
     m.max_rel_err, m.rel_err = output_errors(out, out if reference is None else reference)
     if reference is not None:
