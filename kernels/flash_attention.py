@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import interpreting, multiprocessor_count
+from .utils import cdiv, interpreting, multiprocessor_count
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)  # the same, readable inside kernels
@@ -51,7 +51,7 @@ def launch_config(head_dim, dtype, N, batch_heads, mask_kind, device):
         return FP32_CONFIG
     block_m, block_n, warps, stages = HALF_CONFIGS[head_dim]
     # Too few 128-row tiles to fill the GPU (short N, e.g. d=160 at N=256): halve the tile to double the programs.
-    if triton.cdiv(N, 128) * batch_heads < multiprocessor_count(device):
+    if cdiv(N, 128) * batch_heads < multiprocessor_count(device):
         block_m, warps = 64, 4
     if mask_kind == 2:  # a full mask tile's 64-bit addresses cost registers: narrower key blocks
         block_n = min(block_n, 64)
@@ -212,7 +212,7 @@ def _flash_attention_fwd(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, H, N, Nk, qk_scal
                          smb, smh, smm, smn,
                          D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr,
-                         STRIDE_UNIT: tl.constexpr):
+                         STRIDE_UNIT: tl.constexpr, FOLD_TAIL: tl.constexpr):
     bh, q_base, k_base, v_base, mask_base, offs_m, rows_m = _program_tile(
         q_ptr, k_ptr, v_ptr, mask_ptr, H, N, sqb, sqh, skb, skh, svb, svh, smb, smh, BLOCK_M, STRIDE_UNIT)
     sqn *= STRIDE_UNIT
@@ -228,11 +228,18 @@ def _flash_attention_fwd(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, H, N, Nk, qk_scal
         acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
     else:
         acc1 = acc0  # unused; carried unchanged through the loop
-    full_end = (Nk // BLOCK_N) * BLOCK_N
-    for start_n in range(0, full_end, BLOCK_N):
-        acc0, acc1, m_i, l_i = _online_softmax_block(
-            acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, mask_base, rows_m, start_n, Nk, skn, skd, svn, svd,
-            smm, smn, qk_scale, D0, D1, HEAD_DIM, BLOCK_N, False, MASK, PRECISION)
+    if FOLD_TAIL:  # every block masked, no separate tail block after the (pipelined) loop
+        full_end = Nk
+        for start_n in range(0, Nk, BLOCK_N):
+            acc0, acc1, m_i, l_i = _online_softmax_block(
+                acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, mask_base, rows_m, start_n, Nk, skn, skd, svn, svd,
+                smm, smn, qk_scale, D0, D1, HEAD_DIM, BLOCK_N, True, MASK, PRECISION)
+    else:
+        full_end = (Nk // BLOCK_N) * BLOCK_N
+        for start_n in range(0, full_end, BLOCK_N):
+            acc0, acc1, m_i, l_i = _online_softmax_block(
+                acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, mask_base, rows_m, start_n, Nk, skn, skd, svn, svd,
+                smm, smn, qk_scale, D0, D1, HEAD_DIM, BLOCK_N, False, MASK, PRECISION)
     if full_end < Nk:
         acc0, acc1, m_i, l_i = _online_softmax_block(
             acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, mask_base, rows_m, full_end, Nk, skn, skd, svn, svd,
@@ -276,6 +283,10 @@ def mask_strides(mask):
 # head dim 80 (64 + 16) with a key-padding mask loaded that way (d = 64 was clean): such masks take the full-tile
 # load of kind 2 (with a zero row stride) there until scripts/probe_attention.sh shows the vector load clean.
 VECTOR_MASK_WITH_TWO_CHUNKS = False
+# Whether the key loop masks every block instead of running a separate tail block after it: an experiment for the
+# two-chunk head dims, wrong on an H100 at Nk = 300 (4 full blocks of 64, then a tail) but right at 3 or without a
+# tail (scripts/probe_attention.py sets it).
+FOLD_TAIL = False
 
 
 def mask_kind(mask, head_dim) -> int:
@@ -296,11 +307,11 @@ def flash_attention_triton(q, k, v, out, scale, mask, config=None):
     D0, D1 = HEAD_DIM_CHUNKS[d]
     block_m, block_n, warps, stages = config or launch_config(d, q.dtype, N, B * H, mask_kind(mask, d), q.device)
     unit = stride_unit(q, k, v, out)
-    grid = (triton.cdiv(N, block_m), B * H)
+    grid = (cdiv(N, block_m), B * H)
     _flash_attention_fwd[grid](
         q, k, v, out, mask if mask is not None else q, H, N, Nk, float(scale) * LOG2E,
         *view_strides(q, unit), *view_strides(k, unit), *view_strides(v, unit), *view_strides(out, unit),
         *mask_strides(mask),
         D0=D0, D1=D1, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, MASK=mask_kind(mask, d),
-        PRECISION=dot_precision(q.dtype), STRIDE_UNIT=unit, num_warps=warps, num_stages=stages)
+        PRECISION=dot_precision(q.dtype), STRIDE_UNIT=unit, FOLD_TAIL=FOLD_TAIL, num_warps=warps, num_stages=stages)
     return out

@@ -1,7 +1,8 @@
 """Probe one flash-attention kernel configuration on the GPU, in its own process (a memory error ends only it):
-    python scripts/probe_attention.py D DTYPE CHUNKS CONFIG [MASK]     e.g. 40 fp16 32,16 64,128,4,3 keys
+    python scripts/probe_attention.py D DTYPE CHUNKS CONFIG [MASK|-] [fold-tail]    e.g. 80 fp16 64,16 64,64,4,3 -
 MASK: "keys" (a key-padding mask shared by every query), "keys-vector" (the same, loaded as one vector even with two
-head-dim chunks: VECTOR_MASK_WITH_TWO_CHUNKS) or "full" (one mask row per query). Prints the relative error against
+head-dim chunks: VECTOR_MASK_WITH_TWO_CHUNKS) or "full" (one mask row per query); "-" for none. "fold-tail": the key
+loop masks every block instead of a separate tail block (FOLD_TAIL). Prints the relative error against
 the float32 reference for a few odd shapes, or dies with the CUDA error."""
 import sys
 
@@ -15,8 +16,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: under TRITON_INT
 d, dtype = int(sys.argv[1]), {"fp16": torch.float16, "bf16": torch.bfloat16}[sys.argv[2]]
 fa.HEAD_DIM_CHUNKS[d] = tuple(int(v) for v in sys.argv[3].split(","))
 config = tuple(int(v) for v in sys.argv[4].split(","))
-mask_name = sys.argv[5] if len(sys.argv) > 5 else "none"
+mask_name = sys.argv[5] if len(sys.argv) > 5 and sys.argv[5] != "-" else "none"
 fa.VECTOR_MASK_WITH_TWO_CHUNKS = mask_name == "keys-vector"
+fa.FOLD_TAIL = "fold-tail" in sys.argv[6:]
 worst = 0.0
 # (1, 2, 65, 300): d = 80 and 160 went wrong there on an H100 (4 full key blocks of 64 and a tail) while the others
 # passed.
@@ -34,5 +36,6 @@ for B, H, N, Nk in ((1, 3, 77, 77), (2, 8, 300, 77), (2, 5, 1024, 1024),
     if DEVICE == "cuda":
         torch.cuda.synchronize()
     worst = max(worst, relative_error(out, attention_reference(q, k, v, d ** -0.5, mask, H)))
-print(f"probe d={d} {sys.argv[2]} chunks={sys.argv[3]} config={sys.argv[4]} mask={mask_name}: "
+print(f"probe d={d} {sys.argv[2]} chunks={sys.argv[3]} config={sys.argv[4]} mask={mask_name} "
+      f"fold_tail={fa.FOLD_TAIL}: "
       f"worst relative error {worst:.3g}")
