@@ -14,6 +14,7 @@
 
 #include "attention_row_stats.h"
 #include "group_norm_nhwc.h"
+#include "winograd_conv3x3.h"
 
 namespace {
 
@@ -173,6 +174,69 @@ void attention_row_stats(const at::Tensor& q, const at::Tensor& k, const std::op
   TORCH_CHECK(err == cudaSuccess, fn, ": kernel launch failed: ", cudaGetErrorString(err));
 }
 
+// ---- sdkernels::conv3x3, Winograd F(2x2, 3x3) (csrc/winograd_conv3x3.cu) ----------------------------------------
+
+void winograd_conv3x3(const at::Tensor& x, const at::Tensor& u, const std::optional<at::Tensor>& bias,
+                      const std::optional<at::Tensor>& residual, at::Tensor out, double scale) {
+  constexpr const char* fn = "sdkernels._C.winograd_conv3x3";
+  TORCH_CHECK(x.is_cuda(), fn, ": x must be a CUDA tensor, got one on ", x.device());
+  TORCH_CHECK(x.dim() == 4, fn, ": x must be (N, C, H, W), got shape ", x.sizes());
+  const int dtype = sdk_dtype(x.scalar_type());
+  TORCH_CHECK(dtype == SDK_FLOAT32 || dtype == SDK_FLOAT16 || dtype == SDK_BFLOAT16, fn,
+              ": x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(u.dim() == 3 && u.size(0) == 16 && u.size(1) == C && u.is_contiguous() && aligned16(u), fn,
+              ": u must be the contiguous, 16-byte aligned (16, C, K) transformed filters for x's ", C,
+              " channels, got shape ", u.sizes(), " strides ", u.strides());
+  const int64_t K = u.size(2);
+  TORCH_CHECK(N <= INT_MAX && C <= INT_MAX && H <= INT_MAX && W <= INT_MAX && K <= INT_MAX, fn, ": x of shape ",
+              x.sizes(), " is too large");
+  const char* why = sdk_winograd_conv3x3_why_not((int)N, (int)H, (int)W, (int)C, (int)K, dtype);
+  TORCH_CHECK(why == nullptr, fn, ": ", why, " (x of shape ", x.sizes(), ", ", K, " output channels)");
+
+  // x, residual and out: (N, *, H, W) with channel stride 1 and x's dtype; returns their (n, h, w) strides.
+  auto nhwc = [&](const at::Tensor& t, const char* name, int64_t channels, long long* strides) {
+    TORCH_CHECK(t.device() == x.device() && t.scalar_type() == x.scalar_type(), fn, ": ", name,
+                " must have x's device and dtype, got ", t.device(), " ", t.scalar_type());
+    TORCH_CHECK(t.dim() == 4 && t.size(0) == N && t.size(1) == channels && t.size(2) == H && t.size(3) == W, fn,
+                ": ", name, " must have shape (", N, ", ", channels, ", ", H, ", ", W, "), got ", t.sizes());
+    TORCH_CHECK(t.stride(1) == 1, fn, ": ", name, " must be channels_last (channel stride 1), got strides ",
+                t.strides());
+    const int dims[3] = {0, 2, 3};
+    for (int i = 0; i < 3; ++i) strides[i] = t.size(dims[i]) == 1 ? 0 : t.stride(dims[i]);  // never stepped
+  };
+  SdkWinogradConv3x3Args a{};
+  nhwc(x, "x", C, a.x_strides);
+  TORCH_CHECK(aligned16(x) && a.x_strides[0] % 8 == 0 && a.x_strides[1] % 8 == 0 && a.x_strides[2] % 8 == 0, fn,
+              ": x must be 16-byte aligned with strides that are multiples of 8 elements, got strides ", x.strides());
+  nhwc(out, "out", K, a.out_strides);
+  TORCH_CHECK(u.device() == x.device() && u.scalar_type() == x.scalar_type(), fn,
+              ": u must have x's device and dtype, got ", u.device(), " ", u.scalar_type());
+  a.bias = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->device() == x.device() && bias->scalar_type() == x.scalar_type() && bias->dim() == 1 &&
+                    bias->size(0) == K && bias->is_contiguous(),
+                fn, ": bias must be a contiguous (", K, ",) tensor of x's device and dtype, got ", bias->sizes(), " ",
+                bias->scalar_type(), " on ", bias->device());
+    a.bias = bias->data_ptr();
+  }
+  a.residual = nullptr;
+  if (residual.has_value() && residual->defined()) {
+    nhwc(*residual, "residual", K, a.residual_strides);
+    a.residual = residual->data_ptr();
+  }
+  a.x = x.data_ptr();
+  a.u = u.data_ptr();
+  a.out = out.data_ptr();
+  a.N = (int)N; a.H = (int)H; a.W = (int)W; a.C = (int)C; a.K = (int)K;
+  a.dtype = dtype;
+  a.scale = (float)scale;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaError_t err = sdk_winograd_conv3x3(a, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, fn, ": kernel launch failed: ", cudaGetErrorString(err),
+              " (needs compute capability 8.0 or newer and element offsets below 2^31)");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -184,4 +248,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "stats[bh, i] = (max_j S_ij, sum_j exp(S_ij - max)) of S = scale * q k^T + mask, keys split over "
         "partials.size(0) parts; writes partials and stats",
         py::arg("q"), py::arg("k"), py::arg("mask"), py::arg("partials"), py::arg("stats"), py::arg("scale"));
+  m.def("winograd_conv3x3", &winograd_conv3x3,
+        "out = (conv3x3(x) + bias + residual) * scale by Winograd F(2x2, 3x3) from the transformed filters u "
+        "(16, C, K); x, residual and out channels_last; writes out",
+        py::arg("x"), py::arg("u"), py::arg("bias"), py::arg("residual"), py::arg("out"), py::arg("scale"));
 }

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .group_norm import channel_partials, finalize_partials
-from .utils import interpreting, next_power_of_2
+from .utils import cdiv, interpreting, next_power_of_2
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Starting points for fp16/bf16 on sm_80/sm_90, NOT measured
 # yet: the GPU run of bench/bench_resnet_block.py is the place to tune them.
@@ -152,7 +152,7 @@ def conv3x3_triton(x, weight, bias, norm, add, residual, output_scale_factor, st
     Cout = weight.shape[0]
     HW = H * W
     bm, bn, bk, warps, stages = launch_config(x.dtype, HW, Cin, Cout)
-    tiles_m, tiles_n = triton.cdiv(HW, bm), triton.cdiv(Cout, bn)
+    tiles_m, tiles_n = cdiv(HW, bm), cdiv(Cout, bn)
     nstats, nw, nb = norm if norm is not None else (None, None, None)
     G_in = nstats.shape[-2] if nstats is not None else 1
     G_out = max(stats_groups, 1)

@@ -6,10 +6,12 @@ leading dims (R0, R1, R2), each with its own stride in the input and the output,
 (a slice of a wider tensor, a transposed batch) run without a copy. A program handles a BLOCK_R x BLOCK_C tile;
 programs are numbered on one grid axis, so the tile count is not bound by CUDA's 65535 limit on the other axes.
 """
+import functools
+
 import triton
 import triton.language as tl
 
-from .utils import next_power_of_2
+from .utils import cdiv, next_power_of_2
 
 # constexpr: a kernel may read only constexpr globals (Triton 3.3+ refuses plain ones on the GPU; the interpreter
 # does not check).
@@ -64,6 +66,7 @@ def _gelu_rows_kernel(in_ptr, out_ptr, rows, cols, R1, R2, si0, si1, si2, so0, s
     tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@functools.lru_cache(maxsize=4096)  # asked on every launch; a model meets few shapes
 def tile_shape(rows: int, cols: int):
     """(BLOCK_R, BLOCK_C, num_warps): about TILE_ELEMENTS outputs per program. BLOCK_C is the widest power of two
     whose column tiles leave at most 1/8 of their lanes masked (1280 -> 256, 2560 -> 512, 5120 -> 1024), else the
@@ -72,7 +75,7 @@ def tile_shape(rows: int, cols: int):
     candidates = [widest >> i for i in range(8) if (widest >> i) >= min(MIN_BLOCK_C, widest)]
 
     def waste(b):
-        return 1 - cols / (triton.cdiv(cols, b) * b)
+        return 1 - cols / (cdiv(cols, b) * b)
 
     block_c = next((b for b in candidates if waste(b) <= 0.125), None) or min(candidates, key=waste)
     block_r = max(1, min(TILE_ELEMENTS // block_c, next_power_of_2(rows)))
@@ -87,7 +90,7 @@ def gelu_rows_triton(inp, out, rows: int, cols: int, row_sizes, in_strides, out_
     if rows == 0 or cols == 0:
         return out
     block_r, block_c, warps = tile_shape(rows, cols)
-    grid = (triton.cdiv(rows, block_r) * triton.cdiv(cols, block_c),)
+    grid = (cdiv(rows, block_r) * cdiv(cols, block_c),)
     _gelu_rows_kernel[grid](inp, out, rows, cols, row_sizes[1], row_sizes[2], *in_strides, *out_strides,
                             GATED=gated, APPROXIMATE_TANH=approximate_tanh, BLOCK_R=block_r, BLOCK_C=block_c,
                             num_warps=warps)

@@ -12,13 +12,12 @@ x is seen as (N, C, S), S the flattened spatial size, with strides (sN, sC, sS).
 Statistics are fp32: each tile's mean and M2 are computed two-pass from registers and tiles are merged with Chan's
 formula, so groups of 4 M elements with a large mean (the VAE decoder at 1024 px) keep their precision.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from .utils import next_power_of_2
+from .._env import getenv
+from .utils import cdiv, next_power_of_2
 
 ONE_PASS_MAX = 65536     # largest group held in one program's registers
 TILE = 4096              # elements per program in the flat plan
@@ -223,7 +222,7 @@ def _warps(block: int, most: int = 16) -> int:
 
 
 def choose_plan(size: int, C: int, channels_last: bool, dense_rows: bool) -> str:
-    forced = os.environ.get("SDKERNELS_GN_PLAN")  # a knob for benchmarks comparing plans
+    forced = getenv("SDKERNELS_GN_PLAN")  # a knob for benchmarks comparing plans
     if forced:
         return forced
     if size <= ONE_PASS_MAX:
@@ -242,7 +241,7 @@ def finalize_partials(partials, K: int, eps: float) -> torch.Tensor:
 def _rows_geometry(C, S):
     block_c = next_power_of_2(C)
     block_s = max(1, ROW_TILE // block_c)
-    return block_s, block_c, triton.cdiv(S, block_s)
+    return block_s, block_c, cdiv(S, block_s)
 
 
 def _split_stats(x, G, eps, plan, sx, layout):
@@ -257,7 +256,7 @@ def _split_stats(x, G, eps, plan, sx, layout):
         _rows_partials_kernel[(row_tiles, N)](x, partials, G, Cg, C, S, sx[0], sx[2], row_tiles, N * G * K,
                                               BLOCK_S=block_s, BLOCK_C=block_c, num_warps=_warps(ROW_TILE))
         return finalize_partials(partials, K, eps)
-    tiles = triton.cdiv(Cg * S, TILE)
+    tiles = cdiv(Cg * S, TILE)
     partials = torch.empty((3, N * G * tiles), device=x.device, dtype=torch.float32)
     _flat_partials_kernel[(N * G * tiles,)](x, partials, G, Cg, S, *sx, tiles, N * G * tiles, TILE_SIZE=TILE,
                                             num_warps=_warps(TILE), **layout)
@@ -309,7 +308,7 @@ def group_norm_triton(x, num_groups, weight, bias, eps, silu, residual, out, str
                                            so[2], BLOCK_S=block_s, BLOCK_C=block_c, num_warps=_warps(ROW_TILE),
                                            **epilogue)
         return out
-    tiles = triton.cdiv(size, TILE)
+    tiles = cdiv(size, TILE)
     _flat_apply_kernel[(N * G * tiles,)](x, stats, w, b, r, out, G, Cg, S, tiles, *sx, *sr, *so, TILE_SIZE=TILE,
                                          num_warps=_warps(TILE), **layout, **epilogue)
     return out

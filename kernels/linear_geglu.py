@@ -11,15 +11,15 @@ tiles do not fit the GPU's shared memory drop out there). A capture that meets a
 config that fits instead, because autotuning times kernels and synchronizes, which a capture forbids.
 SDKERNELS_AUTOTUNE=0 runs the default config everywhere (the test suite sets it: it meets hundreds of shapes).
 """
-import os
 import warnings
 
 import torch
 import triton
 import triton.language as tl
 
+from .._env import getenv
 from .geglu import gelu_fp32
-from .utils import interpreting
+from .utils import cdiv, interpreting
 
 
 def _config(bm, bn, bk, stages, warps, group_m=8):
@@ -96,7 +96,10 @@ def _linear_geglu_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K,
 
 
 _autotuned = triton.autotune(configs=CONFIGS, key=["M", "N", "K"])(_linear_geglu_kernel)
-_tuned = set()          # autotuner keys already benchmarked in this process (their cached config is safe to use)
+# A shape the autotuner has tuned is remembered in its own cache under this tag, with the config it picked: later
+# calls launch that config directly, without the autotuner's per-call Python (~10 us), even inside a CUDA-graph
+# capture; whatever empties the autotuner's cache (to tune again) forgets these with it.
+_TUNED = "sdkernels:tuned"
 _warned_capture = set()
 
 
@@ -133,7 +136,7 @@ def _capturing(device: torch.device) -> bool:
 
 
 def _grid(meta, M, N):
-    tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+    tiles = cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])
     return (tiles,)
 
 
@@ -165,12 +168,15 @@ def _pick_config(M, N, K, x2d, weight, b, flags, args):
     """The config to launch, or None after launching through the autotuner (which tunes a new shape first)."""
     if interpreting():
         return INTERPRETER_CONFIG
-    if os.environ.get("SDKERNELS_AUTOTUNE", "1") == "0":  # e.g. tests over many shapes: one compile, no timing
+    if getenv("SDKERNELS_AUTOTUNE", "1") == "0":  # e.g. tests over many shapes: one compile, no timing
         return default_config(x2d.dtype, x2d.device)
-    key = (M, N, K, x2d.dtype, weight.dtype, b.dtype, flags["INPUT_PRECISION"])
-    if key in _tuned or not _capturing(x2d.device):
+    key = (_TUNED, M, N, K, x2d.dtype, weight.dtype, b.dtype, flags["INPUT_PRECISION"])
+    tuned = _autotuned.cache.get(key)
+    if tuned is not None:
+        return tuned
+    if not _capturing(x2d.device):
         _autotuned[lambda meta: _grid(meta, M, N)](*args, **flags)
-        _tuned.add(key)
+        _autotuned.cache[key] = _autotuned.best_config
         return None
     if key not in _warned_capture:
         _warned_capture.add(key)

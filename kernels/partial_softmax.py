@@ -15,7 +15,7 @@ import triton.language as tl
 from .flash_attention import (HEAD_DIM_CHUNKS, LOG2E, _LOG2E, _accumulate_pv, _bh_base, _load_query, _log2_scores,
                               _program_tile, _scores, _store_output, dot_precision, launch_config, mask_kind,
                               mask_strides, stride_unit, view_strides)
-from .utils import multiprocessor_count
+from .utils import cdiv, multiprocessor_count
 
 _LN2 = tl.constexpr(0.6931471805599453)
 # Row-statistics programs wanted per streaming multiprocessor; the key range is split until there are this many.
@@ -139,7 +139,7 @@ def _softmax_times_v(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, stats_ptr, H, N, Nk, 
 
 def choose_splits(n_row_programs: int, n_key_blocks: int, device) -> int:
     """How many programs share each row block's key range: enough to fill the GPU, at most one per key block."""
-    want = triton.cdiv(PROGRAMS_PER_SM * multiprocessor_count(device), max(n_row_programs, 1))
+    want = cdiv(PROGRAMS_PER_SM * multiprocessor_count(device), max(n_row_programs, 1))
     return max(1, min(want, n_key_blocks))
 
 
@@ -150,22 +150,22 @@ def attention_row_stats_triton(q, k, scale, mask, splits=None, config=None):
     Nk = k.shape[2]
     D0, D1 = HEAD_DIM_CHUNKS[d]
     block_m, block_n, warps, stages = config or launch_config(d, q.dtype, N, B * H, mask_kind(mask, d), q.device)
-    n_row_programs = triton.cdiv(N, block_m) * B * H
-    n_key_blocks = triton.cdiv(Nk, block_n)
+    n_row_programs = cdiv(N, block_m) * B * H
+    n_key_blocks = cdiv(Nk, block_n)
     splits = splits or choose_splits(n_row_programs, n_key_blocks, q.device)
     splits = min(splits, n_key_blocks)
-    blocks_per_split = triton.cdiv(Nk // block_n, splits)
+    blocks_per_split = cdiv(Nk // block_n, splits)
     stats = torch.empty((B * H, N, 2), device=q.device, dtype=torch.float32)
     out = stats if splits == 1 else torch.empty((splits, B * H, N, 2), device=q.device, dtype=torch.float32)
     unit = stride_unit(q, k)
-    _attention_row_stats[(triton.cdiv(N, block_m), B * H, splits)](
+    _attention_row_stats[(cdiv(N, block_m), B * H, splits)](
         q, k, mask if mask is not None else q, out, H, N, Nk, float(scale) * LOG2E, blocks_per_split,
         *view_strides(q, unit), *view_strides(k, unit), *mask_strides(mask),
         D0=D0, D1=D1, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, MASK=mask_kind(mask, d),
         PRECISION=dot_precision(q.dtype), STRIDE_UNIT=unit, num_warps=warps, num_stages=stages)
     if splits > 1:
         rows = B * H * N
-        _merge_row_stats[(triton.cdiv(rows, MERGE_BLOCK),)](out, stats, rows, splits, BLOCK=MERGE_BLOCK,
+        _merge_row_stats[(cdiv(rows, MERGE_BLOCK),)](out, stats, rows, splits, BLOCK=MERGE_BLOCK,
                                                             num_warps=4)
     return stats
 
@@ -182,7 +182,7 @@ def partial_softmax_attention_triton(q, k, v, out, scale, mask, row_stats=None, 
     else:
         stats = row_stats(q, k, scale, mask)
     unit = stride_unit(q, k, v, out)
-    _softmax_times_v[(triton.cdiv(N, block_m), B * H)](
+    _softmax_times_v[(cdiv(N, block_m), B * H)](
         q, k, v, out, mask if mask is not None else q, stats, H, N, Nk, float(scale) * LOG2E,
         *view_strides(q, unit), *view_strides(k, unit), *view_strides(v, unit), *view_strides(out, unit),
         *mask_strides(mask),

@@ -7,9 +7,11 @@ lets them make the launch choices they make on a GPU: a stand-in Triton driver r
 and shared memory too), and Triton's ``jit_cache_hook`` records each launch's compile request (signature from the
 real arguments, constexprs, num_warps, num_stages) instead of compiling and launching it. Autotuned kernels go
 through the autotuner with a benchmarker that times nothing, so every candidate config is recorded. Then every
-distinct request is compiled for its target in a process pool.
+distinct request is compiled for its target in a process pool: all of them through the frontend, the target's
+TritonGPU passes and the shared-memory allocation, and one per kernel and dtypes on sm_90 on to a cubin (see
+"compiling" below; --full compiles all to cubins, ~15 CPU-minutes).
 
-    python -m sdkernels.compile_check [--arch 90,80] [--jobs N]
+    python -m sdkernels.compile_check [--arch 90,80] [--jobs N] [--full] [--list]
 
 One line per compiled variant, then a summary. Exits 1 listing every failure: a compile error; shared memory over
 the target's limit where the launcher would pick that variant there (on sm_90, and on sm_80 for launchers that ask
@@ -22,8 +24,10 @@ import argparse
 import contextlib
 import importlib
 import itertools
+import math
 import multiprocessing
 import os
+import pkgutil
 import re
 import sys
 import time
@@ -32,9 +36,6 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Callable, Optional
 from unittest import mock
-
-KERNEL_MODULES = ("conv3x3", "flash_attention", "geglu", "group_norm", "linear_geglu", "partial_softmax")
-
 
 @dataclass(frozen=True)
 class Arch:
@@ -64,9 +65,13 @@ def _compiler_env() -> None:
 
 
 def _kernel_modules() -> dict:
-    from triton.runtime.jit import JITFunction
-    mods = {name: importlib.import_module(f"sdkernels.kernels.{name}") for name in KERNEL_MODULES}
-    if not isinstance(mods["geglu"]._gelu_rows_kernel, JITFunction):
+    """Every module of sdkernels.kernels by short name, imported for the GPU compiler."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    import sdkernels.kernels as package
+    names = [m.name for m in pkgutil.iter_modules(package.__path__)]
+    mods = {name: importlib.import_module(f"{package.__name__}.{name}") for name in names}
+    if any(isinstance(obj, InterpretedFunction) for mod in mods.values() for obj in vars(mod).values()):
         sys.exit("sdkernels.kernels was imported under TRITON_INTERPRET=1: run python -m sdkernels.compile_check "
                  "in a fresh process")
     return mods
@@ -149,7 +154,7 @@ class Recorder:
         self.arch_aware = False
         self.group: Optional[tuple] = None
 
-    def hook(self, *, key, repr, fn, compile, is_manual_warmup, already_compiled):
+    def hook(self, *, fn, compile, **_):
         spec = compile["specialization_data"]
         v = self.variants.get(spec)
         if v is None:
@@ -201,7 +206,6 @@ def _gpu_view(arch: Arch, recorder: Recorder, mods: dict):
     from sdkernels.kernels import utils
     _set_target(arch)
     recorder.arch = arch
-    fits = mods["linear_geglu"].fits
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.object(knobs.runtime, "jit_cache_hook", recorder.hook))
         stack.enter_context(mock.patch.object(Autotuner, "run", _autotuner_run_recording_groups(recorder)))
@@ -211,7 +215,8 @@ def _gpu_view(arch: Arch, recorder: Recorder, mods: dict):
         for mod in (utils, *mods.values()):
             if getattr(mod, "multiprocessor_count", None) is sm_count:
                 stack.enter_context(mock.patch.object(mod, "multiprocessor_count", lambda device: arch.sms))
-        gpu = torch.device("cuda", arch.cc)  # fits() asks the (stand-in) driver for this device's shared memory
+        fits = mods["linear_geglu"].fits  # asks the (stand-in) driver for a CUDA device's shared memory
+        gpu = torch.device("cuda", arch.cc)
         stack.enter_context(mock.patch.object(mods["linear_geglu"], "fits", lambda c, dt, dev: fits(c, dt, gpu)))
         yield
 
@@ -354,18 +359,20 @@ def gelu_scenarios():
 
 
 def linear_geglu_scenarios():
+    """SD 1.5's first feed-forward (K = 320 -> 2 x 1280): every autotuner candidate, the default config (no
+    autotuning, or a CUDA-graph capture) and the other flags; fp32 with and without TF32."""
     import torch
     for (dt, dtype), tf32 in itertools.product(_dtypes().items(), (False, True)):
         if tf32 and dtype != torch.float32:
             continue  # allow_tf32 only changes fp32's dots
-        x, w, b = torch.empty(2, 4096, 320, dtype=dtype), torch.empty(2560, 320, dtype=dtype), torch.empty(2560, dtype=dtype)
+        x, w, b = (torch.empty(shape, dtype=dtype) for shape in ((2, 4096, 320), (2560, 320), (2560,)))
         tag = f"linear_geglu {dt}{' tf32' if tf32 else ''}"
-        for env, label in (({"SDKERNELS_AUTOTUNE": "1"}, "autotuned"), ({"SDKERNELS_AUTOTUNE": "0"}, "default")):
-            call = _backend_call("linear_geglu", "triton", x, w, b, "none")
-            yield Scenario(f"{tag} {label}", _with_settings(call, env=env, matmul_tf32=tf32), arch_aware=True)
-        call = _backend_call("linear_geglu", "triton", x, w, None, "tanh")  # the other flags, default config
-        yield Scenario(f"{tag} default, no bias, tanh", _with_settings(call, env={"SDKERNELS_AUTOTUNE": "0"},
-                                                                          matmul_tf32=tf32), arch_aware=True)
+        for autotune, bias, approximate in (("1", b, "none"), ("0", b, "none"), ("0", None, "tanh")):
+            call = _backend_call("linear_geglu", "triton", x, w, bias, approximate)
+            how = "autotuned" if autotune == "1" else "default config"
+            label = f"{tag} {how} bias={bias is not None} {approximate}"
+            yield Scenario(label, _with_settings(call, env={"SDKERNELS_AUTOTUNE": autotune}, matmul_tf32=tf32),
+                           arch_aware=True)
 
 
 # (N, C, H, W): more than 256 pixels (HALF_CONFIG) and at most 256 (SMALL_M_CONFIG)
@@ -398,6 +405,22 @@ def conv3x3_scenarios():
             call = _backend_call("conv3x3_fused", "triton", *_conv_inputs(shape, dtype, layout, which))
             yield Scenario(f"conv3x3 {which} {dt}{'' if tf32 else ' ieee'} {shape} {layout}",
                            _with_settings(call, cudnn_tf32=tf32))
+        yield from _plain_conv3x3_scenarios(dt, dtype, tf32)
+
+
+def _plain_conv3x3_scenarios(dt, dtype, tf32):
+    """sdkernels::conv3x3 (the same kernel without prologue or statistics), where that op is defined."""
+    import torch
+
+    from sdkernels import dispatch
+    if not any(b.name == "triton_igemm" for b in getattr(dispatch.ops().get("conv3x3"), "backends", [])):
+        return
+    for shape, residual in itertools.product(CONV_SHAPES, (False, True)):
+        x, weight, bias = _conv_inputs(shape, dtype, "nhwc", "conv2")[:3]
+        args = (x, weight, bias, torch.empty_like(x) if residual else None, 1.0)
+        call = _backend_call("conv3x3", "triton_igemm", *args)
+        yield Scenario(f"conv3x3 plain residual={residual} {dt}{'' if tf32 else ' ieee'} {shape} nhwc",
+                       _with_settings(call, cudnn_tf32=tf32))
 
 
 SCENARIO_FAMILIES = (attention_scenarios, linear_geglu_scenarios, conv3x3_scenarios, group_norm_scenarios,
@@ -423,21 +446,27 @@ def collect(archs, mods) -> tuple[dict, list]:
 
 
 # ---- compiling ----------------------------------------------------------------------------------------------------
-# Compiling all ~800 variants to cubins takes ~15 min of CPU. Most of it is LLVM and ptxas, after everything this
+# Compiling all ~800 variants to cubins takes ~15 CPU-minutes, most of it in LLVM and ptxas, after everything this
 # check is for: the frontend (type and constexpr errors), the target's TritonGPU passes (layouts, pipelining) and the
-# shared-memory allocation. So every variant goes that far ("shared" depth: ~0.2 s), and one per code path (kernel
-# and constexprs but its tile sizes) on the primary arch goes on through LLVM and ptxas to a cubin ("cubin" depth).
+# shared-memory allocation. So every variant goes that far ("shared" depth, ~0.3 s), and on the primary arch one
+# variant per kernel and dtypes, the one with the largest tiles, goes on through LLVM and ptxas to a cubin (--full:
+# every variant).
 
-TILE_PARAMS = re.compile(r"BLOCK|TILE|GROUP_M|CHUNK")  # constexprs that only size tiles
+TILE_PARAMS = re.compile(r"BLOCK|TILE|GROUP_M|CHUNK")  # constexprs that size tiles
+
+
+def _tile_size(v: Variant) -> tuple:
+    tiles = [x for k, x in v.constexprs.items() if TILE_PARAMS.search(k) and isinstance(x, int)]
+    return math.prod(tiles), v.num_warps, v.num_stages
 
 
 def pick_cubin_depth(variants: list) -> None:
-    seen = set()
+    groups: dict = {}
     for v in variants:
-        key = (v.module, v.kernel, tuple((k, x) for k, x in v.constexprs.items() if not TILE_PARAMS.search(k)))
-        if v.arch.cc == PRIMARY_CC and key not in seen:
-            seen.add(key)
-            v.cubin = True
+        if v.arch.cc == PRIMARY_CC:
+            groups.setdefault((v.module, v.kernel, v.ptr_types), []).append(v)
+    for members in groups.values():
+        max(members, key=_tile_size).cubin = True
 
 
 def _shared_depth_stages(*args):
@@ -453,6 +482,7 @@ def _shared_depth_stages(*args):
 
 
 def _allocate_shared(backend, mod, metadata, options, capability):
+    """The passes Triton 3.9's make_llir runs up to the shared-memory allocation, then the allocation."""
     from triton._C.libtriton import ir, nvidia, passes
     from triton.backends.nvidia.compiler import get_ptx_version_from_options
     pm = ir.pass_manager(mod.context)
@@ -477,19 +507,30 @@ def _indent(text: str) -> str:
     return "\n".join("    " + line for line in text.splitlines())
 
 
+def _preload(fn, spec: str, cubin: bool) -> int:
+    from triton import knobs
+    knobs.runtime.add_stages_inspection_hook = None if cubin else _shared_depth_stages
+    return fn.preload(spec).metadata.shared
+
+
 def compile_one(cc: int, module: str, kernel: str, spec: str, cubin: bool):
-    """(shared bytes or None, seconds, error text or None): compile one request for its target."""
+    """(shared bytes or None, seconds, error text or None): compile one request for its target. A cubin-depth
+    variant is compiled to shared depth too, to check that the shortcut still matches Triton's own pipeline."""
     from triton import knobs
     _set_target(ARCHS[cc])
     knobs.runtime.jit_cache_hook = None
-    knobs.runtime.add_stages_inspection_hook = None if cubin else _shared_depth_stages
-    fn = getattr(importlib.import_module(module), kernel)
     start = time.perf_counter()
     try:
-        compiled = fn.preload(spec)
+        fn = getattr(importlib.import_module(module), kernel)
+        shared = _preload(fn, spec, cubin=False)
+        full = _preload(fn, spec, cubin=True) if cubin else shared
+        if full != shared:
+            return full, time.perf_counter() - start, (
+                f"the shared-depth shortcut found {shared} bytes of shared memory, the full compile {full}: "
+                "update _allocate_shared in sdkernels/compile_check.py to Triton's make_llir")
     except Exception as e:
         return None, time.perf_counter() - start, _error_text(e)
-    return compiled.metadata.shared, time.perf_counter() - start, None
+    return shared, time.perf_counter() - start, None
 
 
 def _worker(conn) -> None:
@@ -524,7 +565,7 @@ def compile_all(variants: list, jobs: int, log) -> None:
             try:
                 v.shared, v.seconds, v.error = conn.recv()
                 idle.append((conn, proc))
-            except EOFError:
+            except (EOFError, OSError):  # the worker died
                 proc.join()
                 v.error = f"the compiler process died (exit code {proc.exitcode}); its stderr is above"
                 idle.append(start())
@@ -546,11 +587,11 @@ def _variant_line(v: Variant, done: int, total: int) -> str:
 
 def judge(variants: list) -> tuple[list, list]:
     """(failures, warnings) as report lines."""
-    failures, warnings = [], []
+    failures, warnings, errors = [], [], {}
     for v in variants:
         where = f"{v.describe()}\n    first launched by: {v.scenarios[0]}"
         if v.error:
-            failures.append(f"compile error: {where}\n{_indent(v.error)}")
+            errors.setdefault(v.error, []).append(v)
         elif v.overflows():
             line = f"shared memory {v.shared} > {v.arch.shared_limit} bytes: {where}"
             if v.chosen and v.strict:
@@ -559,8 +600,18 @@ def judge(variants: list) -> tuple[list, list]:
                 why = "an autotune candidate, dropped there" if not v.chosen else "its launcher does not tell " \
                       f"archs apart, and its table is for sm_{PRIMARY_CC}"
                 warnings.append(f"{line}\n    ({why})")
+    failures += [_compile_error(error, members) for error, members in errors.items()]
     failures += _groups_without_fit(variants)
     return failures, warnings
+
+
+def _compile_error(error: str, members: list, shown: int = 5) -> str:
+    """One report for the variants that failed with the same error (a kernel bug usually breaks many)."""
+    lines = [f"compile error in {len(members)} variant(s):"]
+    lines += [f"    {v.describe()} <- {v.scenarios[0]}" for v in members[:shown]]
+    if len(members) > shown:
+        lines.append(f"    ... and {len(members) - shown} more (the lines marked FAIL above)")
+    return "\n".join(lines) + "\n" + _indent(error)
 
 
 def _groups_without_fit(variants: list) -> list:
@@ -642,7 +693,8 @@ def main(argv=None) -> int:
         log(line)
     for line in failures:
         log(f"FAILURE {line}")
-    log(f"{len(failures)} failures, {len(warnings)} warnings")
+    broken = sum(1 for v in variants if v.error)
+    log(f"{len(failures)} failures ({broken} variants failed to compile), {len(warnings)} warnings")
     return 1 if failures else 0
 
 

@@ -12,11 +12,12 @@ unless ``strict=True`` (tests use that to be sure the backend they test really r
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
+
+from ._env import getenv
 
 REFERENCE = "reference"
 
@@ -40,8 +41,8 @@ class Op:
     reference: Callable
     backends: list = field(default_factory=list)
     # A per-input preference among the backends (a rule from measurements, e.g. by size), consulted only when no
-    # backend is forced: chooser(*args) -> a backend name, or None for the priority order. A preferred backend that
-    # cannot run the inputs is passed over like any other.
+    # backend is forced: chooser(*args) -> a backend name, REFERENCE (run the reference, no warning), or None for the
+    # priority order. A preferred backend that cannot run the inputs is passed over like any other.
     chooser: Optional[Callable[..., Optional[str]]] = None
 
     def register(self, backend: Backend) -> Backend:
@@ -67,6 +68,8 @@ class Op:
                 raise ValueError(f"sdkernels::{self.name}: unknown backend {forced!r}; known: {known}")
         elif self.chooser is not None:
             preferred = self.chooser(*args)
+            if preferred == REFERENCE:  # measured faster than every backend here (see sdkernels.tuning)
+                return None
             if preferred is not None:
                 candidates = sorted(candidates, key=lambda b: b.name != preferred)
         reasons = {}
@@ -127,10 +130,10 @@ def use_backend(name: str, op: str | None = None, strict: bool = False):
 
 
 def _forced(op_name: str):
-    for op, name, strict in reversed(getattr(_local, "stack", [])):
+    for op, name, strict in reversed(getattr(_local, "stack", ())):
         if op is None or op == op_name:
             return name, strict
-    env = os.environ.get("SDKERNELS_BACKEND", "").strip()
+    env = getenv("SDKERNELS_BACKEND", "").strip()
     if not env:
         return None, False
     for part in env.split(","):

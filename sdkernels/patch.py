@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from . import graphs
+from . import graphs, tuning
 
 logger = logging.getLogger("sdkernels")
 
@@ -100,12 +100,16 @@ class PatchSummary:
         return line
 
 
-def patch(pipe_or_model, *, ops: Optional[Iterable[str]] = None, cuda_graph: bool = False):
+def patch(pipe_or_model, *, ops: Optional[Iterable[str]] = None, cuda_graph: bool = False, tune: bool = True):
     """Apply the patchers named in ``ops`` (default: default_ops()) to every model of a pipeline, or to one nn.Module.
     Logs one line per model on the "sdkernels" logger and returns its argument; ``summary()`` reads the result.
     With ``cuda_graph``, each UNet2DConditionModel and each AutoencoderKL's decode also run through CUDA graphs, one
-    per input signature (sdkernels.graphs); on a model patched before, this adds just the graphs."""
+    per input signature (sdkernels.graphs); on a model patched before, this adds just the graphs. With ``tune``
+    (default), each op, the first time it meets an input shape on a GPU, times its backends and eager PyTorch and
+    keeps the fastest, remembered on disk per GPU (sdkernels.tuning), so no patched op runs slower than eager."""
     selected = _select(ops)
+    if tune:
+        tuning.enable()
     for label, model in _models(pipe_or_model):
         result = _patch_model(model, label, selected)
         model.__dict__[_SUMMARY] = result

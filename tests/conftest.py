@@ -11,6 +11,9 @@ os.environ["SDKERNELS_POISON_OUTPUTS"] = "1"
 # Hypothesis meets hundreds of matmul shapes: autotuning each would take minutes on a GPU. Tests of the autotuner
 # turn it back on.
 os.environ.setdefault("SDKERNELS_AUTOTUNE", "0")
+# Tests choose their backends: patch()'s measured per-shape choice (sdkernels.tuning) could pick eager PyTorch for a
+# tiny test shape and leave the kernel under test unrun. tests/test_tuning.py turns it back on.
+os.environ.setdefault("SDKERNELS_TUNING", "0")
 
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402

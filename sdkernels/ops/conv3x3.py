@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dispatch
-from ._common import (KERNEL_DTYPES, fail, is_channels_last_like, new_output, triton_available,
+from ._common import (KERNEL_DTYPES, call_op, fail, is_channels_last_like, kernels, new_output, triton_available,
                       triton_device_why_not)
 from .group_norm import compute_dtype, group_norm_stats_reference, normalize_reference
 
@@ -127,10 +127,10 @@ def _triton_why_not(x, weight, bias, norm_stats, norm_weight, norm_bias, add, re
 
 def _triton_run(x, weight, bias, norm_stats, norm_weight, norm_bias, add, residual, output_scale_factor,
                 stats_groups, stats_eps):
-    from ..kernels.conv3x3 import conv3x3_triton
     out = _output(x, weight.shape[0])
     norm = None if norm_stats is None else (norm_stats.contiguous(), norm_weight, norm_bias)
-    stats = conv3x3_triton(x, weight, bias, norm, add, residual, output_scale_factor, stats_groups, stats_eps, out)
+    stats = kernels("conv3x3").conv3x3_triton(x, weight, bias, norm, add, residual, output_scale_factor, stats_groups,
+                                              stats_eps, out)
     return out, (stats.view(x.shape[0], stats_groups, 2) if stats is not None else _no_stats(x))
 
 
@@ -176,4 +176,4 @@ def conv3x3_fused(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     args = (x, weight, bias, norm_stats, norm_weight, norm_bias, add, residual, float(output_scale_factor),
             stats_groups, float(stats_eps))
     check_inputs(*args)
-    return torch.ops.sdkernels.conv3x3_fused(*args)
+    return call_op(conv3x3_dispatch, *args)

@@ -11,13 +11,15 @@ are contiguous.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from .. import dispatch
-from ._common import KERNEL_DTYPES, fail, new_output, triton_available, triton_device_why_not
+from ._common import (KERNEL_DTYPES, call_op, fail, kernels, layout_cached, new_output, triton_available,
+                      triton_device_why_not)
 
 APPROXIMATIONS = ("none", "tanh")
 MAX_ROW_DIMS = 3       # leading dims the elementwise kernel indexes after merging; more take the reference
@@ -119,10 +121,10 @@ def row_layout(lead_shape, *stride_lists):
     return sizes, [tuple(s[i] for _, s in merged) for i in range(len(stride_lists))]
 
 
-def is_dense(t: torch.Tensor) -> bool:
-    """Its elements fill one block of memory without gaps or overlaps, in any dim order."""
+def is_dense(shape, stride) -> bool:
+    """The elements fill one block of memory without gaps or overlaps, in any dim order."""
     expected = 1
-    for stride, n in sorted((s, n) for n, s in zip(t.shape, t.stride()) if n != 1):
+    for stride, n in sorted((s, n) for n, s in zip(shape, stride) if n != 1):
         if stride != expected:
             return False
         expected *= n
@@ -135,11 +137,6 @@ def contiguous_strides(shape) -> tuple:
         strides.append(step)
         step *= max(n, 1)
     return tuple(reversed(strides))
-
-
-def _empty(shape, like: torch.Tensor) -> torch.Tensor:
-    """A contiguous output of this shape with like's dtype and device (NaN-poisoned under the tests)."""
-    return new_output(like.new_empty(shape))
 
 
 # ---- triton backends ------------------------------------------------------------------------------------------
@@ -155,80 +152,91 @@ def _common_why_not(*tensors):
     return None
 
 
-def _output_strides(x) -> tuple:
-    """The strides new_output(x) (torch.empty_like) gives: x's own where x is dense."""
-    return x.stride() if is_dense(x) else torch.empty_like(x, device="meta").stride()
+# The plans are functions of (shape, stride), remembered per layout (layout_cached): a model meets few.
+
+@layout_cached
+def _output_strides(shape, stride) -> tuple:
+    """The strides new_output (torch.empty_like) gives an input of this layout: its own where it is dense."""
+    if is_dense(shape, stride):
+        return stride
+    return torch.empty_like(torch.empty_strided(shape, stride, device="meta")).stride()
 
 
-def _gelu_plan(x, out_strides):
-    """(rows, cols, row_sizes, in_strides, out_strides) for the elementwise kernel, or a reason string."""
-    if is_dense(x) and x.stride() == tuple(out_strides):
+@layout_cached
+def _gelu_plan(shape, stride, out_strides):
+    """(rows, cols, row_sizes, in_strides, out_strides) for the elementwise kernel on an input and an output of
+    these layouts, or a reason string."""
+    if is_dense(shape, stride) and stride == out_strides:
         # One block of memory, in the same order in both: run over it flat.
-        if x.numel() > INT32_MAX:
+        if math.prod(shape) > INT32_MAX:
             return "more than 2**31 elements in one flat block"
-        return 1, x.numel(), (1, 1, 1), (0, 0, 0), (0, 0, 0)
-    cols = x.shape[-1]
-    if cols != 1 and (x.stride(-1) != 1 or out_strides[-1] != 1):
+        return 1, math.prod(shape), (1, 1, 1), (0, 0, 0), (0, 0, 0)
+    cols = shape[-1]
+    if cols != 1 and (stride[-1] != 1 or out_strides[-1] != 1):
         return "the last dim is not contiguous (stride != 1)"
-    layout = row_layout(x.shape[:-1], x.stride()[:-1], out_strides[:-1])
+    layout = row_layout(shape[:-1], stride[:-1], out_strides[:-1])
     if layout is None:
         return f"the leading dims do not merge into {MAX_ROW_DIMS} strided dims"
     sizes, (s_in, s_out) = layout
-    return x.numel() // cols, cols, sizes, s_in, s_out
+    return math.prod(shape) // cols, cols, sizes, s_in, s_out
 
 
 def _gelu_triton_why_not(x, approximate):
     reason = _common_why_not(x)
     if reason is None:
-        plan = _gelu_plan(x, _output_strides(x))
+        shape, stride = x.shape, x.stride()
+        plan = _gelu_plan(shape, stride, _output_strides(shape, stride))
         reason = plan if isinstance(plan, str) else None
     return reason
 
 
 def _gelu_triton_run(x, approximate):
-    from ..kernels.geglu import gelu_rows_triton
     out = new_output(x)
-    rows, cols, sizes, s_in, s_out = _gelu_plan(x, out.stride())
-    return gelu_rows_triton(x, out, rows, cols, sizes, s_in, s_out, gated=False,
-                            approximate_tanh=approximate == "tanh")
+    rows, cols, sizes, s_in, s_out = _gelu_plan(x.shape, x.stride(), out.stride())
+    return kernels("geglu").gelu_rows_triton(x, out, rows, cols, sizes, s_in, s_out, gated=False,
+                                             approximate_tanh=approximate == "tanh")
 
 
-def _geglu_plan(h):
-    inner = h.shape[-1] // 2
-    if h.stride(-1) != 1:
+@layout_cached
+def _geglu_plan(shape, stride):
+    """(rows, inner, row_sizes, in_strides, out_strides, out_shape) for the gated kernel on an input of this
+    layout and a contiguous output, or a reason string."""
+    inner = shape[-1] // 2
+    if stride[-1] != 1:
         return "h's last dim is not contiguous (stride != 1)"
     if inner > INT32_MAX // 2:
         return "last dim too long"
-    lead = h.shape[:-1]
-    layout = row_layout(lead, h.stride()[:-1], contiguous_strides(lead + (inner,))[:-1])
+    out_shape = tuple(shape[:-1]) + (inner,)
+    layout = row_layout(shape[:-1], stride[:-1], contiguous_strides(out_shape)[:-1])
     if layout is None:
         return f"h's leading dims do not merge into {MAX_ROW_DIMS} strided dims"
     sizes, (s_in, s_out) = layout
-    return h.numel() // (2 * inner), inner, sizes, s_in, s_out
+    return math.prod(shape) // (2 * inner), inner, sizes, s_in, s_out, out_shape
 
 
 def _geglu_triton_why_not(h, approximate):
     reason = _common_why_not(h)
     if reason is None:
-        plan = _geglu_plan(h)
+        plan = _geglu_plan(h.shape, h.stride())
         reason = plan if isinstance(plan, str) else None
     return reason
 
 
 def _geglu_triton_run(h, approximate):
-    from ..kernels.geglu import gelu_rows_triton
-    rows, inner, sizes, s_in, s_out = _geglu_plan(h)
-    out = _empty(h.shape[:-1] + (inner,), h)
-    return gelu_rows_triton(h, out, rows, inner, sizes, s_in, s_out, gated=True,
-                            approximate_tanh=approximate == "tanh")
+    rows, inner, sizes, s_in, s_out, out_shape = _geglu_plan(h.shape, h.stride())
+    out = new_output(h, out_shape)
+    return kernels("geglu").gelu_rows_triton(h, out, rows, inner, sizes, s_in, s_out, gated=True,
+                                             approximate_tanh=approximate == "tanh")
 
 
-def _linear_geglu_rows(x):
-    """(M, row stride) of x seen as (M, K), or None where its leading dims are not one stride apart."""
-    layout = row_layout(x.shape[:-1], x.stride()[:-1])
+@layout_cached
+def _linear_geglu_rows(shape, stride):
+    """(M, row stride, leading dims) of an x of this layout seen as (M, K), or None where its leading dims are not
+    one stride apart."""
+    layout = row_layout(shape[:-1], stride[:-1])
     if layout is None or layout[0][0] != 1 or layout[0][1] != 1:
         return None
-    return layout[0][2], layout[1][0][2]
+    return layout[0][2], layout[1][0][2], tuple(shape[:-1])
 
 
 def _linear_geglu_triton_why_not(x, weight, bias, approximate):
@@ -237,18 +245,19 @@ def _linear_geglu_triton_why_not(x, weight, bias, approximate):
         return reason
     if weight.numel() > INT32_MAX:
         return "weight has more than 2**31 elements"
-    if _linear_geglu_rows(x) is None:
+    if _linear_geglu_rows(x.shape, x.stride()) is None:
         return "x's leading dims are not one stride apart (a view that needs a copy to flatten)"
     return None
 
 
 def _linear_geglu_triton_run(x, weight, bias, approximate):
-    from ..kernels.linear_geglu import linear_geglu_triton
-    M, row_stride = _linear_geglu_rows(x)
+    M, row_stride, lead = _linear_geglu_rows(x.shape, x.stride())
     K = x.shape[-1]
     x2d = x.as_strided((M, K), (row_stride, x.stride(-1)))
-    out = _empty(x.shape[:-1] + (weight.shape[0] // 2,), x)
-    linear_geglu_triton(x2d, weight, bias, out.view(M, -1), approximate_tanh=approximate == "tanh")
+    N = weight.shape[0] // 2
+    out = new_output(x, lead + (N,))
+    kernels("linear_geglu").linear_geglu_triton(x2d, weight, bias, out.view(M, N),
+                                              approximate_tanh=approximate == "tanh")
     return out
 
 
@@ -315,17 +324,17 @@ def _(x, weight, bias, approximate):
 def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """F.gelu(x, approximate) with fp32 math; the output keeps x's layout."""
     check_gelu_inputs(x, approximate)
-    return torch.ops.sdkernels.gelu(x, approximate)
+    return call_op(gelu_dispatch, x, approximate)
 
 
 def geglu(h: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """a * gelu(g) with a, g = h.chunk(2, -1), as diffusers' GEGLU after its projection."""
     check_geglu_inputs(h, approximate)
-    return torch.ops.sdkernels.geglu(h, approximate)
+    return call_op(geglu_dispatch, h, approximate)
 
 
 def linear_geglu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                  approximate: str = "none") -> torch.Tensor:
     """geglu(F.linear(x, weight, bias)) in one matmul whose epilogue applies the gate; weight is (2 * inner, K)."""
     check_linear_geglu_inputs(x, weight, bias, approximate)
-    return torch.ops.sdkernels.linear_geglu(x, weight, bias, approximate)
+    return call_op(linear_geglu_dispatch, x, weight, bias, approximate)

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext, dispatch
-from ._common import (KERNEL_DTYPES, fail, is_channels_last_like, new_output, nsc_strides, triton_available,
-                      triton_device_why_not)
+from ._common import (KERNEL_DTYPES, call_op, channels_last_like, fail, is_channels_last_like, kernels, layout_cached,
+                      new_output, nsc_strides, nsc_strides_of, triton_available, triton_device_why_not)
 
 OP = "group_norm"
 
@@ -89,14 +89,19 @@ def check_inputs(x, num_groups, weight, bias, eps, silu, residual, op=OP) -> Non
 
 
 def _layout(x, residual):
-    """(strides of x, residual, out) as (sN, sC, sS) and whether channels vary fastest, or a reason why not."""
-    sx = nsc_strides(x)
+    """(x's and residual's strides as (sN, sC, sS), whether channels vary fastest), or a reason string."""
+    return _layout_of(x.shape, x.stride(), None if residual is None else residual.stride())
+
+
+@layout_cached
+def _layout_of(shape, x_stride, residual_stride):
+    sx = nsc_strides_of(shape, x_stride)
     if sx is None:
-        return None, "x's spatial dims are not one stride apart (a strided view); the kernel needs them flat"
-    channels_last = is_channels_last_like(x)
-    if residual is not None and nsc_strides(residual) is None:
-        return None, "residual's spatial dims are not one stride apart"
-    return channels_last, None
+        return "x's spatial dims are not one stride apart (a strided view); the kernel needs them flat"
+    sr = sx if residual_stride is None else nsc_strides_of(shape, residual_stride)
+    if sr is None:
+        return "residual's spatial dims are not one stride apart"
+    return sx, sr, channels_last_like(shape, sx)
 
 
 def _kernel_why_not(x, num_groups, weight, bias, eps, silu, residual):
@@ -106,7 +111,8 @@ def _kernel_why_not(x, num_groups, weight, bias, eps, silu, residual):
         return "empty tensor"
     if x.numel() >= 2**31:
         return "more than 2**31 elements"
-    return _layout(x, residual)[1]
+    layout = _layout(x, residual)
+    return layout if isinstance(layout, str) else None
 
 
 # ---- triton backend -------------------------------------------------------------------------------------------
@@ -116,12 +122,11 @@ def _triton_why_not(x, num_groups, weight, bias, eps, silu, residual):
 
 
 def _triton_run(x, num_groups, weight, bias, eps, silu, residual):
-    from ..kernels.group_norm import group_norm_triton
     out = new_output(x)
-    channels_last, _ = _layout(x, residual)
-    r = residual if residual is not None else x
-    strides = ((nsc_strides(x), nsc_strides(r), nsc_strides(out)), channels_last)
-    return group_norm_triton(x, num_groups, weight, bias, float(eps), silu, residual, out, strides)
+    sx, sr, channels_last = _layout(x, residual)
+    strides = ((sx, sr, nsc_strides(out)), channels_last)
+    return kernels("group_norm").group_norm_triton(x, num_groups, weight, bias, float(eps), silu, residual, out,
+                                                   strides)
 
 
 # ---- CUDA C++ backend (channels_last, 16-byte vectors) -------------------------------------------------------
@@ -199,7 +204,7 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] 
                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """GroupNorm, then SiLU if ``silu``, then ``+ residual`` if given; see the module docstring."""
     check_inputs(x, num_groups, weight, bias, eps, silu, residual)
-    return torch.ops.sdkernels.group_norm(x, num_groups, weight, bias, float(eps), bool(silu), residual)
+    return call_op(group_norm_dispatch, x, num_groups, weight, bias, float(eps), bool(silu), residual)
 
 
 # ---- sdkernels::group_norm_stats: the statistics alone, for a consumer that normalizes as it loads --------------
@@ -212,8 +217,8 @@ def _stats_triton_why_not(x, num_groups, eps):
 
 
 def _stats_triton_run(x, num_groups, eps):
-    from ..kernels.group_norm import group_norm_stats_triton
-    stats = group_norm_stats_triton(x, num_groups, float(eps), (nsc_strides(x), _layout(x, None)[0]))
+    sx, _, channels_last = _layout(x, None)
+    stats = kernels("group_norm").group_norm_stats_triton(x, num_groups, float(eps), (sx, channels_last))
     return stats.view(x.shape[0], num_groups, 2)
 
 
@@ -238,4 +243,4 @@ def group_norm_stats(x: torch.Tensor, num_groups: int, eps: float = 1e-5) -> tor
     """(N, G, 2) (mean, rstd = 1 / sqrt(var + eps)) of x's groups, fp32 (fp64 for fp64 x): what group_norm
     normalizes with, for an op that applies it as it loads x (sdkernels::conv3x3_fused's prologue)."""
     check_inputs(x, num_groups, None, None, eps, False, None, op=STATS_OP)
-    return torch.ops.sdkernels.group_norm_stats(x, num_groups, float(eps))
+    return call_op(group_norm_stats_dispatch, x, num_groups, float(eps))

@@ -65,8 +65,10 @@ def _is_plain_linear(proj: nn.Module) -> bool:
 
 def _runs_here(x, proj: nn.Module) -> bool:
     """Our path can stand in: a floating tensor on a device the kernels run on, no autograd or autocast."""
+    # Without grad mode the parameters cannot make autograd record the call: skip walking them (microseconds).
+    params = proj.parameters() if torch.is_grad_enabled() else ()
     return (isinstance(x, torch.Tensor) and x.is_floating_point() and device_ok(x)
-            and not must_run_original(x, *proj.parameters()))
+            and not must_run_original(x, *params))
 
 
 def _why_not_activation(module, cls, what: str) -> Optional[str]:

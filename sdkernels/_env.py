@@ -1,0 +1,32 @@
+"""getenv: os.environ.get for the variables read on every op call (SDKERNELS_BACKEND, TRITON_INTERPRET, ...).
+
+os.environ.get costs 0.5 us for a set variable and 1.5 us for an unset one (Mapping.get catches a KeyError), and an
+op call reads several. This reads the same live mapping as one dict lookup, so a variable changed after import
+(monkeypatch.setenv, os.environ[...] = ...) still counts at the next call.
+"""
+from __future__ import annotations
+
+import os
+
+
+def _dict_reader():
+    """getenv over os.environ's own dict (CPython's os._Environ keeps the encoded variables in ``_data``), or plain
+    os.environ.get where that dict is not there."""
+    environ = os.environ
+    data = getattr(environ, "_data", None)
+    encode, decode = getattr(environ, "encodekey", None), getattr(environ, "decodevalue", None)
+    if not isinstance(data, dict) or encode is None or decode is None:
+        return environ.get
+    keys = {}
+
+    def getenv(name: str, default=None):
+        key = keys.get(name)
+        if key is None:
+            key = keys[name] = encode(name)
+        value = data.get(key)
+        return default if value is None else decode(value)
+
+    return getenv
+
+
+getenv = _dict_reader()

@@ -1,0 +1,167 @@
+"""Per-shape backend choice by measurement, once per GPU: the chooser that keeps a patched model from ever running an
+op slower than the fastest way this machine has (including the eager reference itself).
+
+``measured_chooser(op)`` returns a chooser for ``dispatch.set_chooser``. The first time it meets an input signature
+(dtypes, shapes and strides of the tensors, values of the small arguments) on a GPU, it times every backend that can
+run those inputs and the op's reference with CUDA events (median of a few calls after a warm-up), keeps the fastest,
+and stores it in memory and in a JSON file per GPU and software versions (``~/.cache/sdkernels/tuning``, or
+``$SDKERNELS_CACHE_DIR/tuning``), so a later process starts from the choices of an earlier one. It never measures
+inside a CUDA-graph capture or torch.compile tracing, nor on a CPU, nor with ``SDKERNELS_TUNING=0``: there it defers
+to the op's rule (the chooser it had before), as it does for a signature it has not measured.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import threading
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from . import dispatch
+from ._env import getenv
+
+WARMUP_CALLS = 2
+TIMED_CALLS = 7
+_lock = threading.Lock()
+
+
+def signature(*args) -> tuple:
+    """What decides which backend is fastest: each tensor's dtype, shape and strides, small arguments by value,
+    floats by type only (an eps or a scale does not change the speed)."""
+    parts = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            parts.append((str(a.dtype), tuple(a.shape), a.stride()))
+        elif a is None or isinstance(a, (bool, int, str)):
+            parts.append(a)
+        else:
+            parts.append(type(a).__name__)
+    return tuple(parts)
+
+
+def cuda_event_ms(fn: Callable[[], object]) -> float:
+    """Median time of fn() in ms, CUDA events around each call after a warm-up."""
+    for _ in range(WARMUP_CALLS):
+        fn()
+    times = []
+    for _ in range(TIMED_CALLS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def cache_path() -> Path:
+    """One file per GPU model and software versions: a choice measured elsewhere says nothing here."""
+    root = Path(getenv("SDKERNELS_CACHE_DIR") or Path.home() / ".cache" / "sdkernels") / "tuning"
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    import triton
+    name = f"{gpu}-torch{torch.__version__}-triton{triton.__version__}"
+    return root / (re.sub(r"[^A-Za-z0-9.+-]+", "_", name) + ".json")
+
+
+class MeasuredChooser:
+    """A dispatch chooser that measures (see the module docstring). ``timer`` and ``can_measure`` are replaceable
+    for tests on machines without a GPU."""
+
+    def __init__(self, op_name: str, rule: Optional[Callable] = None, timer: Callable = cuda_event_ms,
+                 can_measure: Optional[Callable[..., bool]] = None, path: Optional[Path] = None):
+        self.op_name = op_name
+        self.rule = rule
+        self.timer = timer
+        self.can_measure = can_measure or _can_measure
+        self.path = path
+        self.choices: dict = {}
+        self.timings: dict = {}  # signature -> {backend: ms}, for reports
+        self._loaded = False
+
+    def __call__(self, *args) -> Optional[str]:
+        key = signature(*args)
+        choice = self.choices.get(key)
+        if choice is not None:
+            return choice
+        if not self.can_measure(*args):
+            return self.rule(*args) if self.rule else None
+        self._load()
+        choice = self.choices.get(key)
+        if choice is None:
+            choice = self._measure(key, args)
+        return choice
+
+    def _measure(self, key, args) -> str:
+        op = dispatch.ops()[self.op_name]
+        runs = {b.name: b.run for b in op.backends if (b.why_not(*args) or b.available()) is None}
+        runs[dispatch.REFERENCE] = op.reference
+        times = {name: self.timer(lambda run=run: run(*args)) for name, run in runs.items()}
+        choice = min(times, key=times.get)
+        with _lock:
+            self.choices[key] = choice
+            self.timings[key] = times
+            self._save()
+        return choice
+
+    def _file(self) -> Path:
+        return self.path or cache_path()
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        try:
+            stored = json.loads(self._file().read_text()).get(self.op_name, {})
+        except (OSError, ValueError):
+            return
+        for entry in stored:
+            self.choices.setdefault(_as_key(entry["signature"]), entry["choice"])
+
+    def _save(self) -> None:
+        path = self._file()
+        try:
+            data = json.loads(path.read_text()) if path.exists() else {}
+        except (OSError, ValueError):
+            data = {}
+        data[self.op_name] = [{"signature": key, "choice": choice, "ms": self.timings.get(key)}
+                              for key, choice in self.choices.items()]
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(data, indent=1))
+            tmp.replace(path)  # atomic: processes tuning at once never leave half a file
+        except OSError:
+            pass  # a read-only home: the choices stay in memory
+
+
+def _as_key(value):
+    """JSON turned the signature's tuples into lists: back to (hashable) tuples."""
+    return tuple(_as_key(v) for v in value) if isinstance(value, list) else value
+
+
+def _can_measure(*args) -> bool:
+    if getenv("SDKERNELS_TUNING", "1") == "0":
+        return False
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if not tensors or not tensors[0].is_cuda:
+        return False
+    if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
+        return False
+    return not any(isinstance(t, torch._subclasses.FakeTensor) for t in tensors)
+
+
+def enable(op_names=None) -> dict:
+    """Install a measured chooser on the given ops (default: every op), each keeping the op's own rule for what it
+    has not measured; returns {op name: chooser}. Idempotent."""
+    installed = {}
+    for name, op in dispatch.ops().items():
+        if op_names is not None and name not in op_names:
+            continue
+        if not isinstance(op.chooser, MeasuredChooser):
+            dispatch.set_chooser(name, MeasuredChooser(name, rule=op.chooser))
+        installed[name] = op.chooser
+    return installed

@@ -1,0 +1,425 @@
+"""sdkernels::conv3x3 and its Winograd F(2x2, 3x3) backend.
+
+CPU lane: the transform matrices on their own; the PyTorch reference of what the CUDA kernel computes against a
+float64 direct convolution, within the bound of sdkernels.ops.winograd (one rounding table per dtype); the op's
+dispatch, errors, fake and opcheck; the filter cache; the Triton implicit-GEMM backend in the interpreter.
+GPU lane: the CUDA kernel at SD shapes and odd ones against float64 and against the reference that rounds as it
+does, NCHW and strided inputs, CUDA-graph capture and replay, the filter cache after in-place weight changes; every
+output is NaN-poisoned before a kernel writes it (conftest sets SDKERNELS_POISON_OUTPUTS=1).
+"""
+import gc
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, note, settings
+from hypothesis import strategies as st
+
+import sdkernels
+from sdkernels import SdkernelsFallbackWarning, SdkernelsInputError, dispatch
+from sdkernels.ops import conv3x3_eager, winograd_conv3x3_reference
+from sdkernels.ops import winograd as wg
+from sdkernels.ops.conv3x3_plain import OP, conv3x3_dispatch, output_like
+from sdkernels.testing import assert_close
+from conftest import DEVICE, GPU
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SIDES = [1, 2, 3, 5, 8, 11, 17]  # 1 and 2: one tile; odd: a cropped tile row / column
+
+
+def make_case(N, C, K, H, W, dtype, bias=True, residual=True, layout="channels_last", device=DEVICE, seed=0):
+    """Unit-variance x and residual, unit-gain weights (outputs of unit variance), in the given layout."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, C, H, W, generator=g)
+    w = torch.randn(K, C, 3, 3, generator=g) / math.sqrt(9 * C)
+    b = 0.5 * torch.randn(K, generator=g) if bias else None
+    r = torch.randn(N, K, H, W, generator=g) if residual else None
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    move = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+    x, r = move(x).contiguous(memory_format=fmt), move(r)
+    if r is not None:
+        r = r.contiguous(memory_format=fmt)
+    return x, move(w), move(b), r
+
+
+def check_within_bound(out, x, w, b, r, scale, what, **bound_options):
+    exact, bound = wg.error_bound(x, w, b, r, scale, **bound_options)
+    err = (out.double() - exact).abs()
+    ratio = (err / bound).nan_to_num(float("inf"))  # NaN (an unwritten element) fails
+    worst = int(ratio.argmax())
+    idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), out.shape))
+    assert ratio.max().item() <= 1.0, (
+        f"{what}: {int((ratio > 1).sum())} of {out.numel()} elements outside the Winograd bound; worst at {idx}: got "
+        f"{out.flatten()[worst].item():.6g}, exact {exact.flatten()[worst].item():.6g}, bound "
+        f"{bound.flatten()[worst].item():.3g}")
+
+
+# ---- the matrices ----------------------------------------------------------------------------------------------
+
+def _f64(rows):
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_f2_3_is_a_one_dimensional_correlation(seed):
+    torch.manual_seed(seed)
+    g_, d = torch.randn(3, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    y = _f64(wg.A_T) @ ((_f64(wg.G) @ g_) * (_f64(wg.B_T) @ d))
+    expected = torch.stack([d[0:3] @ g_, d[1:4] @ g_])
+    torch.testing.assert_close(y, expected, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_f2x2_3x3_is_a_two_dimensional_correlation(seed):
+    torch.manual_seed(seed)
+    g_, d = torch.randn(3, 3, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64)
+    bt, gm, at = _f64(wg.B_T), _f64(wg.G), _f64(wg.A_T)
+    y = at @ ((gm @ g_ @ gm.T) * (bt @ d @ bt.T)) @ at.T
+    expected = F.conv2d(d[None, None], g_[None, None])[0, 0]  # valid correlation: 4x4 with 3x3 -> 2x2
+    torch.testing.assert_close(y, expected, rtol=1e-13, atol=1e-13)
+
+
+def test_transforms_lay_out_positions_tiles_and_channels_as_the_kernel_reads_them():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 7, dtype=torch.float64)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    bt, gm = _f64(wg.B_T), _f64(wg.G)
+    u = wg.filter_transform(w)
+    assert u.shape == (16, 3, 4) and u.is_contiguous()
+    torch.testing.assert_close(u[:, 1, 2].reshape(4, 4), gm @ w[2, 1] @ gm.T)
+    v = wg.input_transform(wg.input_tiles(x))
+    tiles_h, tiles_w = wg.tile_grid(5, 7)
+    assert (tiles_h, tiles_w) == (3, 4) and v.shape == (16, 2 * 3 * 4, 3)
+    padded = F.pad(x, (1, 2, 1, 2))  # odd H and W: one more zero row and column past the image
+    n, th, tw, c = 1, 2, 3, 2
+    patch = padded[n, c, 2 * th:2 * th + 4, 2 * tw:2 * tw + 4]
+    torch.testing.assert_close(v[:, (n * tiles_h + th) * tiles_w + tw, c].reshape(4, 4), bt @ patch @ bt.T)
+    assert wg.filter_transform(w.float()).dtype == torch.float32
+
+
+# ---- the reference against float64 direct convolution ----------------------------------------------------------
+
+@given(batch=st.integers(1, 3), C=st.sampled_from([1, 2, 3, 5, 8, 13, 24]), K=st.sampled_from([1, 3, 4, 7, 16]),
+       H=st.sampled_from(SIDES), W=st.sampled_from(SIDES), bias=st.booleans(), residual=st.booleans(),
+       scale=st.sampled_from([1.0, 0.5, -1.7]))
+def test_reference_in_float64_is_the_convolution(batch, C, K, H, W, bias, residual, scale):
+    x, w, b, r = make_case(batch, C, K, H, W, torch.float64, bias, residual, layout="contiguous", device="cpu")
+    note(f"x {tuple(x.shape)}, K={K}, bias={bias}, residual={residual}, scale={scale}")
+    expected = F.conv2d(x, w, b, padding=1)
+    if r is not None:
+        expected = expected + r
+    torch.testing.assert_close(winograd_conv3x3_reference(x, w, b, r, scale), expected * scale, rtol=1e-11,
+                               atol=1e-11)
+
+
+@given(batch=st.integers(1, 3), C=st.sampled_from([1, 3, 8, 16, 40, 96]), K=st.sampled_from([1, 5, 8, 24]),
+       H=st.sampled_from(SIDES), W=st.sampled_from(SIDES), dtype=st.sampled_from(DTYPES), bias=st.booleans(),
+       residual=st.booleans(), scale=st.sampled_from([1.0, 0.5, 1 / 1.4142]),
+       layout=st.sampled_from(["channels_last", "contiguous"]))
+def test_reference_is_within_the_error_bound(batch, C, K, H, W, dtype, bias, residual, scale, layout):
+    x, w, b, r = make_case(batch, C, K, H, W, dtype, bias, residual, layout, device="cpu")
+    note(f"x {tuple(x.shape)} {dtype} {layout}, K={K}, bias={bias}, residual={residual}, scale={scale}")
+    check_within_bound(winograd_conv3x3_reference(x, w, b, r, scale), x, w, b, r, scale, "reference")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_winograd_amplifies_operand_rounding_as_derived(dtype):
+    """Unit-variance data: the rounding of V and U gives an rms error sqrt(2 * 25 / 9) = 2.4 times the rms relative
+    rounding error, where a direct convolution with exact products has only its output rounding; the bound of one
+    element stays near 60 u_operand (its tail factor, the absolute transforms and |delta| <= u all count)."""
+    x, w, _, _ = make_case(1, 128, 32, 32, 32, dtype, bias=False, residual=False, device="cpu")
+    exact, bound = wg.error_bound(x, w)
+    winograd = winograd_conv3x3_reference(x, w).double() - exact
+    direct = exact.to(dtype).double() - exact  # exact products and sums: one rounding of the output
+    ratio = (winograd.square().mean() / direct.square().mean()).sqrt().item()
+    u = wg.ROUNDING[dtype][0]
+    rms = exact.square().mean().sqrt().item()
+    assert 1.5 < ratio < 4.0, f"rms error {ratio:.2f}x that of rounding the exact output"
+    assert 30 * u * rms < bound.mean().item() < 90 * u * rms
+    assert (winograd.abs() / bound).max().item() < 0.25  # the bound holds with room: a tail bound, by design
+
+
+# ---- the op on any device --------------------------------------------------------------------------------------
+
+def run_op(backend, x, w, b, r, scale, strict=True):
+    with sdkernels.use_backend(backend, op=OP, strict=strict):
+        out = sdkernels.conv3x3(x, w, b, r, scale)
+    if strict:
+        assert dispatch.last_backend(OP) == backend
+    assert out.dtype == x.dtype and out.shape == (x.shape[0], w.shape[0], *x.shape[2:])
+    assert out.stride() == output_like(x, w.shape[0], poison=False).stride(), "output must keep x's memory format"
+    return out
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_default_is_cudnn_the_eager_definition(dtype, layout, no_tf32):
+    x, w, b, r = make_case(2, 8, 16, 5, 7, dtype, layout=layout)
+    out = sdkernels.conv3x3(x, w, b, r, 0.5)
+    assert dispatch.last_backend(OP) == "cudnn"
+    assert out.stride() == output_like(x, 16, poison=False).stride()
+    expected = (F.conv2d(x, w, b, padding=1) + r) * 0.5
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert_close(out, ((F.conv2d(x.double(), w.double(), b.double(), padding=1) + r.double()) * 0.5), dtype,
+                 9 * 8, what=f"cudnn {dtype}")
+
+
+def test_a_chooser_can_prefer_another_backend():
+    x, w, b, r = make_case(1, 8, 8, 4, 4, torch.float32)
+    dispatch.set_chooser(OP, lambda *args: "no_such_backend")
+    try:
+        sdkernels.conv3x3(x, w, b, r)
+        assert dispatch.last_backend(OP) == "cudnn"  # an unknown or unfit preference is passed over
+    finally:
+        dispatch.set_chooser(OP, None)
+
+
+def test_winograd_says_why_not_and_the_reference_runs(no_tf32):
+    reasons = lambda *case: conv3x3_dispatch.reasons(*case, 1.0)["winograd"]  # noqa: E731
+    x, w, b, r = make_case(1, 12, 16, 5, 5, torch.float16)
+    assert reasons(x, w, b, r).startswith("C=12 not a multiple of 8")
+    x, w, b, r = make_case(1, 16, 20, 5, 5, torch.float16)
+    assert reasons(x, w, b, r).startswith("K=20 not a multiple of 8")
+    x, w, b, r = make_case(1, 4, 20, 5, 5, torch.float16)
+    assert reasons(x, w, b, r).startswith("C=4 and K=20 not a multiple of 8")
+    x, w, b, r = make_case(1, 16, 16, 5, 5, torch.float64)
+    assert "dtype torch.float64" in reasons(x, w, b, r)
+    if not GPU:
+        x, w, b, r = make_case(1, 16, 16, 5, 5, torch.float16)
+        assert reasons(x, w, b, r) == "tensor on cpu, not CUDA"
+    x, w, b, r = make_case(1, 12, 16, 5, 5, torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = run_op("winograd", x, w, b, r, 1.0, strict=False)
+    assert dispatch.last_backend(OP) == "reference"
+    assert any(issubclass(c.category, SdkernelsFallbackWarning) and "not a multiple of 8" in str(c.message)
+               for c in caught)
+    torch.testing.assert_close(out, conv3x3_eager(x, w, b, r), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="forced backend 'winograd' cannot run these inputs.*multiple of 8"):
+        run_op("winograd", x, w, b, r, 1.0)
+
+
+def _bad_inputs():
+    x, w, b, r = make_case(2, 8, 16, 5, 5, torch.float32, device="cpu")
+    yield "rank", (x[0], w, b, r, 1.0), "x must be \\(N, C, H, W\\), not rank 3"
+    yield "integer x", (x.to(torch.int32), w, b, r, 1.0), "x must be floating point"
+    yield "weight shape", (x, w[:, :4], b, r, 1.0), "weight must be \\(K, 8, 3, 3\\)"
+    yield "5x5 weight", (x, torch.zeros(16, 8, 5, 5), b, r, 1.0), "weight must be \\(K, 8, 3, 3\\)"
+    yield "weight dtype", (x, w.double(), b, r, 1.0), "weight has dtype torch.float64 but x has torch.float32"
+    yield "bias shape", (x, w, b[:8], r, 1.0), "bias must have shape \\(16,\\)"
+    yield "bias dtype", (x, w, b.half(), r, 1.0), "bias has dtype torch.float16"
+    yield "residual shape", (x, w, b, r[:, :8], 1.0), "residual must have shape \\(2, 16, 5, 5\\)"
+    yield "residual dtype", (x, w, b, r.bfloat16(), 1.0), "residual has dtype torch.bfloat16"
+    yield "residual device", (x, w, b, r.to("meta"), 1.0), "residual is on meta but x is on cpu"
+    yield "weight device", (x, w.to("meta"), b, r, 1.0), "weight is on meta but x is on cpu"
+    yield "scale", (x, w, b, r, float("inf")), "scale=inf must be a finite number"
+
+
+@pytest.mark.parametrize("args, message", [case[1:] for case in _bad_inputs()], ids=[c[0] for c in _bad_inputs()])
+def test_invalid_inputs_raise_naming_the_op_and_the_reason(args, message):
+    with pytest.raises(SdkernelsInputError, match="sdkernels::conv3x3: " + message):
+        sdkernels.conv3x3(*args)
+    with pytest.raises(SdkernelsInputError, match=message):
+        torch.ops.sdkernels.conv3x3(*args)  # the op checks too, not only the wrapper
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(dtype):
+    for layout, bias, residual, scale in (("channels_last", True, True, 0.5), ("contiguous", False, False, 1.0),
+                                          ("contiguous", True, False, 2.0)):
+        x, w, b, r = make_case(2, 8, 16, 5, 6, dtype, bias, residual, layout)
+        torch.library.opcheck(torch.ops.sdkernels.conv3x3.default, (x, w, b, r, scale))
+
+
+def test_fake_output_has_the_real_layout():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    for layout in ("channels_last", "contiguous"):
+        x, w, b, r = make_case(2, 8, 16, 5, 6, torch.float32, layout=layout)
+        real = sdkernels.conv3x3(x, w, b, r)
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = torch.ops.sdkernels.conv3x3(*(mode.from_tensor(t) for t in (x, w, b, r)), 1.0)
+        assert fake.shape == real.shape and fake.stride() == real.stride() and fake.dtype == real.dtype
+
+
+def test_torch_compile_fullgraph():
+    x, w, b, r = make_case(1, 8, 8, 6, 6, torch.float32)
+    compiled = torch.compile(lambda x, w, b, r: sdkernels.conv3x3(x, w, b, r, 0.5), fullgraph=True,
+                             backend="aot_eager" if not GPU else "inductor")
+    torch.testing.assert_close(compiled(x, w, b, r), sdkernels.conv3x3(x, w, b, r, 0.5))
+
+
+# ---- the filter cache ------------------------------------------------------------------------------------------
+
+def test_filter_cache_follows_the_weight():
+    w = torch.randn(16, 8, 3, 3)
+    u = wg.transformed_filter(w)
+    torch.testing.assert_close(u, wg.filter_transform(w))
+    assert wg.transformed_filter(w) is u, "an unchanged weight must not be transformed again"
+    with torch.no_grad():
+        w.add_(1.0)  # LoRA fusing in place: the version counter moves
+    u2 = wg.transformed_filter(w)
+    assert u2 is not u
+    torch.testing.assert_close(u2, wg.filter_transform(w))
+    param = torch.nn.Parameter(w.clone(), requires_grad=False)
+    u3 = wg.transformed_filter(param)
+    param.data = torch.randn(16, 8, 3, 3)  # peft's merge assigns weight.data: a new storage
+    u4 = wg.transformed_filter(param)
+    assert u4 is not u3
+    torch.testing.assert_close(u4, wg.filter_transform(param))
+    half = w.half()
+    assert wg.transformed_filter(half).dtype == torch.float16  # U in the weight's dtype, per weight tensor
+    with torch.no_grad():
+        w.data += 1  # through .data: invisible to the version counter, so the caller forgets it
+    wg.forget_filter(w)
+    torch.testing.assert_close(wg.transformed_filter(w), wg.filter_transform(w))
+
+
+def test_filter_cache_lets_weights_go():
+    before = len(wg._filters)
+    w = torch.randn(8, 8, 3, 3)
+    wg.transformed_filter(w)
+    assert len(wg._filters) == before + 1
+    del w
+    gc.collect()
+    assert len(wg._filters) == before
+    with torch.inference_mode():
+        frozen = torch.randn(8, 8, 3, 3)
+    assert wg.transformed_filter(frozen) is not wg.transformed_filter(frozen)  # no version counter: never cached
+    assert len(wg._filters) == before
+
+
+# ---- triton_igemm (the interpreter on the CPU) ------------------------------------------------------------------
+
+@settings(max_examples=10)
+@given(batch=st.integers(1, 2), C=st.sampled_from([3, 8, 20]), K=st.sampled_from([1, 8, 24]),
+       H=st.sampled_from([1, 3, 8]), W=st.sampled_from([1, 2, 7]), dtype=st.sampled_from(DTYPES),
+       bias=st.booleans(), residual=st.booleans(), scale=st.sampled_from([1.0, 0.5]),
+       layout=st.sampled_from(["channels_last", "contiguous"]))
+def test_triton_igemm_backend(batch, C, K, H, W, dtype, bias, residual, scale, layout):
+    x, w, b, r = make_case(batch, C, K, H, W, dtype, bias, residual, layout)
+    note(f"x {tuple(x.shape)} {dtype} {layout}, K={K}, bias={bias}, residual={residual}, scale={scale}")
+    out = run_op("triton_igemm", x, w, b, r, scale)
+    exact, _ = wg.error_bound(x.cpu(), w.cpu(), *(None if t is None else t.cpu() for t in (b, r)), scale)
+    assert_close(out, exact, dtype, 9 * C, what=f"triton_igemm {tuple(x.shape)} K={K} {dtype}")
+
+
+# ---- GPU lane: the CUDA kernel -----------------------------------------------------------------------------------
+
+SD_SHAPES = [(1, 128, 128, 256, 256), (2, 320, 320, 64, 64), (2, 640, 640, 32, 32), (2, 1280, 1280, 8, 8)]
+ODD_SHAPES = [(1, 8, 8, 1, 1), (1, 16, 8, 1, 5), (3, 24, 40, 7, 9), (2, 16, 8, 33, 31), (1, 40, 56, 5, 130),
+              (2, 56, 16, 2, 3)]  # tiles and output channels that fill no block, a single row, a single pixel
+
+
+def check_winograd(x, w, b, r, scale, what):
+    """The kernel against float64 (the bound) and against the reference that rounds its operands as it does (the
+    bound without operand rounding: only fp32 sums in another order and two roundings of the output differ)."""
+    out = run_op("winograd", x, w, b, r, scale)
+    check_within_bound(out, x, w, b, r, scale, what + " vs float64")
+    emulated = winograd_conv3x3_reference(x, w, b, r, scale)
+    exact, bound = wg.error_bound(x, w, b, r, scale, operands_rounded=False, output_roundings=2)
+    err = (out.double() - emulated.double()).abs()
+    assert bool((err <= bound).all()), (f"{what}: differs from the reference that rounds as the kernel does by up to "
+                                        f"{err.nan_to_num(float('inf')).max().item():.3g}")
+    return out
+
+
+@pytest.mark.gpu
+def test_every_backend_available():
+    assert {b.name: b.available() for b in conv3x3_dispatch.backends} == {b.name: None
+                                                                          for b in conv3x3_dispatch.backends}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SD_SHAPES, ids=lambda s: "B=%d,C=%d,K=%d,H=%d,W=%d" % s)
+def test_winograd_at_sd_shapes(shape, dtype):
+    x, w, b, r = make_case(*shape, dtype, bias=True, residual=shape[1] == shape[2])
+    check_winograd(x, w, b, r, 1 / 1.4142 if r is not None else 1.0, f"winograd {shape} {dtype}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ODD_SHAPES, ids=lambda s: "B=%d,C=%d,K=%d,H=%d,W=%d" % s)
+@pytest.mark.parametrize("bias, residual, scale", [(True, True, 0.5), (False, False, 1.0), (False, True, -2.0)])
+def test_winograd_odd_shapes(shape, dtype, bias, residual, scale):
+    x, w, b, r = make_case(*shape, dtype, bias, residual)
+    check_winograd(x, w, b, r, scale, f"winograd {shape} {dtype} bias={bias} residual={residual}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_winograd_nchw_and_strided_inputs(dtype):
+    x, w, b, r = make_case(2, 24, 16, 9, 11, dtype, layout="contiguous")
+    out = check_winograd(x, w, b, r, 0.5, f"winograd NCHW {dtype}")
+    assert out.is_contiguous()
+    big, _, _, wide = make_case(2, 40, 48, 9, 11, dtype)
+    x, r = big[:, 8:32], wide[:, 16:32]  # channels_last views (channel stride 1, the wider tensor's other strides):
+    # the kernel reads them in place
+    w = w[:, :24].contiguous()
+    check_winograd(x, w, b, r, 1.0, f"winograd strided views {dtype}")
+
+
+@pytest.mark.gpu
+def test_default_and_other_backends_on_the_gpu(no_tf32):
+    for dtype in DTYPES:
+        x, w, b, r = make_case(2, 64, 96, 17, 23, dtype)
+        for backend in ("cudnn", "triton_igemm"):
+            out = run_op(backend, x, w, b, r, 0.5)
+            check_within_bound(out, x, w, b, r, 0.5, f"{backend} {dtype}")  # direct convolutions: well inside
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_and_replay():
+    x, w, b, r = make_case(2, 64, 64, 32, 32, torch.float16)
+    step = lambda: run_op("winograd", x, w, b, r, 0.5)  # noqa: E731
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # warm: the transformed filter is cached before capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step()
+    for seed in (1, 2):
+        new_x, _, _, new_r = make_case(2, 64, 64, 32, 32, torch.float16, seed=seed)
+        x.copy_(new_x)
+        r.copy_(new_r)
+        graph.replay()
+        torch.cuda.synchronize()
+        check_within_bound(static_out, x, w, b, r, 0.5, f"graph replay {seed}")
+
+
+@pytest.mark.gpu
+def test_filter_cache_sees_in_place_weight_changes():
+    x, w, b, r = make_case(1, 32, 32, 16, 16, torch.float16)
+    conv = torch.nn.Conv2d(32, 32, 3, padding=1).to(device="cuda", dtype=torch.float16).requires_grad_(False)
+    conv.weight.copy_(w)
+    check_winograd(x, conv.weight, b, r, 1.0, "before")
+    conv.weight.add_(0.05 * torch.randn_like(w))  # LoRA fused in place
+    check_winograd(x, conv.weight, b, r, 1.0, "after weight.add_")
+    conv.weight.data = torch.randn_like(w) / math.sqrt(9 * 32)  # peft's merge: weight.data assigned
+    check_winograd(x, conv.weight, b, r, 1.0, "after weight.data = ...")
+
+
+@pytest.mark.gpu
+def test_outputs_are_poisoned_and_fully_written():
+    x, w, b, r = make_case(3, 24, 40, 7, 9, torch.float16)
+    assert output_like(x, 40).isnan().all(), "the tests run with SDKERNELS_POISON_OUTPUTS=1"
+    out = run_op("winograd", x, w, b, r, 1.0)
+    assert not out.isnan().any(), "the kernel left elements unwritten"
+
+
+@pytest.mark.gpu
+def test_the_binding_checks_what_the_kernel_assumes():
+    from sdkernels import _ext
+    x, w, b, r = make_case(1, 16, 16, 6, 6, torch.float16)
+    u = wg.transformed_filter(w)
+    out = torch.empty_like(r)
+    with pytest.raises(RuntimeError, match="x must be channels_last"):
+        _ext.load().winograd_conv3x3(x.contiguous(), u, b, None, out, 1.0)
+    with pytest.raises(RuntimeError, match="input or output channels not a multiple of 8"):
+        _ext.load().winograd_conv3x3(x[:, :12], u[:, :12].contiguous(), b, None, out, 1.0)
+    with pytest.raises(RuntimeError, match="u must be the contiguous"):
+        _ext.load().winograd_conv3x3(x, u[:, :, :8], b, None, out, 1.0)

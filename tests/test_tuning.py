@@ -1,0 +1,144 @@
+"""The measured chooser (sdkernels.tuning): it picks the fastest of the backends that can run an input and the
+reference, measures each signature once, remembers it on disk, and measures nothing where it must not."""
+import json
+
+import pytest
+import torch
+
+from sdkernels import dispatch, tuning
+
+from conftest import DEVICE, GPU
+
+OP = "tuning_test_op"
+
+
+@pytest.fixture
+def fake_op():
+    """An op with backends "fast" (only for 2-D inputs), "slow" and the reference; each run returns its name."""
+    op = dispatch.define(OP, lambda x: "reference")
+    op.register(dispatch.Backend("fast", lambda x: "fast", lambda x: None if x.dim() == 2 else "2-D only"))
+    op.register(dispatch.Backend("slow", lambda x: "slow", lambda x: None))
+    yield op
+    dispatch._ops.pop(OP)
+
+
+def fake_timer(times, timed):
+    """A timer that runs the call once and reports the given time of whoever ran."""
+    def timer(fn):
+        name = fn()
+        timed.append(name)
+        return times[name]
+    return timer
+
+
+def chooser_for(tmp_path, times, timed, **kwargs):
+    return tuning.MeasuredChooser(OP, timer=fake_timer(times, timed), can_measure=lambda *a: True,
+                                  path=tmp_path / "tuning.json", **kwargs)
+
+
+def test_picks_the_fastest_runnable_backend_and_measures_once(fake_op, tmp_path):
+    timed = []
+    choose = chooser_for(tmp_path, {"fast": 3.0, "slow": 1.0, "reference": 2.0}, timed)
+    x = torch.randn(4, 5)
+    assert choose(x) == "slow"
+    assert sorted(timed) == ["fast", "reference", "slow"]
+    assert choose(x) == "slow" and len(timed) == 3  # remembered
+    timed.clear()
+    assert choose(torch.randn(2, 3, 4)) == "slow"  # "fast" cannot run 3-D: it is not timed
+    assert sorted(timed) == ["reference", "slow"]
+
+
+def test_reference_choice_runs_the_reference_without_a_warning(fake_op, tmp_path, recwarn):
+    fake_op.chooser = chooser_for(tmp_path, {"fast": 3.0, "slow": 4.0, "reference": 1.0}, [])
+    assert fake_op(torch.randn(4, 5)) == "reference"
+    assert dispatch.last_backend(OP) == "reference"
+    assert not [w for w in recwarn if issubclass(w.category, dispatch.SdkernelsFallbackWarning)]
+    with dispatch.use_backend("fast", op=OP, strict=True):  # forcing still wins over any choice
+        assert fake_op(torch.randn(4, 5)) == "fast"
+
+
+def test_choices_persist_across_processes(fake_op, tmp_path):
+    times = {"fast": 1.0, "slow": 2.0, "reference": 3.0}
+    chooser_for(tmp_path, times, [])(torch.randn(4, 5))
+    stored = json.loads((tmp_path / "tuning.json").read_text())[OP]
+    assert stored[0]["choice"] == "fast" and stored[0]["ms"]["slow"] == 2.0
+    timed = []
+    again = chooser_for(tmp_path, times, timed)
+    assert again(torch.randn(4, 5)) == "fast" and timed == []  # read back, not measured
+    assert again(torch.randn(4, 6)) == "fast" and len(timed) == 3  # a new signature is measured
+
+
+def test_a_corrupt_cache_file_is_measured_over(fake_op, tmp_path):
+    (tmp_path / "tuning.json").write_text("{not json")
+    timed = []
+    assert chooser_for(tmp_path, {"fast": 1.0, "slow": 2.0, "reference": 3.0}, timed)(torch.randn(4, 5)) == "fast"
+    assert len(timed) == 3 and json.loads((tmp_path / "tuning.json").read_text())[OP]
+
+
+def test_without_measuring_the_rule_decides(fake_op, tmp_path):
+    timed = []
+    choose = tuning.MeasuredChooser(OP, rule=lambda x: "slow", timer=fake_timer({}, timed),
+                                    can_measure=lambda *a: False, path=tmp_path / "t.json")
+    assert choose(torch.randn(4, 5)) == "slow" and timed == []
+    no_rule = tuning.MeasuredChooser(OP, can_measure=lambda *a: False, path=tmp_path / "t.json")
+    assert no_rule(torch.randn(4, 5)) is None
+
+
+def test_signature_keeps_what_decides_speed():
+    x = torch.randn(4, 6)
+    assert tuning.signature(x, 1e-5, True, 3) == tuning.signature(torch.randn(4, 6), 1e-6, True, 3)
+    assert tuning.signature(x) != tuning.signature(x.t().contiguous().t())  # same shape, other strides
+    assert tuning.signature(x) != tuning.signature(x.half())
+    assert tuning.signature(x, None, "tanh") != tuning.signature(x, None, "none")
+
+
+def test_never_measures_on_cpu_or_when_turned_off(monkeypatch):
+    assert not tuning._can_measure(torch.randn(3))
+    assert not tuning._can_measure(1.0)
+    if GPU:
+        x = torch.randn(3, device=DEVICE)
+        monkeypatch.setenv("SDKERNELS_TUNING", "1")
+        assert tuning._can_measure(x)
+        monkeypatch.setenv("SDKERNELS_TUNING", "0")
+        assert not tuning._can_measure(x)
+
+
+def test_enable_keeps_each_ops_rule_and_is_idempotent(fake_op):
+    rule = lambda x: "slow"  # noqa: E731
+    fake_op.chooser = rule
+    installed = tuning.enable([OP])
+    assert isinstance(fake_op.chooser, tuning.MeasuredChooser) and fake_op.chooser.rule is rule
+    assert tuning.enable([OP])[OP] is installed[OP]
+
+
+def test_cache_file_names_the_gpu_and_versions(monkeypatch, tmp_path):
+    monkeypatch.setenv("SDKERNELS_CACHE_DIR", str(tmp_path))
+    path = tuning.cache_path()
+    assert path.parent == tmp_path / "tuning" and torch.__version__.split("+")[0] in path.name
+
+
+@pytest.mark.gpu
+def test_measures_real_backends_on_the_gpu(tmp_path, monkeypatch):
+    """group_norm at a small and a large shape: whatever wins is a backend that runs the input, and it is stored."""
+    monkeypatch.setenv("SDKERNELS_TUNING", "1")
+    choose = tuning.MeasuredChooser("group_norm", path=tmp_path / "t.json")
+    for shape in ((2, 1280, 8, 8), (1, 128, 256, 256)):
+        x = torch.randn(shape, device=DEVICE, dtype=torch.float16).to(memory_format=torch.channels_last)
+        w = torch.randn(shape[1], device=DEVICE, dtype=torch.float16)
+        args = (x, 32, w, w, 1e-5, True, None)
+        choice = choose(*args)
+        op = dispatch.ops()["group_norm"]
+        assert choice == dispatch.REFERENCE or op.reasons(*args)[choice] is None
+        assert set(choose.timings[tuning.signature(*args)]) >= {"reference", choice}
+    assert len(json.loads((tmp_path / "t.json").read_text())["group_norm"]) == 2
+
+
+def test_patch_installs_measured_choosers_that_keep_the_rules():
+    import torch.nn as nn
+    import sdkernels
+    rules = {name: op.chooser for name, op in dispatch.ops().items()}
+    sdkernels.patch(nn.Sequential(nn.GroupNorm(2, 4), nn.SiLU()))
+    for name, op in dispatch.ops().items():
+        assert isinstance(op.chooser, tuning.MeasuredChooser), name
+        rule = rules[name]
+        assert op.chooser.rule is (rule.rule if isinstance(rule, tuning.MeasuredChooser) else rule)
