@@ -5,7 +5,7 @@ import torch
 import sdkernels
 from sdkernels.ops import (attention_reference, geglu_reference, gelu_reference, group_norm_reference,
                            linear_geglu_reference)
-from sdkernels.ops import conv3x3_reference, group_norm_stats_reference
+from sdkernels.ops import conv3x3_reference, group_norm_stats_reference, winograd_conv3x3_reference
 from sdkernels.ops.attention import GPU_UNSAFE_HEAD_DIMS
 from sdkernels.testing import assert_close, relative_error
 
@@ -65,6 +65,19 @@ def conv3x3_cases():
             yield (x, w, b, stats, affine, affine, None, r, 2.0, 0, 1e-6)
 
 
+def winograd_cases():
+    """The Winograd conv3x3 (CUDA C++) on odd sizes and channel counts that are multiples of 8 (what it takes), with
+    and without bias, residual and scale; against the reference that rounds as the kernel does."""
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for N, C, K, H, W in ((1, 8, 16, 1, 1), (2, 24, 40, 7, 9), (1, 64, 72, 33, 31), (2, 320, 320, 17, 16)):
+            x = torch.randn(N, C, H, W, device="cuda", dtype=dtype).to(memory_format=torch.channels_last)
+            w = torch.randn(K, C, 3, 3, device="cuda", dtype=dtype) / (9 * C) ** 0.5
+            b = torch.randn(K, device="cuda", dtype=dtype)
+            r = torch.randn(N, K, H, W, device="cuda", dtype=dtype).to(memory_format=torch.channels_last)
+            yield (x, w, None, None, 1.0)
+            yield (x, w, b, r, 0.5)
+
+
 def describe_args(args) -> str:
     return " ".join(f"{tuple(a.shape)}:{str(a.dtype)[6:]}" if isinstance(a, torch.Tensor) else repr(a) for a in args)
 
@@ -80,6 +93,9 @@ def cases():
                lambda a=args: group_norm_reference(*a), args, None)
     for name, op, reference, args in geglu_cases():
         yield name, "triton", lambda o=op, a=args: o(*a), lambda r=reference, a=args: r(*a), args, 2e-2
+    for args in winograd_cases():
+        yield ("conv3x3", "winograd", lambda a=args: sdkernels.conv3x3(*a),
+               lambda a=args: winograd_conv3x3_reference(*a), args, 2e-2)
     for args in conv3x3_cases():
         yield ("conv3x3_fused", "triton", lambda a=args: torch.ops.sdkernels.conv3x3_fused(*a)[0],
                lambda a=args: conv3x3_reference(*a)[0], args, 2e-2)

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext, dispatch
-from ._common import KERNEL_DTYPES, fail, is_channels_last_like, new_output, triton_available, triton_device_why_not
+from ._common import (KERNEL_DTYPES, call_op, fail, is_channels_last_like, new_output, triton_available,
+                      triton_device_why_not)
 from .winograd import tile_grid, transformed_filter
 
 OP = "conv3x3"
@@ -202,4 +203,4 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] 
             residual: Optional[torch.Tensor] = None, scale: float = 1.0) -> torch.Tensor:
     """(conv2d(x, weight, bias, padding=1) + residual) * scale in one op; see the module docstring."""
     check_inputs(x, weight, bias, residual, scale)
-    return torch.ops.sdkernels.conv3x3(x, weight, bias, residual, float(scale))
+    return call_op(conv3x3_dispatch, x, weight, bias, residual, float(scale))
