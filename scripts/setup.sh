@@ -8,6 +8,7 @@ have torch || pip_install "torch==2.13.0"
 missing=()
 have triton || missing+=(triton)
 have diffusers || missing+=("diffusers>=0.27")
+have transformers || missing+=(transformers)  # the demo and the whole-pipeline tests (CLIP text encoders)
 have hypothesis || missing+=(hypothesis)
 have pytest || missing+=(pytest)
 have numpy || missing+=(numpy)

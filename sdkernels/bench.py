@@ -3,6 +3,7 @@
     python -m sdkernels.bench --model sd15 --batch 2 --resolution 512 [--compile] [--out r.json] [--plot r.png]
     sdkernels-bench --model vae --resolution 1024           # the same, installed as a console command
     python -m sdkernels.bench --model tiny-unet             # no GPU: a tiny config in Triton's interpreter
+    python -m sdkernels.bench --model sd15 --pipeline       # a 20-step DDIM loop with classifier-free guidance
 
 Variants, all on one model (random weights from sdkernels.models, or --model-path) and one set of inputs; the model
 is patched in place after the eager variants and unpatched at the end, so one copy of the weights is held:
@@ -20,9 +21,17 @@ model as it stood to the first output: patching, capture or compilation, and the
 compiles. One UNet step is unet(sample, t, encoder_hidden_states[, added_cond_kwargs]).sample; a VAE step is
 vae.decode(latents).sample.
 
+With --pipeline each variant runs a whole denoising loop instead (sdkernels.pipelines.denoise, diffusers' text-to-
+image loop: --steps UNet calls, default 20, each on both halves of classifier-free guidance, and the --scheduler's
+steps, default DDIM); text encoding and VAE decode are left out (random text states stand in for the encoder's).
+Its ms are those of the whole loop, its it/s denoising steps per second (what diffusers' progress bar shows), its
+errors those of the final latents; eager_graph is then the unpatched UNet through the per-call CUDA graphs of
+sdkernels.graphs (what cuda_graph=True installs), since the scheduler's host-side state keeps a whole loop out of
+one graph. --batch counts the UNet's batch, both halves: 2 (the default) is one image.
+
 Results JSON (sdkernels.benchmarking's format): one row per (ours, baseline) with ours sdkernels or
-sdkernels_graph and baseline eager, eager_graph or compile; bench "unet_step" or "vae_decode", case
-"model=sd15,B=2,res=512".
+sdkernels_graph and baseline eager, eager_graph or compile; bench "unet_step", "vae_decode" or "pipeline", case
+"model=sd15,B=2,res=512" (a pipeline's with ",steps=20,scheduler=ddim").
 
 Without a GPU it is a correctness smoke run: the Triton kernels run in Triton's interpreter (a tiny model is the
 one to pick), CUDA graphs and torch.compile are skipped, and the times mean nothing.
@@ -31,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -43,7 +53,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton (our kernels import it)
 
-from . import models  # noqa: E402
+from . import graphs, models, pipelines  # noqa: E402
 from .benchmarking import DTYPES, Results, as_cuda_graph, bench_ms, machine, on_gpu  # noqa: E402
 from .patch import patch, patchers, summary, unpatch  # noqa: E402
 from .testing import relative_error  # noqa: E402
@@ -53,6 +63,7 @@ OURS = ("sdkernels", "sdkernels_graph")
 # A patched output further than this from eager's (max |ours - eager| / max |eager|) fails the run. fp16: about ten
 # times the spread of eager's own SD1.5 output over cuDNN's algorithm choices (1.5e-3); fp32 leaves room for TF32.
 MAX_REL_ERR = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 1e-1}
+PIPELINE_STEPS = 20
 # by --quick; each variant's first call, which measure() makes, is the CPU's warm-up
 TIMING = {False: dict(warmup_ms=250, rep_ms=2000, cpu_calls=3, cpu_warmup=False),
           True: dict(warmup_ms=100, rep_ms=500, cpu_calls=1, cpu_warmup=False)}
@@ -64,14 +75,23 @@ class Case:
     batch: int
     resolution: int     # image size in pixels
     compile: bool = False
+    steps: int = 0      # > 0: a denoising loop of this many steps (--pipeline), not one call
+    scheduler: str = "ddim"
 
     @property
     def bench(self) -> str:
+        if self.steps:
+            return "pipeline"
         return "vae_decode" if models.spec(self.model).kind == "vae" else "unet_step"
 
     @property
     def name(self) -> str:
-        return f"model={self.model},B={self.batch},res={self.resolution}"
+        loop = f",steps={self.steps},scheduler={self.scheduler}" if self.steps else ""
+        return f"model={self.model},B={self.batch},res={self.resolution}{loop}"
+
+    @property
+    def steps_per_call(self) -> int:
+        return self.steps or 1
 
 
 @dataclasses.dataclass
@@ -88,8 +108,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sdkernels.bench", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="sd15", choices=list(models.MODELS),
                    help="sd15/sd21/sdxl: a UNet step; vae: a VAE decode; tiny-*: tiny configs for the CPU")
-    p.add_argument("--batch", type=_positive_int, help="default: 2 for a UNet (classifier-free guidance), 1 for a VAE")
-    p.add_argument("--resolution", type=_positive_int,
+    p.add_argument("--batch", type=positive_int, help="default: 2 for a UNet (classifier-free guidance), 1 for a VAE")
+    p.add_argument("--resolution", type=positive_int,
                    help="image size in pixels (default: the model's own: 512 sd15 and vae, 768 sd21, 1024 sdxl)")
     p.add_argument("--dtype", choices=list(DTYPES), help="default fp16 on a GPU, fp32 on the CPU")
     p.add_argument("--compile", action="store_true",
@@ -106,6 +126,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="results JSON (default sdkernels-bench-<model>.json here)")
     p.add_argument("--plot", help="bar chart PNG (default: the --out path with .png; needs matplotlib)")
     p.add_argument("--quick", action="store_true", help="shorter timing")
+    p.add_argument("--pipeline", action="store_true",
+                   help="time a whole denoising loop (UNet and scheduler, classifier-free guidance), not one step")
+    p.add_argument("--steps", type=positive_int, help=f"--pipeline: denoising steps (default {PIPELINE_STEPS})")
+    p.add_argument("--scheduler", choices=list(pipelines.SCHEDULERS), help="--pipeline: the scheduler (default ddim)")
     return p
 
 
@@ -114,6 +138,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     spec = models.spec(args.model)
     case = Case(args.model, args.batch or spec.batch, args.resolution or spec.resolution, args.compile)
+    if args.pipeline:
+        case = dataclasses.replace(case, batch=args.batch or 2, steps=args.steps or PIPELINE_STEPS,
+                                   scheduler=args.scheduler or "ddim")
     try:
         check_options(args)
         check_resolution(case, args.model_path)
@@ -133,6 +160,13 @@ def check_options(args) -> None:
                              f"known: {', '.join(known)}")
     if args.model_path is not None:
         models.weights_subfolder(args.model_path, models.spec(args.model).kind)
+    if not args.pipeline and (args.steps or args.scheduler):
+        raise ValueError("--steps and --scheduler go with --pipeline")
+    if args.pipeline and models.spec(args.model).kind != "unet":
+        raise ValueError(f"--pipeline runs a UNet's denoising loop; {args.model} is a VAE")
+    if args.pipeline and (args.batch or 2) % 2:
+        raise ValueError(f"--batch {args.batch}: --pipeline runs classifier-free guidance, whose UNet batch holds "
+                         "both halves, so it must be even")
 
 
 def check_resolution(case: Case, model_path: Optional[str] = None) -> None:
@@ -164,6 +198,10 @@ def run(cases: list, args) -> tuple:
         layout="channels_last" if args.channels_last else "contiguous (NCHW)",
         errors="max |out - eager| / max |eager| and ||out - eager|| / ||eager||, outputs in the run's dtype",
         patched={})
+    if any(case.steps for case in cases):
+        results.meta["pipeline"] = ("ms of the whole denoising loop (UNet with classifier-free guidance and scheduler "
+                                    "steps; no text encoding, no VAE decode), its = steps per second, errors of the "
+                                    "final latents")
     if not on_gpu():
         print("no GPU: correctness smoke run in the Triton interpreter; CUDA graphs and torch.compile skipped, "
               "timings are not speed")
@@ -175,7 +213,7 @@ def run(cases: list, args) -> tuple:
             {"replaced": patched.replaced, "summary": str(patched)} if patched else {"replaced": {}, "summary": None})
         add_rows(results, case, dtype, measured)
         runs.append((case, measured))
-        print(table(label, measured))
+        print(table(label, measured, case.steps_per_call))
         failures += [f"{case.name}: {m.variant} output differs from eager's by {m.max_rel_err:.3g} (max rel err; "
                      f"limit {MAX_REL_ERR[dtype]:g} for {dtype})" for m in measured
                      if m.variant in OURS and m.max_rel_err is not None and not m.max_rel_err <= MAX_REL_ERR[dtype]]
@@ -204,25 +242,25 @@ def run_case(case: Case, args, dtype: torch.dtype, label: str) -> tuple:
     call_args, call_kwargs = models.model_inputs(model, case.batch, case.resolution)
     call_args = [_as_layout(x, memory_format) for x in call_args]
     call_kwargs = {k: _as_layout(v, memory_format) for k, v in call_kwargs.items()}
-
-    def step():
-        return models.model_call(model, call_args, call_kwargs)
+    run_with = _runner(case, call_args, call_kwargs)
+    step = functools.partial(run_with, models.entry(model))
 
     def patched(cuda_graph=False):
+        graphs.uninstall(model)  # the pipeline's eager_graph leaves its graphs on the unpatched model
         patch(model, ops=_ops(args), cuda_graph=cuda_graph)
         print(f"{label}: {summary(model)}", flush=True)
         return step
 
-    graphs = on_gpu() and not args.no_graph
+    with_graphs = on_gpu() and not args.no_graph
     plan = [("eager", lambda: step)]  # (variant, make): make() prepares the model and returns the step to time
-    if graphs:
-        plan.append(("eager_graph", lambda: as_cuda_graph(step)))
+    if with_graphs:
+        plan.append(("eager_graph", lambda: _eager_graphed(case, model, step)))
     if case.compile and on_gpu():
-        plan.append(("compile", lambda: _compiled(model, call_args, call_kwargs)))
+        plan.append(("compile", lambda: functools.partial(run_with, _compiled(model))))
     elif case.compile:
         print(f"{label}: torch.compile skipped: reduce-overhead mode is a CUDA-graph baseline, and there is no GPU")
     plan.append(("sdkernels", patched))
-    if graphs:
+    if with_graphs:
         plan.append(("sdkernels_graph", lambda: patched(cuda_graph=True)))
 
     measured, raised, reference = [], [], None
@@ -248,6 +286,25 @@ def run_case(case: Case, args, dtype: torch.dtype, label: str) -> tuple:
         return measured, summary(model), raised
     finally:
         unpatch(model)
+
+
+def _runner(case: Case, call_args: list, call_kwargs: dict):
+    """run(entry) -> the output one timed call computes, ``entry`` standing for the model (itself, its decode, a
+    compiled version): one step's output, or for a pipeline case the final latents of its denoising loop."""
+    if not case.steps:
+        return lambda entry: entry(*call_args, **call_kwargs).sample
+    scheduler = pipelines.make_scheduler(case.scheduler)
+    latents, states, added = pipelines.loop_inputs(call_kwargs, images=case.batch // 2)
+    return lambda entry: pipelines.denoise(entry, scheduler, latents, states, case.steps, added_cond_kwargs=added)
+
+
+def _eager_graphed(case: Case, model, step):
+    """The eager model in CUDA graphs: one step captured whole; a loop's UNet calls through sdkernels' per-call
+    graphs with no op replaced (the scheduler's host-side state keeps the loop itself out of a graph)."""
+    if not case.steps:
+        return as_cuda_graph(step)
+    graphs.install(model, "eager")
+    return step
 
 
 def measure(variant: str, make, reference, timing: dict) -> tuple:
@@ -286,21 +343,21 @@ def add_rows(results: Results, case: Case, dtype: torch.dtype, measured: list) -
     for ours in (by_name[v] for v in OURS if v in by_name):
         for base in (by_name[v] for v in BASELINES if v in by_name):
             results.add(case.bench, case.name, dtype, ours.ms, base.variant, base.ms, ours=ours.variant,
-                        its=1e3 / ours.ms, baseline_its=1e3 / base.ms, peak_mib=ours.peak_mib,
-                        baseline_peak_mib=base.peak_mib, max_rel_err=_number(ours.max_rel_err),
+                        its=case.steps_per_call * 1e3 / ours.ms, baseline_its=case.steps_per_call * 1e3 / base.ms,
+                        peak_mib=ours.peak_mib, baseline_peak_mib=base.peak_mib, max_rel_err=_number(ours.max_rel_err),
                         baseline_max_rel_err=_number(base.max_rel_err), rel_err=_number(ours.rel_err),
                         setup_s=ours.setup_s, baseline_setup_s=base.setup_s)
 
 
-def table(label: str, measured: list) -> str:
+def table(label: str, measured: list, steps_per_call: int = 1) -> str:
     eager_ms = measured[0].ms
     lines = [label, f"  {'variant':16s} {'ms':>10s} {'it/s':>9s} {'vs eager':>8s} {'peak MiB':>9s} "
                     f"{'max rel err':>11s} {'setup s':>8s}"]
     for m in measured:
         peak = f"{m.peak_mib:9.0f}" if m.peak_mib is not None else f"{'-':>9s}"
         err = f"{m.max_rel_err:11.2e}" if m.max_rel_err is not None else f"{'-':>11s}"
-        lines.append(f"  {m.variant:16s} {m.ms:10.3f} {1e3 / m.ms:9.2f} {eager_ms / m.ms:7.2f}x {peak} {err} "
-                     f"{m.setup_s:8.1f}")
+        its = steps_per_call * 1e3 / m.ms
+        lines.append(f"  {m.variant:16s} {m.ms:10.3f} {its:9.2f} {eager_ms / m.ms:7.2f}x {peak} {err} {m.setup_s:8.1f}")
     return "\n".join(lines)
 
 
@@ -333,13 +390,14 @@ def write_plot(runs: list, path: str) -> Optional[str]:
     return path
 
 
-def _compiled(model, call_args, call_kwargs):
+def _compiled(model):
+    """torch.compile(mode="reduce-overhead") of what one step calls, called like it."""
     compiled = torch.compile(models.entry(model), mode="reduce-overhead")
 
-    def step():
+    def call(*args, **kwargs):
         torch.compiler.cudagraph_mark_step_begin()  # each call is a new step: its outputs may be overwritten
-        return compiled(*call_args, **call_kwargs).sample
-    return step
+        return compiled(*args, **kwargs)
+    return call
 
 
 def _memory_start() -> int:
@@ -364,7 +422,7 @@ def _number(x: Optional[float]) -> Optional[float]:
     return x if x is not None and math.isfinite(x) else None
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:

@@ -64,6 +64,14 @@ _TINY_UNET = dict(
 _TINY_VAE = dict(
     block_out_channels=(16, 32), norm_num_groups=4, latent_channels=4, layers_per_block=1,
     down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+# The tiny pipeline's VAE: the SD VAE's four blocks, so one latent covers 8x8 pixels as in SD and a resolution means
+# the same latent size for the tiny pipeline as for the tiny UNet alone.
+_TINY_VAE_8X = dict(_TINY_VAE, block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+                    up_block_types=("UpDecoderBlock2D",) * 4)
+# The tiny UNet with SDXL's conditioning: text states of two text encoders (16 + 16 wide), the second one's pooled
+# embeds (16) and six size/crop time ids (8 each) added to the timestep embedding.
+_TINY_XL_UNET = dict(_TINY_UNET, cross_attention_dim=32, addition_embed_type="text_time", addition_time_embed_dim=8,
+                     projection_class_embeddings_input_dim=16 + 6 * 8)
 
 MODELS = {s.name: s for s in [
     ModelSpec("sd15", "unet", "SD1.5 UNet", dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8),
@@ -78,6 +86,8 @@ MODELS = {s.name: s for s in [
                    layers_per_block=2), 1, 512),
     ModelSpec("tiny-unet", "unet", "tiny UNet (CPU smoke runs)", _TINY_UNET, 1, 64),
     ModelSpec("tiny-vae", "vae", "tiny VAE decoder (CPU smoke runs)", _TINY_VAE, 1, 16),
+    ModelSpec("tiny-vae-8x", "vae", "tiny VAE decoder, 8 pixels a latent (the tiny pipeline's)", _TINY_VAE_8X, 1, 64),
+    ModelSpec("tiny-xl-unet", "unet", "tiny UNet with SDXL's conditioning (CPU smoke runs)", _TINY_XL_UNET, 1, 64),
 ]}
 
 
