@@ -31,7 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch.nn.functional as F  # noqa: E402
 
-from bench.common import DTYPES, bench_parser, gpu_timing, RESULTS_DIR, Results, bench_ms, on_gpu  # noqa: E402
+from bench.common import (DTYPES, Abort, bench_parser, gpu_timing, measure_cases, RESULTS_DIR, Results,  # noqa: E402
+                          bench_ms, on_gpu)
 from sdkernels.dispatch import last_backend, use_backend  # noqa: E402
 from sdkernels.ops import attention as attn_ops  # noqa: E402
 from sdkernels.ops.attention import as_bhnd, flash_attention, from_bhnd  # noqa: E402
@@ -56,10 +57,6 @@ TARGETS = [  # (case, baseline, minimum speedup, minimum TFLOP/s or None)
 ]
 PARTIAL_VS_MATH = 3.0
 MATH_MEMORY_FRACTION = 0.6  # skip the math baseline where its N x Nk matrices would not fit in this much memory
-
-
-class Abort(Exception):
-    """An output is wrong: no row of this run may be written."""
 
 
 def case_name(B, H, N, Nk, d):
@@ -280,15 +277,11 @@ def main(argv=None) -> int:
                               else "median of plain calls" + ("" if on_gpu() else " (CPU interpreter: not speed)"))
     results.meta["case_names"] = "B batch, H heads, N queries, Nk keys, d head dim; (B, tokens, H*d) layout"
     results.meta["flops"] = "4*B*H*N*Nk*d"
-    try:
-        for B, H, N, Nk, d, where in cases:
-            m = bench_case(B, H, N, Nk, d, dtype, device, timing)
-            add_rows(results, case_name(B, H, N, Nk, d), dtype, m, where)
-            if on_gpu():
-                torch.cuda.empty_cache()
-    except Abort as e:
-        print(f"\n{'!' * 100}\nABORT: an output is wrong; no results are written.\n{e}\n{'!' * 100}", file=sys.stderr)
+    measured = measure_cases(cases, lambda case: bench_case(*case[:5], dtype, device, timing), key=lambda case: case)
+    if measured is None:
         return 2
+    for (B, H, N, Nk, d, where), m in measured.items():
+        add_rows(results, case_name(B, H, N, Nk, d), dtype, m, where)
 
     print(results.table())
     print()

@@ -31,8 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch.nn.functional as F  # noqa: E402
 
-from bench.common import (DTYPES, bench_parser, gpu_timing, RESULTS_DIR, Results, bench_ms,  # noqa: E402
-                          copy_bandwidth_gbps, on_gpu)
+from bench.common import (DTYPES, Abort, bench_parser, gpu_timing, measure_cases, RESULTS_DIR, Results,  # noqa: E402
+                          bench_ms, copy_bandwidth_gbps, on_gpu)
 from sdkernels.dispatch import last_backend  # noqa: E402
 from sdkernels.ops.geglu import geglu, geglu_reference, linear_geglu, linear_geglu_reference  # noqa: E402
 from sdkernels.testing import assert_close, tolerance  # noqa: E402
@@ -45,10 +45,6 @@ SD_CASES = [
 SMOKE_CASES = [(6, 24, 2 * 19, "smoke"), (33, 40, 2 * 37, "smoke")]
 TARGETS = {"geglu_copy_pct": 85.0, "geglu_x_eager": 2.0, "linear_geglu_x_eager": 1.25}
 LARGE_BYTES = 32e6
-
-
-class Abort(Exception):
-    """An output is wrong: no row of this run may be written."""
 
 
 def eager_geglu(h):
@@ -208,17 +204,18 @@ def main(argv=None) -> int:
                               else "median of plain calls" + ("" if on_gpu() else " (CPU interpreter: not speed)"))
     results.meta["case_names"] = "M tokens, K input features, N = 2 x inner (the projection's width)"
     budget = {"spent": 0.0, "limit": args.compile_budget_s}
-    try:
-        for M, K, N, where in cases:
-            m = bench_geglu(M, N, dtype, device, timing, budget)
-            add_rows(results, "geglu", f"M={M},N={N}", dtype, m, copy_gbps, where)
-            m = bench_linear_geglu(M, K, N, dtype, device, timing, budget)
-            add_rows(results, "linear_geglu", f"M={M},K={K},N={N}", dtype, m, copy_gbps, where)
-            if on_gpu():
-                torch.cuda.empty_cache()
-    except Abort as e:
-        print(f"\n{'!' * 100}\nABORT: an output is wrong; no results are written.\n{e}\n{'!' * 100}", file=sys.stderr)
+
+    def measure(case):
+        M, K, N, _ = case
+        return (bench_geglu(M, N, dtype, device, timing, budget),
+                bench_linear_geglu(M, K, N, dtype, device, timing, budget))
+
+    measured = measure_cases(cases, measure, key=lambda case: case)
+    if measured is None:
         return 2
+    for (M, K, N, where), (elementwise, fused) in measured.items():
+        add_rows(results, "geglu", f"M={M},N={N}", dtype, elementwise, copy_gbps, where)
+        add_rows(results, "linear_geglu", f"M={M},K={K},N={N}", dtype, fused, copy_gbps, where)
 
     print(results.table())
     print()

@@ -29,8 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch.nn.functional as F  # noqa: E402
 
 import sdkernels  # noqa: E402
-from bench.common import (DTYPES, bench_parser, gpu_timing, RESULTS_DIR, Results, bench_rotating_ms,  # noqa: E402
-                          copy_bandwidth_gbps, input_sets, on_gpu)
+from bench.common import (DTYPES, Abort, add_models_option, bench_parser, gpu_timing, measure_cases,  # noqa: E402
+                          RESULTS_DIR, Results, bench_rotating_ms, copy_bandwidth_gbps, input_sets, on_gpu,
+                          run_poisoned)
 from bench.shapes import WORKLOADS, group_norm_case, group_norm_shapes  # noqa: E402
 from sdkernels.dispatch import last_backend, use_backend  # noqa: E402
 from sdkernels.ops.group_norm import OP, group_norm_dispatch, group_norm_reference  # noqa: E402
@@ -96,10 +97,6 @@ def eager_group_norm_silu(x, w, b, groups, eps):
     return F.silu(F.group_norm(x, groups, w, b, eps))
 
 
-class Abort(Exception):
-    """A backend computed a wrong result: no row of this run may be written."""
-
-
 def check_output(label, out, x, expected, reduction_size):
     """out against the reference within the fp16/bf16/fp32 tolerance of x's dtype, keeping x's layout. The bulk
     check runs on the device (the VAE tensors hold 10^8 elements); assert_close explains a failure."""
@@ -115,19 +112,6 @@ def check_output(label, out, x, expected, reduction_size):
     except AssertionError as err:
         raise Abort(str(err)) from None
     raise Abort(f"{label}: outside the tolerance on the device, within it in float64 on the CPU")
-
-
-def run_poisoned(fn):
-    """fn() with outputs pre-filled with NaN, so an element a kernel never writes fails the check."""
-    saved = os.environ.get("SDKERNELS_POISON_OUTPUTS")
-    os.environ["SDKERNELS_POISON_OUTPUTS"] = "1"
-    try:
-        return fn()
-    finally:
-        if saved is None:
-            del os.environ["SDKERNELS_POISON_OUTPUTS"]
-        else:
-            os.environ["SDKERNELS_POISON_OUTPUTS"] = saved
 
 
 def forced(backend, fn):
@@ -286,15 +270,11 @@ def summary(cases, measured, dtype, copy_gbps) -> str:
 
 def main(argv=None) -> int:
     p = bench_parser(__doc__, "group_norm")
-    p.add_argument("--models", default="sd15,sdxl,vae512,vae1024",
-                   help=f"comma-separated, from {', '.join(WORKLOADS)}")
+    add_models_option(p, "sd15,sdxl,vae512,vae1024", WORKLOADS)
     p.add_argument("--compile-budget-s", type=float, default=50.0,
                    help="stop compiling new cases once this many seconds went into torch.compile")
     args = p.parse_args(argv)
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in models if m not in WORKLOADS]
-    if unknown:
-        p.error(f"unknown model(s) {unknown}; known: {', '.join(WORKLOADS)}")
+    models = args.models
     dtype = DTYPES[args.dtype]
     torch.manual_seed(0)
     t_start = time.perf_counter()
@@ -313,8 +293,10 @@ def main(argv=None) -> int:
         cases = [Case(shape, g, 1e-5, layout, {"smoke": 1}, {"smoke": 1})
                  for shape, g in SMOKE_SHAPES for layout in ("cl", "nchw")]
 
-    measured, compile_spent = {}, 0.0
-    for case in cases:
+    compile_spent = 0.0
+
+    def measure(case):
+        nonlocal compile_spent
         compile_skip = None
         if not on_gpu():
             compile_skip = "no GPU: the torch.compile baseline runs only in the GPU run"
@@ -322,15 +304,13 @@ def main(argv=None) -> int:
             compile_skip = "--quick: compiled only at the VAE 1024 px shapes"
         elif compile_spent > args.compile_budget_s:
             compile_skip = f"compile budget of {args.compile_budget_s:.0f} s spent (--compile-budget-s)"
-        try:
-            measured[case.name] = measure_case(case, dtype, device, timing, compile_skip)
-        except Abort as e:
-            print(f"\n{'!' * 100}\nABORT: a backend's output is wrong; no results are written.\n{e}\n{'!' * 100}",
-                  file=sys.stderr)
-            return 2
-        compile_spent += measured[case.name]["compile_s"] or 0.0
-        if on_gpu():
-            torch.cuda.empty_cache()
+        m = measure_case(case, dtype, device, timing, compile_skip)
+        compile_spent += m["compile_s"] or 0.0
+        return m
+
+    measured = measure_cases(cases, measure)
+    if measured is None:
+        return 2
 
     order = {c.name: i for i, c in enumerate(model_cases)} if on_gpu() else {c.name: i for i, c in enumerate(cases)}
     cases.sort(key=lambda c: order[c.name])

@@ -19,7 +19,6 @@ and results go to bench/results/cpu_smoke/resnet_block.json (or --out).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import os
@@ -34,8 +33,8 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import (DTYPES, bench_parser, gpu_timing, RESULTS_DIR, Results, bench_rotating_ms,  # noqa: E402
-                          copy_bandwidth_gbps, input_sets, on_gpu)
+from bench.common import (DTYPES, Abort, add_models_option, bench_parser, gpu_timing, measure_cases,  # noqa: E402
+                          RESULTS_DIR, Results, bench_rotating_ms, copy_bandwidth_gbps, input_sets, on_gpu)
 from bench.shapes import WORKLOADS, workload_calls  # noqa: E402
 from sdkernels.models import rescale_to_unit_gain  # noqa: E402
 from sdkernels.patch import patch, patchers  # noqa: E402
@@ -149,10 +148,6 @@ def flops(case: Case) -> float:
 
 # ---- measuring -------------------------------------------------------------------------------------------------
 
-class Abort(Exception):
-    """A provider computed a wrong result: no row of this run may be written."""
-
-
 def measure_case(case: Case, dtype, device, timing: dict) -> dict:
     """Check, then time, every provider on one case: {"ms": {provider: ms}, "error": {provider: relative error}}."""
     base = materialize(case, device, dtype)
@@ -233,19 +228,9 @@ def timing_note(graph: bool) -> str:
     return f"per call: median (do_bench) of {how} over input sets that overflow L2 3x"
 
 
-def model_names(text: str) -> list:
-    """--models: comma-separated workloads of bench/shapes.py."""
-    names = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in names if m not in WORKLOADS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown model(s) {unknown}; known: {', '.join(WORKLOADS)}")
-    return names
-
-
 def main(argv=None) -> int:
     p = bench_parser(__doc__, BENCH)
-    p.add_argument("--models", type=model_names, default="sd15,vae512",
-                   help=f"comma-separated, from {', '.join(WORKLOADS)}")
+    add_models_option(p, "sd15,vae512", WORKLOADS)
     args = p.parse_args(argv)
     models, dtype, t_start = args.models, DTYPES[args.dtype], time.perf_counter()
     torch.manual_seed(0)
@@ -266,16 +251,9 @@ def main(argv=None) -> int:
     for reason, n in left.items():
         print(f"left to the unfused path (not timed): {n} calls, {reason}")
 
-    measured = {}
-    for case in cases:
-        try:
-            measured[case.name] = measure_case(case, dtype, device, timing)
-        except Abort as e:
-            print(f"\n{'!' * 100}\nABORT: an output is wrong; no results are written.\n{e}\n{'!' * 100}",
-                  file=sys.stderr)
-            return 2
-        if on_gpu():
-            torch.cuda.empty_cache()
+    measured = measure_cases(cases, lambda case: measure_case(case, dtype, device, timing))
+    if measured is None:
+        return 2
 
     results = Results(BENCH)
     results.meta.update(timing=timing_note(args.graph), left_unfused=left)

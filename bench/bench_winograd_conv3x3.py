@@ -36,9 +36,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from torch import nn  # noqa: E402
 
 import sdkernels  # noqa: E402
-from bench.common import (DTYPES, RESULTS_DIR, Results, bench_parser, bench_rotating_ms, gpu_timing,  # noqa: E402
-                          input_sets, on_gpu)
-from bench.bench_group_norm import Abort, run_poisoned  # noqa: E402
+from bench.common import (DTYPES, RESULTS_DIR, Abort, Results, add_models_option, bench_parser,  # noqa: E402
+                          bench_rotating_ms, gpu_timing, input_sets, measure_cases, on_gpu, run_poisoned)
 from bench.shapes import WORKLOADS, workload_calls  # noqa: E402
 from sdkernels.dispatch import use_backend  # noqa: E402
 from sdkernels.ops.conv3x3_plain import OP, conv3x3_dispatch  # noqa: E402
@@ -205,8 +204,7 @@ def per_forward(cases: list, measured: dict, models: list) -> str:
 
 def main(argv=None) -> int:
     p = bench_parser(__doc__, BENCH)
-    p.add_argument("--models", default="sd15,sdxl,vae512,vae1024",
-                   help=f"comma-separated, from {', '.join(WORKLOADS)}")
+    add_models_option(p, "sd15,sdxl,vae512,vae1024", WORKLOADS)
     p.add_argument("--residual", action="store_true",
                    help="time (conv + bias + residual) / sqrt(2), the ResNet block's second convolution, instead "
                         "of conv + bias")
@@ -214,10 +212,7 @@ def main(argv=None) -> int:
                    help="let cuDNN time its algorithms per shape first (torch.backends.cudnn.benchmark), a stronger "
                         "baseline than eager's default heuristics")
     args = p.parse_args(argv)
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in models if m not in WORKLOADS]
-    if unknown:
-        p.error(f"unknown model(s) {unknown}; known: {', '.join(WORKLOADS)}")
+    models = args.models
     dtype = DTYPES[args.dtype]
     torch.manual_seed(0)
     t_start = time.perf_counter()
@@ -235,16 +230,9 @@ def main(argv=None) -> int:
         device, timing = "cpu", {}
         cases = [Case(*shape, calls={"smoke": 1}) for shape in SMOKE_CASES]
 
-    measured = {}
-    for case in cases:
-        try:
-            measured[case.name] = measure_case(case, dtype, device, timing, args.residual)
-        except Abort as e:
-            print(f"\n{'!' * 100}\nABORT: a backend's output is wrong; no results are written.\n{e}\n{'!' * 100}",
-                  file=sys.stderr)
-            return 2
-        if on_gpu():
-            torch.cuda.empty_cache()
+    measured = measure_cases(cases, lambda case: measure_case(case, dtype, device, timing, args.residual))
+    if measured is None:
+        return 2
 
     results = Results(BENCH)
     results.meta["timing"] = ("per call: median CUDA-graph replay (do_bench) of back-to-back calls over input sets "

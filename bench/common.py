@@ -1,16 +1,27 @@
 """Shared by every benchmark script: where results go in this checkout, and the timing, machine facts and results
-format of sdkernels.benchmarking (in the package, so that the installed ``python -m sdkernels.bench`` shares them).
+format of sdkernels.benchmarking (in the package, so that the installed ``python -m sdkernels.bench`` shares them);
+the common options, and the check-then-time loop over the cases that a wrong output aborts.
 """
+from __future__ import annotations
+
 import argparse
 import os
+import sys
+
+import torch
 
 from sdkernels.benchmarking import (DTYPES, Results, as_cuda_graph, bench_ms, bench_rotating_ms, copy_bandwidth_gbps,
                                     input_sets, machine, on_gpu)
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
-__all__ = ["DTYPES", "RESULTS_DIR", "bench_parser", "gpu_timing", "Results", "as_cuda_graph", "bench_ms",
-           "bench_rotating_ms", "copy_bandwidth_gbps", "input_sets", "machine", "on_gpu"]
+__all__ = ["Abort", "DTYPES", "RESULTS_DIR", "add_models_option", "bench_parser", "gpu_timing", "measure_cases",
+           "Results", "as_cuda_graph", "bench_ms", "bench_rotating_ms", "copy_bandwidth_gbps", "input_sets", "machine",
+           "on_gpu", "run_poisoned"]
+
+
+class Abort(Exception):
+    """A provider computed a wrong result: no row of this run may be written."""
 
 
 def bench_parser(doc: str, name: str) -> argparse.ArgumentParser:
@@ -31,3 +42,44 @@ def gpu_timing(args) -> dict:
     timing = dict(warmup_ms=10, rep_ms=40) if args.quick else dict(warmup_ms=25, rep_ms=100)
     timing["graph"] = args.graph
     return timing
+
+
+def add_models_option(p: argparse.ArgumentParser, default: str, known) -> None:
+    """--models: comma-separated names from known (bench/shapes.py's WORKLOADS), parsed into a list; an unknown
+    name is a usage error before anything is built."""
+    def names(text: str) -> list:
+        models = [m.strip() for m in text.split(",") if m.strip()]
+        unknown = [m for m in models if m not in known]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown model(s) {unknown}; known: {', '.join(known)}")
+        return models
+    p.add_argument("--models", type=names, default=default, help=f"comma-separated, from {', '.join(known)}")
+
+
+def run_poisoned(fn):
+    """fn() with outputs pre-filled with NaN, so an element a kernel never writes fails the check."""
+    saved = os.environ.get("SDKERNELS_POISON_OUTPUTS")
+    os.environ["SDKERNELS_POISON_OUTPUTS"] = "1"
+    try:
+        return fn()
+    finally:
+        if saved is None:
+            del os.environ["SDKERNELS_POISON_OUTPUTS"]
+        else:
+            os.environ["SDKERNELS_POISON_OUTPUTS"] = saved
+
+
+def measure_cases(cases, measure, key=lambda case: case.name) -> dict | None:
+    """{key(case): measure(case)} over the cases in order, or None once one raises Abort: then the run prints why
+    and must write nothing (main returns 2). The CUDA cache is freed between cases, whose tensors differ in size."""
+    measured = {}
+    for case in cases:
+        try:
+            measured[key(case)] = measure(case)
+        except Abort as e:
+            print(f"\n{'!' * 100}\nABORT: an output is wrong; no results are written.\n{e}\n{'!' * 100}",
+                  file=sys.stderr)
+            return None
+        if on_gpu():
+            torch.cuda.empty_cache()
+    return measured
