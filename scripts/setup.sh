@@ -9,6 +9,7 @@ missing=()
 have triton || missing+=(triton)
 have diffusers || missing+=("diffusers>=0.27")
 have transformers || missing+=(transformers)  # the demo and the whole-pipeline tests (CLIP text encoders)
+have peft || missing+=(peft)  # the LoRA tests: diffusers loads LoRA adapters through peft
 have hypothesis || missing+=(hypothesis)
 have pytest || missing+=(pytest)
 have numpy || missing+=(numpy)
