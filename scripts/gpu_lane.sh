@@ -55,6 +55,9 @@ if [[ $steps == *test* ]]; then
   done
   # The GPU lane must run its GPU tests, not skip them.
   if grep -q "needs a CUDA GPU" "$OUT/tests.log"; then echo "GPU LANE ERROR: GPU tests were skipped"; status=1; fi
+  # A module missing on this machine (transformers, peft: carry their wheels in .whl/) skips its tests: say which.
+  grep -h "SKIPPED.*could not import\|SKIPPED.*is not installed" "$OUT/tests.log" | sed 's/^/GPU LANE WARNING: /'
+
 fi
 
 if [[ $steps == *bench* ]]; then
