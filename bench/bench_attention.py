@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch.nn.functional as F  # noqa: E402
 
-from bench.common import (DTYPES, Abort, bench_parser, gpu_timing, measure_cases, RESULTS_DIR, Results,  # noqa: E402
+from bench.common import (DTYPES, Abort, bench_parser, gpu_timing, measure_cases, results_path, Results,  # noqa: E402
                           bench_ms, on_gpu)
 from sdkernels.dispatch import last_backend, use_backend  # noqa: E402
 from sdkernels.ops import attention as attn_ops  # noqa: E402
@@ -292,8 +292,7 @@ def main(argv=None) -> int:
     else:
         print("no GPU: every output matched the reference; the times above are the Triton interpreter's and eager "
               "CPU's, not speed")
-    out = args.out or (os.path.join(RESULTS_DIR, "attention.json") if on_gpu()
-                       else os.path.join(RESULTS_DIR, "cpu_smoke", "attention.json"))
+    out = results_path(args.out, "attention")
     print(f"wrote {results.write(out)} in {time.perf_counter() - t_start:.0f} s")
     return 0
 

@@ -25,7 +25,7 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import RESULTS_DIR, on_gpu  # noqa: E402
+from bench.common import results_path, on_gpu  # noqa: E402
 from sdkernels import bench  # noqa: E402
 
 GPU_CASES = [bench.Case("sd15", 2, 512, compile=True), bench.Case("sdxl", 2, 1024), bench.Case("vae", 1, 1024),
@@ -40,8 +40,7 @@ def main(argv=None) -> int:
                                  "bench/results/cpu_smoke/e2e.json without a GPU)")
     args = p.parse_args(argv)
     options = bench.parser().parse_args(["--quick"] if args.quick else [])
-    out = args.out or (os.path.join(RESULTS_DIR, "e2e.json") if on_gpu()
-                       else os.path.join(RESULTS_DIR, "cpu_smoke", "e2e.json"))
+    out = results_path(args.out, "e2e")
     return bench.run_and_report(GPU_CASES if on_gpu() else CPU_CASES, options, out)
 
 

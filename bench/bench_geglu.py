@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch.nn.functional as F  # noqa: E402
 
-from bench.common import (DTYPES, Abort, bench_parser, gpu_timing, measure_cases, RESULTS_DIR, Results,  # noqa: E402
+from bench.common import (DTYPES, Abort, bench_parser, gpu_timing, measure_cases, results_path, Results,  # noqa: E402
                           bench_ms, copy_bandwidth_gbps, on_gpu)
 from sdkernels.dispatch import last_backend  # noqa: E402
 from sdkernels.ops.geglu import geglu, geglu_reference, linear_geglu, linear_geglu_reference  # noqa: E402
@@ -230,8 +230,7 @@ def main(argv=None) -> int:
     else:
         print("no GPU: every output matched the reference and eager; the times above are the Triton interpreter's "
               "and eager CPU's, not speed")
-    out = args.out or (os.path.join(RESULTS_DIR, "geglu.json") if on_gpu()
-                       else os.path.join(RESULTS_DIR, "cpu_smoke", "geglu.json"))
+    out = results_path(args.out, "geglu")
     print(f"wrote {results.write(out)} in {time.perf_counter() - t_start:.0f} s "
           f"(torch.compile: {budget['spent']:.0f} s)")
     return 0

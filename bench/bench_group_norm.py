@@ -30,7 +30,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import sdkernels  # noqa: E402
 from bench.common import (DTYPES, Abort, add_models_option, bench_parser, gpu_timing, measure_cases,  # noqa: E402
-                          RESULTS_DIR, Results, bench_rotating_ms, copy_bandwidth_gbps, input_sets, on_gpu,
+                          results_path, Results, bench_rotating_ms, copy_bandwidth_gbps, input_sets, on_gpu,
                           run_poisoned)
 from bench.shapes import WORKLOADS, group_norm_case, group_norm_shapes  # noqa: E402
 from sdkernels.dispatch import last_backend, use_backend  # noqa: E402
@@ -329,8 +329,7 @@ def main(argv=None) -> int:
     else:
         print("no GPU: every backend that can run on the CPU matched the reference; the times above are the "
               "Triton interpreter's and eager CPU's, not speed")
-    out = args.out or (os.path.join(RESULTS_DIR, "group_norm.json") if on_gpu()
-                       else os.path.join(RESULTS_DIR, "cpu_smoke", "group_norm.json"))
+    out = results_path(args.out, "group_norm")
     print(f"wrote {results.write(out)} in {time.perf_counter() - t_start:.0f} s "
           f"(torch.compile: {compile_spent:.0f} s)")
     return 0

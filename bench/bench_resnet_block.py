@@ -34,7 +34,7 @@ if not torch.cuda.is_available():
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import (DTYPES, Abort, add_models_option, bench_parser, gpu_timing, measure_cases,  # noqa: E402
-                          RESULTS_DIR, Results, bench_rotating_ms, copy_bandwidth_gbps, input_sets, on_gpu)
+                          results_path, Results, bench_rotating_ms, copy_bandwidth_gbps, input_sets, on_gpu)
 from bench.shapes import WORKLOADS, workload_calls  # noqa: E402
 from sdkernels.models import rescale_to_unit_gain  # noqa: E402
 from sdkernels.patch import patch, patchers  # noqa: E402
@@ -262,7 +262,7 @@ def main(argv=None) -> int:
     verdict = summary(cases, measured) if on_gpu() else \
         "no GPU: every provider matched the reference; the times above are the interpreter's, not speed"
     print("\n\n".join([results.table(), case_table(cases, measured, dtype, copy_gbps), verdict]))
-    out = args.out or os.path.join(RESULTS_DIR, *(() if on_gpu() else ("cpu_smoke",)), f"{BENCH}.json")
+    out = results_path(args.out, BENCH)
     print(f"wrote {results.write(out)} in {time.perf_counter() - t_start:.0f} s")
     return 0
 

@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from torch import nn  # noqa: E402
 
 import sdkernels  # noqa: E402
-from bench.common import (DTYPES, RESULTS_DIR, Abort, Results, add_models_option, bench_parser,  # noqa: E402
+from bench.common import (DTYPES, results_path, Abort, Results, add_models_option, bench_parser,  # noqa: E402
                           bench_rotating_ms, gpu_timing, input_sets, measure_cases, on_gpu, run_poisoned)
 from bench.shapes import WORKLOADS, workload_calls  # noqa: E402
 from sdkernels.dispatch import use_backend  # noqa: E402
@@ -247,8 +247,7 @@ def main(argv=None) -> int:
     print(case_table(cases, measured))
     print()
     print(per_forward(cases, measured, models if on_gpu() else ["smoke"]))
-    out = args.out or (os.path.join(RESULTS_DIR, f"{BENCH}.json") if on_gpu()
-                       else os.path.join(RESULTS_DIR, "cpu_smoke", f"{BENCH}.json"))
+    out = results_path(args.out, BENCH)
     print(f"wrote {results.write(out)} in {time.perf_counter() - t_start:.0f} s")
     return 0
 

@@ -16,12 +16,21 @@ from sdkernels.benchmarking import (DTYPES, Results, as_cuda_graph, bench_ms, be
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 __all__ = ["Abort", "DTYPES", "RESULTS_DIR", "add_models_option", "bench_parser", "gpu_timing", "measure_cases",
+           "results_path",
            "Results", "as_cuda_graph", "bench_ms", "bench_rotating_ms", "copy_bandwidth_gbps", "input_sets", "machine",
            "on_gpu", "run_poisoned"]
 
 
 class Abort(Exception):
     """A provider computed a wrong result: no row of this run may be written."""
+
+
+def results_path(out, name: str) -> str:
+    """--out, or bench/results/<name>.json on a GPU and bench/results/cpu_smoke/<name>.json (not committed) without
+    one: an interpreter smoke run must never overwrite measured results."""
+    if out:
+        return out
+    return os.path.join(RESULTS_DIR, *(() if on_gpu() else ("cpu_smoke",)), f"{name}.json")
 
 
 def bench_parser(doc: str, name: str) -> argparse.ArgumentParser:
