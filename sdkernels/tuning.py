@@ -8,6 +8,9 @@ and stores it in memory and in a JSON file per GPU and software versions (``~/.c
 ``$SDKERNELS_CACHE_DIR/tuning``), so a later process starts from the choices of an earlier one. It never measures
 inside a CUDA-graph capture or torch.compile tracing, nor on a CPU, nor with ``SDKERNELS_TUNING=0``: there it defers
 to the op's rule (the chooser it had before), as it does for a signature it has not measured.
+
+``MeasuredChoice`` is the same for any set of equivalent computations that are not one op's backends, e.g. the
+resnet_block patcher's fused block against the unfused one.
 """
 from __future__ import annotations
 
@@ -67,39 +70,38 @@ def cache_path() -> Path:
     return root / (re.sub(r"[^A-Za-z0-9.+-]+", "_", name) + ".json")
 
 
-class MeasuredChooser:
-    """A dispatch chooser that measures (see the module docstring). ``timer`` and ``can_measure`` are replaceable
-    for tests on machines without a GPU."""
+class MeasuredChoice:
+    """Choices among named ways of computing the same thing, one per input signature, measured where
+    ``can_measure`` allows and stored under ``name`` in the per-GPU file. ``timer`` and ``can_measure`` are
+    replaceable for tests on machines without a GPU."""
 
-    def __init__(self, op_name: str, rule: Optional[Callable] = None, timer: Callable = cuda_event_ms,
-                 can_measure: Optional[Callable[..., bool]] = None, path: Optional[Path] = None):
-        self.op_name = op_name
-        self.rule = rule
+    def __init__(self, name: str, timer: Callable = cuda_event_ms, can_measure: Optional[Callable[..., bool]] = None,
+                 path: Optional[Path] = None):
+        self.name = name
         self.timer = timer
         self.can_measure = can_measure or _can_measure
         self.path = path
         self.choices: dict = {}
-        self.timings: dict = {}  # signature -> {backend: ms}, for reports
+        self.timings: dict = {}  # signature -> {way: ms}, for reports
         self._loaded = False
 
-    def __call__(self, *args) -> Optional[str]:
-        key = signature(*args)
+    def choose(self, key_args: tuple, ways: Callable[[], dict], default=None):
+        """The fastest of ``ways()`` ({name: zero-argument callable}) for inputs like ``key_args``, measured the first
+        time; ``default`` (a value or a callable of key_args) where nothing was measured and nothing may be."""
+        key = signature(*key_args)
         choice = self.choices.get(key)
         if choice is not None:
             return choice
-        if not self.can_measure(*args):
-            return self.rule(*args) if self.rule else None
+        if not self.can_measure(*key_args):
+            return default(*key_args) if callable(default) else default
         self._load()
         choice = self.choices.get(key)
         if choice is None:
-            choice = self._measure(key, args)
+            choice = self._measure(key, ways())
         return choice
 
-    def _measure(self, key, args) -> str:
-        op = dispatch.ops()[self.op_name]
-        runs = {b.name: b.run for b in op.backends if (b.why_not(*args) or b.available()) is None}
-        runs[dispatch.REFERENCE] = op.reference
-        times = {name: self.timer(lambda run=run: run(*args)) for name, run in runs.items()}
+    def _measure(self, key, ways: dict) -> str:
+        times = {name: self.timer(run) for name, run in ways.items()}
         choice = min(times, key=times.get)
         with _lock:
             self.choices[key] = choice
@@ -115,7 +117,7 @@ class MeasuredChooser:
             return
         self._loaded = True
         try:
-            stored = json.loads(self._file().read_text()).get(self.op_name, {})
+            stored = json.loads(self._file().read_text()).get(self.name, {})
         except (OSError, ValueError):
             return
         for entry in stored:
@@ -127,8 +129,8 @@ class MeasuredChooser:
             data = json.loads(path.read_text()) if path.exists() else {}
         except (OSError, ValueError):
             data = {}
-        data[self.op_name] = [{"signature": key, "choice": choice, "ms": self.timings.get(key)}
-                              for key, choice in self.choices.items()]
+        data[self.name] = [{"signature": key, "choice": choice, "ms": self.timings.get(key)}
+                           for key, choice in self.choices.items()]
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -138,13 +140,36 @@ class MeasuredChooser:
             pass  # a read-only home: the choices stay in memory
 
 
+class MeasuredChooser(MeasuredChoice):
+    """A dispatch chooser (``dispatch.set_chooser``) that measures the op's backends that can run an input and its
+    reference (see the module docstring); ``rule`` (the op's previous chooser) answers where it does not measure."""
+
+    def __init__(self, op_name: str, rule: Optional[Callable] = None, **kwargs):
+        super().__init__(op_name, **kwargs)
+        self.op_name = op_name
+        self.rule = rule
+
+    def __call__(self, *args) -> Optional[str]:
+        return self.choose(args, lambda: self._ways(args), default=self.rule)
+
+    def _ways(self, args) -> dict:
+        op = dispatch.ops()[self.op_name]
+        ways = {b.name: (lambda run=b.run: run(*args)) for b in op.backends
+                if (b.why_not(*args) or b.available()) is None}
+        ways[dispatch.REFERENCE] = lambda: op.reference(*args)
+        return ways
+
+
 def _as_key(value):
     """JSON turned the signature's tuples into lists: back to (hashable) tuples."""
     return tuple(_as_key(v) for v in value) if isinstance(value, list) else value
 
 
+_enabled = [False]  # set by enable(): measuring is what patch() asks for (tune=True), not a side effect of importing
+
+
 def _can_measure(*args) -> bool:
-    if getenv("SDKERNELS_TUNING", "1") == "0":
+    if not _enabled[0] or getenv("SDKERNELS_TUNING", "1") == "0":
         return False
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     if not tensors or not tensors[0].is_cuda:
@@ -156,7 +181,8 @@ def _can_measure(*args) -> bool:
 
 def enable(op_names=None) -> dict:
     """Install a measured chooser on the given ops (default: every op), each keeping the op's own rule for what it
-    has not measured; returns {op name: chooser}. Idempotent."""
+    has not measured; returns {op name: chooser}. Idempotent. From then on other MeasuredChoices may measure too."""
+    _enabled[0] = True
     installed = {}
     for name, op in dispatch.ops().items():
         if op_names is not None and name not in op_names:

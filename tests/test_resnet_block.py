@@ -393,6 +393,37 @@ def test_where_the_original_runs(conv_calls):
     assert_close(out, twin.double()(up(x), up(t)), torch.float32, 9 * 6, what="eval after train")
 
 
+def test_each_block_shape_runs_the_faster_of_fused_and_unfused(conv_calls, monkeypatch, tmp_path):
+    """Where it may measure, the patched block times both paths once per shape and runs the faster; a shape it has
+    not measured, where it may not, runs the fused block."""
+    from sdkernels import tuning
+    from sdkernels.patchers import resnet_block as patcher
+    timed = []
+
+    def timer(way):
+        timed.append(way.__name__)
+        way()
+        return {"fused": 2.0, "unfused": 1.0}[way.__name__]
+
+    measuring = [True]
+    monkeypatch.setattr(patcher, "_fused_or_not", tuning.MeasuredChoice(
+        "resnet_block", timer=timer, can_measure=lambda *a: measuring[0], path=tmp_path / "t.json"))
+    block = make_block(4, 6, 2, 3)
+    x, t = rand(2, 4, 5, 5), rand(2, 3)
+    with torch.no_grad():
+        expected = copy.deepcopy(block)(x, t)
+        patch(block, ops=["resnet_block"])
+        with forced():
+            out = block(x, t)  # measures: one fused call (two convs), then the unfused path wins
+            assert sorted(timed) == ["fused", "unfused"] and conv_calls == ["triton", "triton"]
+            torch.testing.assert_close(block(x, t), expected)  # remembered: unfused, no fused conv call
+            assert len(timed) == 2 and len(conv_calls) == 2
+            measuring[0] = False
+            block(rand(1, 4, 3, 3), t[:1])  # a new shape, no measuring: fused
+            assert len(conv_calls) == 4
+    torch.testing.assert_close(out, expected)
+
+
 def test_vae_block_without_time_embedding():
     """The VAE's blocks: time_embedding_norm "group", no temb projection."""
     block = make_block(8, 4, 2, None, time_embedding_norm="group")

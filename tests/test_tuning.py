@@ -97,7 +97,10 @@ def test_never_measures_on_cpu_or_when_turned_off(monkeypatch):
     assert not tuning._can_measure(1.0)
     if GPU:
         x = torch.randn(3, device=DEVICE)
+        monkeypatch.setattr(tuning, "_enabled", [False])
         monkeypatch.setenv("SDKERNELS_TUNING", "1")
+        assert not tuning._can_measure(x)  # nothing enabled it (patch(tune=True) does)
+        tuning.enable([])
         assert tuning._can_measure(x)
         monkeypatch.setenv("SDKERNELS_TUNING", "0")
         assert not tuning._can_measure(x)
@@ -121,6 +124,7 @@ def test_cache_file_names_the_gpu_and_versions(monkeypatch, tmp_path):
 def test_measures_real_backends_on_the_gpu(tmp_path, monkeypatch):
     """group_norm at a small and a large shape: whatever wins is a backend that runs the input, and it is stored."""
     monkeypatch.setenv("SDKERNELS_TUNING", "1")
+    tuning.enable([])
     choose = tuning.MeasuredChooser("group_norm", path=tmp_path / "t.json")
     for shape in ((2, 1280, 8, 8), (1, 128, 256, 256)):
         x = torch.randn(shape, device=DEVICE, dtype=torch.float16).to(memory_format=torch.channels_last)

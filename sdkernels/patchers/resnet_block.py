@@ -4,7 +4,10 @@ shortcut as they store).
 
     sdkernels.patch(pipe, ops=sdkernels.default_ops() + ["resnet_block"])
 
-Not applied by default until a GPU run has measured it against eager and the unfused path (bench_resnet_block.py).
+Not applied by default: on an H100 its Triton convolution was 3x-12x slower than cuDNN (bench_resnet_block.py). Where
+it may measure (a GPU, sdkernels.tuning on), each block shape runs the faster of the fused block and the unfused one
+(resnet_gn_silu's forward: cuDNN convs around fused GroupNorm + SiLU), measured once and remembered per GPU; where it
+may not, the fused block runs, as asked.
 It is registered ahead of resnet_gn_silu and covers the blocks it patches, so those keep one patcher; the blocks it
 leaves (its why_not: up/down-sampling, scale_shift, another activation or conv, hooks on the parts it reads) go on
 to resnet_gn_silu, which still fuses their GroupNorm + SiLU pairs. At call time, whatever the fused path does not
@@ -18,10 +21,14 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .. import tuning
 from ..ops.resnet_block import Norm, resnet_block
 from ..patch import (Patcher, bind_forward, must_run_original, original_forward, register, unbind_forward,
                      why_not_plain)
-from .group_norm import _find_resnets, _resnet_why_not
+from .group_norm import _find_resnets, _resnet_forward, _resnet_why_not
+
+FUSED, UNFUSED = "fused", "unfused"
+_fused_or_not = tuning.MeasuredChoice("resnet_block")
 
 # nn.Conv2d attributes of the convolution sdkernels::conv3x3_fused computes.
 _CONV3X3 = dict(kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, padding_mode="zeros")
@@ -50,10 +57,25 @@ def _call_why_not(block, x, temb, args, kwargs) -> Optional[str]:
 
 
 def _fused_forward(self, input_tensor, temb, *args, **kwargs):
-    """ResnetBlock2D.forward (diffusers 0.27 to 0.42) for the blocks _why_not admits, as sdkernels.ops.resnet_block.
-    time_emb_proj and conv_shortcut run as the modules they are (hooks, LoRA and all)."""
+    """ResnetBlock2D.forward (diffusers 0.27 to 0.42) for the blocks _why_not admits, as sdkernels.ops.resnet_block
+    or, where measured faster, as the unfused path. time_emb_proj and conv_shortcut run as the modules they are
+    (hooks, LoRA and all)."""
     if _call_why_not(self, input_tensor, temb, args, kwargs) is not None:
         return original_forward(self)(input_tensor, temb, *args, **kwargs)
+    def fused():
+        return _fused_block(self, input_tensor, temb)
+
+    def unfused():
+        return _resnet_forward(self, input_tensor, temb)
+
+    key = (input_tensor, temb, self.conv1.weight, self.conv2.weight, self.conv_shortcut is not None)
+    way = _fused_or_not.choose(key, lambda: {FUSED: fused, UNFUSED: unfused}, default=FUSED)
+    return unfused() if way == UNFUSED else fused()
+
+
+def _fused_block(self, input_tensor, temb):
+    """The block as sdkernels.ops.resnet_block (GN1 statistics, conv1 with GN1+SiLU prologue and bias + temb + GN2
+    statistics epilogue, conv2 with GN2+SiLU prologue and bias + shortcut + scale epilogue)."""
     projected = None
     if self.time_emb_proj is not None:
         projected = self.time_emb_proj(temb if self.skip_time_act else self.nonlinearity(temb))
