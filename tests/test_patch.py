@@ -572,3 +572,27 @@ def test_compiled_patched_unet_gpu(exact_fp32):
     print(f"tiny UNet fp16: error vs fp32 eager {eager:.3e}, patched and compiled {compiled:.3e}")
     assert dispatch.last_backend("group_norm") in ("cuda", "triton")
     assert compiled <= 2 * eager + 1e-4
+
+
+def test_resnet_block_adds_into_its_conv_outputs():
+    """The patched ResnetBlock2D adds temb and the shortcut into the convs' own outputs (no new activation) where
+    the sum keeps their dtype and shape, with eager's values; a temb of another dtype takes eager's promoting sum."""
+    block = randomize(ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=6, groups=2,
+                                    output_scale_factor=2.0)).eval()
+    x, temb = torch.randn(2, 8, 5, 5, device=DEVICE), torch.randn(2, 6, device=DEVICE)
+    twin = copy.deepcopy(block)
+    patch(block, ops=["resnet_gn_silu"])
+    seen = []
+    block.conv2.register_forward_hook(lambda module, args, out: seen.append(out))
+    with torch.no_grad(), sdkernels.use_backend("reference"):
+        out = block(x, temb)
+        assert out is seen[0]  # conv2's output, the shortcut added and the scale divided in place
+        torch.testing.assert_close(out, twin(x, temb), rtol=1e-5, atol=1e-5)
+    add = gn_patchers._add_into_fresh
+    fresh = torch.randn(2, 3, 4, 4).half()
+    kept = fresh.clone()
+    for other in (torch.randn(2, 3, 1, 1), torch.randn(2, 3, 4, 4), fresh.new_ones(1, 1, 2, 3, 4, 4)):
+        result = add(fresh, other)  # promotes, or broadcasts past fresh's shape: eager's out-of-place sum
+        assert torch.equal(fresh, kept) and torch.equal(result, kept + other) and result.dtype == (kept + other).dtype
+    view = fresh[:, :2]
+    assert add(view, view.clone()) is not view  # a view may alias what the caller keeps: never written

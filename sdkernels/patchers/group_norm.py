@@ -96,7 +96,7 @@ def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
         hidden_states = self.nonlinearity(hidden_states)
     else:  # "default", or a VAE block's "group" (no time embedding there): norm2 right before the SiLU
         if self.time_embedding_norm == "default" and temb is not None:
-            hidden_states = hidden_states + temb
+            hidden_states = _add_into_fresh(hidden_states, temb)
         hidden_states = _fused_norm(norm2, hidden_states, silu=True)
 
     hidden_states = self.dropout(hidden_states)
@@ -107,7 +107,21 @@ def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
             input_tensor = input_tensor.contiguous()
         input_tensor = self.conv_shortcut(input_tensor)
 
-    return (input_tensor + hidden_states) / self.output_scale_factor
+    out = _add_into_fresh(hidden_states, input_tensor)
+    if self.output_scale_factor != 1.0:  # (x / 1.0 == x: eager's division there only copies)
+        out = out.div_(self.output_scale_factor)  # out is ours: conv2's output or a fresh sum
+    return out
+
+
+def _add_into_fresh(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """fresh + other (the same bits as other + fresh), written into ``fresh`` (a conv's own output, which nothing
+    else holds) where the sum keeps its dtype and shape: one full-size activation less at the block's peak and no
+    allocation. Otherwise the out-of-place sum, as eager computes it."""
+    broadcasts_into = other.dim() <= fresh.dim() and all(
+        o in (1, f) for f, o in zip(reversed(fresh.shape), reversed(other.shape)))
+    if fresh._base is None and fresh.dtype == other.dtype and broadcasts_into:  # (plain checks: torch.compile)
+        return fresh.add_(other)
+    return fresh + other
 
 
 def _find_resnets(model):
