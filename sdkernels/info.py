@@ -3,7 +3,7 @@ import platform
 
 import torch
 
-from . import __version__, _ext, dispatch
+from . import __version__, _ext, dispatch, tuning
 from . import ops as _ops  # noqa: F401  (registers every op)
 
 
@@ -17,7 +17,7 @@ def probe_inputs(device):
     conv = torch.randn(64, 64, 3, 3, **half)
     stats = torch.zeros(2, 32, 2, device=device)
     return {"group_norm": (x, 32, w, w, 1e-5, True, None), "group_norm_stats": (x, 32, 1e-5),
-            "conv3x3_fused": (x, conv, w, stats, w, w, None, x, 1.0, 32, 1e-6),
+            "conv3x3_fused": (x, conv, w, stats, w, w, None, x, 1.0, 32, 1e-6), "conv3x3": (x, conv, w, x, 1.0),
             "gelu": (tokens, "none"), "geglu": (tokens, "none"),
             "linear_geglu": (tokens, proj, torch.randn(2 * 1280, **half), "none"),
             "flash_attention": (tokens, tokens, tokens, 40 ** -0.5, None, 8)}
@@ -41,6 +41,7 @@ def report() -> str:
     lines.append("CUDA extension: " + ("available (%s)" % ("built ahead of time" if _ext.built_ahead_of_time()
                                                           else "compiled on first use") if reason is None
                                        else f"unavailable: {reason}"))
+    lines.append(f"measured backend choices (patch(tune=True)): {tuning.cache_path()}")
     probes = probe_inputs(device)
     for name, op in dispatch.ops().items():
         lines.append(f"op sdkernels::{name}")
