@@ -212,7 +212,7 @@ def _flash_attention_fwd(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, H, N, Nk, qk_scal
                          smb, smh, smm, smn,
                          D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr,
-                         STRIDE_UNIT: tl.constexpr, FOLD_TAIL: tl.constexpr):
+                         STRIDE_UNIT: tl.constexpr, TAIL_MODE: tl.constexpr):
     bh, q_base, k_base, v_base, mask_base, offs_m, rows_m = _program_tile(
         q_ptr, k_ptr, v_ptr, mask_ptr, H, N, sqb, sqh, skb, skh, svb, svh, smb, smh, BLOCK_M, STRIDE_UNIT)
     sqn *= STRIDE_UNIT
@@ -228,19 +228,22 @@ def _flash_attention_fwd(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, H, N, Nk, qk_scal
         acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
     else:
         acc1 = acc0  # unused; carried unchanged through the loop
-    if FOLD_TAIL:  # every block masked, no separate tail block after the (pipelined) loop
-        full_end = Nk
+    full_end = (Nk // BLOCK_N) * BLOCK_N
+    if TAIL_MODE == 2 and full_end < Nk:  # the partial block first, so nothing follows the pipelined loop
+        acc0, acc1, m_i, l_i = _online_softmax_block(
+            acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, mask_base, rows_m, full_end, Nk, skn, skd, svn, svd,
+            smm, smn, qk_scale, D0, D1, HEAD_DIM, BLOCK_N, True, MASK, PRECISION)
+    if TAIL_MODE == 1:  # every block masked, the partial one inside the loop
         for start_n in range(0, Nk, BLOCK_N):
             acc0, acc1, m_i, l_i = _online_softmax_block(
                 acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, mask_base, rows_m, start_n, Nk, skn, skd, svn, svd,
                 smm, smn, qk_scale, D0, D1, HEAD_DIM, BLOCK_N, True, MASK, PRECISION)
     else:
-        full_end = (Nk // BLOCK_N) * BLOCK_N
         for start_n in range(0, full_end, BLOCK_N):
             acc0, acc1, m_i, l_i = _online_softmax_block(
                 acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, mask_base, rows_m, start_n, Nk, skn, skd, svn, svd,
                 smm, smn, qk_scale, D0, D1, HEAD_DIM, BLOCK_N, False, MASK, PRECISION)
-    if full_end < Nk:
+    if TAIL_MODE == 0 and full_end < Nk:  # the partial block after the loop
         acc0, acc1, m_i, l_i = _online_softmax_block(
             acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, mask_base, rows_m, full_end, Nk, skn, skd, svn, svd,
             smm, smn, qk_scale, D0, D1, HEAD_DIM, BLOCK_N, True, MASK, PRECISION)
@@ -283,10 +286,11 @@ def mask_strides(mask):
 # head dim 80 (64 + 16) with a key-padding mask loaded that way (d = 64 was clean): such masks take the full-tile
 # load of kind 2 (with a zero row stride) there until scripts/probe_attention.sh shows the vector load clean.
 VECTOR_MASK_WITH_TWO_CHUNKS = False
-# Whether the key loop masks every block instead of running a separate tail block after it: an experiment for the
-# two-chunk head dims, wrong on an H100 at Nk = 300 (4 full blocks of 64, then a tail) but right at 3 or without a
-# tail (scripts/probe_attention.py sets it).
-FOLD_TAIL = False
+# Where the partial last key block runs: 0 after the key loop, 1 inside it (every block masked), 2 before it. An
+# experiment for the two-chunk head dims, wrong on an H100 at Nk = 300 (4 full blocks of 64, then the partial one)
+# but right with 3 full blocks or with none partial: 1 and 2 leave nothing after the pipelined loop
+# (scripts/probe_attention.py sets it).
+TAIL_MODE = 0
 
 
 def mask_kind(mask, head_dim) -> int:
@@ -313,5 +317,5 @@ def flash_attention_triton(q, k, v, out, scale, mask, config=None):
         *view_strides(q, unit), *view_strides(k, unit), *view_strides(v, unit), *view_strides(out, unit),
         *mask_strides(mask),
         D0=D0, D1=D1, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, MASK=mask_kind(mask, d),
-        PRECISION=dot_precision(q.dtype), STRIDE_UNIT=unit, FOLD_TAIL=FOLD_TAIL, num_warps=warps, num_stages=stages)
+        PRECISION=dot_precision(q.dtype), STRIDE_UNIT=unit, TAIL_MODE=TAIL_MODE, num_warps=warps, num_stages=stages)
     return out

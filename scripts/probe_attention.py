@@ -1,9 +1,11 @@
 """Probe one flash-attention kernel configuration on the GPU, in its own process (a memory error ends only it):
-    python scripts/probe_attention.py D DTYPE CHUNKS CONFIG [MASK|-] [fold-tail]    e.g. 80 fp16 64,16 64,64,4,3 -
+    python scripts/probe_attention.py D DTYPE CHUNKS CONFIG [MASK|-] [fold-tail|tail-first]
+e.g. 80 fp16 64,16 64,64,4,3 - tail-first.
 MASK: "keys" (a key-padding mask shared by every query), "keys-vector" (the same, loaded as one vector even with two
 head-dim chunks: VECTOR_MASK_WITH_TWO_CHUNKS) or "full" (one mask row per query); "-" for none. "fold-tail": the key
-loop masks every block instead of a separate tail block (FOLD_TAIL). Prints the relative error against
-the float32 reference for a few odd shapes, or dies with the CUDA error."""
+loop masks every block instead of a separate partial block after it; "tail-first": the partial block before the loop
+(TAIL_MODE). Prints the relative error against the float32 reference for a few odd shapes, or dies with the CUDA
+error."""
 import sys
 
 import torch
@@ -18,12 +20,13 @@ fa.HEAD_DIM_CHUNKS[d] = tuple(int(v) for v in sys.argv[3].split(","))
 config = tuple(int(v) for v in sys.argv[4].split(","))
 mask_name = sys.argv[5] if len(sys.argv) > 5 and sys.argv[5] != "-" else "none"
 fa.VECTOR_MASK_WITH_TWO_CHUNKS = mask_name == "keys-vector"
-fa.FOLD_TAIL = "fold-tail" in sys.argv[6:]
+fa.TAIL_MODE = {"fold-tail": 1, "tail-first": 2}.get(sys.argv[6] if len(sys.argv) > 6 else "", 0)
 worst = 0.0
 # (1, 2, 65, 300): d = 80 and 160 went wrong there on an H100 (4 full key blocks of 64 and a tail) while the others
-# passed.
+# passed; (1, 2, 65, 700): many full blocks and a tail, to see whether one-chunk head dims (64) go wrong there too.
 for B, H, N, Nk in ((1, 3, 77, 77), (2, 8, 300, 77), (2, 5, 1024, 1024),
-                    (1, 2, 129, 200), (1, 2, 65, 300)):
+                    (1, 2, 129, 200), (1, 2, 65, 300),
+                    (1, 2, 65, 700)):
     q, k, v = (torch.randn(B, n, H * d, device=DEVICE, dtype=dtype) for n in (N, Nk, Nk))
     mask = None
     if mask_name != "none":
@@ -37,5 +40,5 @@ for B, H, N, Nk in ((1, 3, 77, 77), (2, 8, 300, 77), (2, 5, 1024, 1024),
         torch.cuda.synchronize()
     worst = max(worst, relative_error(out, attention_reference(q, k, v, d ** -0.5, mask, H)))
 print(f"probe d={d} {sys.argv[2]} chunks={sys.argv[3]} config={sys.argv[4]} mask={mask_name} "
-      f"fold_tail={fa.FOLD_TAIL}: "
+      f"tail_mode={fa.TAIL_MODE}: "
       f"worst relative error {worst:.3g}")
