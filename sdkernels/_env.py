@@ -30,3 +30,9 @@ def _dict_reader():
 
 
 getenv = _dict_reader()
+
+
+def cache_dir() -> str:
+    """Where sdkernels keeps what it builds or measures once per machine: $SDKERNELS_CACHE, else ~/.cache/sdkernels
+    (the JIT-compiled CUDA extension, the measured backend choices)."""
+    return getenv("SDKERNELS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sdkernels")

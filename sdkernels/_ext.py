@@ -10,6 +10,8 @@ from importlib import resources
 
 import torch
 
+from ._env import cache_dir
+
 _module = None
 _reason = None
 _tried = False
@@ -25,8 +27,7 @@ def sources() -> list:
 
 def _jit_build():
     from torch.utils.cpp_extension import load
-    build_dir = os.path.join(os.environ.get("SDKERNELS_CACHE", os.path.expanduser("~/.cache/sdkernels")),
-                             f"torch{torch.__version__}-cuda{torch.version.cuda}")
+    build_dir = os.path.join(cache_dir(), f"torch{torch.__version__}-cuda{torch.version.cuda}")
     os.makedirs(build_dir, exist_ok=True)
     print(f"sdkernels: compiling the CUDA extension for this GPU into {build_dir} (once; cached)", file=sys.stderr)
     major, minor = torch.cuda.get_device_capability()

@@ -5,7 +5,7 @@ op slower than the fastest way this machine has (including the eager reference i
 (dtypes, shapes and strides of the tensors, values of the small arguments) on a GPU, it times every backend that can
 run those inputs and the op's reference with CUDA events (median of a few calls after a warm-up), keeps the fastest,
 and stores it in memory and in a JSON file per GPU and software versions (``~/.cache/sdkernels/tuning``, or
-``$SDKERNELS_CACHE_DIR/tuning``), so a later process starts from the choices of an earlier one. It never measures
+``$SDKERNELS_CACHE/tuning``), so a later process starts from the choices of an earlier one. It never measures
 inside a CUDA-graph capture or torch.compile tracing, nor on a CPU, nor with ``SDKERNELS_TUNING=0``: there it defers
 to the op's rule (the chooser it had before), as it does for a signature it has not measured.
 
@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import torch
 
 from . import dispatch
-from ._env import getenv
+from ._env import cache_dir, getenv
 
 WARMUP_CALLS = 2
 TIMED_CALLS = 7
@@ -47,7 +47,8 @@ def signature(*args) -> tuple:
 
 
 def cuda_event_ms(fn: Callable[[], object]) -> float:
-    """Median time of fn() in ms, CUDA events around each call after a warm-up."""
+    """Median time of fn() in ms, CUDA events around each call after a warm-up. Not benchmarking.bench_ms: its
+    do_bench allocates an L2-flush buffer and runs for ~100 ms per call, too much inside a model's first call."""
     for _ in range(WARMUP_CALLS):
         fn()
     times = []
@@ -63,7 +64,7 @@ def cuda_event_ms(fn: Callable[[], object]) -> float:
 
 def cache_path() -> Path:
     """One file per GPU model and software versions: a choice measured elsewhere says nothing here."""
-    root = Path(getenv("SDKERNELS_CACHE_DIR") or Path.home() / ".cache" / "sdkernels") / "tuning"
+    root = Path(cache_dir()) / "tuning"
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     import triton
     name = f"{gpu}-torch{torch.__version__}-triton{triton.__version__}"

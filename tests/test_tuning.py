@@ -115,7 +115,7 @@ def test_enable_keeps_each_ops_rule_and_is_idempotent(fake_op):
 
 
 def test_cache_file_names_the_gpu_and_versions(monkeypatch, tmp_path):
-    monkeypatch.setenv("SDKERNELS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("SDKERNELS_CACHE", str(tmp_path))
     path = tuning.cache_path()
     assert path.parent == tmp_path / "tuning" and torch.__version__.split("+")[0] in path.name
 
