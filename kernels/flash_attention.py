@@ -75,8 +75,7 @@ def _load_tile(base, rows, stride_row, stride_col, COL0: tl.constexpr, WIDTH: tl
     """Columns COL0 .. COL0+WIDTH of the given rows (already clamped in range); columns past HEAD_DIM read as 0.
     The padded columns are read clamped to the last real one and zeroed in registers, not through a masked load:
     on an H100 with Triton 3.6 the masked load feeding the dot gave wrong results and an out-of-bounds shared-memory
-    read (see GPU_UNSAFE_HEAD_DIMS in sdkernels/ops/attention.py, which keeps head dim 40 off GPUs until this is
-    measured there)."""
+    read at head dim 40 (the clamped load runs right there: scripts/probe_attention.sh)."""
     cols = COL0 + tl.arange(0, WIDTH)
     if COL0 + WIDTH > HEAD_DIM:
         real = cols < HEAD_DIM
@@ -286,11 +285,20 @@ def mask_strides(mask):
 # head dim 80 (64 + 16) with a key-padding mask loaded that way (d = 64 was clean): such masks take the full-tile
 # load of kind 2 (with a zero row stride) there until scripts/probe_attention.sh shows the vector load clean.
 VECTOR_MASK_WITH_TWO_CHUNKS = False
-# Where the partial last key block runs: 0 after the key loop, 1 inside it (every block masked), 2 before it. An
-# experiment for the two-chunk head dims, wrong on an H100 at Nk = 300 (4 full blocks of 64, then the partial one)
-# but right with 3 full blocks or with none partial: 1 and 2 leave nothing after the pipelined loop
-# (scripts/probe_attention.py sets it).
-TAIL_MODE = 0
+# Where the partial last key block runs: 0 after the key loop, 1 inside it (every block masked), 2 before it.
+# Head dims of two dot chunks (80 = 64 + 16, 160 = 128 + 32) computed wrong results on an H100 with Triton 3.6 when
+# the partial block followed the pipelined loop (relative error 0.2 at N = 65, Nk = 300: 4 full blocks of 64, then
+# the partial one) or preceded it (0.18-0.24); inside the loop they are right (3e-4, scripts/probe_attention.sh).
+# So those head dims fold a partial block into the loop (tail_mode); one-chunk head dims, and key lengths with no
+# partial block, keep the unmasked loop (masking every block costs time). None: that choice;
+# scripts/probe_attention.py sets 0, 1 or 2 to compare.
+TAIL_MODE = None
+
+
+def tail_mode(head_dim: int, Nk: int, block_n: int) -> int:
+    if TAIL_MODE is not None:
+        return TAIL_MODE
+    return 1 if HEAD_DIM_CHUNKS[head_dim][1] and Nk % block_n else 0
 
 
 def mask_kind(mask, head_dim) -> int:
@@ -317,5 +325,6 @@ def flash_attention_triton(q, k, v, out, scale, mask, config=None):
         *view_strides(q, unit), *view_strides(k, unit), *view_strides(v, unit), *view_strides(out, unit),
         *mask_strides(mask),
         D0=D0, D1=D1, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, MASK=mask_kind(mask, d),
-        PRECISION=dot_precision(q.dtype), STRIDE_UNIT=unit, TAIL_MODE=TAIL_MODE, num_warps=warps, num_stages=stages)
+        PRECISION=dot_precision(q.dtype), STRIDE_UNIT=unit, TAIL_MODE=tail_mode(d, Nk, block_n), num_warps=warps,
+        num_stages=stages)
     return out

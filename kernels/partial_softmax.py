@@ -14,7 +14,7 @@ import triton.language as tl
 
 from .flash_attention import (HEAD_DIM_CHUNKS, LOG2E, _LOG2E, _accumulate_pv, _bh_base, _load_query, _log2_scores,
                               _program_tile, _scores, _store_output, dot_precision, launch_config, mask_kind,
-                              mask_strides, stride_unit, view_strides)
+                              mask_strides, stride_unit, tail_mode, view_strides)
 from .utils import cdiv, multiprocessor_count
 
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -37,9 +37,10 @@ def _attention_row_stats(q_ptr, k_ptr, mask_ptr, out_ptr, H, N, Nk, qk_scale, bl
                          sqb, sqh, sqn, sqd, skb, skh, skn, skd, smb, smh, smm, smn,
                          D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr,
-                         STRIDE_UNIT: tl.constexpr):
+                         STRIDE_UNIT: tl.constexpr, FOLD_TAIL: tl.constexpr):
     """Program (row block, b*H + h, split) writes (max, sum) in natural units of its rows over its key blocks to
-    out[split, b*H + h, row, :]; the last split also takes the partial tail block."""
+    out[split, b*H + h, row, :]; the last split also takes the partial tail block (FOLD_TAIL: as one of its loop's
+    blocks, every block masked; see flash_attention.TAIL_MODE)."""
     split = tl.program_id(2)
     bh, q_base, k_base, _v_base, mask_base, offs_m, rows_m = _program_tile(
         q_ptr, k_ptr, k_ptr, mask_ptr, H, N, sqb, sqh, skb, skh, skb, skh, smb, smh, BLOCK_M, STRIDE_UNIT)
@@ -51,15 +52,22 @@ def _attention_row_stats(q_ptr, k_ptr, mask_ptr, out_ptr, H, N, Nk, qk_scale, bl
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     n_full = Nk // BLOCK_N
     first = split * blocks_per_split
-    last = tl.minimum(first + blocks_per_split, n_full)
-    for blk in range(first, last):
-        s, _rows_n = _scores(q0, q1, k_base, mask_base, rows_m, blk * BLOCK_N, Nk, skn, skd, smm, smn, qk_scale,
-                             D0, D1, HEAD_DIM, BLOCK_N, False, MASK, PRECISION)
-        m_i, l_i = _fold_block_stats(m_i, l_i, s, qk_scale, MASK)
-    if (split == tl.num_programs(2) - 1) & (n_full * BLOCK_N < Nk):
-        s, _rows_n = _scores(q0, q1, k_base, mask_base, rows_m, n_full * BLOCK_N, Nk, skn, skd, smm, smn, qk_scale,
-                             D0, D1, HEAD_DIM, BLOCK_N, True, MASK, PRECISION)
-        m_i, l_i = _fold_block_stats(m_i, l_i, s, qk_scale, MASK)
+    if FOLD_TAIL:
+        last = tl.minimum(first + blocks_per_split, tl.cdiv(Nk, BLOCK_N))
+        for blk in range(first, last):
+            s, _rows_n = _scores(q0, q1, k_base, mask_base, rows_m, blk * BLOCK_N, Nk, skn, skd, smm, smn,
+                                 qk_scale, D0, D1, HEAD_DIM, BLOCK_N, True, MASK, PRECISION)
+            m_i, l_i = _fold_block_stats(m_i, l_i, s, qk_scale, MASK)
+    else:
+        last = tl.minimum(first + blocks_per_split, n_full)
+        for blk in range(first, last):
+            s, _rows_n = _scores(q0, q1, k_base, mask_base, rows_m, blk * BLOCK_N, Nk, skn, skd, smm, smn,
+                                 qk_scale, D0, D1, HEAD_DIM, BLOCK_N, False, MASK, PRECISION)
+            m_i, l_i = _fold_block_stats(m_i, l_i, s, qk_scale, MASK)
+        if (split == tl.num_programs(2) - 1) & (n_full * BLOCK_N < Nk):
+            s, _rows_n = _scores(q0, q1, k_base, mask_base, rows_m, n_full * BLOCK_N, Nk, skn, skd, smm, smn,
+                                 qk_scale, D0, D1, HEAD_DIM, BLOCK_N, True, MASK, PRECISION)
+            m_i, l_i = _fold_block_stats(m_i, l_i, s, qk_scale, MASK)
 
     out = out_ptr + ((split * tl.num_programs(1) + bh).to(tl.int64) * N + offs_m) * 2
     row_ok = offs_m < N
@@ -104,7 +112,7 @@ def _softmax_times_v(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, stats_ptr, H, N, Nk, 
                      smb, smh, smm, smn,
                      D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr,
-                     STRIDE_UNIT: tl.constexpr):
+                     STRIDE_UNIT: tl.constexpr, FOLD_TAIL: tl.constexpr):
     bh, q_base, k_base, v_base, mask_base, offs_m, rows_m = _program_tile(
         q_ptr, k_ptr, v_ptr, mask_ptr, H, N, sqb, sqh, skb, skh, svb, svh, smb, smh, BLOCK_M, STRIDE_UNIT)
     sqn *= STRIDE_UNIT
@@ -123,11 +131,17 @@ def _softmax_times_v(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, stats_ptr, H, N, Nk, 
     else:
         acc1 = acc0  # unused; carried unchanged through the loop
     full_end = (Nk // BLOCK_N) * BLOCK_N
-    for start_n in range(0, full_end, BLOCK_N):
-        acc0, acc1 = _softmax_pv_block(acc0, acc1, l2, q0, q1, k_base, v_base, mask_base, rows_m, start_n, Nk,
-                                       skn, skd, svn, svd, smm, smn, qk_scale, D0, D1, HEAD_DIM, BLOCK_N, False,
-                                       MASK, PRECISION)
-    if full_end < Nk:
+    if FOLD_TAIL:  # the partial block inside the loop (see flash_attention.TAIL_MODE)
+        for start_n in range(0, Nk, BLOCK_N):
+            acc0, acc1 = _softmax_pv_block(acc0, acc1, l2, q0, q1, k_base, v_base, mask_base, rows_m, start_n, Nk,
+                                           skn, skd, svn, svd, smm, smn, qk_scale, D0, D1, HEAD_DIM, BLOCK_N, True,
+                                           MASK, PRECISION)
+    else:
+        for start_n in range(0, full_end, BLOCK_N):
+            acc0, acc1 = _softmax_pv_block(acc0, acc1, l2, q0, q1, k_base, v_base, mask_base, rows_m, start_n, Nk,
+                                           skn, skd, svn, svd, smm, smn, qk_scale, D0, D1, HEAD_DIM, BLOCK_N, False,
+                                           MASK, PRECISION)
+    if (not FOLD_TAIL) and full_end < Nk:
         acc0, acc1 = _softmax_pv_block(acc0, acc1, l2, q0, q1, k_base, v_base, mask_base, rows_m, full_end, Nk,
                                        skn, skd, svn, svd, smm, smn, qk_scale, D0, D1, HEAD_DIM, BLOCK_N, True,
                                        MASK, PRECISION)
@@ -154,7 +168,8 @@ def attention_row_stats_triton(q, k, scale, mask, splits=None, config=None):
     n_key_blocks = cdiv(Nk, block_n)
     splits = splits or choose_splits(n_row_programs, n_key_blocks, q.device)
     splits = min(splits, n_key_blocks)
-    blocks_per_split = cdiv(Nk // block_n, splits)
+    fold_tail = tail_mode(d, Nk, block_n) == 1
+    blocks_per_split = cdiv(n_key_blocks if fold_tail else Nk // block_n, splits)
     stats = torch.empty((B * H, N, 2), device=q.device, dtype=torch.float32)
     out = stats if splits == 1 else torch.empty((splits, B * H, N, 2), device=q.device, dtype=torch.float32)
     unit = stride_unit(q, k)
@@ -162,7 +177,8 @@ def attention_row_stats_triton(q, k, scale, mask, splits=None, config=None):
         q, k, mask if mask is not None else q, out, H, N, Nk, float(scale) * LOG2E, blocks_per_split,
         *view_strides(q, unit), *view_strides(k, unit), *mask_strides(mask),
         D0=D0, D1=D1, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, MASK=mask_kind(mask, d),
-        PRECISION=dot_precision(q.dtype), STRIDE_UNIT=unit, num_warps=warps, num_stages=stages)
+        PRECISION=dot_precision(q.dtype), STRIDE_UNIT=unit, FOLD_TAIL=fold_tail, num_warps=warps,
+        num_stages=stages)
     if splits > 1:
         rows = B * H * N
         _merge_row_stats[(cdiv(rows, MERGE_BLOCK),)](out, stats, rows, splits, BLOCK=MERGE_BLOCK,
@@ -187,5 +203,6 @@ def partial_softmax_attention_triton(q, k, v, out, scale, mask, row_stats=None, 
         *view_strides(q, unit), *view_strides(k, unit), *view_strides(v, unit), *view_strides(out, unit),
         *mask_strides(mask),
         D0=D0, D1=D1, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, MASK=mask_kind(mask, d),
-        PRECISION=dot_precision(q.dtype), STRIDE_UNIT=unit, num_warps=warps, num_stages=stages)
+        PRECISION=dot_precision(q.dtype), STRIDE_UNIT=unit, FOLD_TAIL=tail_mode(d, Nk, block_n) == 1,
+        num_warps=warps, num_stages=stages)
     return out

@@ -11,24 +11,21 @@ probe() {
 }
 export -f probe
 grep -v '^#' <<'CASES' | xargs -P ${PROBE_JOBS:-6} -L 1 bash -c 'probe "$@"' _
+# the kernels' own choices (two-chunk head dims fold the tail into the key loop)
 40 fp16 32,16 128,128,8,3
 40 fp16 32,16 64,64,4,3 keys
-40 fp16 32,16 64,64,4,3 full
 40 bf16 32,16 128,128,8,3
 64 fp16 64,0 64,64,4,3 keys
+64 fp16 64,0 128,128,8,3
 80 fp16 64,16 64,64,4,3
-80 fp16 64,16 64,64,4,3 - fold-tail
-80 fp16 64,16 64,64,4,3 - tail-first
-80 fp16 64,16 64,64,4,2
-80 fp16 64,16 64,64,4,1
-80 fp16 128,0 64,64,4,3
 80 fp16 64,16 64,64,4,3 keys
 80 fp16 64,16 128,64,8,3 full
+80 bf16 64,16 128,64,8,3
+128 fp16 128,0 128,64,8,2
 160 fp16 128,32 128,64,8,2
-160 fp16 128,32 128,64,8,2 - fold-tail
-160 fp16 128,32 128,64,8,2 - tail-first
-64 fp16 64,0 64,64,4,3
-64 fp16 64,0 128,128,8,3
-160 fp16 128,32 128,64,8,1
-160 fp16 256,0 64,64,4,2
+160 fp16 128,32 128,64,8,2 keys
+160 bf16 128,32 64,64,4,2 full
+# the partial block after the loop, which went wrong at 80 and 160 (kept to see a Triton fix)
+80 fp16 64,16 64,64,4,3 - tail-after
+160 fp16 128,32 128,64,8,2 - tail-after
 CASES

@@ -37,8 +37,29 @@ def _jit_build():
                 verbose=False)
 
 
+class _Checked:
+    """The extension's functions, raising RuntimeError with the message a function returns when its checks fail (the
+    binding returns it rather than throwing a C++ exception into Python)."""
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name):
+        function = getattr(self._module, name)
+
+        def call(*args):
+            error = function(*args)
+            if error:
+                raise RuntimeError(error)
+
+        call.__name__ = call.__qualname__ = name
+        setattr(self, name, call)  # looked up once
+        return call
+
+
 def load():
-    """The extension module; raises RuntimeError with the reason when it cannot be had."""
+    """The extension's functions (``load().winograd_conv3x3(...)``); raises RuntimeError with the reason when the
+    extension cannot be had."""
     global _module, _reason, _tried
     if _tried:
         if _module is None:
@@ -47,7 +68,7 @@ def load():
     _tried = True
     try:
         from . import _C  # built by setup.py
-        _module = _C
+        _module = _Checked(_C)
         return _module
     except ImportError as e:
         aot_error = e
@@ -61,7 +82,7 @@ def load():
         _reason = "not built ahead of time and SDKERNELS_NO_JIT=1"
     else:
         try:
-            _module = _jit_build()
+            _module = _Checked(_jit_build())
             return _module
         except Exception as e:  # a failed compile must not break import or the other backends
             _reason = f"compiling on first use failed: {type(e).__name__}: {str(e)[-2000:]}"

@@ -2,6 +2,7 @@
 how much two tensors differ. References are computed in float64 on upcast inputs."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -14,6 +15,18 @@ TOLERANCES = {
     torch.bfloat16: (1.6e-2, 1e-2),
     torch.float64: (1e-10, 1e-10),
 }
+
+
+@contextlib.contextmanager
+def tf32_off():
+    """fp32 comparisons on a GPU: cuDNN's convolutions (and our fp32 dots, which follow its switch) default to TF32,
+    which turns a 1e-7 difference into one TF32 rounding step (5e-4)."""
+    previous = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def tolerance(dtype: torch.dtype, reduction_size: int = 1):

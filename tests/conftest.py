@@ -18,6 +18,8 @@ os.environ.setdefault("SDKERNELS_TUNING", "0")
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
+from sdkernels.testing import tf32_off  # noqa: E402
+
 settings.register_profile("cpu", deadline=None, max_examples=25, derandomize=True, print_blob=True)
 settings.register_profile("gpu", deadline=None, max_examples=60, derandomize=True, print_blob=True)
 settings.load_profile(os.environ.get("SDKERNELS_HYPOTHESIS_PROFILE", "gpu" if torch.cuda.is_available() else "cpu"))
@@ -36,10 +38,14 @@ def _seed():
 def no_tf32():
     """fp32 comparisons of whole models on a GPU: cuDNN's default TF32 convolutions would turn a 1e-7 difference in
     one op into one TF32 rounding step (5e-4) of the model's output."""
-    previous = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
+    with tf32_off():
+        yield
+
+
+def left_but_head_dims(summary):
+    """What a patch left, but attention whose head dim the kernels do not take (the tiny test models' 4 and 8, the
+    VAE's 512): that is left by design, with the reason in the summary."""
+    return [entry for entry in summary.left if not (entry[1] == "attention" and "head dim" in entry[2])]
 
 
 def pytest_collection_modifyitems(config, items):

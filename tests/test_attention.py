@@ -23,7 +23,7 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 BACKENDS = ["flash", "partial_softmax"] + (["partial_softmax_cuda"] if GPU else [])
 KERNEL_HEAD_DIMS = [40, 64, 80, 128, 160]
 FALLBACK_HEAD_DIMS = [96, 256]
-# The smallest head dim the kernels run on this device (40 takes the fallback on GPUs for now: GPU_UNSAFE_HEAD_DIMS),
+# The smallest head dim the kernels run on this device (all of them unless SDKERNELS_GPU_UNSAFE_HEAD_DIMS lists some),
 # for the tests that must see a kernel run.
 SMALL_D = min(d for d in KERNEL_HEAD_DIMS if not (GPU and d in attn_ops.GPU_UNSAFE_HEAD_DIMS))
 LAYOUTS = ["bnhd", "fused_qkv", "bhnd", "bhnd_transposed", "head_dim_strided"]

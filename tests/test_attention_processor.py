@@ -19,9 +19,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0  # noqa: E402
 
 OP = "flash_attention"
-# Head dims 40, 80 and 160 take the fallback on GPUs for now (sdkernels.ops.attention.GPU_UNSAFE_HEAD_DIMS): there
-# the modules use 64, so that the GPU lane tests the kernels.
-DIM_HEAD = 64 if GPU else 40
+DIM_HEAD = 40  # SD1.5's (two dot chunks: 32 + 16)
 
 
 @pytest.fixture(autouse=True)

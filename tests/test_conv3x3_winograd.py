@@ -22,7 +22,7 @@ from sdkernels import SdkernelsFallbackWarning, SdkernelsInputError, dispatch
 from sdkernels.ops import conv3x3_eager, winograd_conv3x3_reference
 from sdkernels.ops import winograd as wg
 from sdkernels.ops.conv3x3_plain import OP, conv3x3_dispatch, output_like
-from sdkernels.testing import assert_close
+from sdkernels.testing import assert_close, tf32_off
 from conftest import DEVICE, GPU
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -300,7 +300,8 @@ def test_filter_cache_lets_weights_go():
 def test_triton_igemm_backend(batch, C, K, H, W, dtype, bias, residual, scale, layout):
     x, w, b, r = make_case(batch, C, K, H, W, dtype, bias, residual, layout)
     note(f"x {tuple(x.shape)} {dtype} {layout}, K={K}, bias={bias}, residual={residual}, scale={scale}")
-    out = run_op("triton_igemm", x, w, b, r, scale)
+    with tf32_off():  # fp32 dots follow cuDNN's TF32 switch, on by default
+        out = run_op("triton_igemm", x, w, b, r, scale)
     exact, _ = wg.error_bound(x.cpu(), w.cpu(), *(None if t is None else t.cpu() for t in (b, r)), scale)
     assert_close(out, exact, dtype, 9 * C, what=f"triton_igemm {tuple(x.shape)} K={K} {dtype}")
 
@@ -319,9 +320,14 @@ def check_winograd(x, w, b, r, scale, what):
     check_within_bound(out, x, w, b, r, scale, what + " vs float64")
     emulated = winograd_conv3x3_reference(x, w, b, r, scale)
     exact, bound = wg.error_bound(x, w, b, r, scale, operands_rounded=False, output_roundings=2)
-    err = (out.double() - emulated.double()).abs()
-    assert bool((err <= bound).all()), (f"{what}: differs from the reference that rounds as the kernel does by up to "
-                                        f"{err.nan_to_num(float('inf')).max().item():.3g}")
+    err = (out.double() - emulated.double()).nan_to_num(float("inf")).abs()
+    # The kernel's fp32 transforms add in another order than the reference's: a V or U element within one fp32 ulp
+    # of a rounding boundary of the operand dtype then rounds the other way (2^-16 of them in bf16, 2^-13 in fp16),
+    # one operand ulp apart. So a few elements per million may leave the tight bound (never the float64 one above).
+    outside = int((err > bound).sum())
+    assert outside <= max(2, out.numel() // 100_000), (
+        f"{what}: {outside} of {out.numel()} elements differ from the reference that rounds as the kernel does by up "
+        f"to {err.max().item():.3g}")
     return out
 
 

@@ -29,13 +29,11 @@ from ._common import KERNEL_DTYPES, call_op, fail, kernels, new_output, triton_a
 
 OP = "flash_attention"
 KERNEL_HEAD_DIMS = (40, 64, 80, 128, 160)
-# Head dims whose dots take two chunks (40 = 32 + 16 padded, 80 = 64 + 16, 160 = 128 + 32) gave wrong results on an
-# H100 with Triton 3.6 in some shapes (relative error 0.2 at d = 80, N = 65, Nk = 300 and at d = 160, none at
-# d = 64 or 128), and compute-sanitizer found out-of-range shared-memory accesses in them; the interpreter runs
-# them right. On a GPU they take the fallback until the kernels are fixed. The GPU lane can override this with
-# SDKERNELS_GPU_UNSAFE_HEAD_DIMS (comma-separated; empty: none) to test a fix.
-GPU_UNSAFE_HEAD_DIMS = tuple(int(d) for d in os.environ.get("SDKERNELS_GPU_UNSAFE_HEAD_DIMS", "40,80,160").split(",")
-                             if d)
+# Head dims the kernels must not run on a GPU (comma-separated in SDKERNELS_GPU_UNSAFE_HEAD_DIMS; default none): a
+# safety valve. Head dims of two dot chunks (80 = 64 + 16, 160 = 128 + 32) once computed wrong results on an H100
+# with Triton 3.6 when the partial key block followed the pipelined key loop; they now fold it into the loop
+# (kernels/flash_attention.py, TAIL_MODE).
+GPU_UNSAFE_HEAD_DIMS = tuple(int(d) for d in os.environ.get("SDKERNELS_GPU_UNSAFE_HEAD_DIMS", "").split(",") if d)
 
 
 # ---- layouts --------------------------------------------------------------------------------------------------
@@ -179,7 +177,7 @@ def _kernel_why_not(q, k, v, scale, attn_mask, heads):
     if d not in KERNEL_HEAD_DIMS:
         return f"head dim {d} is not one of {', '.join(map(str, KERNEL_HEAD_DIMS))}"
     if q.is_cuda and d in GPU_UNSAFE_HEAD_DIMS:
-        return f"head dim {d} takes two dot chunks, which are wrong on GPUs for now (see GPU_UNSAFE_HEAD_DIMS)"
+        return f"head dim {d} is listed in SDKERNELS_GPU_UNSAFE_HEAD_DIMS"
     if head_dim(v, heads) != d:
         return f"v's head dim {head_dim(v, heads)} differs from q's {d}"
     if q.numel() == 0 or k.numel() == 0:

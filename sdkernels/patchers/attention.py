@@ -52,6 +52,4 @@ def _restore(attn) -> None:
     attn.set_processor(attn.__dict__.pop(_PREVIOUS_PROCESSOR))
 
 
-# Opt-in (patch(model, ops=[..., "attention"])) until the kernels pass the GPU lane: on an H100 with Triton 3.6 the
-# flash kernel read shared memory out of bounds (compute-sanitizer, head dim 40) and gave wrong fp16 results.
-register(Patcher(name="attention", find=_find, why_not=_why_not, apply=_apply, restore=_restore, default=False))
+register(Patcher(name="attention", find=_find, why_not=_why_not, apply=_apply, restore=_restore))
