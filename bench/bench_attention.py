@@ -1,7 +1,7 @@
 """Benchmark: sdkernels::flash_attention's backends at the attention shapes of SD1.5, SD2.1 and SDXL, batch 2.
 
     python bench/bench_attention.py [--dtype fp16] [--quick] [--no-graph] [--out PATH]
-    python bench/bench_attention.py --sweep       # time every tile config per head dim, print the best table
+    python bench/bench_attention.py --sweep [--sweep-dims 40]   # time every tile config per head dim
 
 Case names: B batch, H heads, N queries, Nk keys, d head dim; q, k, v in diffusers' (B, tokens, H*d) layout.
 Benches (TFLOP/s counts 4*B*H*N*Nk*d, the two matmuls):
@@ -18,6 +18,7 @@ nothing, and results go to bench/results/cpu_smoke/attention.json (not committed
 """
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import time
@@ -214,45 +215,49 @@ SWEEP_CASES = {40: (2, 8, 4096, 4096), 64: (2, 10, 4096, 4096), 80: (2, 8, 1024,
                160: (2, 8, 256, 256)}
 
 
-def sweep(dtype, timing) -> None:
+def sweep(dtype, timing, dims) -> None:
+    """Every tile config at each head dim's case; at head dims of a padded split (40) both chunk layouts (the second
+    chunk padded, or overlapping the first: flash_attention.OVERLAP_LAST_CHUNK)."""
     import triton
     from sdkernels.kernels import flash_attention as fa
     best = {}
-    for d, (B, H, N, Nk) in SWEEP_CASES.items():
+    for d, (B, H, N, Nk) in ((d, SWEEP_CASES[d]) for d in dims):
         q, k, v, heads = make_inputs(B, H, N, Nk, d, dtype, "cuda")
         q4, k4, v4 = (as_bhnd(t, heads) for t in (q, k, v))
         expected = F.scaled_dot_product_attention(q4, k4, v4)
         flops = 4.0 * B * H * N * Nk * d
         timings = []
-        for block_m in (64, 128):
-            for block_n in (32, 64, 128):
-                for warps in (4, 8):
-                    for stages in (2, 3, 4):
-                        config = (block_m, block_n, warps, stages)
-                        out = torch.empty_like(q4)
-                        try:
-                            fa.flash_attention_triton(q4, k4, v4, out, d ** -0.5, None, config=config)
-                        except (triton.runtime.errors.OutOfResources, RuntimeError) as e:
-                            print(f"d={d} {config}: {type(e).__name__}")
-                            continue
-                        if not torch.allclose(out, expected, atol=2e-2, rtol=2e-2):
-                            print(f"d={d} {config}: WRONG OUTPUT")
-                            continue
-                        ms = bench_ms(lambda c=config, o=out: fa.flash_attention_triton(q4, k4, v4, o, d ** -0.5,
-                                                                                         None, config=c), **timing)
-                        timings.append((ms, config))
-                        print(f"d={d} {case_name(B, H, N, Nk, d)} {config}: {ms:.4f} ms, {flops / ms / 1e9:.0f} "
-                              f"TFLOP/s", flush=True)
+        padded = sum(fa.HEAD_DIM_CHUNKS[d]) > d and fa.HEAD_DIM_CHUNKS[d][1] > 0
+        for overlap in ((False, True) if padded else (False,)):
+            fa.OVERLAP_LAST_CHUNK = overlap
+            for config in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)):
+                label = f"d={d} {case_name(B, H, N, Nk, d)} {config}" + (" overlapping chunks" if overlap else "")
+                out = torch.empty_like(q4)
+                try:
+                    fa.flash_attention_triton(q4, k4, v4, out, d ** -0.5, None, config=config)
+                except (triton.runtime.errors.OutOfResources, RuntimeError) as e:
+                    print(f"{label}: {type(e).__name__}")
+                    continue
+                if not torch.allclose(out, expected, atol=2e-2, rtol=2e-2):
+                    print(f"{label}: WRONG OUTPUT")
+                    continue
+                ms = bench_ms(lambda c=config, o=out: fa.flash_attention_triton(q4, k4, v4, o, d ** -0.5, None,
+                                                                                 config=c), **timing)
+                timings.append((ms, config, overlap))
+                print(f"{label}: {ms:.4f} ms, {flops / ms / 1e9:.0f} TFLOP/s", flush=True)
+        fa.OVERLAP_LAST_CHUNK = False
         sdpa_ms = bench_ms(lambda: F.scaled_dot_product_attention(q4, k4, v4), **timing)
-        ms, config = min(timings)
+        ms, config, overlap = min(timings)
         best[d] = config
-        print(f"== d={d}: best {config} {ms:.4f} ms ({sdpa_ms / ms:.2f}x SDPA); table now {fa.HALF_CONFIGS[d]}")
+        print(f"== d={d}: best {config}{' with overlapping chunks' if overlap else ''} {ms:.4f} ms "
+              f"({sdpa_ms / ms:.2f}x SDPA); table now {fa.HALF_CONFIGS[d]}")
     print("HALF_CONFIGS = {\n" + "".join(f"    {d}: {c},\n" for d, c in best.items()) + "}")
 
 
 def main(argv=None) -> int:
     p = bench_parser(__doc__, "attention")
     p.add_argument("--sweep", action="store_true", help="time every tile config per head dim (GPU, minutes)")
+    p.add_argument("--sweep-dims", default="40,64,80,128,160", help="head dims the sweep covers (comma-separated)")
     args = p.parse_args(argv)
     dtype = DTYPES[args.dtype]
     torch.manual_seed(0)
@@ -263,7 +268,7 @@ def main(argv=None) -> int:
         print(f"{torch.cuda.get_device_name()}; {dtype}; {'CUDA-graph replays' if args.graph else 'plain calls'}; "
               f"CUDA row statistics: {cuda_stats_reason() or 'available'}")
         if args.sweep:
-            sweep(dtype, timing)
+            sweep(dtype, timing, [int(d) for d in args.sweep_dims.split(",")])
             return 0
     else:
         if args.sweep:

@@ -86,12 +86,16 @@ def _load_tile(base, rows, stride_row, stride_col, COL0: tl.constexpr, WIDTH: tl
 
 
 @triton.jit
-def _load_query(q_base, rows_m, stride_qn, stride_qd, D0: tl.constexpr, D1: tl.constexpr,
+def _load_query(q_base, rows_m, stride_qn, stride_qd, D0: tl.constexpr, D1: tl.constexpr, C1: tl.constexpr,
                 HEAD_DIM: tl.constexpr):
-    """The query tile as its two head-dim chunks (the second is the first again when there is one chunk)."""
+    """The query tile as its two head-dim chunks (the second is the first again when there is one chunk). A second
+    chunk that overlaps the first (C1 < D0, see chunk1_start) has its overlapping columns zeroed here, once, so that
+    q0 k0^T + q1 k1^T counts each column once."""
     q0 = _load_tile(q_base, rows_m, stride_qn, stride_qd, 0, D0, HEAD_DIM)
     if D1 > 0:
-        q1 = _load_tile(q_base, rows_m, stride_qn, stride_qd, D0, D1, HEAD_DIM)
+        q1 = _load_tile(q_base, rows_m, stride_qn, stride_qd, C1, D1, HEAD_DIM)
+        if C1 < D0:
+            q1 = tl.where((C1 + tl.arange(0, D1) >= D0)[None, :], q1, tl.zeros_like(q1))
     else:
         q1 = q0
     return q0, q1
@@ -99,7 +103,7 @@ def _load_query(q_base, rows_m, stride_qn, stride_qd, D0: tl.constexpr, D1: tl.c
 
 @triton.jit
 def _scores(q0, q1, k_base, mask_base, rows_m, start_n, Nk, stride_kn, stride_kd, stride_mm, stride_mn, qk_scale,
-            D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+            D0: tl.constexpr, D1: tl.constexpr, C1: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
             TAIL: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
     """Scores of one key block in the log2 domain, (BLOCK_M, BLOCK_N) fp32, and the key rows it read; without a
     mask still to be multiplied by qk_scale (see _log2_scores)."""
@@ -111,7 +115,7 @@ def _scores(q0, q1, k_base, mask_base, rows_m, start_n, Nk, stride_kn, stride_kd
     k0 = _load_tile(k_base, rows_n, stride_kn, stride_kd, 0, D0, HEAD_DIM)
     s = _dot(q0, tl.trans(k0), tl.zeros([q0.shape[0], BLOCK_N], dtype=tl.float32), PRECISION)
     if D1 > 0:
-        k1 = _load_tile(k_base, rows_n, stride_kn, stride_kd, D0, D1, HEAD_DIM)
+        k1 = _load_tile(k_base, rows_n, stride_kn, stride_kd, C1, D1, HEAD_DIM)
         s = _dot(q1, tl.trans(k1), s, PRECISION)
     if MASK == 1:  # one mask row for every query (a key-padding mask): load it as a vector
         bias = tl.load(mask_base + rows_n * stride_mn)
@@ -136,12 +140,12 @@ def _log2_scores(s, qk_scale, MASK: tl.constexpr):
 
 @triton.jit
 def _accumulate_pv(acc0, acc1, p, v_base, rows_n, stride_vn, stride_vd, D0: tl.constexpr, D1: tl.constexpr,
-                   HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
+                   C1: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
     """acc += p @ v over both head-dim chunks; p is already in v's dtype."""
     v0 = _load_tile(v_base, rows_n, stride_vn, stride_vd, 0, D0, HEAD_DIM)
     acc0 = _dot(p, v0, acc0, PRECISION)
     if D1 > 0:
-        v1 = _load_tile(v_base, rows_n, stride_vn, stride_vd, D0, D1, HEAD_DIM)
+        v1 = _load_tile(v_base, rows_n, stride_vn, stride_vd, C1, D1, HEAD_DIM)
         acc1 = _dot(p, v1, acc1, PRECISION)
     return acc0, acc1
 
@@ -149,10 +153,11 @@ def _accumulate_pv(acc0, acc1, p, v_base, rows_n, stride_vn, stride_vd, D0: tl.c
 @triton.jit
 def _online_softmax_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, mask_base, rows_m, start_n, Nk,
                           stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, qk_scale,
-                          D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                          D0: tl.constexpr, D1: tl.constexpr, C1: tl.constexpr,
+                          HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                           TAIL: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
     s, rows_n = _scores(q0, q1, k_base, mask_base, rows_m, start_n, Nk, stride_kn, stride_kd, stride_mm,
-                        stride_mn, qk_scale, D0, D1, HEAD_DIM, BLOCK_N, TAIL, MASK, PRECISION)
+                        stride_mn, qk_scale, D0, D1, C1, HEAD_DIM, BLOCK_N, TAIL, MASK, PRECISION)
     m_new = tl.maximum(m_i, _log2_scores(tl.max(s, 1), qk_scale, MASK))
     if MASK > 0:
         # A row masked to -inf so far would give exp2(-inf - -inf) = NaN; subtract 0 instead (its p is 0 anyway).
@@ -166,23 +171,24 @@ def _online_softmax_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, mask_bas
     if D1 > 0:
         acc1 = acc1 * alpha[:, None]
     acc0, acc1 = _accumulate_pv(acc0, acc1, p.to(v_base.dtype.element_ty), v_base, rows_n, stride_vn, stride_vd,
-                                D0, D1, HEAD_DIM, PRECISION)
+                                D0, D1, C1, HEAD_DIM, PRECISION)
     return acc0, acc1, m_new, l_i
 
 
 @triton.jit
 def _store_output(o_base, acc0, acc1, offs_m, N, stride_on, stride_od, D0: tl.constexpr, D1: tl.constexpr,
-                  HEAD_DIM: tl.constexpr):
-    """Store the rows < N of both chunks, the second without its padded columns."""
+                  C1: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Store the rows < N of both chunks: the first without columns past the head dim, the second (columns C1 ..)
+    without those past the head dim or already stored with the first."""
     row_ok = (offs_m < N)[:, None]
     cols = tl.arange(0, D0)
     # One padded chunk (D0 > HEAD_DIM, e.g. 40 as 64 in a probe) must not write into the next head's columns.
     tl.store(o_base + offs_m[:, None] * stride_on + cols[None, :] * stride_od, acc0.to(o_base.dtype.element_ty),
              mask=row_ok & (cols < HEAD_DIM)[None, :])
     if D1 > 0:
-        cols = tl.arange(0, D1)
-        ptrs = o_base + D0 * stride_od + offs_m[:, None] * stride_on + cols[None, :] * stride_od
-        tl.store(ptrs, acc1.to(o_base.dtype.element_ty), mask=row_ok & (cols < HEAD_DIM - D0)[None, :])
+        cols = C1 + tl.arange(0, D1)
+        ptrs = o_base + offs_m[:, None] * stride_on + cols[None, :] * stride_od
+        tl.store(ptrs, acc1.to(o_base.dtype.element_ty), mask=row_ok & ((cols >= D0) & (cols < HEAD_DIM))[None, :])
 
 
 @triton.jit
@@ -209,7 +215,8 @@ def _program_tile(q_ptr, k_ptr, v_ptr, mask_ptr, H, N, sqb, sqh, skb, skh, svb, 
 def _flash_attention_fwd(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, H, N, Nk, qk_scale,
                          sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
                          smb, smh, smm, smn,
-                         D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                         D0: tl.constexpr, D1: tl.constexpr, C1: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr,
                          STRIDE_UNIT: tl.constexpr, TAIL_MODE: tl.constexpr):
     bh, q_base, k_base, v_base, mask_base, offs_m, rows_m = _program_tile(
@@ -218,7 +225,7 @@ def _flash_attention_fwd(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, H, N, Nk, qk_scal
     skn *= STRIDE_UNIT
     svn *= STRIDE_UNIT
     son *= STRIDE_UNIT
-    q0, q1 = _load_query(q_base, rows_m, sqn, sqd, D0, D1, HEAD_DIM)
+    q0, q1 = _load_query(q_base, rows_m, sqn, sqd, D0, D1, C1, HEAD_DIM)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -231,25 +238,25 @@ def _flash_attention_fwd(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, H, N, Nk, qk_scal
     if TAIL_MODE == 2 and full_end < Nk:  # the partial block first, so nothing follows the pipelined loop
         acc0, acc1, m_i, l_i = _online_softmax_block(
             acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, mask_base, rows_m, full_end, Nk, skn, skd, svn, svd,
-            smm, smn, qk_scale, D0, D1, HEAD_DIM, BLOCK_N, True, MASK, PRECISION)
+            smm, smn, qk_scale, D0, D1, C1, HEAD_DIM, BLOCK_N, True, MASK, PRECISION)
     if TAIL_MODE == 1:  # every block masked, the partial one inside the loop
         for start_n in range(0, Nk, BLOCK_N):
             acc0, acc1, m_i, l_i = _online_softmax_block(
                 acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, mask_base, rows_m, start_n, Nk, skn, skd, svn, svd,
-                smm, smn, qk_scale, D0, D1, HEAD_DIM, BLOCK_N, True, MASK, PRECISION)
+                smm, smn, qk_scale, D0, D1, C1, HEAD_DIM, BLOCK_N, True, MASK, PRECISION)
     else:
         for start_n in range(0, full_end, BLOCK_N):
             acc0, acc1, m_i, l_i = _online_softmax_block(
                 acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, mask_base, rows_m, start_n, Nk, skn, skd, svn, svd,
-                smm, smn, qk_scale, D0, D1, HEAD_DIM, BLOCK_N, False, MASK, PRECISION)
+                smm, smn, qk_scale, D0, D1, C1, HEAD_DIM, BLOCK_N, False, MASK, PRECISION)
     if TAIL_MODE == 0 and full_end < Nk:  # the partial block after the loop
         acc0, acc1, m_i, l_i = _online_softmax_block(
             acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, mask_base, rows_m, full_end, Nk, skn, skd, svn, svd,
-            smm, smn, qk_scale, D0, D1, HEAD_DIM, BLOCK_N, True, MASK, PRECISION)
+            smm, smn, qk_scale, D0, D1, C1, HEAD_DIM, BLOCK_N, True, MASK, PRECISION)
 
     inv_l = 1.0 / l_i
     o_base = _bh_base(o_ptr, bh // H, bh % H, sob, soh, STRIDE_UNIT)
-    _store_output(o_base, acc0 * inv_l[:, None], acc1 * inv_l[:, None], offs_m, N, son, sod, D0, D1, HEAD_DIM)
+    _store_output(o_base, acc0 * inv_l[:, None], acc1 * inv_l[:, None], offs_m, N, son, sod, D0, D1, C1, HEAD_DIM)
 
 
 def dot_precision(dtype) -> str:
@@ -295,6 +302,21 @@ VECTOR_MASK_WITH_TWO_CHUNKS = False
 TAIL_MODE = None
 
 
+# Where the second head-dim chunk starts. At D0 (the default), a padded split (40 = 32 + 16) reads its padded
+# columns clamped and zeroes them (_load_tile), which breaks the loads into gathers. With OVERLAP_LAST_CHUNK the
+# second chunk ends at the head dim instead (40: columns 24..39): every load is a plain contiguous row segment, the
+# query's overlapping columns are zeroed once (_load_query), and the output's are stored from the first chunk only.
+# Not yet run on a GPU: scripts/probe_attention.py turns it on to compare.
+OVERLAP_LAST_CHUNK = False
+
+
+def chunk1_start(head_dim: int) -> int:
+    D0, D1 = HEAD_DIM_CHUNKS[head_dim]
+    if D1 and OVERLAP_LAST_CHUNK:
+        return head_dim - D1
+    return D0
+
+
 def tail_mode(head_dim: int, Nk: int, block_n: int) -> int:
     if TAIL_MODE is not None:
         return TAIL_MODE
@@ -324,7 +346,7 @@ def flash_attention_triton(q, k, v, out, scale, mask, config=None):
         q, k, v, out, mask if mask is not None else q, H, N, Nk, float(scale) * LOG2E,
         *view_strides(q, unit), *view_strides(k, unit), *view_strides(v, unit), *view_strides(out, unit),
         *mask_strides(mask),
-        D0=D0, D1=D1, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, MASK=mask_kind(mask, d),
+        D0=D0, D1=D1, C1=chunk1_start(d), HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, MASK=mask_kind(mask, d),
         PRECISION=dot_precision(q.dtype), STRIDE_UNIT=unit, TAIL_MODE=tail_mode(d, Nk, block_n), num_warps=warps,
         num_stages=stages)
     return out

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from .flash_attention import (HEAD_DIM_CHUNKS, LOG2E, _LOG2E, _accumulate_pv, _bh_base, _load_query, _log2_scores,
                               _program_tile, _scores, _store_output, dot_precision, launch_config, mask_kind,
-                              mask_strides, stride_unit, tail_mode, view_strides)
+                              chunk1_start, mask_strides, stride_unit, tail_mode, view_strides)
 from .utils import cdiv, multiprocessor_count
 
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -35,7 +35,8 @@ def _fold_block_stats(m_i, l_i, s, qk_scale, MASK: tl.constexpr):
 @triton.jit
 def _attention_row_stats(q_ptr, k_ptr, mask_ptr, out_ptr, H, N, Nk, qk_scale, blocks_per_split,
                          sqb, sqh, sqn, sqd, skb, skh, skn, skd, smb, smh, smm, smn,
-                         D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                         D0: tl.constexpr, D1: tl.constexpr, C1: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr,
                          STRIDE_UNIT: tl.constexpr, FOLD_TAIL: tl.constexpr):
     """Program (row block, b*H + h, split) writes (max, sum) in natural units of its rows over its key blocks to
@@ -46,7 +47,7 @@ def _attention_row_stats(q_ptr, k_ptr, mask_ptr, out_ptr, H, N, Nk, qk_scale, bl
         q_ptr, k_ptr, k_ptr, mask_ptr, H, N, sqb, sqh, skb, skh, skb, skh, smb, smh, BLOCK_M, STRIDE_UNIT)
     sqn *= STRIDE_UNIT
     skn *= STRIDE_UNIT
-    q0, q1 = _load_query(q_base, rows_m, sqn, sqd, D0, D1, HEAD_DIM)
+    q0, q1 = _load_query(q_base, rows_m, sqn, sqd, D0, D1, C1, HEAD_DIM)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -56,17 +57,17 @@ def _attention_row_stats(q_ptr, k_ptr, mask_ptr, out_ptr, H, N, Nk, qk_scale, bl
         last = tl.minimum(first + blocks_per_split, tl.cdiv(Nk, BLOCK_N))
         for blk in range(first, last):
             s, _rows_n = _scores(q0, q1, k_base, mask_base, rows_m, blk * BLOCK_N, Nk, skn, skd, smm, smn,
-                                 qk_scale, D0, D1, HEAD_DIM, BLOCK_N, True, MASK, PRECISION)
+                                 qk_scale, D0, D1, C1, HEAD_DIM, BLOCK_N, True, MASK, PRECISION)
             m_i, l_i = _fold_block_stats(m_i, l_i, s, qk_scale, MASK)
     else:
         last = tl.minimum(first + blocks_per_split, n_full)
         for blk in range(first, last):
             s, _rows_n = _scores(q0, q1, k_base, mask_base, rows_m, blk * BLOCK_N, Nk, skn, skd, smm, smn,
-                                 qk_scale, D0, D1, HEAD_DIM, BLOCK_N, False, MASK, PRECISION)
+                                 qk_scale, D0, D1, C1, HEAD_DIM, BLOCK_N, False, MASK, PRECISION)
             m_i, l_i = _fold_block_stats(m_i, l_i, s, qk_scale, MASK)
         if (split == tl.num_programs(2) - 1) & (n_full * BLOCK_N < Nk):
             s, _rows_n = _scores(q0, q1, k_base, mask_base, rows_m, n_full * BLOCK_N, Nk, skn, skd, smm, smn,
-                                 qk_scale, D0, D1, HEAD_DIM, BLOCK_N, True, MASK, PRECISION)
+                                 qk_scale, D0, D1, C1, HEAD_DIM, BLOCK_N, True, MASK, PRECISION)
             m_i, l_i = _fold_block_stats(m_i, l_i, s, qk_scale, MASK)
 
     out = out_ptr + ((split * tl.num_programs(1) + bh).to(tl.int64) * N + offs_m) * 2
@@ -97,20 +98,22 @@ def _merge_row_stats(part_ptr, stats_ptr, rows, splits, BLOCK: tl.constexpr):
 @triton.jit
 def _softmax_pv_block(acc0, acc1, l2, q0, q1, k_base, v_base, mask_base, rows_m, start_n, Nk,
                       stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, qk_scale,
-                      D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                      D0: tl.constexpr, D1: tl.constexpr, C1: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                       TAIL: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
     s, rows_n = _scores(q0, q1, k_base, mask_base, rows_m, start_n, Nk, stride_kn, stride_kd, stride_mm,
-                        stride_mn, qk_scale, D0, D1, HEAD_DIM, BLOCK_N, TAIL, MASK, PRECISION)
+                        stride_mn, qk_scale, D0, D1, C1, HEAD_DIM, BLOCK_N, TAIL, MASK, PRECISION)
     p = tl.math.exp2(_log2_scores(s, qk_scale, MASK) - l2[:, None])
     return _accumulate_pv(acc0, acc1, p.to(v_base.dtype.element_ty), v_base, rows_n, stride_vn, stride_vd,
-                          D0, D1, HEAD_DIM, PRECISION)
+                          D0, D1, C1, HEAD_DIM, PRECISION)
 
 
 @triton.jit
 def _softmax_times_v(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, stats_ptr, H, N, Nk, qk_scale,
                      sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
                      smb, smh, smm, smn,
-                     D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                     D0: tl.constexpr, D1: tl.constexpr, C1: tl.constexpr,
+                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr,
                      STRIDE_UNIT: tl.constexpr, FOLD_TAIL: tl.constexpr):
     bh, q_base, k_base, v_base, mask_base, offs_m, rows_m = _program_tile(
@@ -119,7 +122,7 @@ def _softmax_times_v(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, stats_ptr, H, N, Nk, 
     skn *= STRIDE_UNIT
     svn *= STRIDE_UNIT
     son *= STRIDE_UNIT
-    q0, q1 = _load_query(q_base, rows_m, sqn, sqd, D0, D1, HEAD_DIM)
+    q0, q1 = _load_query(q_base, rows_m, sqn, sqd, D0, D1, C1, HEAD_DIM)
     stats = stats_ptr + (bh.to(tl.int64) * N + rows_m) * 2
     l2 = tl.load(stats) * _LOG2E
     l2 = tl.where(l2 == float("-inf"), 0.0, l2)  # fully masked rows: no NaN from -inf - -inf
@@ -134,20 +137,20 @@ def _softmax_times_v(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, stats_ptr, H, N, Nk, 
     if FOLD_TAIL:  # the partial block inside the loop (see flash_attention.TAIL_MODE)
         for start_n in range(0, Nk, BLOCK_N):
             acc0, acc1 = _softmax_pv_block(acc0, acc1, l2, q0, q1, k_base, v_base, mask_base, rows_m, start_n, Nk,
-                                           skn, skd, svn, svd, smm, smn, qk_scale, D0, D1, HEAD_DIM, BLOCK_N, True,
+                                           skn, skd, svn, svd, smm, smn, qk_scale, D0, D1, C1, HEAD_DIM, BLOCK_N, True,
                                            MASK, PRECISION)
     else:
         for start_n in range(0, full_end, BLOCK_N):
             acc0, acc1 = _softmax_pv_block(acc0, acc1, l2, q0, q1, k_base, v_base, mask_base, rows_m, start_n, Nk,
-                                           skn, skd, svn, svd, smm, smn, qk_scale, D0, D1, HEAD_DIM, BLOCK_N, False,
+                                           skn, skd, svn, svd, smm, smn, qk_scale, D0, D1, C1, HEAD_DIM, BLOCK_N, False,
                                            MASK, PRECISION)
     if (not FOLD_TAIL) and full_end < Nk:
         acc0, acc1 = _softmax_pv_block(acc0, acc1, l2, q0, q1, k_base, v_base, mask_base, rows_m, full_end, Nk,
-                                       skn, skd, svn, svd, smm, smn, qk_scale, D0, D1, HEAD_DIM, BLOCK_N, True,
+                                       skn, skd, svn, svd, smm, smn, qk_scale, D0, D1, C1, HEAD_DIM, BLOCK_N, True,
                                        MASK, PRECISION)
     inv_sum = 1.0 / row_sum
     o_base = _bh_base(o_ptr, bh // H, bh % H, sob, soh, STRIDE_UNIT)
-    _store_output(o_base, acc0 * inv_sum[:, None], acc1 * inv_sum[:, None], offs_m, N, son, sod, D0, D1,
+    _store_output(o_base, acc0 * inv_sum[:, None], acc1 * inv_sum[:, None], offs_m, N, son, sod, D0, D1, C1,
                   HEAD_DIM)
 
 
@@ -176,7 +179,7 @@ def attention_row_stats_triton(q, k, scale, mask, splits=None, config=None):
     _attention_row_stats[(cdiv(N, block_m), B * H, splits)](
         q, k, mask if mask is not None else q, out, H, N, Nk, float(scale) * LOG2E, blocks_per_split,
         *view_strides(q, unit), *view_strides(k, unit), *mask_strides(mask),
-        D0=D0, D1=D1, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, MASK=mask_kind(mask, d),
+        D0=D0, D1=D1, C1=chunk1_start(d), HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, MASK=mask_kind(mask, d),
         PRECISION=dot_precision(q.dtype), STRIDE_UNIT=unit, FOLD_TAIL=fold_tail, num_warps=warps,
         num_stages=stages)
     if splits > 1:
@@ -202,7 +205,7 @@ def partial_softmax_attention_triton(q, k, v, out, scale, mask, row_stats=None, 
         q, k, v, out, mask if mask is not None else q, stats, H, N, Nk, float(scale) * LOG2E,
         *view_strides(q, unit), *view_strides(k, unit), *view_strides(v, unit), *view_strides(out, unit),
         *mask_strides(mask),
-        D0=D0, D1=D1, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, MASK=mask_kind(mask, d),
+        D0=D0, D1=D1, C1=chunk1_start(d), HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, MASK=mask_kind(mask, d),
         PRECISION=dot_precision(q.dtype), STRIDE_UNIT=unit, FOLD_TAIL=tail_mode(d, Nk, block_n) == 1,
         num_warps=warps, num_stages=stages)
     return out

@@ -1,10 +1,11 @@
 """Probe one flash-attention kernel configuration on the GPU, in its own process (a memory error ends only it):
-    python scripts/probe_attention.py D DTYPE CHUNKS CONFIG [MASK|-] [fold-tail|tail-first|tail-after]
+    python scripts/probe_attention.py D DTYPE CHUNKS CONFIG [MASK|-] [fold-tail|tail-first|tail-after] [overlap]
 e.g. 80 fp16 64,16 64,64,4,3 - tail-first.
 MASK: "keys" (a key-padding mask shared by every query), "keys-vector" (the same, loaded as one vector even with two
 head-dim chunks: VECTOR_MASK_WITH_TWO_CHUNKS) or "full" (one mask row per query); "-" for none. "fold-tail": the key
 loop masks every block instead of a separate partial block after it; "tail-first": the partial block before the loop
-(TAIL_MODE; default: the kernel's own choice, tail_mode). Prints the relative error against the float32 reference
+(TAIL_MODE; default: the kernel's own choice, tail_mode). "overlap": the second head-dim chunk ends at the head dim
+(OVERLAP_LAST_CHUNK). Prints the relative error against the float32 reference
 for a few odd shapes, or dies with the CUDA error."""
 import sys
 
@@ -20,7 +21,10 @@ fa.HEAD_DIM_CHUNKS[d] = tuple(int(v) for v in sys.argv[3].split(","))
 config = tuple(int(v) for v in sys.argv[4].split(","))
 mask_name = sys.argv[5] if len(sys.argv) > 5 and sys.argv[5] != "-" else "none"
 fa.VECTOR_MASK_WITH_TWO_CHUNKS = mask_name == "keys-vector"
-fa.TAIL_MODE = {"fold-tail": 1, "tail-first": 2, "tail-after": 0}.get(sys.argv[6] if len(sys.argv) > 6 else "")
+options = sys.argv[6:]
+fa.TAIL_MODE = next((mode for name, mode in {"fold-tail": 1, "tail-first": 2, "tail-after": 0}.items()
+                     if name in options), None)
+fa.OVERLAP_LAST_CHUNK = "overlap" in options
 worst = 0.0
 # (1, 2, 65, 300): d = 80 and 160 went wrong there on an H100 (4 full key blocks of 64 and a tail) while the others
 # passed; (1, 2, 65, 700): many full blocks and a tail, to see whether one-chunk head dims (64) go wrong there too.
@@ -40,5 +44,5 @@ for B, H, N, Nk in ((1, 3, 77, 77), (2, 8, 300, 77), (2, 5, 1024, 1024),
         torch.cuda.synchronize()
     worst = max(worst, relative_error(out, attention_reference(q, k, v, d ** -0.5, mask, H)))
 print(f"probe d={d} {sys.argv[2]} chunks={sys.argv[3]} config={sys.argv[4]} mask={mask_name} "
-      f"tail_mode={'auto' if fa.TAIL_MODE is None else fa.TAIL_MODE}: "
+      f"tail_mode={'auto' if fa.TAIL_MODE is None else fa.TAIL_MODE} overlap={fa.OVERLAP_LAST_CHUNK}: "
       f"worst relative error {worst:.3g}")

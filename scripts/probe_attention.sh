@@ -25,6 +25,10 @@ grep -v '^#' <<'CASES' | xargs -P ${PROBE_JOBS:-6} -L 1 bash -c 'probe "$@"' _
 160 fp16 128,32 128,64,8,2
 160 fp16 128,32 128,64,8,2 keys
 160 bf16 128,32 64,64,4,2 full
+# head dim 40's second chunk overlapping the first (OVERLAP_LAST_CHUNK), an experiment for speed
+40 fp16 32,16 128,128,8,3 - overlap
+40 fp16 32,16 64,64,4,3 keys overlap
+40 bf16 32,16 128,64,8,3 full overlap
 # the partial block after the loop, which went wrong at 80 and 160 (kept to see a Triton fix)
 80 fp16 64,16 64,64,4,3 - tail-after
 160 fp16 128,32 128,64,8,2 - tail-after
