@@ -12,7 +12,8 @@ is forced in turn (cudnn: F.conv2d in the input dtype + the eager epilogue, the 
 and its output checked first against float64 within the Winograd error bound (sdkernels/ops/winograd.py; on a
 256x256 crop for the largest VAE shapes, whose float64 check would take tens of GB); a wrong output aborts the run
 before any row is written. Rows report the direct-convolution-equivalent TFLOP/s, 2 N H W K 9 C / time, for every
-provider, so Winograd's 2.25x fewer multiplies show as a higher rate. --quick times shorter and keeps, per model,
+provider, so Winograd's 2.25x fewer multiplies show as a higher rate. Per case also the Winograd call split into
+stages (measure_stages): cuBLAS's time for the same 16 GEMMs, and each stage's bytes at copy bandwidth. --quick times shorter and keeps, per model,
 the three cases that take most of its convolution time (FLOPs x calls).
 
 Without a GPU it is a correctness smoke run on tiny shapes (cudnn is eager CPU, triton_igemm the interpreter,
@@ -36,12 +37,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from torch import nn  # noqa: E402
 
 import sdkernels  # noqa: E402
-from bench.common import (DTYPES, results_path, Abort, Results, add_models_option, bench_parser,  # noqa: E402
-                          bench_rotating_ms, gpu_timing, input_sets, measure_cases, on_gpu, run_poisoned)
+from bench.common import (DTYPES, results_path, Abort, Results, add_models_option, bench_ms,  # noqa: E402
+                          bench_parser, bench_rotating_ms, copy_bandwidth_gbps, gpu_timing, input_sets,
+                          measure_cases, on_gpu, run_poisoned)
 from bench.shapes import WORKLOADS, workload_calls  # noqa: E402
 from sdkernels.dispatch import use_backend  # noqa: E402
 from sdkernels.ops.conv3x3_plain import OP, conv3x3_dispatch  # noqa: E402
-from sdkernels.ops.winograd import error_bound  # noqa: E402
+from sdkernels.ops.winograd import error_bound, operand_dtype  # noqa: E402
 
 BENCH = "winograd_conv3x3"
 BASELINE = "cudnn"
@@ -150,6 +152,43 @@ def measure_case(case: Case, dtype, device, timing: dict, residual: bool) -> dic
             "checked_on": "full" if x.numel() <= FULL_CHECK_ELEMENTS else f"{CHECK_CROP}x{CHECK_CROP} crop"}
 
 
+def measure_stages(case: Case, dtype, device, timing: dict) -> dict:
+    """Where a Winograd call's time can go, stage by stage, next to the fused kernel's total: the 16 GEMMs
+    M[e] = V[e] @ U[e] as cuBLAS runs them (torch.bmm on V (16, tiles, C) and U (16, C, K) in the operand dtype:
+    what the GEMM stage could take), and the bytes each stage moves, with their time at the measured copy
+    bandwidth: x read and out written (the fused kernel's floor), and V and M, which an unfused pipeline would
+    write and read back (the fused kernel keeps them on chip)."""
+    tiles = case.batch * ((case.height + 1) // 2) * ((case.width + 1) // 2)
+    operand = operand_dtype(dtype)
+    v = torch.randn(16, tiles, case.cin, device=device, dtype=operand)
+    u = torch.randn(16, case.cin, case.cout, device=device, dtype=operand) / math.sqrt(case.cin)
+    gemm_ms = bench_ms(lambda: torch.bmm(v, u), **timing)
+    size = torch.tensor([], dtype=dtype).element_size()
+    io_bytes = size * case.batch * case.height * case.width * (case.cin + case.cout)
+    vm_bytes = 2 * size * 16 * tiles * (case.cin + case.cout)  # V and M, each written once and read once
+    gbps = copy_bandwidth_gbps() if on_gpu() else None
+    at_copy = (lambda n: n / gbps / 1e6) if gbps else (lambda n: None)
+    return {"gemm_cublas_ms": gemm_ms, "gemm_tflops": 2 * 16 * tiles * case.cin * case.cout / gemm_ms / 1e9,
+            "io_bytes": io_bytes, "io_ms_at_copy_bw": at_copy(io_bytes),
+            "unfused_vm_bytes": vm_bytes, "unfused_vm_ms_at_copy_bw": at_copy(vm_bytes)}
+
+
+def stages_table(cases: list, measured: dict) -> str:
+    lines = [f"{'case':34s} {'winograd us':>12s} {'cuBLAS GEMMs us':>16s} {'GEMM TF/s':>10s} {'x+out us @copy':>15s} "
+             f"{'V+M us @copy':>13s}"]
+    for case in cases:
+        m = measured[case.name]
+        stages = m.get("stages")
+        if stages is None:
+            continue
+        at_copy = lambda key: f"{1e3 * stages[key]:.1f}" if stages[key] is not None else "-"  # noqa: E731
+        ours = f"{1e3 * m['ms']['winograd']:.1f}" if "winograd" in m["ms"] else "-"
+        lines.append(f"{case.name:34s} {ours:>12s} {1e3 * stages['gemm_cublas_ms']:16.1f} "
+                     f"{stages['gemm_tflops']:10.1f} {at_copy('io_ms_at_copy_bw'):>15s} "
+                     f"{at_copy('unfused_vm_ms_at_copy_bw'):>13s}")
+    return "\n".join(lines)
+
+
 def add_rows(results: Results, case: Case, dtype, m: dict, residual: bool) -> None:
     ms = m["ms"]
     ours = next((o for o in OURS if o in ms), None)
@@ -158,7 +197,7 @@ def add_rows(results: Results, case: Case, dtype, m: dict, residual: bool) -> No
     extra = dict(models=list(case.calls), calls=case.calls, ours_backend=ours,
                  epilogue="bias+residual*scale" if residual else "bias", backend_ms=ms,
                  backend_tflops={k: case.flops / v / 1e9 for k, v in ms.items()}, skipped=m["skipped"],
-                 checked_on=m["checked_on"])
+                 checked_on=m["checked_on"], stages=m.get("stages"))
     for baseline in [BASELINE] + [o for o in OURS if o != ours]:
         if baseline in ms:
             results.add(BENCH, case.name, dtype, ms[ours], baseline, ms[baseline], flops=case.flops, **extra)
@@ -233,6 +272,9 @@ def main(argv=None) -> int:
     measured = measure_cases(cases, lambda case: measure_case(case, dtype, device, timing, args.residual))
     if measured is None:
         return 2
+    for case in cases:
+        if "winograd" in measured[case.name]["ms"] or not on_gpu():
+            measured[case.name]["stages"] = measure_stages(case, dtype, device, timing)
 
     results = Results(BENCH)
     results.meta["timing"] = ("per call: median CUDA-graph replay (do_bench) of back-to-back calls over input sets "
@@ -247,6 +289,10 @@ def main(argv=None) -> int:
     print(case_table(cases, measured))
     print()
     print(per_forward(cases, measured, models if on_gpu() else ["smoke"]))
+    print()
+    print("Winograd by stage: the fused kernel against cuBLAS on its 16 GEMMs, and the bytes of each stage at copy "
+          "bandwidth")
+    print(stages_table(cases, measured))
     out = results_path(args.out, BENCH)
     print(f"wrote {results.write(out)} in {time.perf_counter() - t_start:.0f} s")
     return 0
