@@ -220,7 +220,7 @@ def sweep(dtype, timing, dims) -> None:
     chunk padded, or overlapping the first: flash_attention.OVERLAP_LAST_CHUNK)."""
     import triton
     from sdkernels.kernels import flash_attention as fa
-    best = {}
+    best, default_overlap = {}, fa.OVERLAP_LAST_CHUNK
     for d, (B, H, N, Nk) in ((d, SWEEP_CASES[d]) for d in dims):
         q, k, v, heads = make_inputs(B, H, N, Nk, d, dtype, "cuda")
         q4, k4, v4 = (as_bhnd(t, heads) for t in (q, k, v))
@@ -245,7 +245,7 @@ def sweep(dtype, timing, dims) -> None:
                                                                                  config=c), **timing)
                 timings.append((ms, config, overlap))
                 print(f"{label}: {ms:.4f} ms, {flops / ms / 1e9:.0f} TFLOP/s", flush=True)
-        fa.OVERLAP_LAST_CHUNK = False
+        fa.OVERLAP_LAST_CHUNK = default_overlap
         sdpa_ms = bench_ms(lambda: F.scaled_dot_product_attention(q4, k4, v4), **timing)
         ms, config, overlap = min(timings)
         best[d] = config

@@ -30,7 +30,7 @@ HEAD_DIM_CHUNKS = {40: (32, 16), 64: (64, 0), 80: (64, 16), 128: (128, 0), 160: 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) for fp16/bf16 on sm_90 (H100/H200). Starting points: re-measure with
 # `python bench/bench_attention.py --sweep` and update this table with what wins.
 HALF_CONFIGS = {
-    40: (128, 128, 8, 3),
+    40: (128, 64, 8, 3),
     64: (128, 128, 8, 3),
     80: (128, 64, 8, 3),
     128: (128, 64, 8, 3),
@@ -302,12 +302,12 @@ VECTOR_MASK_WITH_TWO_CHUNKS = False
 TAIL_MODE = None
 
 
-# Where the second head-dim chunk starts. At D0 (the default), a padded split (40 = 32 + 16) reads its padded
-# columns clamped and zeroes them (_load_tile), which breaks the loads into gathers. With OVERLAP_LAST_CHUNK the
-# second chunk ends at the head dim instead (40: columns 24..39): every load is a plain contiguous row segment, the
-# query's overlapping columns are zeroed once (_load_query), and the output's are stored from the first chunk only.
-# Not yet run on a GPU: scripts/probe_attention.py turns it on to compare.
-OVERLAP_LAST_CHUNK = False
+# Where the second head-dim chunk starts. With OVERLAP_LAST_CHUNK (the default) a padded split ends its second chunk
+# at the head dim (40 = columns 0..31 and 24..39): every load is a plain contiguous row segment, the query's
+# overlapping columns are zeroed once (_load_query), and the output's are stored from the first chunk only. Off, the
+# second chunk starts at D0 and its padded columns are read clamped and zeroed (_load_tile), which turns the loads into
+# gathers: 1.6x slower at SD1.5's self-attention on an H200 (bench_attention.py --sweep, bench/NOTES.md).
+OVERLAP_LAST_CHUNK = True
 
 
 def chunk1_start(head_dim: int) -> int:

@@ -407,6 +407,11 @@ def _memory_start() -> int:
         return 0
     gc.collect()  # the last variant's CUDA graphs (and their pools) sit in reference cycles: free them now, not later
     torch.cuda.synchronize()
+    # cuBLAS keeps a workspace per stream in the caching allocator, freed only when something clears them all (CUDA
+    # graph trees do): a workspace another variant's side streams left would count against the next one's base.
+    clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear_workspaces is not None:
+        clear_workspaces()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     return torch.cuda.memory_allocated()

@@ -167,17 +167,20 @@ def test_every_head_dim_and_dtype(d, dtype, backend):
     check(backend, q, k, v, None, h, what=f"d={d} {dtype}")
 
 
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapping", "padded"])
 @pytest.mark.parametrize("backend", ["flash", "partial_softmax"])
 @pytest.mark.parametrize("layout, mask", [("bnhd", None), ("fused_qkv", "keys"), ("head_dim_strided", "full")])
-def test_overlapping_last_chunk(monkeypatch, layout, mask, backend):
-    """Head dim 40 with its second chunk overlapping the first (columns 24..39, OVERLAP_LAST_CHUNK): an experiment
-    for speed, not the default; it must compute the same."""
+def test_both_layouts_of_the_last_chunk(monkeypatch, layout, mask, backend, overlap):
+    """Head dim 40 as columns 0..31 and 24..39 (OVERLAP_LAST_CHUNK, the default) or as 0..31 and a padded 32..47:
+    both compute the same."""
     from sdkernels.kernels import flash_attention as fa
-    monkeypatch.setattr(fa, "OVERLAP_LAST_CHUNK", True)
-    assert fa.chunk1_start(40) == 24 and fa.chunk1_start(80) == 64 and fa.chunk1_start(64) == 64
+    monkeypatch.setattr(fa, "OVERLAP_LAST_CHUNK", overlap)
+    assert fa.chunk1_start(40) == (24 if overlap else 32)
+    assert fa.chunk1_start(80) == 64 and fa.chunk1_start(160) == 128 and fa.chunk1_start(64) == 64
     for dtype in DTYPES:
         q, k, v, h = make_qkv(2, 3, 45, 77, 40, dtype, layout)
-        out = check(backend, q, k, v, make_mask(mask, 2, 3, 45, 77, dtype), h, what=f"overlap {layout} {dtype}")
+        out = check(backend, q, k, v, make_mask(mask, 2, 3, 45, 77, dtype), h,
+                    what=f"overlap={overlap} {layout} {dtype}")
         assert not out.isnan().any()
 
 
