@@ -215,13 +215,15 @@ SWEEP_CASES = {40: (2, 8, 4096, 4096), 64: (2, 10, 4096, 4096), 80: (2, 8, 1024,
                160: (2, 8, 256, 256)}
 
 
-def sweep(dtype, timing, dims) -> None:
+def sweep(dtype, timing, dims, nk=None) -> None:
     """Every tile config at each head dim's case; at head dims of a padded split (40) both chunk layouts (the second
-    chunk padded, or overlapping the first: flash_attention.OVERLAP_LAST_CHUNK)."""
+    chunk padded, or overlapping the first: flash_attention.OVERLAP_LAST_CHUNK). ``nk``: every case with that many
+    keys instead (77: cross-attention)."""
     import triton
     from sdkernels.kernels import flash_attention as fa
     best, default_overlap = {}, fa.OVERLAP_LAST_CHUNK
     for d, (B, H, N, Nk) in ((d, SWEEP_CASES[d]) for d in dims):
+        Nk = nk or Nk
         q, k, v, heads = make_inputs(B, H, N, Nk, d, dtype, "cuda")
         q4, k4, v4 = (as_bhnd(t, heads) for t in (q, k, v))
         expected = F.scaled_dot_product_attention(q4, k4, v4)
@@ -258,6 +260,7 @@ def main(argv=None) -> int:
     p = bench_parser(__doc__, "attention")
     p.add_argument("--sweep", action="store_true", help="time every tile config per head dim (GPU, minutes)")
     p.add_argument("--sweep-dims", default="40,64,80,128,160", help="head dims the sweep covers (comma-separated)")
+    p.add_argument("--sweep-nk", type=int, help="the sweep's key length (default: each case's own; 77: cross-attention)")
     args = p.parse_args(argv)
     dtype = DTYPES[args.dtype]
     torch.manual_seed(0)
@@ -268,7 +271,7 @@ def main(argv=None) -> int:
         print(f"{torch.cuda.get_device_name()}; {dtype}; {'CUDA-graph replays' if args.graph else 'plain calls'}; "
               f"CUDA row statistics: {cuda_stats_reason() or 'available'}")
         if args.sweep:
-            sweep(dtype, timing, [int(d) for d in args.sweep_dims.split(",")])
+            sweep(dtype, timing, [int(d) for d in args.sweep_dims.split(",")], args.sweep_nk)
             return 0
     else:
         if args.sweep:

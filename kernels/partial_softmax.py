@@ -166,7 +166,7 @@ def attention_row_stats_triton(q, k, scale, mask, splits=None, config=None):
     B, H, N, d = q.shape
     Nk = k.shape[2]
     D0, D1 = HEAD_DIM_CHUNKS[d]
-    block_m, block_n, warps, stages = config or launch_config(d, q.dtype, N, B * H, mask_kind(mask, d), q.device)
+    block_m, block_n, warps, stages = config or launch_config(d, q.dtype, N, B * H, mask_kind(mask, d), q.device, Nk)
     n_row_programs = cdiv(N, block_m) * B * H
     n_key_blocks = cdiv(Nk, block_n)
     splits = splits or choose_splits(n_row_programs, n_key_blocks, q.device)
@@ -195,7 +195,7 @@ def partial_softmax_attention_triton(q, k, v, out, scale, mask, row_stats=None, 
     B, H, N, d = q.shape
     Nk = k.shape[2]
     D0, D1 = HEAD_DIM_CHUNKS[d]
-    block_m, block_n, warps, stages = config or launch_config(d, q.dtype, N, B * H, mask_kind(mask, d), q.device)
+    block_m, block_n, warps, stages = config or launch_config(d, q.dtype, N, B * H, mask_kind(mask, d), q.device, Nk)
     if row_stats is None:
         stats = attention_row_stats_triton(q, k, scale, mask, config=config)
     else:

@@ -287,13 +287,20 @@ ATTENTION_HEAD_DIMS = (40, 64, 80, 128, 160)
 ATTENTION_TOKENS = (256, 4096)
 
 
-def _attention_inputs(d, dtype, mask_kind, n, heads=8, batch=2):
-    """diffusers' layout (B, N, H*d); mask kind 1: one key-padding row per sample, 2: a full (N, Nk) mask."""
+def _attention_inputs(d, dtype, mask_kind, n, heads=8, batch=2, nk=None):
+    """diffusers' layout (B, N, H*d) with n queries and nk keys (default n); mask kind 1: one key-padding row per
+    sample, 2: a full (N, Nk) mask."""
     import torch
-    q, k, v = (torch.empty(batch, n, heads * d, dtype=dtype) for _ in range(3))
-    shape = {0: None, 1: (batch, 1, 1, n), 2: (batch, 1, n, n)}[mask_kind]
+    nk = nk or n
+    q = torch.empty(batch, n, heads * d, dtype=dtype)
+    k, v = (torch.empty(batch, nk, heads * d, dtype=dtype) for _ in range(2))
+    shape = {0: None, 1: (batch, 1, 1, nk), 2: (batch, 1, n, nk)}[mask_kind]
     mask = None if shape is None else torch.empty(shape, dtype=dtype)
     return q, k, v, d ** -0.5, mask, heads
+
+
+# Cross-attention to 77 text tokens: the short-key tile configs (SHORT_KEY_CONFIGS), the same for fp16 and bf16.
+CROSS_ATTENTION_KEYS = 77
 
 
 def attention_scenarios():
@@ -301,6 +308,11 @@ def attention_scenarios():
                                                               _dtypes().items(), (0, 1, 2), ATTENTION_TOKENS):
         yield Scenario(f"{backend} d={d} {dt} mask={mask} N={n}",
                        _backend_call("flash_attention", backend, *_attention_inputs(d, dtype, mask, n)))
+    for backend, d, mask in itertools.product(("flash", "partial_softmax"), ATTENTION_HEAD_DIMS, (0, 1, 2)):
+        nk = CROSS_ATTENTION_KEYS
+        yield Scenario(f"{backend} d={d} fp16 mask={mask} N=4096 Nk={nk}",
+                       _backend_call("flash_attention", backend,
+                                     *_attention_inputs(d, _dtypes()["fp16"], mask, 4096, nk=nk)))
 
 
 # (N, C, H, W): groups of 2560 (one pass, BLOCK 4096), 40960 (one pass, BLOCK 65536) and 131072 elements (split).
