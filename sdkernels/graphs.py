@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from . import tuning
 from .benchmarking import as_cuda_graph
 from .dispatch import SdkernelsFallbackWarning
 
@@ -244,7 +245,8 @@ class GraphedCall:
             with torch.cuda.device(device):
                 if self.pool is None:
                     self.pool = torch.cuda.graph_pool_handle()
-                return static, as_cuda_graph(call, pool=self.pool)
+                with tuning.optimizing_for("device"):  # a replay pays GPU time only: its choices minimize that
+                    return static, as_cuda_graph(call, pool=self.pool)
         except Exception as e:  # noqa: BLE001  (whatever broke the capture, eager still computes the call)
             self._eager(f"its CUDA graph capture failed ({type(e).__name__}: {e})")
             return None

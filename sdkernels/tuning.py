@@ -11,11 +11,19 @@ to the op's rule (the chooser it had before), as it does for a signature it has 
 
 ``MeasuredChoice`` is the same for any set of equivalent computations that are not one op's backends, e.g. the
 resnet_block patcher's fused block against the unfused one.
+
+What a choice minimizes depends on how the call will run (``optimizing_for``): "call" (the default), one call's time
+from its launch on an idle GPU, host overhead included, which is what a step without CUDA graphs pays (launch-bound
+at SD sizes); "device", the GPU time alone (calls queued behind a sleeping kernel), which is what a CUDA-graph replay
+pays. sdkernels.graphs measures its warm-up calls for "device". Each signature is measured once per objective.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
+import time
 import re
 import statistics
 import threading
@@ -62,6 +70,56 @@ def cuda_event_ms(fn: Callable[[], object]) -> float:
     return statistics.median(times)
 
 
+OBJECTIVES = ("call", "device")
+_objective = threading.local()
+
+
+def objective() -> str:
+    """What choices made now minimize: "call" or "device" (see the module docstring)."""
+    return getattr(_objective, "value", "call")
+
+
+@contextlib.contextmanager
+def optimizing_for(name: str):
+    """Choices made inside minimize ``name`` ("call" or "device"), e.g. the warm-up calls before a CUDA-graph
+    capture, whose replays pay GPU time only."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"sdkernels.tuning: unknown objective {name!r}; known: {', '.join(OBJECTIVES)}")
+    previous = objective()
+    _objective.value = name
+    try:
+        yield
+    finally:
+        _objective.value = previous
+
+
+ASSUMED_MAX_CLOCK_HZ = 2.0e9  # above the boost clock of A100/H100/H200: a sleep of n cycles lasts at least n / this
+
+
+def device_ms(fn: Callable[[], object]) -> float:
+    """GPU time per call of fn() in ms, host overhead excluded: TIMED_CALLS calls are queued behind a kernel that
+    sleeps for longer than queuing them takes, then run back to back between two CUDA events."""
+    host_s = math.inf
+    for _ in range(WARMUP_CALLS):  # the fastest warm-up call bounds the host time (the first may compile)
+        start_host = time.perf_counter()
+        fn()
+        host_s = min(host_s, time.perf_counter() - start_host)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(int(2 * TIMED_CALLS * host_s * ASSUMED_MAX_CLOCK_HZ) + 100_000)
+    start.record()
+    for _ in range(TIMED_CALLS):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / TIMED_CALLS
+
+
+def measure_ms(fn: Callable[[], object]) -> float:
+    """fn's time by the current objective: cuda_event_ms for "call", device_ms for "device"."""
+    return device_ms(fn) if objective() == "device" else cuda_event_ms(fn)
+
+
 def cache_path() -> Path:
     """One file per GPU model and software versions: a choice measured elsewhere says nothing here."""
     root = Path(cache_dir()) / "tuning"
@@ -76,7 +134,7 @@ class MeasuredChoice:
     ``can_measure`` allows and stored under ``name`` in the per-GPU file. ``timer`` and ``can_measure`` are
     replaceable for tests on machines without a GPU."""
 
-    def __init__(self, name: str, timer: Callable = cuda_event_ms, can_measure: Optional[Callable[..., bool]] = None,
+    def __init__(self, name: str, timer: Callable = measure_ms, can_measure: Optional[Callable[..., bool]] = None,
                  path: Optional[Path] = None):
         self.name = name
         self.timer = timer
@@ -89,7 +147,7 @@ class MeasuredChoice:
     def choose(self, key_args: tuple, ways: Callable[[], dict], default=None):
         """The fastest of ``ways()`` ({name: zero-argument callable}) for inputs like ``key_args``, measured the first
         time; ``default`` (a value or a callable of key_args) where nothing was measured and nothing may be."""
-        key = signature(*key_args)
+        key = (objective(),) + signature(*key_args)
         choice = self.choices.get(key)
         if choice is not None:
             return choice

@@ -84,6 +84,46 @@ def test_without_measuring_the_rule_decides(fake_op, tmp_path):
     assert no_rule(torch.randn(4, 5)) is None
 
 
+def test_each_objective_has_its_own_choice(fake_op, tmp_path):
+    """A graph replay pays GPU time only, a plain call its launch too: the same signature is measured for each, and
+    each keeps its own winner."""
+    timed = []
+    per_objective = {"call": {"fast": 3.0, "slow": 2.0, "reference": 1.0},
+                     "device": {"fast": 1.0, "slow": 2.0, "reference": 3.0}}
+
+    def timer(fn):
+        timed.append(fn())
+        return per_objective[tuning.objective()][timed[-1]]
+
+    choose = tuning.MeasuredChooser(OP, timer=timer, can_measure=lambda *a: True, path=tmp_path / "t.json")
+    x = torch.randn(4, 5)
+    assert choose(x) == "reference" and len(timed) == 3
+    with tuning.optimizing_for("device"):
+        assert choose(x) == "fast" and len(timed) == 6
+        assert choose(x) == "fast" and len(timed) == 6
+    assert tuning.objective() == "call" and choose(x) == "reference" and len(timed) == 6
+    with pytest.raises(ValueError, match="unknown objective"):
+        with tuning.optimizing_for("wall"):
+            pass
+
+
+@pytest.mark.gpu
+def test_device_time_leaves_the_host_out():
+    """A call that spends 3 ms on the host before a tiny kernel: an isolated call takes those 3 ms, its GPU time is
+    microseconds."""
+    import time
+    x = torch.randn(1024, device=DEVICE)
+
+    def slow_host():
+        time.sleep(0.003)
+        x.add_(1.0)
+
+    assert tuning.cuda_event_ms(slow_host) > 2.5
+    assert tuning.device_ms(slow_host) < 0.5
+    with tuning.optimizing_for("device"):
+        assert tuning.measure_ms(slow_host) < 0.5
+
+
 def test_signature_keeps_what_decides_speed():
     x = torch.randn(4, 6)
     assert tuning.signature(x, 1e-5, True, 3) == tuning.signature(torch.randn(4, 6), 1e-6, True, 3)
@@ -133,7 +173,7 @@ def test_measures_real_backends_on_the_gpu(tmp_path, monkeypatch):
         choice = choose(*args)
         op = dispatch.ops()["group_norm"]
         assert choice == dispatch.REFERENCE or op.reasons(*args)[choice] is None
-        assert set(choose.timings[tuning.signature(*args)]) >= {"reference", choice}
+        assert set(choose.timings[("call",) + tuning.signature(*args)]) >= {"reference", choice}
     assert len(json.loads((tmp_path / "t.json").read_text())["group_norm"]) == 2
 
 
