@@ -38,10 +38,11 @@ HALF_CONFIGS = {
 }
 # Short key lengths (Nk <= SHORT_KEYS: SD's cross-attention to 77 text tokens): narrow key blocks and 4 warps, so the
 # few key blocks keep the masked tail small (H200 sweep at Nk = 77: 1.13-1.25x SDPA, where HALF_CONFIGS gave
-# 0.77x at d = 40). Head dims not in the table use HALF_CONFIGS.
+# 0.77x at d = 40; 1.02x at d = 64). Head dim 128 keeps HALF_CONFIGS (its best short-key config: 0.85x SDPA).
 SHORT_KEYS = 128
 SHORT_KEY_CONFIGS = {
     40: (128, 32, 4, 3),
+    64: (64, 32, 4, 2),
     80: (64, 32, 4, 3),
     160: (64, 32, 4, 4),
 }
