@@ -87,7 +87,8 @@ class SdkernelsAttnProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
 
-        hidden_states = hidden_states / attn.rescale_output_factor
+        if attn.rescale_output_factor != 1.0:  # x / 1.0 is x, bit for bit: no pass over the output for it
+            hidden_states = hidden_states / attn.rescale_output_factor
 
         return hidden_states
 
