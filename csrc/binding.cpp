@@ -23,8 +23,8 @@ namespace {
 
 // A failed check returns its message (empty: launched) and the Python side raises it (sdkernels/_ext.py). The
 // message is built with std::to_string and c10::toString (a C string), never through c10's stream operators: on the
-// GPU machine (torch 2.11+cu130) every failed check crashed the process, with TORCH_CHECK and with c10::str alike,
-// while the checks that passed ran fine (scripts/probe_binding.py).
+// GPU machine (torch 2.11+cu130) every failed check crashed the process with TORCH_CHECK and with c10::str alike;
+// built this way each raises its message there (scripts/probe_binding.py).
 void put(std::string& s, const char* v) { s += v; }
 void put(std::string& s, at::IntArrayRef v) {
   s += "[";
