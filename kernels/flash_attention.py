@@ -61,11 +61,11 @@ def launch_config(head_dim, dtype, N, batch_heads, mask_kind, device, Nk=None):
         return FP32_CONFIG
     if Nk is not None and Nk <= SHORT_KEYS and head_dim in SHORT_KEY_CONFIGS:
         block_m, block_n, warps, stages = SHORT_KEY_CONFIGS[head_dim]
-        return block_m, min(block_n, 64) if mask_kind == 2 else block_n, warps, stages
-    block_m, block_n, warps, stages = HALF_CONFIGS[head_dim]
-    # Too few 128-row tiles to fill the GPU (short N, e.g. d=160 at N=256): halve the tile to double the programs.
-    if cdiv(N, 128) * batch_heads < multiprocessor_count(device):
-        block_m, warps = 64, 4
+    else:
+        block_m, block_n, warps, stages = HALF_CONFIGS[head_dim]
+        # Too few 128-row tiles to fill the GPU (short N): halve the tile to double the programs.
+        if cdiv(N, 128) * batch_heads < multiprocessor_count(device):
+            block_m, warps = 64, 4
     if mask_kind == 2:  # a full mask tile's 64-bit addresses cost registers: narrower key blocks
         block_n = min(block_n, 64)
     return block_m, block_n, warps, stages

@@ -11,7 +11,7 @@ Like AttnProcessor2_0 it scales scores by head_dim ** -0.5 (diffusers installs A
 AttnProcessor2_0 does (our op has no backward).
 
 Where the op's choice for an input signature was SDPA (measured faster, see sdkernels.tuning), later calls with that
-signature go to SDPA directly, as the op's reference calls it, without the op's checks and dispatch: about 40 us of
+signature run the op's SDPA reference directly, without the op's checks and dispatch: about 40 us of
 host time per call on an H200's host, which a step without CUDA graphs pays in full.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from . import dispatch, tuning
 from .ops._common import _nothing_intercepts
-from .ops.attention import flash_attention
+from .ops.attention import attention_dispatch, flash_attention
 
 
 def _must_use_sdpa(*tensors) -> bool:
@@ -106,7 +106,7 @@ class SdkernelsAttnProcessor:
         the op chose its SDPA reference for this signature before."""
         memo = _memo_key(query, key, value, attention_mask, heads)
         if memo is not None and self._sdpa_chosen.get(memo):
-            return _sdpa_as_the_op_runs_it(query, key, value, attention_mask, heads, head_dim)
+            return attention_dispatch.reference(query, key, value, head_dim ** -0.5, attention_mask, heads)
         out = flash_attention(query, key, value, head_dim ** -0.5, attention_mask, heads=heads)
         if memo is not None:
             self._sdpa_chosen[memo] = dispatch.last_backend("flash_attention") == dispatch.REFERENCE
@@ -133,24 +133,11 @@ class SdkernelsAttnProcessor:
 
 
 def _memo_key(query, key, value, attention_mask, heads):
-    """What the op's choice depends on (layouts, dtype, device, mask layout, the tuning objective), or None where the
-    choice must not be remembered or reused: a backend forced for the op, or anything intercepting the call (tracing,
-    fake tensors, autograd), where the op's own path runs."""
-    if dispatch._forced("flash_attention")[0] is not None:
+    """The op's choice is made per tuning objective and input signature: that pair, or None where the choice must
+    not be remembered or reused: a backend forced for the op, or anything intercepting the call (tracing, fake
+    tensors, autograd), where the op's own path runs."""
+    if dispatch.forced_backend("flash_attention") is not None:
         return None
     if not _nothing_intercepts((query, key, value, attention_mask)):
         return None
-    mask = None if attention_mask is None else (attention_mask.shape, attention_mask.stride(), attention_mask.dtype)
-    return (query.shape, key.shape, query.stride(), key.stride(), value.stride(), query.dtype, query.device, mask,
-            heads, tuning.objective())
-
-
-def _sdpa_as_the_op_runs_it(query, key, value, attention_mask, heads, head_dim):
-    """The op's SDPA reference (sdkernels.ops.attention._sdpa_fallback) on per-head views, in diffusers' layout."""
-    batch = query.shape[0]
-    q, k, v = (t.unflatten(-1, (heads, head_dim)).transpose(1, 2) for t in (query, key, value))
-    mask = attention_mask
-    if mask is not None and mask.dtype != torch.bool and mask.dtype != query.dtype:
-        mask = mask.to(query.dtype)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=head_dim ** -0.5)
-    return out.transpose(1, 2).reshape(batch, -1, heads * head_dim)
+    return (tuning.objective(),) + tuning.signature(query, key, value, attention_mask, heads)

@@ -129,6 +129,11 @@ def use_backend(name: str, op: str | None = None, strict: bool = False):
         _local.stack = stack
 
 
+def forced_backend(op_name: str) -> str | None:
+    """The backend forced for an op (use_backend or SDKERNELS_BACKEND), or None."""
+    return _forced(op_name)[0]
+
+
 def _forced(op_name: str):
     for op, name, strict in reversed(getattr(_local, "stack", ())):
         if op is None or op == op_name:
