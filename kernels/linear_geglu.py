@@ -17,14 +17,21 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import tuning
 from .._env import getenv
 from .geglu import gelu_fp32
 from .utils import cdiv, interpreting
 
 
-def _config(bm, bn, bk, stages, warps, group_m=8):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
-                         num_stages=stages, num_warps=warps)
+def _set_block_shapes(nargs):
+    """Pre-launch hook of a TMA config: the descriptors' boxes are its tiles (the autotuner calls it per config)."""
+    nargs["x_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+    nargs["w_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+
+
+def _config(bm, bn, bk, stages, warps, group_m=8, tma=False):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "USE_TMA": tma},
+                         num_stages=stages, num_warps=warps, pre_hook=_set_block_shapes if tma else None)
 
 
 # BLOCK_N counts columns of the output; each program computes 2 * BLOCK_N columns of the projection.
@@ -37,22 +44,36 @@ CONFIGS = [
     _config(64, 64, 64, 4, 4),
     _config(64, 64, 32, 5, 2),
 ]
+# Hopper's copy engine (TMA) loads the tiles through tensor descriptors: the loads cost no threads' registers or
+# address arithmetic, and the wgmma pipeline overlaps them better (BLOCK_K * 2 bytes stays within the 128-byte
+# swizzle). Only for 16-bit x and W whose rows are 16-byte aligned (see tma_ok).
+TMA_CONFIGS = [
+    _config(128, 128, 64, 3, 8, tma=True),
+    _config(128, 128, 64, 4, 8, tma=True),
+    _config(128, 64, 64, 4, 4, tma=True),
+    _config(128, 64, 64, 4, 8, tma=True),
+    _config(64, 128, 64, 4, 4, tma=True),
+    _config(64, 64, 64, 5, 4, tma=True),
+]
+# Smaller tiles for the columns after a split plan's whole waves (split_plans); the last one needs no TMA.
+TAIL_CONFIGS = [TMA_CONFIGS[5], _config(64, 64, 128, 3, 4, tma=True), TMA_CONFIGS[2], CONFIGS[5]]
 # For a shape first met inside a CUDA-graph capture: the first of these whose tiles fit the GPU's shared memory.
 DEFAULT_CONFIGS = [CONFIGS[2], CONFIGS[5], _config(64, 64, 32, 2, 4)]
 INTERPRETER_CONFIG = _config(16, 16, 16, 1, 1, group_m=2)
 
 
 @triton.jit
-def _linear_geglu_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K,
+def _linear_geglu_kernel(x_ptr, w_ptr, x_desc, w_desc, b_ptr, out_ptr, M, N, K, n_begin, n_end,
                          stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_om,
                          HAS_BIAS: tl.constexpr, APPROXIMATE_TANH: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                          DOT_IN_FP32: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         GROUP_M: tl.constexpr):
-    # Programs walk GROUP_M row tiles per column tile, so neighbours share W tiles in L2.
+                         GROUP_M: tl.constexpr, USE_TMA: tl.constexpr):
+    # The launch covers output columns [n_begin, n_end) (a plan may split them over two launches). Programs walk
+    # GROUP_M row tiles per column tile, so neighbours share W tiles in L2.
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
+    tiles_n = tl.cdiv(n_end - n_begin, BLOCK_N)
     per_group = GROUP_M * tiles_n
     first_m = (pid // per_group) * GROUP_M
     group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
@@ -60,10 +81,11 @@ def _linear_geglu_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K,
     tile_n = (pid % per_group) // group_rows
 
     rm = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    first_n = n_begin + tile_n * BLOCK_N
+    rn = first_n + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     m_ok = rm < M
-    n_ok = rn < N
+    n_ok = rn < n_end
     x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :] * stride_xk
     # (BLOCK_K, BLOCK_N) tiles of W.T: element [k, n] is W[n, k] (value) and W[N + n, k] (gate).
     wa_ptrs = w_ptr + rn.to(tl.int64)[None, :] * stride_wn + rk[:, None] * stride_wk
@@ -72,11 +94,18 @@ def _linear_geglu_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K,
     acc_a = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k_ok = (k0 + rk) < K
-        x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w_mask = k_ok[:, None] & n_ok[None, :]
-        wa = tl.load(wa_ptrs, mask=w_mask, other=0.0)
-        wg = tl.load(wg_ptrs, mask=w_mask, other=0.0)
+        if USE_TMA:
+            # The copy engine zero-fills rows past M and columns past K. Value rows past n_end read other rows:
+            # they only feed output columns past n_end, which are never stored.
+            x = x_desc.load([tile_m * BLOCK_M, k0])
+            wa = w_desc.load([first_n, k0]).T
+            wg = w_desc.load([N + first_n, k0]).T
+        else:
+            k_ok = (k0 + rk) < K
+            x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            w_mask = k_ok[:, None] & n_ok[None, :]
+            wa = tl.load(wa_ptrs, mask=w_mask, other=0.0)
+            wg = tl.load(wg_ptrs, mask=w_mask, other=0.0)
         if DOT_IN_FP32:
             x = x.to(tl.float32)
             wa = wa.to(tl.float32)
@@ -96,6 +125,7 @@ def _linear_geglu_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K,
 
 
 _autotuned = triton.autotune(configs=CONFIGS, key=["M", "N", "K"])(_linear_geglu_kernel)
+_autotuned_tma = triton.autotune(configs=CONFIGS + TMA_CONFIGS, key=["M", "N", "K"])(_linear_geglu_kernel)
 # A shape the autotuner has tuned is remembered in its own cache under this tag, with the config it picked: later
 # calls launch that config directly, without the autotuner's per-call Python (~10 us), even inside a CUDA-graph
 # capture; whatever empties the autotuner's cache (to tune again) forgets these with it.
@@ -135,9 +165,28 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _grid(meta, M, N):
-    tiles = cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])
-    return (tiles,)
+def _grid(meta, M, columns):
+    return (cdiv(M, meta["BLOCK_M"]) * cdiv(columns, meta["BLOCK_N"]),)
+
+
+def tma_ok(x2d, weight) -> bool:
+    """Whether the TMA configs can load x2d and weight: a Hopper-or-newer GPU (not the interpreter), 16-bit
+    dtypes, unit column stride, 16-byte aligned base and row stride."""
+    if interpreting() or x2d.device.type != "cuda" or torch.cuda.get_device_capability(x2d.device)[0] < 9:
+        return False
+    return all(t.dtype in (torch.float16, torch.bfloat16) and t.stride(1) == 1 and t.data_ptr() % 16 == 0
+               and (t.stride(0) * t.element_size()) % 16 == 0 for t in (x2d, weight))
+
+
+def _descriptors(x2d, weight, config):
+    """(x_desc, w_desc) for the kernel: tensor descriptors with the config's boxes, or the tensors themselves
+    where the kernel takes the pointer path (the arguments are then unused)."""
+    if config is not None and not config.kwargs["USE_TMA"]:
+        return x2d, weight
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    c = (config or TMA_CONFIGS[0]).kwargs
+    return (TensorDescriptor.from_tensor(x2d, [c["BLOCK_M"], c["BLOCK_K"]]),
+            TensorDescriptor.from_tensor(weight, [c["BLOCK_N"], c["BLOCK_K"]]))
 
 
 def linear_geglu_triton(x2d, weight, bias, out, approximate_tanh: bool, config=None):
@@ -149,47 +198,106 @@ def linear_geglu_triton(x2d, weight, bias, out, approximate_tanh: bool, config=N
     if M == 0 or N == 0:
         return out
     b = bias if bias is not None else weight  # never read when HAS_BIAS is off
-    args = (x2d, weight, b, out, M, N, K, x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1),
-            b.stride(0), out.stride(0))
     # The interpreter's bf16 dot is wrong (triton 3.9); bf16 products are exact in fp32, so it runs that instead.
     dot_in_fp32 = interpreting() and x2d.dtype == torch.bfloat16
     flags = dict(HAS_BIAS=bias is not None, APPROXIMATE_TANH=approximate_tanh,
                  INPUT_PRECISION="ieee" if dot_in_fp32 else input_precision(x2d.dtype), DOT_IN_FP32=dot_in_fp32)
-    if config is None:
-        config = _pick_config(M, N, K, x2d, weight, b, flags, args)
-        if config is None:  # the autotuner ran it
-            return out
-    _linear_geglu_kernel[_grid(config.kwargs, M, N)](*args, **flags, **config.kwargs, num_warps=config.num_warps,
-                                                     num_stages=config.num_stages)
+    launch = _Launch(x2d, weight, b, out, flags)
+    plan = ((config, 0, N),) if config is not None else _pick_plan(launch)
+    if plan is not None:  # else the autotuner ran it
+        launch.run(plan)
     return out
 
 
-def _pick_config(M, N, K, x2d, weight, b, flags, args):
-    """The config to launch, or None after launching through the autotuner (which tunes a new shape first)."""
+class _Launch:
+    """The arguments of one linear_geglu call, launched by plans: tuples of (config, n_begin, n_end) segments
+    that together cover the N output columns."""
+
+    def __init__(self, x2d, weight, b, out, flags):
+        self.x2d, self.weight, self.flags = x2d, weight, flags
+        (self.M, self.K), self.N = x2d.shape, out.shape[1]
+        self.strides = (x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), b.stride(0),
+                        out.stride(0))
+        self.b, self.out = b, out
+
+    def args(self, config, n_begin, n_end):
+        return (self.x2d, self.weight, *_descriptors(self.x2d, self.weight, config), self.b, self.out, self.M,
+                self.N, self.K, n_begin, n_end, *self.strides)
+
+    def run(self, plan):
+        for config, n_begin, n_end in plan:
+            if config.kwargs["USE_TMA"] and not tma_ok(self.x2d, self.weight):
+                raise ValueError(f"linear_geglu: TMA config {config} needs 16-bit, 16-byte aligned x and weight "
+                                 "rows on a Hopper GPU")
+            _linear_geglu_kernel[_grid(config.kwargs, self.M, n_end - n_begin)](
+                *self.args(config, n_begin, n_end), **self.flags, **config.kwargs, num_warps=config.num_warps,
+                num_stages=config.num_stages)
+
+
+def _pick_plan(launch):
+    """The plan to launch, or None after launching through the autotuner (which tunes a new shape first)."""
+    x2d, weight, M, N, K = launch.x2d, launch.weight, launch.M, launch.N, launch.K
     if interpreting():
-        return INTERPRETER_CONFIG
+        return ((INTERPRETER_CONFIG, 0, N),)
     if getenv("SDKERNELS_AUTOTUNE", "1") == "0":  # e.g. tests over many shapes: one compile, no timing
-        return default_config(x2d.dtype, x2d.device)
-    key = (_TUNED, M, N, K, x2d.dtype, weight.dtype, b.dtype, flags["INPUT_PRECISION"])
-    tuned = _autotuned.cache.get(key)
+        return ((default_config(x2d.dtype, x2d.device), 0, N),)
+    tma = tma_ok(x2d, weight)
+    # Plans are timed by the current objective: a split's second launch costs host time that CUDA graphs hide.
+    key = (_TUNED, M, N, K, x2d.dtype, weight.dtype, launch.b.dtype, launch.flags["INPUT_PRECISION"], tma,
+           tuning.objective())
+    autotuned = _autotuned_tma if tma else _autotuned
+    tuned = autotuned.cache.get(key)
     if tuned is not None:
         return tuned
     if not _capturing(x2d.device):
-        _autotuned[lambda meta: _grid(meta, M, N)](*args, **flags)
-        _autotuned.cache[key] = _autotuned.best_config
+        autotuned[lambda meta: _grid(meta, M, N)](*launch.args(None if tma else CONFIGS[0], 0, N), **launch.flags)
+        autotuned.cache[key] = _fastest_plan(launch, autotuned.best_config, tma)
         return None
     if key not in _warned_capture:
         _warned_capture.add(key)
         warnings.warn(f"sdkernels linear_geglu: shape M={M}, N={N}, K={K} first seen during CUDA-graph capture, "
                       "where autotuning cannot run; the graph uses the default tile config. Run the model once "
                       "before capturing to use the tuned one.", stacklevel=4)
-    return default_config(x2d.dtype, x2d.device)
+    return ((default_config(x2d.dtype, x2d.device), 0, N),)
 
 
-def tuned_config(M: int, N: int, K: int, dtype: torch.dtype):
-    """The config the autotuner picked for a shape (fp16/bf16/fp32 x and weight of one dtype), or None (for the
-    benchmark's report)."""
-    for key, config in _autotuned.cache.items():
-        if tuple(key[:3]) == (M, N, K) and str(dtype) in key:
-            return config
+def split_plans(M: int, N: int, config, tail_configs, sms: int):
+    """Plans that end the tuned config's last, partly filled wave early: its tiles cover the columns of its whole
+    waves (1 or 2 resident programs per multiprocessor), smaller tiles the rest in a second launch. At M = 512,
+    N = 5120 the 160 tiles of 128 x 128 fill 132 multiprocessors 1.2 times: the second wave costs a whole tile's
+    time for 28 tiles."""
+    tiles_m = cdiv(M, config.kwargs["BLOCK_M"])
+    block_n = config.kwargs["BLOCK_N"]
+    tiles = tiles_m * cdiv(N, block_n)
+    plans = []
+    for resident in (1, 2):
+        wave = sms * resident
+        if tiles <= wave or tiles % wave == 0:
+            continue
+        n_split = (tiles // wave * wave) // tiles_m * block_n
+        if 0 < n_split < N:
+            plans += [((config, 0, n_split), (tail, n_split, N)) for tail in tail_configs]
+    return plans
+
+
+def _fastest_plan(launch, best, tma):
+    """The tuned single launch, or a split plan where one measures faster by the current objective (GPU time
+    under CUDA graphs, host-inclusive time of a call otherwise)."""
+    device = launch.x2d.device
+    tails = [c for c in TAIL_CONFIGS if (tma or not c.kwargs["USE_TMA"]) and fits(c, launch.x2d.dtype, device)]
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    plans = [((best, 0, launch.N),)] + split_plans(launch.M, launch.N, best, tails, sms)
+    if len(plans) == 1:
+        return plans[0]
+    times = [tuning.measure_ms(lambda: launch.run(plan)) for plan in plans]
+    return plans[times.index(min(times))]
+
+
+def tuned_plan(M: int, N: int, K: int, dtype: torch.dtype):
+    """The plan tuning picked for a shape (fp16/bf16/fp32 x and weight of one dtype), or None, as text for the
+    benchmark's report: each launch's config and its output columns."""
+    for autotuned in (_autotuned_tma, _autotuned):
+        for key, plan in autotuned.cache.items():
+            if key[0] == _TUNED and tuple(key[1:4]) == (M, N, K) and dtype in key:
+                return " + ".join(f"[{config}] columns {n_begin}..{n_end}" for config, n_begin, n_end in plan)
     return None

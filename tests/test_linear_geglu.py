@@ -12,7 +12,9 @@ from triton.runtime.errors import OutOfResources
 
 import sdkernels
 from sdkernels import dispatch
-from sdkernels.kernels.linear_geglu import CONFIGS
+from sdkernels.kernels.linear_geglu import CONFIGS, TAIL_CONFIGS, TMA_CONFIGS
+
+EVERY_CONFIG = CONFIGS + TMA_CONFIGS + [c for c in TAIL_CONFIGS if c not in CONFIGS + TMA_CONFIGS]
 from sdkernels.ops.geglu import geglu_reference, linear_geglu, linear_geglu_reference
 from sdkernels.testing import assert_close, relative_error
 from conftest import DEVICE, GPU
@@ -182,20 +184,83 @@ def test_sd_shapes_and_no_worse_than_eager(shape, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", CONFIGS, ids=str)
+@pytest.mark.parametrize("config", EVERY_CONFIG, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_every_tile_config(config, dtype):
-    """The autotuner may pick any config: each must be right on a shape with tails in M, N and K."""
-    from sdkernels.kernels.linear_geglu import fits, linear_geglu_triton
+    """The autotuner may pick any config: each must be right on a shape with tails in M, N and K (the TMA ones
+    on the 16-bit, 16-byte aligned rows they take; the autotuner offers them only there)."""
+    from sdkernels.kernels.linear_geglu import fits, linear_geglu_triton, tma_ok
     if not fits(config, dtype, torch.device(DEVICE)):
         pytest.skip(f"{config} does not fit this GPU's shared memory in {dtype} (the autotuner drops it too)")
-    x, w, b = make_case((333,), 200, 301, dtype, x_layout="row_slice")
+    tma = config.kwargs["USE_TMA"]
+    x, w, b = make_case((333,), 200, 301, dtype, x_layout="contiguous" if tma else "row_slice")
+    if tma and not tma_ok(x, w):
+        assert dtype == torch.float32 or torch.cuda.get_device_capability()[0] < 9
+        with pytest.raises(ValueError, match="TMA config"):
+            linear_geglu_triton(x, w, b, torch.empty(333, 301, device=DEVICE, dtype=dtype), False, config=config)
+        return
     out = torch.full((333, 301), float("nan"), device=DEVICE, dtype=dtype)
     try:
         linear_geglu_triton(x, w, b, out, approximate_tanh=False, config=config)
     except OutOfResources as e:  # our estimate missed what Triton allocates; the autotuner would drop it too
         pytest.skip(f"{config} in {dtype}: {e}")
     assert_close(out, reference64(x, w, b), dtype, reduction_size=200, what=f"config {config}")
+
+
+@pytest.mark.skipif(GPU, reason="CPU lane: the TMA branch in the interpreter (the GPU lane runs every TMA config)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_tma_branch_in_the_interpreter(monkeypatch, dtype):
+    """The descriptor loads of the TMA configs: zero fill past M and K, value rows past N reading gate rows that
+    only masked columns use. The interpreter emulates descriptors; tma_ok refuses it, so the test lifts that."""
+    import sdkernels.kernels.linear_geglu as kernel
+    monkeypatch.setattr(kernel, "tma_ok", lambda x, w: True)
+    x, w, b = make_case((70,), 48, 40, dtype)
+    out = torch.full((70, 40), float("nan"), dtype=dtype)
+    kernel.linear_geglu_triton(x, w, b, out, approximate_tanh=False,
+                               config=kernel._config(32, 16, 16, 1, 1, group_m=2, tma=True))
+    assert_close(out, reference64(x, w, b), dtype, reduction_size=48, what=f"TMA branch {dtype}")
+
+
+def test_split_plans_end_the_last_wave_early():
+    """The 160 tiles of 128 x 128 at M = 512, N = 5120 on 132 multiprocessors: the big tiles keep the 33 column
+    tiles of one whole wave, the tail configs the remaining 896 columns; whole waves and lone partial waves get no
+    split."""
+    from sdkernels.kernels.linear_geglu import TAIL_CONFIGS, TMA_CONFIGS, split_plans
+    big = TMA_CONFIGS[0]
+    plans = split_plans(512, 5120, big, TAIL_CONFIGS, sms=132)
+    assert [plan[1][0] for plan in plans] == TAIL_CONFIGS
+    assert all(plan == ((big, 0, 33 * 128), (plan[1][0], 33 * 128, 5120)) for plan in plans)
+    assert split_plans(512, 33 * 128, big, TAIL_CONFIGS, sms=132) == []   # 132 tiles: one whole wave
+    assert split_plans(256, 5120, big, TAIL_CONFIGS, sms=132) == []       # 80 tiles: less than one wave
+    assert len(split_plans(1024, 5120, big, TAIL_CONFIGS, sms=132)) == 2 * len(TAIL_CONFIGS)  # 320: 1 or 2 resident
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_a_split_plan_covers_every_column(dtype):
+    """Two launches over columns [0, 32) and [32, 70) with different tiles write every output exactly right."""
+    from sdkernels.kernels.linear_geglu import INTERPRETER_CONFIG, _config, _Launch
+    if GPU:
+        pytest.skip("CPU lane (the GPU lane runs the tuned plans at SD shapes)")
+    x, w, b = make_case((50,), 40, 70, dtype)
+    out = torch.full((50, 70), float("nan"), dtype=dtype)
+    flags = dict(HAS_BIAS=True, APPROXIMATE_TANH=False, INPUT_PRECISION="ieee", DOT_IN_FP32=False)
+    _Launch(x, w, b, out, flags).run(((INTERPRETER_CONFIG, 0, 32), (_config(32, 32, 16, 1, 1, group_m=2), 32, 70)))
+    assert_close(out, reference64(x, w, b), dtype, reduction_size=40, what=f"split plan {dtype}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(512, 1280, 5120), (2048, 640, 2560), (1000, 320, 1280)], ids=str)
+def test_tuned_plans_are_right(monkeypatch, shape):
+    """Tuning (single launches and split plans, timed) at SD shapes: the tuning call's output and the tuned
+    plan's are both right."""
+    monkeypatch.setenv("SDKERNELS_AUTOTUNE", "1")
+    from sdkernels.kernels.linear_geglu import tuned_plan
+    M, K, inner = shape
+    x, w, b = make_case((M,), K, inner, torch.float16)
+    for call in ("tuning", "tuned"):
+        out = check(x, w, b)
+        print(f"{call}: {tuned_plan(M, inner, K, torch.float16)}")
+    assert tuned_plan(M, inner, K, torch.float16) is not None
 
 
 @pytest.mark.gpu
