@@ -209,7 +209,8 @@ def test_every_tile_config(config, dtype):
 
 @pytest.mark.skipif(GPU, reason="CPU lane: the TMA branch in the interpreter (the GPU lane runs every TMA config)")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_tma_branch_in_the_interpreter(monkeypatch, dtype):
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_tma_branch_in_the_interpreter(monkeypatch, dtype, split_k):
     """The descriptor loads of the TMA configs: zero fill past M and K, value rows past N reading gate rows that
     only masked columns use. The interpreter emulates descriptors; tma_ok refuses it, so the test lifts that."""
     import sdkernels.kernels.linear_geglu as kernel
@@ -217,7 +218,7 @@ def test_tma_branch_in_the_interpreter(monkeypatch, dtype):
     x, w, b = make_case((70,), 48, 40, dtype)
     out = torch.full((70, 40), float("nan"), dtype=dtype)
     kernel.linear_geglu_triton(x, w, b, out, approximate_tanh=False,
-                               config=kernel._config(32, 16, 16, 1, 1, group_m=2, tma=True))
+                               config=kernel._config(32, 16, 16, 1, 1, group_m=2, tma=True, split_k=split_k))
     assert_close(out, reference64(x, w, b), dtype, reduction_size=48, what=f"TMA branch {dtype}")
 
 
@@ -236,16 +237,34 @@ def test_split_plans_end_the_last_wave_early():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_a_split_plan_covers_every_column(dtype):
-    """Two launches over columns [0, 32) and [32, 70) with different tiles write every output exactly right."""
+@pytest.mark.parametrize("split_k", [1, 2, 3, 4])
+def test_a_split_plan_covers_every_column(dtype, split_k):
+    """Two launches over columns [0, 32) and [32, 70) with different tiles write every output exactly right; the
+    second splits K = 40 (three blocks of 16) into split_k slices, the fourth of which is empty."""
     from sdkernels.kernels.linear_geglu import INTERPRETER_CONFIG, _config, _Launch
     if GPU:
-        pytest.skip("CPU lane (the GPU lane runs the tuned plans at SD shapes)")
+        pytest.skip("CPU lane (the GPU lane runs every tail config and the tuned plans at SD shapes)")
     x, w, b = make_case((50,), 40, 70, dtype)
     out = torch.full((50, 70), float("nan"), dtype=dtype)
     flags = dict(HAS_BIAS=True, APPROXIMATE_TANH=False, INPUT_PRECISION="ieee", DOT_IN_FP32=False)
-    _Launch(x, w, b, out, flags).run(((INTERPRETER_CONFIG, 0, 32), (_config(32, 32, 16, 1, 1, group_m=2), 32, 70)))
-    assert_close(out, reference64(x, w, b), dtype, reduction_size=40, what=f"split plan {dtype}")
+    tail = _config(32, 32, 16, 1, 1, group_m=2, split_k=split_k)
+    _Launch(x, w, b, out, flags).run(((INTERPRETER_CONFIG, 0, 32), (tail, 32, 70)))
+    assert_close(out, reference64(x, w, b), dtype, reduction_size=40, what=f"split plan {dtype} split_k={split_k}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [c for c in TAIL_CONFIGS if c.kwargs["SPLIT_K"] > 1], ids=str)
+def test_split_k_tails(config):
+    """Each split-K tail config after a 128 x 128 main launch, on a shape with tails in M, N and K."""
+    from sdkernels.kernels.linear_geglu import TMA_CONFIGS, _Launch, tma_ok
+    x, w, b = make_case((333,), 200, 301, torch.float16)
+    main = TMA_CONFIGS[0] if tma_ok(x, w) else CONFIGS[0]
+    if config.kwargs["USE_TMA"] and not tma_ok(x, w):
+        pytest.skip("TMA configs need a Hopper GPU")
+    out = torch.full((333, 301), float("nan"), device=DEVICE, dtype=torch.float16)
+    flags = dict(HAS_BIAS=True, APPROXIMATE_TANH=False, INPUT_PRECISION="tf32", DOT_IN_FP32=False)
+    _Launch(x, w, b, out, flags).run(((main, 0, 128), (config, 128, 301)))
+    assert_close(out, reference64(x, w, b), torch.float16, reduction_size=200, what=f"split-K tail {config}")
 
 
 @pytest.mark.gpu
