@@ -55,7 +55,7 @@ def sweep_linear(dtype):
                 splits.append((bench_ms(lambda: launch.run(plan), graph=True), plan))
         for ms, plan in sorted(splits, key=lambda r: r[0])[:5]:
             text = " + ".join(f"({c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} tma={c.kwargs['USE_TMA']} "
-                              f"w{c.num_warps} s{c.num_stages}) {a}..{e}" for c, a, e in plan)
+                              f"w{c.num_warps} s{c.num_stages} k/{c.kwargs['SPLIT_K']}) {a}..{e}" for c, a, e in plan)
             print(f"    split {ms * 1e3:7.1f} us {flops / ms / 1e9:4.0f} TF/s {cublas / ms:5.2f}x cuBLAS  {text}")
 
 

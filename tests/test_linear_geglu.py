@@ -268,7 +268,7 @@ def test_split_k_tails(config):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(512, 1280, 5120), (2048, 640, 2560), (1000, 320, 1280)], ids=str)
+@pytest.mark.parametrize("shape", [(512, 1280, 5120), (1000, 320, 1280)], ids=str)
 def test_tuned_plans_are_right(monkeypatch, shape):
     """Tuning (single launches and split plans, timed) at SD shapes: the tuning call's output and the tuned
     plan's are both right."""
