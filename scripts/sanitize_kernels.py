@@ -33,6 +33,28 @@ def geglu_cases():
             yield "linear_geglu", sdkernels.linear_geglu, linear_geglu_reference, (x, w, b, "none")
 
 
+def linear_geglu_plan_cases():
+    """Two-launch plans with every tail config (split-K ones with their epilogue kernel), TMA where it runs."""
+    from sdkernels.kernels import linear_geglu as kernel
+    for dtype in (torch.float16, torch.bfloat16):
+        M, K, inner = 133, 200, 301
+        x = torch.randn(M, K, device="cuda", dtype=dtype)
+        w = torch.randn(2 * inner, K, device="cuda", dtype=dtype) / K**0.5
+        b = torch.randn(2 * inner, device="cuda", dtype=dtype)
+        tma = kernel.tma_ok(x, w)
+        main = kernel.TMA_CONFIGS[0] if tma else kernel.CONFIGS[0]
+        flags = dict(HAS_BIAS=True, APPROXIMATE_TANH=False, INPUT_PRECISION="tf32", DOT_IN_FP32=False)
+        for tail in kernel.TAIL_CONFIGS:
+            if tail.kwargs["USE_TMA"] and not tma:
+                continue
+
+            def run(x=x, w=w, b=b, main=main, tail=tail, flags=flags):
+                out = torch.full((x.shape[0], w.shape[0] // 2), float("nan"), device="cuda", dtype=x.dtype)
+                kernel._Launch(x, w, b, out, flags).run(((main, 0, 128), (tail, 128, out.shape[1])))
+                return out
+            yield f"linear_geglu plan [{main}] + [{tail}]", run, (x, w, b, "none")
+
+
 def attention_cases():
     """Odd token counts (masked tails), each kernel head dim, diffusers' layout and (B, H, N, d), a key mask."""
     for backend in ("flash", "partial_softmax", "partial_softmax_cuda"):
@@ -93,6 +115,8 @@ def cases():
                lambda a=args: group_norm_reference(*a), args, None)
     for name, op, reference, args in geglu_cases():
         yield name, "triton", lambda o=op, a=args: o(*a), lambda r=reference, a=args: r(*a), args, 2e-2
+    for label, run, args in linear_geglu_plan_cases():
+        yield label, "triton", run, lambda a=args: linear_geglu_reference(*a), args, 2e-2
     for args in winograd_cases():
         yield ("conv3x3", "winograd", lambda a=args: sdkernels.conv3x3(*a),
                lambda a=args: winograd_conv3x3_reference(*a), args, 2e-2)
