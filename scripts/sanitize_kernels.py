@@ -1,5 +1,7 @@
 """Every kernel once on odd shapes, for compute-sanitizer memcheck (scripts/gpu_lane.sh runs it). Each backend is
 forced strictly so nothing silently takes the reference path; results are checked against the reference."""
+import os
+
 import torch
 
 import sdkernels
@@ -127,7 +129,10 @@ def cases():
 
 def main():
     n, failures = 0, []
+    only = os.environ.get("SANITIZE_MATCH", "")  # e.g. "linear_geglu plan": just the cases whose label holds it
     for label, backend, run, reference, args, bound in cases():
+        if only not in label:
+            continue
         what = f"{label} {describe_args(args)}"
         print(what, flush=True)  # the last line before a memory error names its case
         try:
