@@ -48,11 +48,11 @@ def reference64(x, w, b, approximate="none"):
     return linear_geglu_reference(x.double(), w.double(), None if b is None else b.double(), approximate)
 
 
-def check(x, w, b, approximate="none", strict=True):
-    with sdkernels.use_backend("triton", op="linear_geglu", strict=strict):
+def check(x, w, b, approximate="none", strict=True, backend="triton"):
+    with sdkernels.use_backend(backend, op="linear_geglu", strict=strict):
         out = linear_geglu(x, w, b, approximate)
     if strict:
-        assert dispatch.last_backend("linear_geglu") == "triton"
+        assert dispatch.last_backend("linear_geglu") == backend
     assert out.shape == (*x.shape[:-1], w.shape[0] // 2) and out.dtype == x.dtype and out.is_contiguous()
     assert_close(out, reference64(x, w, b, approximate), x.dtype, reduction_size=x.shape[-1],
                  what=f"linear_geglu x{tuple(x.shape)} stride={x.stride()} w{tuple(w.shape)} {x.dtype}")
@@ -124,10 +124,18 @@ def test_invalid_approximate():
         linear_geglu(x, w, b, "sigmoid")
 
 
-@pytest.mark.parametrize("make", [
-    lambda: make_case((3,), 8, 5, torch.float64),
-    lambda: make_case((3, 4), 8, 5, torch.float32, x_layout="permuted"),
-])
+def test_unmergeable_views_take_the_cublas_backend():
+    """Leading dims the fused kernel cannot index as one (M, K) matrix: F.linear takes them, no fallback."""
+    x, w, b = make_case((3, 4), 8, 5, torch.float32, x_layout="permuted")
+    assert not supported(x, w, b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sdkernels.SdkernelsFallbackWarning)
+        out = linear_geglu(x, w, b)
+    assert dispatch.last_backend("linear_geglu") == "cublas"
+    assert_close(out, reference64(x, w, b), x.dtype, reduction_size=8)
+
+
+@pytest.mark.parametrize("make", [lambda: make_case((3,), 8, 5, torch.float64)])
 def test_fallback_warns_once(make):
     x, w, b = make()
     dispatch._warned.clear()
@@ -171,12 +179,13 @@ SD_SHAPES = [  # (M, K, inner): SD1.5 at 512 px, batch 2, then SDXL at 1024 px
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", SD_SHAPES, ids=lambda s: "M={},K={},N={}".format(*s))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_sd_shapes_and_no_worse_than_eager(shape, dtype):
-    """At SD sizes the fused op is at least as accurate as eager (Linear in dtype, then a * gelu(g) in dtype),
-    which rounds the projection to fp16/bf16 before the gate."""
+@pytest.mark.parametrize("backend", ["triton", "cublas"])
+def test_sd_shapes_and_no_worse_than_eager(shape, dtype, backend):
+    """At SD sizes the op is at least as accurate as eager (Linear in dtype, then a * gelu(g) in dtype), which
+    rounds the projection to fp16/bf16 before the gate (so does the cublas backend, then gates in fp32)."""
     M, K, inner = shape
     x, w, b = make_case((M,), K, inner, dtype)
-    out = check(x, w, b)
+    out = check(x, w, b, backend=backend)
     expected = reference64(x, w, b)
     a, g = torch.nn.functional.linear(x, w, b).chunk(2, dim=-1)
     eager = a * torch.nn.functional.gelu(g)
@@ -220,6 +229,17 @@ def test_tma_branch_in_the_interpreter(monkeypatch, dtype, split_k):
     kernel.linear_geglu_triton(x, w, b, out, approximate_tanh=False,
                                config=kernel._config(32, 16, 16, 1, 1, group_m=2, tma=True, split_k=split_k))
     assert_close(out, reference64(x, w, b), dtype, reduction_size=48, what=f"TMA branch {dtype}")
+
+
+@settings(max_examples=15 if GPU else 8)
+@given(lead=st.lists(st.sampled_from([1, 2, 7]), max_size=2).map(tuple), K=sizes, inner=sizes,
+       dtype=st.sampled_from(DTYPES), bias=st.booleans(), approximate=st.sampled_from(["none", "tanh"]),
+       x_layout=st.sampled_from(["contiguous", "row_slice", "permuted"]))
+def test_cublas_backend_matches_reference(lead, K, inner, dtype, bias, approximate, x_layout):
+    """The second backend, F.linear then the geglu kernel, on any layout F.linear takes."""
+    x, w, b = make_case(lead, K, inner, dtype, x_layout, bias=bias)
+    note(f"x {tuple(x.shape)} stride={x.stride()} {dtype} bias={bias} {approximate}")
+    check(x, w, b, approximate, backend="cublas")
 
 
 def test_split_plans_end_the_last_wave_early():
