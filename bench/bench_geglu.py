@@ -8,9 +8,10 @@ nn.Linear's out_features); the output is (M, N / 2). Benches:
   geglu         (M, N) -> (M, N/2): ours vs eager (`a, g = h.chunk(2, -1); a * F.gelu(g)`) and torch.compile of
                 it; GB/s of one read and one write, % of the measured copy bandwidth (a 512 MiB copy), and a
                 device-to-device copy of the same bytes as a baseline ("copy": the ceiling at that size).
-  linear_geglu  x (M, K), W (N, K): ours (one matmul, GEGLU in its epilogue) vs the eager pair (cuBLAS F.linear,
-                then the eager GEGLU) and torch.compile of the pair; cuBLAS F.linear alone is shown as a reference
-                row ("linear_only"), TFLOP/s of 2*M*K*N.
+  linear_geglu  x (M, K), W (N, K): ours (the op with its backends measured per shape, as patch(tune=True) runs
+                it: "triton", one matmul with GEGLU in its epilogue, or "cublas", F.linear then the geglu kernel) vs
+                the eager pair (cuBLAS F.linear, then the eager GEGLU) and torch.compile of the pair; each backend
+                alone and cuBLAS F.linear alone ("linear_only") as reference rows; TFLOP/s of 2*M*K*N.
 Every output is checked against the fp32 reference and against eager before anything is timed; a mismatch aborts
 the run before any row is written. Times are medians of CUDA-graph replays (--no-graph: plain calls).
 
@@ -34,7 +35,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from bench.common import (DTYPES, Abort, bench_parser, gpu_timing, measure_cases, results_path, Results,  # noqa: E402
                           bench_ms, copy_bandwidth_gbps, on_gpu, tuning_objective)
-from sdkernels.dispatch import last_backend  # noqa: E402
+from sdkernels import tuning  # noqa: E402
+from sdkernels.dispatch import last_backend, use_backend  # noqa: E402
 from sdkernels.ops.geglu import geglu, geglu_reference, linear_geglu, linear_geglu_reference  # noqa: E402
 from sdkernels.testing import assert_close, tolerance  # noqa: E402
 
@@ -122,11 +124,20 @@ def bench_linear_geglu(M, K, N, dtype, device, timing, budget):
     b = (torch.randn(N, device=device) * 0.5).to(dtype)
     label = f"linear_geglu M={M},K={K},N={N} {dtype}"
     expected = linear_geglu_reference(x.float(), w.float(), b.float())
-    out = linear_geglu(x, w, b)
-    check(label, out, expected, dtype, K)
-    check(f"{label} vs eager", out, eager_linear_geglu(x, w, b), dtype, K, factor=2.0)
+    def backend(name):
+        def run():
+            with use_backend(name, op="linear_geglu", strict=True):
+                return linear_geglu(x, w, b)
+        return run
+
+    out = linear_geglu(x, w, b)  # with tuning enabled (GPU), the first call measures the backends
+    chosen = last_backend("linear_geglu")
+    for name, run in (("ours", lambda: out), ("triton", backend("triton")), ("cublas", backend("cublas"))):
+        check(f"{label} {name}", run(), expected, dtype, K)
+        check(f"{label} {name} vs eager", run(), eager_linear_geglu(x, w, b), dtype, K, factor=2.0)
+    # ours: the op as patch(tune=True) runs it, each backend measured once for this shape; then each backend alone.
     providers = {"ours": lambda: linear_geglu(x, w, b), "eager": lambda: eager_linear_geglu(x, w, b),
-                 "linear_only": lambda: F.linear(x, w, b)}
+                 "linear_only": lambda: F.linear(x, w, b), "triton": backend("triton"), "cublas": backend("cublas")}
     compiled, why, compile_s = compiled_or_reason(eager_linear_geglu, (x, w, b), budget)
     if compiled is not None:
         check(f"{label} torch.compile", compiled(x, w, b), expected, dtype, K, factor=2.0)
@@ -136,8 +147,8 @@ def bench_linear_geglu(M, K, N, dtype, device, timing, budget):
     if on_gpu():
         from sdkernels.kernels.linear_geglu import tuned_plan
         config = tuned_plan(M, N // 2, K, dtype)
-    return dict(ms=ms, skipped={"compile": why} if why else {}, backend=last_backend("linear_geglu"),
-                flops=2.0 * M * K * N, compile_s=compile_s, config=config)
+    return dict(ms=ms, skipped={"compile": why} if why else {}, backend=chosen, flops=2.0 * M * K * N,
+                compile_s=compile_s, config=config)
 
 
 def add_rows(results, bench, case, dtype, m, copy_gbps, where):
@@ -208,6 +219,8 @@ def main(argv=None) -> int:
         print("no GPU: correctness smoke run in the Triton interpreter at tiny sizes; timings are not speed")
         device, cases, timing, copy_gbps = "cpu", SMOKE_CASES, {}, None
 
+    if on_gpu():
+        tuning.enable(["linear_geglu"])  # as sdkernels.patch(tune=True) does: the op measures its backends
     results = Results("geglu")
     results.meta["timing"] = ("median of CUDA-graph replays (do_bench)" if on_gpu() and args.graph
                               else "median of plain calls" + ("" if on_gpu() else " (CPU interpreter: not speed)"))
@@ -230,8 +243,9 @@ def main(argv=None) -> int:
     print(results.table())
     print()
     for r in results.rows:
-        if r["baseline"] == "eager" and "tile_plan" in r:
-            print(f"linear_geglu {r['case']}: tuned plan {r['tile_plan']}")
+        if r["bench"] == "linear_geglu" and r["baseline"] == "eager":
+            plan = f"; the triton backend's tuned plan {r['tile_plan']}" if "tile_plan" in r else ""
+            print(f"linear_geglu {r['case']}: ran the {r['ours_backend']} backend{plan}")
     skipped = {(k, v) for r in results.rows for k, v in r["skipped"].items()}
     for provider, reason in sorted(skipped):
         print(f"skipped {provider}: {reason}")

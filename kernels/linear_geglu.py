@@ -50,20 +50,19 @@ CONFIGS = [
 # Hopper's copy engine (TMA) loads the tiles through tensor descriptors: the loads cost no threads' registers or
 # address arithmetic, and the wgmma pipeline overlaps them better (BLOCK_K * 2 bytes stays within the 128-byte
 # swizzle). Only for 16-bit x and W whose rows are 16-byte aligned (see tma_ok).
+# The H200 sweep (scripts/sweep_geglu.py) kept these: 128 x 128 won every SD shape from M = 512 up; 128 x 64 came
+# next at M = 512 to 2048; 64 x 128, 128 x 64 on 4 warps and 64 x 64 never led, and each costs a compile and a
+# timing per shape when a model is first patched.
 TMA_CONFIGS = [
     _config(128, 128, 64, 3, 8, tma=True),
     _config(128, 128, 64, 4, 8, tma=True),
-    _config(128, 64, 64, 4, 4, tma=True),
     _config(128, 64, 64, 4, 8, tma=True),
-    _config(64, 128, 64, 4, 4, tma=True),
-    _config(64, 64, 64, 5, 4, tma=True),
 ]
-# Smaller tiles for the columns after a split plan's whole waves (split_plans); the last one needs no TMA. The tail
+# Smaller tiles for the columns after a split plan's whole waves (split_plans); the last two need no TMA. The tail
 # is a lone partial wave of few tiles, each as deep in K as the big ones: split-K cuts that depth (fp32 partial
 # sums, then _split_k_epilogue_kernel). H200, M = 512, K = 1280, N = 2 x 5120: one launch of 128 x 128 tiles
-# 41.4 us, with a 64 x 64 tail 36.3 us.
-TAIL_CONFIGS = [TMA_CONFIGS[5], TMA_CONFIGS[2], _config(64, 64, 64, 5, 4, tma=True, split_k=2),
-                _config(128, 128, 64, 4, 8, tma=True, split_k=4), _config(128, 64, 64, 4, 4, tma=True, split_k=2),
+# 41.4 us, with a 64 x 64 tail 36.3 us (TMA) or 36.9-37.3 us (pointers); 128 x 64 tails came 3 us behind.
+TAIL_CONFIGS = [_config(64, 64, 64, 5, 4, tma=True), _config(64, 64, 64, 5, 4, tma=True, split_k=2),
                 CONFIGS[5], _config(64, 64, 64, 4, 4, split_k=2)]
 EPILOGUE_TILE = (16, 128)  # (rows, columns) per program of _split_k_epilogue_kernel
 # For a shape first met inside a CUDA-graph capture: the first of these whose tiles fit the GPU's shared memory.
