@@ -202,12 +202,21 @@ def shared_memory_bytes(config, dtype: torch.dtype) -> int:
 
 def fits(config, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether the config's tiles fit the device's shared memory (fp32 needs twice fp16's)."""
+    properties = _device_properties(device)
+    return properties is None or shared_memory_bytes(config, dtype) <= properties["max_shared_mem"]
+
+
+def _device_properties(device: torch.device):
+    """The GPU's properties from Triton's driver, or None where there is no GPU to ask (the interpreter, or a
+    host-overhead run with launches stubbed out). A CPU device with a driver is sdkernels.compile_check's stand-in
+    GPU, which reports its target's limits."""
     if interpreting():
-        return True
-    # A CPU device here is sdkernels.compile_check's stand-in GPU: its driver reports the target's limit.
+        return None
     index = (device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 0
-    limit = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
-    return shared_memory_bytes(config, dtype) <= limit
+    try:
+        return triton.runtime.driver.active.utils.get_device_properties(index)
+    except RuntimeError:  # no active driver
+        return None
 
 
 def default_config(dtype: torch.dtype, device: torch.device):
@@ -356,20 +365,18 @@ def _fastest_plan(launch, best, tma):
     tails = [c for c in TAIL_CONFIGS if (tma or not c.kwargs["USE_TMA"]) and fits(c, dtype, device)]
     candidates = [best] + [c for c in (TMA_CONFIGS[:2] if tma else CONFIGS[:2]) if c is not best]
     mains = [c for c in candidates if fits(c, dtype, device)] or [default_config(dtype, device)]
+    properties = _device_properties(device)
     plans = []
     for main in mains:
-        plans += [((main, 0, launch.N),)] + split_plans(launch.M, launch.N, main, tails, _multiprocessors(device))
-    if device.type != "cuda":  # sdkernels.compile_check: its stand-in driver records each launch, times nothing
+        plans.append(((main, 0, launch.N),))
+        if properties is not None:
+            plans += split_plans(launch.M, launch.N, main, tails, properties["multiprocessor_count"])
+    if device.type != "cuda":  # compile_check or a stubbed host-overhead run: launches are recorded, not timed
         for plan in plans:
             launch.run(plan)
         return plans[0]
     times = [tuning.measure_ms(lambda: launch.run(plan)) for plan in plans]
     return plans[times.index(min(times))]
-
-
-def _multiprocessors(device: torch.device) -> int:
-    index = device.index if device.type == "cuda" and device.index is not None else 0
-    return triton.runtime.driver.active.utils.get_device_properties(index)["multiprocessor_count"]
 
 
 def tuned_plan(M: int, N: int, K: int, dtype: torch.dtype):
