@@ -3,15 +3,17 @@
 
 A program owns a BLOCK_M x BLOCK_N tile of the output and runs two tensor-core dots per K step, one on the rows
 n of W (the value half) and one on the rows N + n (the gate half), into two fp32 accumulators. The epilogue adds
-the bias, applies the gate and stores only the (M, N) result: the (M, 2N) projection never reaches memory, and W
-is read in place (two row pointers, no re-layout).
+the bias, applies the gate and stores only the (M, N) result: the (M, 2N) projection never reaches memory (a
+split-K launch stores fp32 partial sums of its few tail columns instead), and W is read in place (two row
+pointers or, on Hopper, two tensor-descriptor boxes; no re-layout).
 
 Tile configs are autotuned per (M, N, K, dtypes) on the first call outside CUDA-graph capture (configs whose
 tiles do not fit the GPU's shared memory drop out there). Then plans that end a partly filled last wave with a
 second launch of smaller or split-K tiles are timed against the single launch, by the tuning objective (GPU time
-under CUDA graphs, a call's time otherwise), and the fastest is kept for the shape (split_plans). A capture that meets an untuned shape runs a default
-config that fits instead, because autotuning times kernels and synchronizes, which a capture forbids.
-SDKERNELS_AUTOTUNE=0 runs the default config everywhere (the test suite sets it: it meets hundreds of shapes).
+under CUDA graphs, a call's time otherwise), and the fastest is kept for the shape (split_plans). A capture that
+meets an untuned shape runs a default config that fits instead, because autotuning times kernels and
+synchronizes, which a capture forbids. SDKERNELS_AUTOTUNE=0 runs the default config everywhere (the test suite
+sets it: it meets hundreds of shapes).
 """
 import warnings
 
