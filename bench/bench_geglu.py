@@ -132,9 +132,10 @@ def bench_linear_geglu(M, K, N, dtype, device, timing, budget):
 
     out = linear_geglu(x, w, b)  # with tuning enabled (GPU), the first call measures the backends
     chosen = last_backend("linear_geglu")
-    for name, run in (("ours", lambda: out), ("triton", backend("triton")), ("cublas", backend("cublas"))):
-        check(f"{label} {name}", run(), expected, dtype, K)
-        check(f"{label} {name} vs eager", run(), eager_linear_geglu(x, w, b), dtype, K, factor=2.0)
+    eager = eager_linear_geglu(x, w, b)
+    for name, result in (("ours", out), ("triton", backend("triton")()), ("cublas", backend("cublas")())):
+        check(f"{label} {name}", result, expected, dtype, K)
+        check(f"{label} {name} vs eager", result, eager, dtype, K, factor=2.0)
     # ours: the op as patch(tune=True) runs it, each backend measured once for this shape; then each backend alone.
     providers = {"ours": lambda: linear_geglu(x, w, b), "eager": lambda: eager_linear_geglu(x, w, b),
                  "linear_only": lambda: F.linear(x, w, b), "triton": backend("triton"), "cublas": backend("cublas")}

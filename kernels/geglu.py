@@ -92,7 +92,7 @@ def gelu_rows_triton(inp, out, rows: int, cols: int, row_sizes, in_strides, out_
         return out
     if row_sizes[0] == 1 and row_sizes[1] == 1:
         # Rows one stride apart: as (rows, 1, 1) Triton specializes the 1s and drops the per-row div/mod (H200,
-        # 8192 x 2560 fp16: 24.3 -> 23.2 us).
+        # 8192 x 2560 fp16, one sweep run: 24.4 -> 23.5 us; with the evict-first loads 23.0 us).
         row_sizes, in_strides, out_strides = (rows, 1, 1), (in_strides[2], 0, 0), (out_strides[2], 0, 0)
     block_r, block_c, warps = tile_shape(rows, cols)
     grid = (cdiv(rows, block_r) * cdiv(cols, block_c),)

@@ -266,6 +266,9 @@ def linear_geglu_triton(x2d, weight, bias, out, approximate_tanh: bool, config=N
     dot_in_fp32 = interpreting() and x2d.dtype == torch.bfloat16
     flags = dict(HAS_BIAS=bias is not None, APPROXIMATE_TANH=approximate_tanh,
                  INPUT_PRECISION="ieee" if dot_in_fp32 else input_precision(x2d.dtype), DOT_IN_FP32=dot_in_fp32)
+    if config is not None and config.kwargs["USE_TMA"] and not tma_ok(x2d, weight):
+        raise ValueError(f"linear_geglu: TMA config {config} needs 16-bit, 16-byte aligned x and weight rows on a "
+                         "Hopper GPU")
     launch = _Launch(x2d, weight, b, out, flags)
     plan = ((config, 0, N),) if config is not None else _pick_plan(launch)
     if plan is not None:  # else the autotuner ran it
@@ -290,10 +293,8 @@ class _Launch:
                 self.K if k_per_split is None else k_per_split, *self.strides)
 
     def run(self, plan):
+        """Launch each segment; plans with TMA configs come only where tma_ok holds (the caller checked)."""
         for config, n_begin, n_end in plan:
-            if config.kwargs["USE_TMA"] and not tma_ok(self.x2d, self.weight):
-                raise ValueError(f"linear_geglu: TMA config {config} needs 16-bit, 16-byte aligned x and weight "
-                                 "rows on a Hopper GPU")
             split_k, block_k = config.kwargs["SPLIT_K"], config.kwargs["BLOCK_K"]
             ws, k_per_split = None, None
             if split_k > 1:

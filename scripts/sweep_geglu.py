@@ -10,8 +10,6 @@ import sys
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.bench_geglu import SD_CASES  # noqa: E402
@@ -59,45 +57,6 @@ def sweep_linear(dtype):
             print(f"    split {ms * 1e3:7.1f} us {flops / ms / 1e9:4.0f} TF/s {cublas / ms:5.2f}x cuBLAS  {text}")
 
 
-@triton.jit
-def _geglu_variant(in_ptr, out_ptr, rows, cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                   EVICT_FIRST: tl.constexpr):
-    """Experiment: contiguous (rows, 2 * cols) -> (rows, cols), programs striding over the tiles (persistent when
-    the grid is smaller than the tile count), loads optionally marked evict-first."""
-    col_tiles = tl.cdiv(cols, BLOCK_C)
-    tiles = tl.cdiv(rows, BLOCK_R) * col_tiles
-    for t in range(tl.program_id(0), tiles, tl.num_programs(0)):
-        r = (t // col_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
-        c = (t % col_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
-        mask = (r < rows)[:, None] & (c < cols)[None, :]
-        offs = r.to(tl.int64)[:, None] * (2 * cols) + c[None, :]
-        if EVICT_FIRST:
-            a = tl.load(in_ptr + offs, mask=mask, eviction_policy="evict_first").to(tl.float32)
-            g = tl.load(in_ptr + offs + cols, mask=mask, eviction_policy="evict_first").to(tl.float32)
-        else:
-            a = tl.load(in_ptr + offs, mask=mask).to(tl.float32)
-            g = tl.load(in_ptr + offs + cols, mask=mask).to(tl.float32)
-        y = a * 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
-        tl.store(out_ptr + r.to(tl.int64)[:, None] * cols + c[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def sweep_variants(h, out, M, cols, moved, copy):
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    line = []
-    for block_r, block_c, warps in ((8, 256, 4), (4, 512, 4), (16, 256, 8)):
-        if block_c > cols:
-            continue
-        tiles = triton.cdiv(M, block_r) * triton.cdiv(cols, block_c)
-        for per_sm in (0, 4, 8):
-            for evict in (False, True):
-                grid = tiles if per_sm == 0 else min(tiles, sms * per_sm)
-                ms = bench_ms(lambda: _geglu_variant[(grid,)](h, out, M, cols, BLOCK_R=block_r, BLOCK_C=block_c,
-                                                             EVICT_FIRST=evict, num_warps=warps), graph=True)
-                line.append((ms, f"{block_r}x{block_c} w{warps} grid {'tiles' if per_sm == 0 else f'{per_sm}/SM'} "
-                                 f"evict_first={evict}: {ms * 1e3:.1f} us {100 * moved / ms / 1e6 / copy:.0f}%"))
-    return [text for _, text in sorted(line)[:4]]
-
-
 def sweep_elementwise(dtype):
     copy = copy_bandwidth_gbps()
     print(f"copy bandwidth (512 MiB): {copy:.0f} GB/s")
@@ -117,7 +76,6 @@ def sweep_elementwise(dtype):
                                                            True, False), graph=True)
             line.append(f"tile {tile} {eltwise.tile_shape(M, N2 // 2)}: {ms * 1e3:.1f} us "
                         f"{100 * moved / ms / 1e6 / copy:.0f}%")
-        line += ["variant " + text for text in sweep_variants(h, out, M, N2 // 2, moved, copy)]
         print("\n    ".join(line))
     eltwise.TILE_ELEMENTS = original
     eltwise.tile_shape.cache_clear()
