@@ -14,8 +14,9 @@ resnet_block patcher's fused block against the unfused one.
 
 What a choice minimizes depends on how the call will run (``optimizing_for``): "call" (the default), one call's time
 from its launch on an idle GPU, host overhead included, which is what a step without CUDA graphs pays (launch-bound
-at SD sizes); "device", the GPU time alone (calls queued behind a sleeping kernel), which is what a CUDA-graph replay
-pays. sdkernels.graphs measures its warm-up calls for "device". Each signature is measured once per objective.
+at SD sizes); "device", the GPU time alone (calls queued behind a sleeping kernel, each after an L2 flush, as inside a
+step), which is what a CUDA-graph replay pays. sdkernels.graphs measures its warm-up calls for "device". Each
+signature is measured once per objective.
 """
 from __future__ import annotations
 
@@ -97,22 +98,35 @@ ASSUMED_MAX_CLOCK_HZ = 2.0e9  # above the boost clock of A100/H100/H200: a sleep
 
 
 def device_ms(fn: Callable[[], object]) -> float:
-    """GPU time per call of fn() in ms, host overhead excluded: TIMED_CALLS calls are queued behind a kernel that
-    sleeps for longer than queuing them takes, then run back to back between two CUDA events."""
+    """GPU time of one call of fn() in ms (median), host overhead excluded and the L2 cache cold, as inside a
+    model's step where other layers' data evicted this call's weights: TIMED_CALLS calls, each after an L2 flush and
+    between two CUDA events of its own, are queued behind a kernel that sleeps for longer than queuing them takes."""
     host_s = math.inf
     for _ in range(WARMUP_CALLS):  # the fastest warm-up call bounds the host time (the first may compile)
         start_host = time.perf_counter()
         fn()
         host_s = min(host_s, time.perf_counter() - start_host)
+    flush = torch.empty(_l2_flush_bytes(), dtype=torch.int8, device="cuda")
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda._sleep(int(2 * TIMED_CALLS * host_s * ASSUMED_MAX_CLOCK_HZ) + 100_000)
-    start.record()
-    for _ in range(TIMED_CALLS):
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(TIMED_CALLS)]
+    torch.cuda._sleep(int(2 * TIMED_CALLS * (host_s + FLUSH_HOST_S) * ASSUMED_MAX_CLOCK_HZ) + 100_000)
+    for start, end in events:
+        flush.zero_()
+        start.record()
         fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / TIMED_CALLS
+        end.record()
+    events[-1][1].synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+FLUSH_HOST_S = 50e-6  # host time of queuing one flush and two events, generously
+
+
+def _l2_flush_bytes() -> int:
+    """Twice the L2 cache (H100: 50 MiB, H200: 60 MiB), 256 MiB where torch does not say."""
+    l2 = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 0)
+    return 2 * l2 if l2 else 256 << 20
 
 
 def measure_ms(fn: Callable[[], object]) -> float:

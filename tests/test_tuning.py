@@ -124,6 +124,15 @@ def test_device_time_leaves_the_host_out():
         assert tuning.measure_ms(slow_host) < 0.5
 
 
+@pytest.mark.gpu
+def test_device_time_starts_from_a_cold_l2():
+    """Reading 24 MiB, which fits the L2 of an H100/H200, back to back: from L2 it could beat the HBM; device_ms
+    flushes the L2 before each call, so the reads come from HBM, slower than 6 TB/s (above these cards' HBM)."""
+    x = torch.randn(6 << 20, device=DEVICE)
+    floor_ms = x.numel() * 4 / 6e12 * 1e3
+    assert tuning.device_ms(lambda: x.sum()) > floor_ms
+
+
 def test_signature_keeps_what_decides_speed():
     x = torch.randn(4, 6)
     assert tuning.signature(x, 1e-5, True, 3) == tuning.signature(torch.randn(4, 6), 1e-6, True, 3)
