@@ -46,7 +46,9 @@ def main():
     print(summary(model))
     print(f"{args.model} B={args.batch} res={args.resolution} graph={not args.no_graph}: patch {patched_s:.2f} s, "
           f"patch + first call {total_s:.2f} s, second call {again_s * 1e3:.1f} ms")
-    pstats.Stats(profiler).sort_stats("cumulative").print_stats(args.top)
+    stats = pstats.Stats(profiler).sort_stats("cumulative")
+    stats.print_stats(args.top)
+    stats.print_stats("compile|_ms|autotun|bench|capture|_fastest", args.top)  # compiling, measuring, capturing
 
 
 if __name__ == "__main__":
