@@ -107,6 +107,7 @@ def device_ms(fn: Callable[[], object]) -> float:
         fn()
         host_s = min(host_s, time.perf_counter() - start_host)
     flush = torch.empty(_l2_flush_bytes(), dtype=torch.int8, device="cuda")
+    flush.zero_()  # its kernel loaded now: a module loaded lazily behind the sleep would wait for the sleep to end
     torch.cuda.synchronize()
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
               for _ in range(TIMED_CALLS)]
@@ -135,11 +136,13 @@ def measure_ms(fn: Callable[[], object]) -> float:
 
 
 def cache_path() -> Path:
-    """One file per GPU model and software versions: a choice measured elsewhere says nothing here."""
+    """One file per GPU model and software versions (sdkernels' own too: its kernels and plans change between
+    versions): a choice measured elsewhere says nothing here."""
     root = Path(cache_dir()) / "tuning"
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     import triton
-    name = f"{gpu}-torch{torch.__version__}-triton{triton.__version__}"
+    from . import __version__
+    name = f"{gpu}-sdkernels{__version__}-torch{torch.__version__}-triton{triton.__version__}"
     return root / (re.sub(r"[^A-Za-z0-9.+-]+", "_", name) + ".json")
 
 

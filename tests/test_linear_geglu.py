@@ -289,17 +289,42 @@ def test_split_k_tails(config):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(512, 1280, 5120), (1000, 320, 1280)], ids=str)
-def test_tuned_plans_are_right(monkeypatch, shape):
+def test_tuned_plans_are_right_and_kept(monkeypatch, tmp_path, shape):
     """Tuning (single launches and split plans, timed) at SD shapes: the tuning call's output and the tuned
-    plan's are both right."""
+    plan's are both right; a later process (a fresh store on the same file, nothing in memory) runs the stored
+    plan without autotuning or timing anything."""
     monkeypatch.setenv("SDKERNELS_AUTOTUNE", "1")
-    from sdkernels.kernels.linear_geglu import tuned_plan
+    from sdkernels import tuning
+    from sdkernels.kernels import linear_geglu as kernel
+    store = tmp_path / "tuning.json"
+    monkeypatch.setattr(kernel, "_plan_choices", tuning.MeasuredChoice("linear_geglu_plans", path=store,
+                                                                       can_measure=lambda *key: True))
     M, K, inner = shape
     x, w, b = make_case((M,), K, inner, torch.float16)
     for call in ("tuning", "tuned"):
-        out = check(x, w, b)
-        print(f"{call}: {tuned_plan(M, inner, K, torch.float16)}")
-    assert tuned_plan(M, inner, K, torch.float16) is not None
+        check(x, w, b)
+        print(f"{call}: {kernel.tuned_plan(M, inner, K, torch.float16)}")
+    plan = kernel.tuned_plan(M, inner, K, torch.float16)
+    assert plan is not None and store.exists()
+
+    def must_not_measure(*args, **kwargs):
+        raise AssertionError("a stored plan was measured again")
+    monkeypatch.setattr(kernel, "_plan_choices", tuning.MeasuredChoice("linear_geglu_plans", path=store,
+                                                                       timer=must_not_measure,
+                                                                       can_measure=lambda *key: True))
+    for autotuned in (kernel._autotuned_tma, kernel._autotuned):
+        monkeypatch.setattr(autotuned, "cache", {})
+        monkeypatch.setattr(autotuned, "run", must_not_measure)
+    check(x, w, b)
+    assert kernel.tuned_plan(M, inner, K, torch.float16) == plan
+
+
+def test_plans_round_trip_through_their_stored_names():
+    from sdkernels.kernels.linear_geglu import TAIL_CONFIGS, TMA_CONFIGS, _plan_from_name, _plan_name
+    plan = ((TMA_CONFIGS[1], 0, 4224), (TAIL_CONFIGS[1], 4224, 5120))
+    again = _plan_from_name(_plan_name(plan))
+    assert [(str(c), c.pre_hook is None, b, e) for c, b, e in again] == \
+        [(str(c), c.pre_hook is None, b, e) for c, b, e in plan]
 
 
 @pytest.mark.gpu

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import sdkernels
 from sdkernels import dispatch, tuning
 
 from conftest import DEVICE, GPU
@@ -167,6 +168,7 @@ def test_cache_file_names_the_gpu_and_versions(monkeypatch, tmp_path):
     monkeypatch.setenv("SDKERNELS_CACHE", str(tmp_path))
     path = tuning.cache_path()
     assert path.parent == tmp_path / "tuning" and torch.__version__.split("+")[0] in path.name
+    assert f"sdkernels{sdkernels.__version__}" in path.name
 
 
 @pytest.mark.gpu
