@@ -54,9 +54,18 @@ def check(x, w, b, approximate="none", strict=True, backend="triton"):
     if strict:
         assert dispatch.last_backend("linear_geglu") == backend
     assert out.shape == (*x.shape[:-1], w.shape[0] // 2) and out.dtype == x.dtype and out.is_contiguous()
-    assert_close(out, reference64(x, w, b, approximate), x.dtype, reduction_size=x.shape[-1],
+    expected = (reference64 if backend != "cublas" else rounded_projection_reference64)(x, w, b, approximate)
+    assert_close(out, expected, x.dtype, reduction_size=x.shape[-1],
                  what=f"linear_geglu x{tuple(x.shape)} stride={x.stride()} w{tuple(w.shape)} {x.dtype}")
     return out
+
+
+def rounded_projection_reference64(x, w, b, approximate="none"):
+    """What the cublas backend computes: the projection rounded to x's dtype (cuBLAS's output, as in eager; in
+    bf16 that alone moves a * gelu(g) by up to ~1.3% at SD sizes), then the gate in high precision."""
+    h = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    a, g = h.to(x.dtype).double().chunk(2, dim=-1)
+    return a * torch.nn.functional.gelu(g, approximate=approximate)
 
 
 def supported(x, w, b):
