@@ -11,6 +11,7 @@ are contiguous.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -273,8 +274,25 @@ def _linear_geglu_cublas_why_not(x, weight, bias, approximate):
 def _linear_geglu_cublas_run(x, weight, bias, approximate):
     """cuBLAS's F.linear, then the geglu kernel on its (…, 2N) output. The projection is written and read back,
     but when it fits in L2 the read costs little and cuBLAS's GEMM outruns the fused Triton one (H200, M = 512,
-    K = 1280, N = 2 x 5120: torch.compile's F.linear + fused GEGLU took 33.8 us, the fused kernel 37.3 us)."""
-    return _geglu_triton_run(F.linear(x, weight, bias), approximate)
+    K = 1280, N = 2 x 5120: torch.compile's F.linear + fused GEGLU took 33.8 us, the fused kernel 37.3 us).
+    cuBLAS accumulates in fp32 here: torch lets it reduce split-K partials in fp16/bf16 by default, which put
+    errors of several units in the last place on the projection at SD sizes (an H200, bf16)."""
+    with fp32_reductions():
+        projection = F.linear(x, weight, bias)
+    return _geglu_triton_run(projection, approximate)
+
+
+@contextlib.contextmanager
+def fp32_reductions():
+    """cuBLAS's fp16/bf16 GEMMs reduce their split-K partials in fp32 inside (torch's reduced-precision reduction
+    flags off), then the flags as they were."""
+    matmul = torch.backends.cuda.matmul
+    previous = (matmul.allow_fp16_reduced_precision_reduction, matmul.allow_bf16_reduced_precision_reduction)
+    matmul.allow_fp16_reduced_precision_reduction = matmul.allow_bf16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        matmul.allow_fp16_reduced_precision_reduction, matmul.allow_bf16_reduced_precision_reduction = previous
 
 
 def _reference_keeping_layout(x, approximate):
