@@ -1,6 +1,6 @@
 """GroupNorm (+SiLU) (+residual) in Triton, for NCHW-like and channels_last tensors without layout copies.
 
-x is seen as (N, C, S), S the flattened spatial size, with strides (sN, sC, sS). Four plans:
+x is seen as (N, C, S), S the flattened spatial size, with strides (sN, sC, sS). Three plans:
 
   * one_pass: one program per (n, g) loads the whole group into registers at once (all loads in flight together),
     reduces, normalizes and stores: one launch, one read. For groups up to ONE_PASS_MAX elements.
@@ -8,9 +8,6 @@ x is seen as (N, C, S), S the flattened spatial size, with strides (sN, sC, sS).
     (count, mean, M2) -> a finalize kernel merging them per group into (mean, rstd) -> an apply kernel.
   * rows (large groups, channels_last): programs take whole contiguous NHWC rows (every channel), so loads are
     16-byte vectors; partials are per channel and the finalize kernel merges the Cg channels of each group.
-  * group_tile (channels_last, channel stride 1): one program per (n, g) sees its group as (rows, Cg) tiles, so
-    addresses need no division by Cg; the whole group in registers where it fits one tile, else two sweeps
-    (statistics, then normalize) over row chunks. One launch.
 
 Statistics are fp32: each tile's mean and M2 are computed two-pass from registers and tiles are merged with Chan's
 formula, so groups of 4 M elements with a large mean (the VAE decoder at 1024 px) keep their precision.
@@ -25,7 +22,6 @@ from .utils import cdiv, next_power_of_2
 ONE_PASS_MAX = 65536     # largest group held in one program's registers
 TILE = 4096              # elements per program in the flat plan
 ROW_TILE = 8192          # elements per program in the rows plan (rows x all channels)
-GROUP_TILE = 8192        # elements per tile in the group_tile plan (rows x the group's channels)
 MERGE_CHUNK = 1024       # partials merged per step in the finalize kernel
 
 
@@ -94,76 +90,6 @@ def _one_pass_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, G, Cg, S, eps,
     offs_r, _ = _addresses(n, g, i, Cg, S, srN, srC, srS, CHANNELS_LAST, FLAT)
     _finish(d * rstd, ch, mask, offs_o, offs_r, w_ptr, b_ptr, res_ptr, out_ptr,
             HAS_WEIGHT, HAS_BIAS, SILU, HAS_RESIDUAL)
-
-
-# ---- group tiles (channels_last) -----------------------------------------------------------------------------------
-
-@triton.jit
-def _group_tile_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, G, Cg, S, eps, sxN, sxS, srN, srS, soN, soS,
-                       BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE: tl.constexpr,
-                       HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-                       HAS_RESIDUAL: tl.constexpr):
-    """Program (n, g) of a channels_last tensor (channel stride 1): the group as a (rows, Cg channels) tile, so
-    addresses need no division by Cg. SINGLE: the whole group is one tile, held in registers (one read). Else
-    two sweeps over row chunks: statistics (chunk mean and M2 merged with Chan's formula), then normalize."""
-    ng = tl.program_id(0)
-    n = ng // G
-    g = ng - n * G
-    c = tl.arange(0, BLOCK_C)
-    c_ok = c < Cg
-    ch = g * Cg + c
-    rows = tl.arange(0, BLOCK_S)
-    size = (Cg * S).to(tl.float32)
-    x_base = x_ptr + n.to(tl.int64) * sxN + ch[None, :]
-    if SINGLE:
-        mask = (rows < S)[:, None] & c_ok[None, :]
-        x = tl.load(x_base + rows.to(tl.int64)[:, None] * sxS, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(tl.sum(x, axis=1), axis=0) / size
-        d = tl.where(mask, x - mean, 0.0)
-        m2 = tl.sum(tl.sum(d * d, axis=1), axis=0)
-    else:
-        count = 0.0
-        mean = 0.0
-        m2 = 0.0
-        for s0 in range(0, S, BLOCK_S):
-            s = s0 + rows
-            mask = (s < S)[:, None] & c_ok[None, :]
-            x = tl.load(x_base + s.to(tl.int64)[:, None] * sxS, mask=mask, other=0.0).to(tl.float32)
-            chunk_count = (tl.minimum(S - s0, BLOCK_S) * Cg).to(tl.float32)
-            chunk_mean = tl.sum(tl.sum(x, axis=1), axis=0) / chunk_count
-            d = tl.where(mask, x - chunk_mean, 0.0)
-            count, mean, m2 = _merge(count, mean, m2, chunk_count, chunk_mean, tl.sum(tl.sum(d * d, axis=1), axis=0))
-    rstd = 1.0 / tl.sqrt(m2 / size + eps)
-    # The affine folded into one scale and shift per channel: y = x * scale + shift.
-    scale = tl.zeros([BLOCK_C], dtype=tl.float32) + rstd
-    if HAS_WEIGHT:
-        scale = scale * tl.load(w_ptr + ch, mask=c_ok, other=1.0).to(tl.float32)
-    shift = -mean * scale
-    if HAS_BIAS:
-        shift = shift + tl.load(b_ptr + ch, mask=c_ok, other=0.0).to(tl.float32)
-    if SINGLE:
-        _group_tile_store(x, rows, mask, scale, shift, n, ch, res_ptr, out_ptr, srN, srS, soN, soS,
-                          SILU, HAS_RESIDUAL)
-    else:
-        for s0 in range(0, S, BLOCK_S):
-            s = s0 + rows
-            mask = (s < S)[:, None] & c_ok[None, :]
-            x = tl.load(x_base + s.to(tl.int64)[:, None] * sxS, mask=mask, other=0.0).to(tl.float32)
-            _group_tile_store(x, s, mask, scale, shift, n, ch, res_ptr, out_ptr, srN, srS, soN, soS,
-                              SILU, HAS_RESIDUAL)
-
-
-@triton.jit
-def _group_tile_store(x, s, mask, scale, shift, n, ch, res_ptr, out_ptr, srN, srS, soN, soS,
-                      SILU: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
-    y = x * scale[None, :] + shift[None, :]
-    if SILU:
-        y = y * tl.sigmoid(y)
-    s64 = s.to(tl.int64)[:, None]
-    if HAS_RESIDUAL:
-        y = y + tl.load(res_ptr + n.to(tl.int64) * srN + s64 * srS + ch[None, :], mask=mask,
-                        other=0.0).to(tl.float32)
-    tl.store(out_ptr + n.to(tl.int64) * soN + s64 * soS + ch[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # ---- partials -> finalize -> apply --------------------------------------------------------------------------------
@@ -295,19 +221,6 @@ def _warps(block: int, most: int = 16) -> int:
     return max(4, min(most, block // 256))
 
 
-def launch_group_tile(x, G, w, b, r, out, eps, sx, sr, so, epilogue, tile=None, warps=None):
-    """The group_tile plan's one launch: (rows, Cg) tiles of at most ``tile`` elements (Cg padded to a power of
-    2), the whole group in one tile where it fits."""
-    N, C = x.shape[0], x.shape[1]
-    S = x.numel() // (N * C)
-    Cg = C // G
-    block_c = next_power_of_2(Cg)
-    block_s = min(next_power_of_2(S), max(1, (tile or GROUP_TILE) // block_c))
-    _group_tile_kernel[(N * G,)](x, w, b, r, out, G, Cg, S, eps, sx[0], sx[2], sr[0], sr[2], so[0], so[2],
-                                 BLOCK_S=block_s, BLOCK_C=block_c, SINGLE=block_s >= S,
-                                 num_warps=warps or _warps(block_s * block_c, 16), **epilogue)
-
-
 def choose_plan(size: int, C: int, channels_last: bool, dense_rows: bool) -> str:
     forced = getenv("SDKERNELS_GN_PLAN")  # a knob for benchmarks comparing plans
     if forced:
@@ -382,9 +295,6 @@ def group_norm_triton(x, num_groups, weight, bias, eps, silu, residual, out, str
     dense_rows = channels_last and sx[1] == 1 and so[1] == 1 and sr[1] == 1
     plan = choose_plan(size, C, channels_last, dense_rows)
 
-    if plan == "group_tile" and dense_rows:
-        launch_group_tile(x, G, w, b, r, out, eps, sx, sr, so, epilogue)
-        return out
     if plan == "one_pass":
         block = next_power_of_2(size)
         _one_pass_kernel[(N * G,)](x, w, b, r, out, G, Cg, S, eps, *sx, *sr, *so, BLOCK=block,
