@@ -110,19 +110,20 @@ def test_each_objective_has_its_own_choice(fake_op, tmp_path):
 
 @pytest.mark.gpu
 def test_device_time_leaves_the_host_out():
-    """A call that spends 3 ms on the host before a tiny kernel: an isolated call takes those 3 ms, its GPU time is
-    microseconds."""
+    """A call that spends 10 ms on the host before a tiny kernel: an isolated call takes those 10 ms, its GPU time
+    is microseconds. Wide margins: the GPU lane runs test files in parallel processes that share the GPU, and their
+    kernels can delay either event by a time slice."""
     import time
     x = torch.randn(1024, device=DEVICE)
 
     def slow_host():
-        time.sleep(0.003)
+        time.sleep(0.010)
         x.add_(1.0)
 
-    assert tuning.cuda_event_ms(slow_host) > 2.5
-    assert tuning.device_ms(slow_host) < 0.5
+    assert tuning.cuda_event_ms(slow_host) > 5.0
+    assert tuning.device_ms(slow_host) < 2.0
     with tuning.optimizing_for("device"):
-        assert tuning.measure_ms(slow_host) < 0.5
+        assert tuning.measure_ms(slow_host) < 2.0
 
 
 @pytest.mark.gpu
