@@ -67,10 +67,15 @@ def bench_ms(fn, warmup_ms: float = 25, rep_ms: float = 100, graph: bool = False
     return statistics.median(times)
 
 
+def l2_cache_bytes() -> int:
+    """The current GPU's L2 cache size (H100: 50 MiB, H200: 60 MiB); 50 MiB where torch does not say."""
+    return getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 0) or 50 * 2**20
+
+
 def input_sets(make, bytes_per_set: int, most: int = 32) -> list:
     """Enough independent input sets (make() each) that cycling through them overflows the L2 cache three times,
     so repeated calls read device memory as a real model's layers do, not a cache-resident copy."""
-    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20) if on_gpu() else 0
+    l2 = l2_cache_bytes() if on_gpu() else 0
     count = max(1, min(most, -(-3 * l2 // max(bytes_per_set, 1))))
     return [make() for _ in range(count)]
 

@@ -35,6 +35,7 @@ import torch
 
 from . import dispatch
 from ._env import cache_dir, getenv
+from .benchmarking import l2_cache_bytes
 
 WARMUP_CALLS = 2
 TIMED_CALLS = 7
@@ -112,7 +113,7 @@ def device_ms(fn: Callable[[], object]) -> float:
         start_host = time.perf_counter()
         fn()
         host_s = min(host_s, time.perf_counter() - start_host)
-    flush = torch.empty(_l2_flush_bytes(), dtype=torch.int8, device="cuda")
+    flush = torch.empty(2 * l2_cache_bytes(), dtype=torch.int8, device="cuda")
     flush.zero_()  # its kernel loaded now: a module loaded lazily behind the sleep would wait for the sleep to end
     torch.cuda.synchronize()
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
@@ -128,12 +129,6 @@ def device_ms(fn: Callable[[], object]) -> float:
 
 
 FLUSH_HOST_S = 50e-6  # host time of queuing one flush and two events, generously
-
-
-def _l2_flush_bytes() -> int:
-    """Twice the L2 cache (H100: 50 MiB, H200: 60 MiB), 256 MiB where torch does not say."""
-    l2 = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 0)
-    return 2 * l2 if l2 else 256 << 20
 
 
 def measure_ms(fn: Callable[[], object]) -> float:

@@ -54,13 +54,13 @@ def check(x, w, b, approximate="none", strict=True, backend="triton"):
     if strict:
         assert dispatch.last_backend("linear_geglu") == backend
     assert out.shape == (*x.shape[:-1], w.shape[0] // 2) and out.dtype == x.dtype and out.is_contiguous()
-    expected = (reference64 if backend != "cublas" else rounded_projection_reference64)(x, w, b, approximate)
+    expected = (reference64 if backend != "cublas" else cublas_projection_reference64)(x, w, b, approximate)
     assert_close(out, expected, x.dtype, reduction_size=x.shape[-1],
                  what=f"linear_geglu x{tuple(x.shape)} stride={x.stride()} w{tuple(w.shape)} {x.dtype}")
     return out
 
 
-def rounded_projection_reference64(x, w, b, approximate="none"):
+def cublas_projection_reference64(x, w, b, approximate="none"):
     """What the cublas backend computes: cuBLAS's projection (fp32 accumulation) in x's dtype, as in eager (in bf16
     that rounding alone moves a * gelu(g) by up to ~1.5% at SD sizes), then the gate in high precision. How
     accurate the projection is, the SD-shape tests compare with eager's."""
