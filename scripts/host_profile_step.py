@@ -1,9 +1,12 @@
 """Host (CPU) time of one whole UNet step, eager against patched (no CUDA graphs), and where the patched step's host
 time goes: the thread's CPU time per step (what a launch-bound step costs) and a cProfile of a few steps.
-    python scripts/host_profile_step.py [--model sd15] [--batch 2] [--resolution 512] [--rows 30] [--init unit|diffusers]"""
+    python scripts/host_profile_step.py [--model sd15] [--batch 2] [--resolution 512] [--rows 30] [--init unit|diffusers]
+        [--each]     (--each: no profiles; the step's host time with each patcher alone, then all)"""
 import argparse
+from collections import Counter
 import cProfile
 import pstats
+import statistics
 import time
 
 import torch
@@ -11,30 +14,101 @@ import torch
 import sdkernels
 from sdkernels import models
 
-STEPS = 20
+STEPS = 10
+ROUNDS = 5
 
 
 def host_ms(step) -> tuple:
-    """(CPU ms of this thread per step, wall ms per step) over STEPS back-to-back steps after a warm-up."""
+    """(CPU ms of this thread per step, wall ms per step): the best of ROUNDS runs of STEPS back-to-back steps after a
+    warm-up (a shared host's other tenants slow some runs down by tens of percent)."""
     for _ in range(3):
         step()
     torch.cuda.synchronize()
-    cpu, wall = time.thread_time(), time.perf_counter()
-    for _ in range(STEPS):
-        step()
-    cpu = time.thread_time() - cpu
-    torch.cuda.synchronize()
-    return cpu / STEPS * 1e3, (time.perf_counter() - wall) / STEPS * 1e3
+    best = (float("inf"), float("inf"))
+    for _ in range(ROUNDS):
+        cpu, wall = time.thread_time(), time.perf_counter()
+        for _ in range(STEPS):
+            step()
+        cpu = time.thread_time() - cpu
+        torch.cuda.synchronize()
+        best = min(best, (cpu / STEPS * 1e3, (time.perf_counter() - wall) / STEPS * 1e3))
+    return best
+
+
+class _BackendCounts(dict):
+    """dispatch's last-backend record, counting each (op, backend) as it is set."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = Counter()
+
+    def __setitem__(self, op, backend):
+        self.counts[op, backend] += 1
+        super().__setitem__(op, backend)
 
 
 def profile(step, label, rows) -> None:
+    from sdkernels import dispatch
+    record, dispatch._last_backend = dispatch._last_backend, _BackendCounts()
     profiler = cProfile.Profile()
     profiler.runcall(lambda: [step() for _ in range(5)])
     torch.cuda.synchronize()
+    counts, dispatch._last_backend = dispatch._last_backend.counts, record
+    print(f"\n== {label}: op calls per step by backend: "
+          + ", ".join(f"{op}={backend} x{n / 5:g}" for (op, backend), n in sorted(counts.items())))
     print(f"\n== {label}: 5 steps, by own time")
     pstats.Stats(profiler).sort_stats("tottime").print_stats(rows)
     print(f"\n== {label}: 5 steps, sdkernels functions by cumulative time")
     pstats.Stats(profiler).sort_stats("cumulative").print_stats("sdkernels", rows)
+
+
+def runtime_calls(step, label, rows) -> None:
+    """The CUDA runtime/driver calls of 3 steps by self CPU time: a synchronizing call (cudaStreamSynchronize,
+    cudaEventSynchronize, cudaFree, cudaMalloc) in a step would show here, where cProfile sees only Python."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    print(f"\n== {label}: 3 steps, torch.profiler by self CPU time")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def paired_host_ms(eager_step, patched_step, rounds=12, steps=4) -> tuple:
+    """(eager ms, patched ms, median of eager/patched) of CPU time per step, the two models measured in alternating
+    short runs: a shared host's speed drifts by tens of percent within minutes, which separate runs would read as a
+    difference between the models."""
+    for step in (eager_step, patched_step):
+        for _ in range(3):
+            step()
+    torch.cuda.synchronize()
+    times = {eager_step: [], patched_step: []}
+    for _ in range(rounds):
+        for step in (eager_step, patched_step):
+            start = time.thread_time()
+            for _ in range(steps):
+                step()
+            times[step].append((time.thread_time() - start) / steps * 1e3)
+            torch.cuda.synchronize()
+    ratios = [e / p for e, p in zip(times[eager_step], times[patched_step])]
+    return statistics.median(times[eager_step]), statistics.median(times[patched_step]), statistics.median(ratios)
+
+
+def host_time_by_patcher(model, args) -> None:
+    """The step's host time with each patcher alone, then all, each against an unpatched copy of the model."""
+    import copy
+    patched_model = copy.deepcopy(model)
+    call_args, call_kwargs = models.model_inputs(model, args.batch, args.resolution)
+    eager_step = lambda: models.model_call(model, call_args, call_kwargs)  # noqa: E731
+    patched_step = lambda: models.model_call(patched_model, call_args, call_kwargs)  # noqa: E731
+    print(f"{args.model} B={args.batch} {args.resolution} px on {torch.cuda.get_device_name()}: host CPU ms per step "
+          "(medians of alternating runs)")
+    for ops in [[name] for name in sdkernels.default_ops()] + [None]:
+        sdkernels.patch(patched_model, ops=ops)
+        eager, patched, ratio = paired_host_ms(eager_step, patched_step)
+        sdkernels.unpatch(patched_model)
+        label = ops[0] if ops else "all"
+        print(f"  {label:16s} eager {eager:7.2f}  patched {patched:7.2f}  eager/patched {ratio:.3f}")
 
 
 def main():
@@ -44,6 +118,8 @@ def main():
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--rows", type=int, default=30)
     p.add_argument("--init", choices=models.INITS, default="unit", help="random weights as the e2e bench has them")
+    p.add_argument("--each", action="store_true", help="host time with each patcher alone, no profiles")
+    p.add_argument("--ops", default=None, help="comma-separated patchers to apply (default: patch()'s)")
     args = p.parse_args()
     with torch.device("cuda"):
         model = models.build(args.model, init=args.init, dtype=torch.float16)
@@ -51,11 +127,15 @@ def main():
     call_args, call_kwargs = models.model_inputs(model, args.batch, args.resolution)
     step = lambda: models.model_call(model, call_args, call_kwargs)  # noqa: E731
     with torch.no_grad():
+        if args.each:
+            return host_time_by_patcher(model, args)
         eager = host_ms(step)
         profile(step, "eager", args.rows)
-        sdkernels.patch(model)
+        runtime_calls(step, "eager", args.rows)
+        sdkernels.patch(model, ops=args.ops.split(",") if args.ops else None)
         patched = host_ms(step)
         profile(step, "patched", args.rows)
+        runtime_calls(step, "patched", args.rows)
     print(f"\n{args.model} B={args.batch} {args.resolution} px on {torch.cuda.get_device_name()}: host CPU ms per step "
           f"(wall ms): eager {eager[0]:.2f} ({eager[1]:.2f}), patched {patched[0]:.2f} ({patched[1]:.2f})")
 

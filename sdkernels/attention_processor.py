@@ -10,18 +10,15 @@ Like AttnProcessor2_0 it scales scores by head_dim ** -0.5 (diffusers installs A
 ``attn.scale`` is that). Where autograd must record the attention or autocast is on, it calls SDPA exactly as
 AttnProcessor2_0 does (our op has no backward).
 
-Where the op's choice for an input signature was SDPA (measured faster, see sdkernels.tuning), later calls with that
-signature run the op's SDPA reference directly, without the op's checks and dispatch: about 40 us of
-host time per call on an H200's host, which a step without CUDA graphs pays in full.
+Where SDPA was measured faster for an input signature (sdkernels.tuning), the op runs it, with the host cost of a
+remembered selection (sdkernels.dispatch) and AttnProcessor2_0's own output handling (no copy).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from . import dispatch, tuning
-from .ops._common import _nothing_intercepts
-from .ops.attention import attention_dispatch, flash_attention
+from .ops.attention import flash_attention
 
 
 def _must_use_sdpa(*tensors) -> bool:
@@ -39,9 +36,6 @@ def _deprecated_scale_argument(args, kwargs) -> None:
 
 class SdkernelsAttnProcessor:
     """AttnProcessor2_0 with sdkernels::flash_attention in place of F.scaled_dot_product_attention."""
-
-    def __init__(self):
-        self._sdpa_chosen = {}  # _memo_key -> whether the op ran its SDPA reference for that signature
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args,
@@ -101,16 +95,11 @@ class SdkernelsAttnProcessor:
 
         return hidden_states
 
-    def _attention(self, query, key, value, attention_mask, heads, head_dim):
-        """sdkernels::flash_attention on the (B, tokens, heads * head_dim) projections, or SDPA straight away where
-        the op chose its SDPA reference for this signature before."""
-        memo = _memo_key(query, key, value, attention_mask, heads)
-        if memo is not None and self._sdpa_chosen.get(memo):
-            return attention_dispatch.reference(query, key, value, head_dim ** -0.5, attention_mask, heads)
-        out = flash_attention(query, key, value, head_dim ** -0.5, attention_mask, heads=heads)
-        if memo is not None:
-            self._sdpa_chosen[memo] = dispatch.last_backend("flash_attention") == dispatch.REFERENCE
-        return out
+    @staticmethod
+    def _attention(query, key, value, attention_mask, heads, head_dim):
+        """sdkernels::flash_attention on the (B, tokens, heads * head_dim) projections (which runs SDPA where that was
+        measured faster, as AttnProcessor2_0 would)."""
+        return flash_attention(query, key, value, head_dim ** -0.5, attention_mask, heads=heads)
 
     @staticmethod
     def _per_head_attention(attn, query, key, value, attention_mask, batch_size, head_dim):
@@ -131,13 +120,3 @@ class SdkernelsAttnProcessor:
             out = flash_attention(query, key, value, head_dim ** -0.5, attention_mask)
         return out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
 
-
-def _memo_key(query, key, value, attention_mask, heads):
-    """The op's choice is made per tuning objective and input signature: that pair, or None where the choice must
-    not be remembered or reused: a backend forced for the op, or anything intercepting the call (tracing, fake
-    tensors, autograd), where the op's own path runs."""
-    if dispatch.forced_backend("flash_attention") is not None:
-        return None
-    if not _nothing_intercepts((query, key, value, attention_mask)):
-        return None
-    return (tuning.objective(),) + tuning.signature(query, key, value, attention_mask, heads)

@@ -54,7 +54,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton (our kernels import it)
 
-from . import graphs, models, pipelines  # noqa: E402
+from . import graphs, models, pipelines, step_choice  # noqa: E402
 from .benchmarking import DTYPES, Results, as_cuda_graph, bench_ms, machine, on_gpu  # noqa: E402
 from .patch import patch, patchers, summary, unpatch  # noqa: E402
 from .testing import relative_error  # noqa: E402
@@ -284,6 +284,10 @@ def run_case(case: Case, args, dtype: torch.dtype, label: str) -> tuple:
                 reference = out if reference is None else reference
                 measured.append(m)
                 print(f"{label}: {variant}: {m.ms:.3f} ms, setup {m.setup_s:.1f} s", flush=True)
+                choice = step_choice.installed(model)
+                if variant == "sdkernels" and choice is not None:  # which modules its steps ran, per signature
+                    print(f"{label}: step choice (patched or original modules): "
+                          f"{sorted(set(choice.choices.choices.values())) or 'not measured'}", flush=True)
         return measured, summary(model), raised
     finally:
         unpatch(model)

@@ -8,18 +8,30 @@ list; when nothing fits, the op's reference runs and one warning per (op, reason
 A backend can be forced with ``SDKERNELS_BACKEND=name`` (or ``op=name,op2=name``) or with ``use_backend``.
 Forcing is a preference: an input the forced backend cannot run still takes the reference path with a warning,
 unless ``strict=True`` (tests use that to be sure the backend they test really ran).
+
+An op remembers its selection per call key (each tensor's dtype, shape, strides, device and 16-byte alignment, the
+other arguments by type and value, the op's and the chooser's scope): the checks and the chooser cost tens of microseconds of Python per
+call, which a step without CUDA graphs pays for every op while a model meets few keys. This assumes that
+``why_not``, ``available`` and a plain chooser are functions of that key; a chooser that is not (a measured one
+before it has measured) says so through ``settled(*args)``, and nothing is remembered while a backend is forced.
+Whatever changes a rule (a test patching a module constant) calls ``forget_selections()``.
 """
 from __future__ import annotations
 
 import contextlib
 import threading
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
+
+import torch
 
 from ._env import getenv
 
 REFERENCE = "reference"
+# Tensor types a backend may run directly on (a Parameter is a plain tensor to the kernels); any other subclass (a
+# fake or functional tensor, DTensor, ...) goes through torch.ops, where its own dispatch handles it.
+PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 class SdkernelsFallbackWarning(UserWarning):
@@ -35,18 +47,33 @@ class Backend:
     available: Callable[[], Optional[str]] = lambda: None
 
 
-@dataclass
 class Op:
-    name: str
-    reference: Callable
-    backends: list = field(default_factory=list)
+    """An op's backends (``register``, fastest first), its reference and its chooser (see the module docstring)."""
+
+    def __init__(self, name: str, reference: Callable, scope: Optional[Callable[[], object]] = None):
+        self.name = name
+        self.reference = reference
+        # What the backends' rules read besides the inputs (a hashable, part of the call key), or None
+        self.scope = scope
+        self.backends: list = []
+        self._chooser: Optional[Callable[..., Optional[str]]] = None
+        self._selections: dict = {}  # call key -> (backend or None for the reference, fallback warning or None)
+
     # A per-input preference among the backends (a rule from measurements, e.g. by size), consulted only when no
     # backend is forced: chooser(*args) -> a backend name, REFERENCE (run the reference, no warning), or None for the
     # priority order. A preferred backend that cannot run the inputs is passed over like any other.
-    chooser: Optional[Callable[..., Optional[str]]] = None
+    @property
+    def chooser(self) -> Optional[Callable[..., Optional[str]]]:
+        return self._chooser
+
+    @chooser.setter
+    def chooser(self, chooser) -> None:
+        self._chooser = chooser
+        self._selections.clear()
 
     def register(self, backend: Backend) -> Backend:
         self.backends.append(backend)
+        self._selections.clear()
         return backend
 
     def reasons(self, *args) -> dict:
@@ -57,39 +84,78 @@ class Op:
         return out
 
     def select(self, *args) -> Backend | None:
+        return self._select(args)[0]
+
+    def _select(self, args) -> tuple:
+        """(the backend to run, or None for the reference; the fallback warning's text, or None)."""
         forced, strict = _forced(self.name)
         candidates = self.backends
         if forced is not None:
             if forced == REFERENCE:
-                return None
+                return None, None
             candidates = [b for b in self.backends if b.name == forced]
             if not candidates:
                 known = ", ".join([b.name for b in self.backends] + [REFERENCE])
                 raise ValueError(f"sdkernels::{self.name}: unknown backend {forced!r}; known: {known}")
-        elif self.chooser is not None:
-            preferred = self.chooser(*args)
+        elif self._chooser is not None:
+            preferred = self._chooser(*args)
             if preferred == REFERENCE:  # measured faster than every backend here (see sdkernels.tuning)
-                return None
+                return None, None
             if preferred is not None:
                 candidates = sorted(candidates, key=lambda b: b.name != preferred)
         reasons = {}
         for b in candidates:
             reason = b.why_not(*args) or b.available()
             if reason is None:
-                return b
+                return b, None
             reasons[b.name] = reason
         detail = "; ".join(f"{k}: {v}" for k, v in reasons.items())
         if strict:
             raise RuntimeError(f"sdkernels::{self.name}: forced backend {forced!r} cannot run these inputs ({detail})")
-        _warn_once(self.name, detail)
-        return None
+        return None, detail
 
     def __call__(self, *args):
-        backend = self.select(*args)
-        _last_backend[self.name] = backend.name if backend else REFERENCE
+        key = self._call_key(args)
+        selection = self._selections.get(key) if key is not None else None
+        if selection is None:
+            selection = self._select(args)
+            if key is not None and self._settled(args):
+                self._selections[key] = selection
+        backend, fallback = selection
         if backend is None:
+            _last_backend[self.name] = REFERENCE
+            if fallback is not None:
+                _warn_once(self.name, fallback)
             return self.reference(*args)
+        _last_backend[self.name] = backend.name
         return backend.run(*args)
+
+    def _call_key(self, args):
+        """What the selection depends on (see the module docstring), or None where it must not be remembered."""
+        if getattr(_local, "stack", None) or getenv("SDKERNELS_BACKEND"):
+            return None
+        scope = getattr(self._chooser, "scope", None)
+        parts = [scope() if scope is not None else None, self.scope() if self.scope is not None else None]
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                if type(a) not in PLAIN_TENSORS:
+                    return None
+                parts.append((a.dtype, a.shape, a.stride(), a.device, a.data_ptr() % 16))
+            else:  # with its type: 1, 1.0 and True are one dict key, but a check may tell them apart
+                parts.append((a.__class__, a))
+        key = tuple(parts)
+        try:
+            hash(key)
+        except TypeError:  # a list argument, say: selected each time
+            return None
+        return key
+
+    def _settled(self, args) -> bool:
+        settled = getattr(self._chooser, "settled", None)
+        return settled is None or settled(*args)
+
+    def forget_selections(self) -> None:
+        self._selections.clear()
 
 
 _ops: dict[str, Op] = {}
@@ -98,8 +164,8 @@ _warned: set = set()
 _local = threading.local()
 
 
-def define(name: str, reference: Callable) -> Op:
-    op = Op(name, reference)
+def define(name: str, reference: Callable, scope: Optional[Callable[[], object]] = None) -> Op:
+    op = Op(name, reference, scope)
     _ops[name] = op
     return op
 
@@ -107,6 +173,12 @@ def define(name: str, reference: Callable) -> Op:
 def set_chooser(op_name: str, chooser: Optional[Callable[..., Optional[str]]]) -> None:
     """Install (or with None remove) an op's per-input backend preference (see Op.chooser)."""
     _ops[op_name].chooser = chooser
+
+
+def forget_selections() -> None:
+    """Every op selects afresh at its next call (after a change to what its backends' rules read)."""
+    for op in _ops.values():
+        op.forget_selections()
 
 
 def ops() -> dict:
@@ -156,4 +228,4 @@ def _warn_once(op_name: str, detail: str) -> None:
         return
     _warned.add(key)
     warnings.warn(f"sdkernels::{op_name} runs on the eager reference: {detail}", SdkernelsFallbackWarning,
-                  stacklevel=4)
+                  stacklevel=3)

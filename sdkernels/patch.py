@@ -18,7 +18,9 @@ Rules every patcher follows, through the helpers below:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import types
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,7 +29,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from . import graphs, tuning
+from . import graphs, step_choice, tuning
 
 logger = logging.getLogger("sdkernels")
 
@@ -106,7 +108,9 @@ def patch(pipe_or_model, *, ops: Optional[Iterable[str]] = None, cuda_graph: boo
     With ``cuda_graph``, each UNet2DConditionModel and each AutoencoderKL's decode also run through CUDA graphs, one
     per input signature (sdkernels.graphs); on a model patched before, this adds just the graphs. With ``tune``
     (default), each op, the first time it meets an input shape on a GPU, times its backends and eager PyTorch and
-    keeps the fastest, remembered on disk per GPU (sdkernels.tuning), so no patched op runs slower than eager."""
+    keeps the fastest, remembered on disk per GPU (sdkernels.tuning), so no patched op runs slower than eager; and
+    without ``cuda_graph``, a UNet's first step of each input signature is timed with the patched modules and with
+    the original ones, and the faster runs from then on (sdkernels.step_choice)."""
     selected = _select(ops)
     if tune:
         tuning.enable()
@@ -114,9 +118,13 @@ def patch(pipe_or_model, *, ops: Optional[Iterable[str]] = None, cuda_graph: boo
         result = _patch_model(model, label, selected)
         model.__dict__[_SUMMARY] = result
         logger.info("%s", result)
-        if cuda_graph and not graphs.install(model, label):
-            logger.info("sdkernels.patch %s: no CUDA graphs: only UNet2DConditionModel and AutoencoderKL take them",
-                        label)
+        if cuda_graph:
+            step_choice.uninstall(model)  # graphs replay GPU time only, where the patched modules are the faster
+            if not graphs.install(model, label):
+                logger.info("sdkernels.patch %s: no CUDA graphs: only UNet2DConditionModel and AutoencoderKL take "
+                            "them", label)
+        elif tune and any(result.replaced.values()) and graphs.graphed(model) is None:
+            step_choice.install(model)
     return pipe_or_model
 
 
@@ -126,6 +134,7 @@ def unpatch(pipe_or_model):
     by_name = {p.name: p for p in _registry}
     for _, model in _models(pipe_or_model):
         graphs.uninstall(model)
+        step_choice.uninstall(model)
         for module in list(model.modules()):  # restoring may swap children back in, so walk a snapshot
             names = module.__dict__.get(_PATCHED_BY, ())
             for name in reversed(names):
@@ -205,9 +214,31 @@ def why_not_plain(module, cls: type, what: str, *, hooks_matter: bool) -> Option
     return None
 
 
+class _Originals(threading.local):
+    on = False  # a class default: read on every patched module's call
+
+
+_originals = _Originals()
+
+
+@contextlib.contextmanager
+def running_originals():
+    """Inside, every patched module runs its original code, as the unpatched model would (sdkernels.step_choice
+    times a step both ways)."""
+    previous = _originals.on
+    _originals.on = True
+    try:
+        yield
+    finally:
+        _originals.on = previous
+
+
 def must_run_original(*tensors) -> bool:
     """True when our ops cannot stand in for the original module: autograd has to record it (our ops have no
-    backward), or autocast is on for the tensors' device (it changes dtypes in ways the original module defines)."""
+    backward), autocast is on for the tensors' device (it changes dtypes in ways the original module defines), or
+    inside ``running_originals``."""
+    if _originals.on:
+        return True
     # Plain loops: torch.compile (2.11) cannot trace bool() of a list.
     first = None
     for t in tensors:

@@ -229,6 +229,12 @@ class MeasuredChooser(MeasuredChoice):
     def __call__(self, *args) -> Optional[str]:
         return self.choose(args, lambda: self._ways(args), default=self.rule)
 
+    # dispatch remembers a selection per objective, and only once it was measured (the rule's answer is provisional)
+    scope = staticmethod(objective)
+
+    def settled(self, *args) -> bool:
+        return (objective(),) + signature(*args) in self.choices
+
     def _ways(self, args) -> dict:
         op = dispatch.ops()[self.op_name]
         ways = {b.name: (lambda run=b.run: run(*args)) for b in op.backends

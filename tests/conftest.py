@@ -34,6 +34,15 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _fresh_selections():
+    """Ops remember their backend selection per input key (sdkernels.dispatch); tests patch the rules behind it."""
+    from sdkernels import dispatch
+    dispatch.forget_selections()
+    yield
+    dispatch.forget_selections()
+
+
 @pytest.fixture
 def no_tf32():
     """fp32 comparisons of whole models on a GPU: cuDNN's default TF32 convolutions would turn a 1e-7 difference in

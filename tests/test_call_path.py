@@ -170,3 +170,115 @@ def test_forced_backend_from_the_environment_is_read_per_call(monkeypatch):
     monkeypatch.delenv("SDKERNELS_BACKEND")
     sdkernels.geglu(h)
     assert dispatch.last_backend("geglu") != "reference"
+
+
+# ---- remembered selections (sdkernels.dispatch) ------------------------------------------------------------------
+
+class _CountingRule:
+    """A chooser that prefers one backend and counts how often dispatch asked it."""
+
+    def __init__(self, choice, settled=None):
+        self.choice, self.asked = choice, 0
+        if settled is not None:
+            self.settled = lambda *args: settled
+
+    def __call__(self, *args):
+        self.asked += 1
+        return self.choice
+
+
+def _fake_op(calls):
+    op = dispatch.Op("fake_memo_op", reference=lambda x, n: calls.append("reference") or x + n)
+    op.register(dispatch.Backend("even", lambda x, n: calls.append("even") or x + n,
+                                 lambda x, n: None if x.shape[0] % 2 == 0 else "odd rows"))
+    op.register(dispatch.Backend("any", lambda x, n: calls.append("any") or x + n, lambda x, n: None))
+    return op
+
+
+def test_a_selection_is_remembered_per_call_key():
+    calls = []
+    op = _fake_op(calls)
+    op.chooser = rule = _CountingRule("any")
+    x = _rand(4, 3)
+    for _ in range(3):
+        op(x, 1)
+    assert calls == ["any"] * 3 and rule.asked == 1
+    for key in [(_rand(5, 3), 1), (_rand(4, 3), 2), (_rand(4, 3).t(), 1), (_rand(4, 3).half(), 1),
+                (_rand(4, 3).double(), 1), (_rand(4, 3), 1.0)]:  # a new shape, value, stride, dtype or type
+        op(*key)
+    assert rule.asked == 7
+    op(x + 1, 1)  # other data, same key
+    assert rule.asked == 7
+
+
+def test_an_unaligned_view_is_selected_afresh():
+    """Kernels with 16-byte vector loads (the CUDA GroupNorm, TMA) check the data pointer's alignment."""
+    op = _fake_op([])
+    op.chooser = rule = _CountingRule(None)
+    base = _rand(4, 9)
+    op(base[:, :8], 1)
+    op(base[:, 1:], 1)  # same shape and strides, 4 bytes off
+    assert rule.asked == 2
+
+
+def test_nothing_is_remembered_while_a_backend_is_forced_or_a_chooser_is_unsettled(monkeypatch):
+    calls = []
+    op = _fake_op(calls)
+    dispatch._ops[op.name] = op
+    try:
+        op.chooser = rule = _CountingRule("any", settled=False)
+        x = _rand(4, 3)
+        op(x, 1), op(x, 1)
+        assert rule.asked == 2  # a measured chooser before it measured: its answer is provisional
+        op.chooser = rule = _CountingRule("any", settled=True)
+        op(x, 1), op(x, 1)
+        assert rule.asked == 1
+        with dispatch.use_backend("even", op=op.name):
+            op(x, 1)
+        monkeypatch.setenv("SDKERNELS_BACKEND", f"{op.name}=reference")
+        op(x, 1)
+        assert calls[-2:] == ["even", "reference"]
+        monkeypatch.delenv("SDKERNELS_BACKEND")
+        op(x, 1)
+        assert calls[-1] == "any" and rule.asked == 1
+    finally:
+        dispatch._ops.pop(op.name)
+
+
+def test_a_new_chooser_or_backend_forgets_the_selections():
+    calls = []
+    op = _fake_op(calls)
+    x = _rand(4, 3)
+    op(x, 1)
+    op.chooser = _CountingRule("any")
+    op(x, 1)
+    op.register(dispatch.Backend("first_choice", lambda x, n: calls.append("new") or x + n, lambda x, n: None))
+    op.chooser = None
+    op(x, 1)
+    op.backends.insert(0, op.backends.pop())  # a change behind dispatch's back: forget_selections() says so
+    op.forget_selections()
+    op(x, 1)
+    assert calls == ["even", "any", "even", "new"]
+
+
+def test_a_remembered_fallback_still_warns_once_per_reason():
+    op = _fake_op([])
+    op.backends = op.backends[:1]  # only "even"
+    odd = _rand(3, 3)
+    with pytest.warns(dispatch.SdkernelsFallbackWarning, match="odd rows"):
+        op(odd, 1)
+    dispatch._warned.clear()  # as a test that expects the warning again does
+    with pytest.warns(dispatch.SdkernelsFallbackWarning, match="odd rows"):
+        op(odd, 1)
+    assert dispatch.last_backend(op.name) == dispatch.REFERENCE
+
+
+def test_remembered_selections_give_the_first_calls_results():
+    """Every op, called twice with one key: the second call (a remembered selection) computes what the first did."""
+    for name, (fn, args) in CASES.items():
+        first = fn(*args)
+        backend = dispatch.last_backend(name)
+        again = fn(*args)
+        assert dispatch.last_backend(name) == backend, name
+        for a, b in zip(first if isinstance(first, tuple) else (first,), again if isinstance(again, tuple) else (again,)):
+            assert torch.equal(a, b), name

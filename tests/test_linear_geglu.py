@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from triton.runtime.errors import OutOfResources
 
 import sdkernels
-from sdkernels import dispatch
+from sdkernels import dispatch, tuning
 from sdkernels.kernels.linear_geglu import CONFIGS, TAIL_CONFIGS, TMA_CONFIGS
 
 EVERY_CONFIG = CONFIGS + TMA_CONFIGS + [c for c in TAIL_CONFIGS if c not in CONFIGS + TMA_CONFIGS]
@@ -49,7 +49,9 @@ def reference64(x, w, b, approximate="none"):
 
 
 def check(x, w, b, approximate="none", strict=True, backend="triton"):
-    with sdkernels.use_backend(backend, op="linear_geglu", strict=strict):
+    # The cublas backend stands in for the fused kernel only where CUDA graphs replay it (see its why_not)
+    objective = "device" if backend == "cublas" else tuning.objective()
+    with sdkernels.use_backend(backend, op="linear_geglu", strict=strict), tuning.optimizing_for(objective):
         out = linear_geglu(x, w, b, approximate)
     if strict:
         assert dispatch.last_backend("linear_geglu") == backend
@@ -564,3 +566,23 @@ def test_patched_feed_forward_in_cuda_graph():
         torch.cuda.synchronize()
         p.unpatch(ff)
     assert_close(out, expected.double(), torch.float16, reduction_size=1280, what="graph replay")
+
+
+def test_cublas_backend_is_left_to_graphs_while_torch_allows_reduced_precision_reductions():
+    """Switching torch's reduced-precision reduction flags off around each projection costs every later cuBLAS call
+    host time: the cublas backend runs outside CUDA graphs only where the fused kernel cannot, or the flags are off."""
+    x, w, b = make_case((6,), 8, 5, torch.float16)
+    op = dispatch.ops()["linear_geglu"]
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.allow_fp16_reduced_precision_reduction
+    try:
+        matmul.allow_fp16_reduced_precision_reduction = True
+        assert "reduced precision" in op.reasons(x, w, b, "none")["cublas"]
+        with tuning.optimizing_for("device"):
+            assert op.reasons(x, w, b, "none")["cublas"] is None
+        unmergeable, w2, b2 = make_case((3, 4), 8, 5, torch.float16, x_layout="permuted")
+        assert op.reasons(unmergeable, w2, b2, "none")["cublas"] is None
+        matmul.allow_fp16_reduced_precision_reduction = False
+        assert op.reasons(x, w, b, "none")["cublas"] is None
+    finally:
+        matmul.allow_fp16_reduced_precision_reduction = previous

@@ -8,6 +8,7 @@ import sys
 import torch
 
 from .._env import getenv
+from ..dispatch import PLAIN_TENSORS
 from ..kernels import utils as kernel_utils  # imports no Triton
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -17,9 +18,6 @@ class SdkernelsInputError(ValueError):
     """Invalid input to an sdkernels op (as opposed to a valid input that only the reference supports)."""
 
 
-# Tensor types an op may run directly on (a Parameter is a plain tensor to the kernels); any other subclass (a fake
-# or functional tensor, DTensor, ...) goes through torch.ops, where its own dispatch handles it.
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def _nothing_intercepts(args) -> bool:
@@ -32,7 +30,7 @@ def _nothing_intercepts(args) -> bool:
         return False
     grad = torch.is_grad_enabled()
     for a in args:
-        if isinstance(a, torch.Tensor) and (type(a) not in _PLAIN_TENSORS or (grad and a.requires_grad)):
+        if isinstance(a, torch.Tensor) and (type(a) not in PLAIN_TENSORS or (grad and a.requires_grad)):
             return False
     return True
 

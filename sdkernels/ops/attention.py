@@ -89,18 +89,23 @@ def attention_reference(q, k, v, scale, attn_mask=None, heads=0):
 
 
 def _sdpa_fallback(q, k, v, scale, attn_mask, heads):
-    """What runs when no backend fits: torch's SDPA in the input dtype (never the N x Nk fp32 reference, which
-    would not fit in memory at SD sizes), written into the op's output layout."""
+    """What runs when no backend fits, or where SDPA was measured faster: torch's SDPA in the input dtype (never the
+    N x Nk fp32 reference, which would not fit in memory at SD sizes), in the op's output layout. For a contiguous
+    (B, N, H*d) q that is what AttnProcessor2_0 makes of SDPA's output (transpose, reshape: no copy where SDPA wrote
+    (B, N, H, d) memory); otherwise a copy into output_like."""
     q4, k4, v4 = (as_bhnd(t, heads) for t in (q, k, v))
     mask = attn_mask
     if mask is not None and mask.dtype != torch.bool and mask.dtype != q.dtype:
         mask = mask.to(q.dtype)
-    out = output_like(q, v, heads)
     if scale > 0:
         attend = F.scaled_dot_product_attention
     else:  # SDPA's flash backend on an H100 returned NaN for a negative scale: the math backend gets it right
         attend = _sdpa_math
-    as_bhnd(out, heads).copy_(attend(q4, k4, v4, attn_mask=mask, scale=scale))
+    result = attend(q4, k4, v4, attn_mask=mask, scale=scale)
+    if heads and q.is_contiguous():  # output_like(q) is contiguous, as the reshape's result always is
+        return result.transpose(1, 2).reshape(q.shape[:-1] + (heads * v4.shape[-1],))
+    out = output_like(q, v, heads)
+    as_bhnd(out, heads).copy_(result)
     return out
 
 

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .. import dispatch
+from .. import dispatch, tuning
 from ._common import (KERNEL_DTYPES, call_op, fail, kernels, layout_cached, new_output, triton_available,
                       triton_device_why_not)
 
@@ -263,6 +263,11 @@ def _linear_geglu_triton_run(x, weight, bias, approximate):
 
 
 def _linear_geglu_cublas_why_not(x, weight, bias, approximate):
+    if (_reduced_precision_reductions(x.dtype) and tuning.objective() != "device"
+            and _linear_geglu_triton_why_not(x, weight, bias, approximate) is None):
+        return ("the fused kernel takes these inputs, and torch lets cuBLAS reduce in reduced precision: switching "
+                "that off per call makes every later cuBLAS call slower on the host (CUDA-graph replays, where only "
+                "GPU time counts, may take this backend)")
     reason = _common_why_not(x, weight, *([] if bias is None else [bias]))
     if reason is None:  # the geglu kernel's view of F.linear's contiguous output
         shape = tuple(x.shape[:-1]) + (weight.shape[0],)
@@ -282,12 +287,25 @@ def _linear_geglu_cublas_run(x, weight, bias, approximate):
     return _geglu_triton_run(projection, approximate)
 
 
+def _reduced_precision_reductions(dtype: torch.dtype) -> bool:
+    """Whether torch lets cuBLAS reduce split-K partials of this dtype's GEMMs in that dtype (its default)."""
+    matmul = torch.backends.cuda.matmul
+    if dtype == torch.float16:
+        return matmul.allow_fp16_reduced_precision_reduction
+    return dtype == torch.bfloat16 and matmul.allow_bf16_reduced_precision_reduction
+
+
 @contextlib.contextmanager
 def fp32_reductions():
     """cuBLAS's fp16/bf16 GEMMs reduce their split-K partials in fp32 inside (torch's reduced-precision reduction
-    flags off), then the flags as they were."""
+    flags off), then the flags as they were. Setting them costs the host time of every cuBLAS call after it (an
+    H200 with torch 2.11: an SD1.5 step's host time went from 24.6 to 33.3 ms with 16 switches per step), so the
+    cublas backend runs only where they are off already or under CUDA graphs."""
     matmul = torch.backends.cuda.matmul
     previous = (matmul.allow_fp16_reduced_precision_reduction, matmul.allow_bf16_reduced_precision_reduction)
+    if not any(previous):
+        yield
+        return
     matmul.allow_fp16_reduced_precision_reduction = matmul.allow_bf16_reduced_precision_reduction = False
     try:
         yield
@@ -311,7 +329,14 @@ gelu_dispatch.register(dispatch.Backend("triton", _gelu_triton_run, _gelu_triton
 geglu_dispatch = dispatch.define("geglu", _contiguous(geglu_reference))
 geglu_dispatch.register(dispatch.Backend("triton", _geglu_triton_run, _geglu_triton_why_not,
                                          available=triton_available))
-linear_geglu_dispatch = dispatch.define("linear_geglu", _contiguous(linear_geglu_reference))
+def _cublas_scope():
+    """What _linear_geglu_cublas_why_not reads besides the inputs."""
+    matmul = torch.backends.cuda.matmul
+    return (tuning.objective(), matmul.allow_fp16_reduced_precision_reduction,
+            matmul.allow_bf16_reduced_precision_reduction)
+
+
+linear_geglu_dispatch = dispatch.define("linear_geglu", _contiguous(linear_geglu_reference), scope=_cublas_scope)
 linear_geglu_dispatch.register(dispatch.Backend("triton", _linear_geglu_triton_run, _linear_geglu_triton_why_not,
                                                 available=triton_available))
 # Second in priority: the fused kernel runs unless measurement (sdkernels.tuning, patch(tune=True)) finds this faster.
