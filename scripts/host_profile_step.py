@@ -1,7 +1,7 @@
 """Host (CPU) time of one whole UNet step, eager against patched (no CUDA graphs), and where the patched step's host
 time goes: the thread's CPU time per step (what a launch-bound step costs) and a cProfile of a few steps.
     python scripts/host_profile_step.py [--model sd15] [--batch 2] [--resolution 512] [--rows 30] [--init unit|diffusers]
-        [--each]     (--each: no profiles; the step's host time with each patcher alone, then all)"""
+        [--each]     (--each: no profiles; the step's time with each patcher alone, then all, against eager)"""
 import argparse
 from collections import Counter
 import cProfile
@@ -12,7 +12,7 @@ import time
 import torch
 
 import sdkernels
-from sdkernels import models
+from sdkernels import models, step_choice
 
 STEPS = 10
 ROUNDS = 5
@@ -74,41 +74,59 @@ def runtime_calls(step, label, rows) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
-def paired_host_ms(eager_step, patched_step, rounds=12, steps=4) -> tuple:
-    """(eager ms, patched ms, median of eager/patched) of CPU time per step, the two models measured in alternating
-    short runs: a shared host's speed drifts by tens of percent within minutes, which separate runs would read as a
-    difference between the models."""
+def paired_ms(eager_step, patched_step, rounds=12, steps=4) -> dict:
+    """Medians over alternating short runs of the two models: CPU ms of this thread per step, wall ms per step (the
+    GPU finished), and eager/patched of each (a shared host's speed drifts by tens of percent within minutes, which
+    separate runs would read as a difference between the models)."""
     for step in (eager_step, patched_step):
         for _ in range(3):
             step()
     torch.cuda.synchronize()
-    times = {eager_step: [], patched_step: []}
+    cpu, wall = {eager_step: [], patched_step: []}, {eager_step: [], patched_step: []}
     for _ in range(rounds):
         for step in (eager_step, patched_step):
-            start = time.thread_time()
+            start_cpu, start_wall = time.thread_time(), time.perf_counter()
             for _ in range(steps):
                 step()
-            times[step].append((time.thread_time() - start) / steps * 1e3)
+            cpu[step].append((time.thread_time() - start_cpu) / steps * 1e3)
             torch.cuda.synchronize()
-    ratios = [e / p for e, p in zip(times[eager_step], times[patched_step])]
-    return statistics.median(times[eager_step]), statistics.median(times[patched_step]), statistics.median(ratios)
+            wall[step].append((time.perf_counter() - start_wall) / steps * 1e3)
+    median = statistics.median
+    return dict(eager_cpu=median(cpu[eager_step]), patched_cpu=median(cpu[patched_step]),
+                eager_wall=median(wall[eager_step]), patched_wall=median(wall[patched_step]),
+                cpu_ratio=median(e / p for e, p in zip(cpu[eager_step], cpu[patched_step])),
+                wall_ratio=median(e / p for e, p in zip(wall[eager_step], wall[patched_step])))
 
 
 def host_time_by_patcher(model, args) -> None:
-    """The step's host time with each patcher alone, then all, each against an unpatched copy of the model."""
+    """The step's host and wall time with each patcher alone, all (as patch() leaves the model: with its measured
+    step choice), and all with the original modules forced (what the patched modules' wrappers cost), each against
+    an unpatched copy of the model."""
     import copy
+    from sdkernels.patch import running_originals
     patched_model = copy.deepcopy(model)
     call_args, call_kwargs = models.model_inputs(model, args.batch, args.resolution)
     eager_step = lambda: models.model_call(model, call_args, call_kwargs)  # noqa: E731
     patched_step = lambda: models.model_call(patched_model, call_args, call_kwargs)  # noqa: E731
-    print(f"{args.model} B={args.batch} {args.resolution} px on {torch.cuda.get_device_name()}: host CPU ms per step "
-          "(medians of alternating runs)")
-    for ops in [[name] for name in sdkernels.default_ops()] + [None]:
+
+    def originals_step():
+        with running_originals():
+            return patched_step()
+
+    print(f"{args.model} B={args.batch} {args.resolution} px on {torch.cuda.get_device_name()}: ms per step "
+          "(medians of alternating runs), CPU time of this thread and wall time")
+    rows = [(name, [name], patched_step, False) for name in sdkernels.default_ops()]
+    rows += [("all", None, patched_step, False), ("all, as patched", None, patched_step, True),
+             ("all, originals", None, originals_step, False)]
+    for label, ops, step, with_step_choice in rows:
         sdkernels.patch(patched_model, ops=ops)
-        eager, patched, ratio = paired_host_ms(eager_step, patched_step)
+        if not with_step_choice:
+            step_choice.uninstall(patched_model)
+        r = paired_ms(eager_step, step)
         sdkernels.unpatch(patched_model)
-        label = ops[0] if ops else "all"
-        print(f"  {label:16s} eager {eager:7.2f}  patched {patched:7.2f}  eager/patched {ratio:.3f}")
+        print(f"  {label:16s} CPU eager {r['eager_cpu']:7.2f} patched {r['patched_cpu']:7.2f} "
+              f"({r['cpu_ratio']:.3f}x)   wall eager {r['eager_wall']:7.2f} patched {r['patched_wall']:7.2f} "
+              f"({r['wall_ratio']:.3f}x)")
 
 
 def main():

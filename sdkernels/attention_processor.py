@@ -19,11 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from .ops.attention import flash_attention
+from .patch import must_run_original
 
 
-def _must_use_sdpa(*tensors) -> bool:
-    from .patch import must_run_original
-    return must_run_original(*tensors)
 
 
 def _deprecated_scale_argument(args, kwargs) -> None:
@@ -73,7 +71,7 @@ class SdkernelsAttnProcessor:
         value = attn.to_v(encoder_hidden_states)
 
         head_dim = key.shape[-1] // attn.heads
-        if attn.norm_q is None and attn.norm_k is None and not _must_use_sdpa(query, key, value):
+        if attn.norm_q is None and attn.norm_k is None and not must_run_original(query, key, value):
             hidden_states = self._attention(query, key, value, attention_mask, attn.heads, head_dim)
         else:
             hidden_states = self._per_head_attention(attn, query, key, value, attention_mask, batch_size, head_dim)
@@ -113,7 +111,7 @@ class SdkernelsAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        if _must_use_sdpa(query, key, value):
+        if must_run_original(query, key, value):
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
                                                  is_causal=False)
         else:
