@@ -115,7 +115,7 @@ def host_time_by_patcher(model, args) -> None:
 
     print(f"{args.model} B={args.batch} {args.resolution} px on {torch.cuda.get_device_name()}: ms per step "
           "(medians of alternating runs), CPU time of this thread and wall time")
-    rows = [(name, [name], patched_step, False) for name in sdkernels.default_ops()]
+    rows = [] if args.all_only else [(name, [name], patched_step, False) for name in sdkernels.default_ops()]
     rows += [("all", None, patched_step, False), ("all, as patched", None, patched_step, True),
              ("all, originals", None, originals_step, False)]
     for label, ops, step, with_step_choice in rows:
@@ -137,6 +137,7 @@ def main():
     p.add_argument("--rows", type=int, default=30)
     p.add_argument("--init", choices=models.INITS, default="unit", help="random weights as the e2e bench has them")
     p.add_argument("--each", action="store_true", help="host time with each patcher alone, no profiles")
+    p.add_argument("--all-only", action="store_true", help="--each: the rows of all patchers only")
     p.add_argument("--ops", default=None, help="comma-separated patchers to apply (default: patch()'s)")
     args = p.parse_args()
     with torch.device("cuda"):

@@ -172,6 +172,12 @@ def bind_forward(module: nn.Module, forward: Callable) -> None:
     state["forward"] = types.MethodType(forward, module)
 
 
+def forward_is(module: nn.Module, forward: Callable) -> bool:
+    """Whether bind_forward made ``forward`` the instance's forward."""
+    bound = module.__dict__.get("forward") if _ORIGINAL_FORWARD in module.__dict__ else None
+    return getattr(bound, "__func__", None) is forward
+
+
 def original_forward(module: nn.Module) -> Callable:
     return module.__dict__[_ORIGINAL_FORWARD][1]
 

@@ -245,3 +245,29 @@ def test_an_sdpa_choice_computes_what_attn_processor_2_0_does(monkeypatch, mask)
         forced = run_processor(attn, processor, hidden, encoder, extra)
     assert dispatch.last_backend(OP) == "flash"
     assert_close(forced, ours, dtype)
+
+
+def test_patched_attention_skips_the_signature_inspection_where_nothing_is_filtered(monkeypatch):
+    """The lean Attention.forward calls our processor as the original does when no extra keyword arguments come;
+    with some, the original forward runs (it filters them and warns); unpatch takes it off."""
+    import inspect
+    import sdkernels
+    kwargs, shape, encoder_shape, _ = CONFIGS["cross"]
+    attn = randomize(Attention(**kwargs)).to(DEVICE)
+    hidden = torch.randn(shape, device=DEVICE)
+    encoder = torch.randn(encoder_shape, device=DEVICE)
+    expected = attn(hidden, encoder)
+    sdkernels.patch(attn, ops=["attention"], tune=False)
+    assert "forward" in vars(attn)
+    inspected = []
+    real_signature = inspect.signature
+    monkeypatch.setattr(inspect, "signature", lambda *a, **k: inspected.append(1) or real_signature(*a, **k))
+    with torch.no_grad(), sdkernels.use_backend("reference", op=OP):
+        lean = attn(hidden, encoder)
+        assert not inspected
+        filtered = attn(hidden, encoder, unexpected=1)  # the original forward: inspects, warns, drops the kwarg
+        assert inspected
+    assert torch.equal(lean, filtered)
+    torch.testing.assert_close(lean, expected.detach(), rtol=1e-5, atol=1e-5)
+    sdkernels.unpatch(attn)
+    assert "forward" not in vars(attn) and type(attn.processor) is AttnProcessor2_0
