@@ -366,6 +366,14 @@ def test_opcheck(backend):
         torch.library.opcheck(torch.ops.sdkernels.flash_attention.default, (q, k, v, 0.125, None, 0))
 
 
+def test_opcheck_of_the_sdpa_route():
+    """The SDPA route returns SDPA's output transposed and reshaped (a view of it where SDPA wrote (B, N, H, d)
+    memory), as AttnProcessor2_0 does: still a valid custom-op output."""
+    q, k, v, _ = make_qkv(2, 2, 9, 13, 64, torch.float32, "bnhd")
+    with sdkernels.use_backend("reference", op=OP):
+        torch.library.opcheck(torch.ops.sdkernels.flash_attention.default, (q, k, v, 0.125, None, 2))
+
+
 def test_torch_compile_fullgraph():
     args = small_args()
 
