@@ -1,7 +1,8 @@
 """Host (CPU) time of one whole UNet step, eager against patched (no CUDA graphs), and where the patched step's host
 time goes: the thread's CPU time per step (what a launch-bound step costs) and a cProfile of a few steps.
-    python scripts/host_profile_step.py [--model sd15] [--batch 2] [--resolution 512] [--rows 30] [--init unit|diffusers]
-        [--each]     (--each: no profiles; the step's time with each patcher alone, then all, against eager)"""
+    python scripts/host_profile_step.py [--model sd15] [--batch 2] [--resolution 512] [--rows 30]
+        [--init unit|diffusers] [--ops a,b] [--each [--all-only]]
+(--each: no profiles; the step's time with each patcher alone, then all, paired against an unpatched copy)"""
 import argparse
 from collections import Counter
 import cProfile

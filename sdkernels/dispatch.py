@@ -10,8 +10,9 @@ Forcing is a preference: an input the forced backend cannot run still takes the 
 unless ``strict=True`` (tests use that to be sure the backend they test really ran).
 
 An op remembers its selection per call key (each tensor's dtype, shape, strides, device and 16-byte alignment, the
-other arguments by type and value, the op's and the chooser's scope): the checks and the chooser cost tens of microseconds of Python per
-call, which a step without CUDA graphs pays for every op while a model meets few keys. This assumes that
+other arguments by type and value, the op's and the chooser's scope): the backends' why_not and the chooser cost
+microseconds of Python per call, which a step without CUDA graphs pays for every op, while a model meets few keys
+(at most MAX_SELECTIONS are kept per op). This assumes that
 ``why_not``, ``available`` and a plain chooser are functions of that key; a chooser that is not (a measured one
 before it has measured) says so through ``settled(*args)``, and nothing is remembered while a backend is forced.
 Whatever changes a rule (a test patching a module constant) calls ``forget_selections()``.
@@ -29,6 +30,7 @@ import torch
 from ._env import getenv
 
 REFERENCE = "reference"
+MAX_SELECTIONS = 4096
 # Tensor types a backend may run directly on (a Parameter is a plain tensor to the kernels); any other subclass (a
 # fake or functional tensor, DTensor, ...) goes through torch.ops, where its own dispatch handles it.
 PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
@@ -120,6 +122,8 @@ class Op:
         if selection is None:
             selection = self._select(args)
             if key is not None and self._settled(args):
+                if len(self._selections) >= MAX_SELECTIONS:  # shapes that keep changing: start over
+                    self._selections.clear()
                 self._selections[key] = selection
         backend, fallback = selection
         if backend is None:

@@ -5,8 +5,9 @@ each UNet2DConditionModel's forward.
 Why a whole step: an eager SD1.5 step at batch 2 and 512 px is host-bound on an H200's host (about 25 ms of Python
 and launches against 20 ms of GPU work). The patched modules cut the GPU time, but each of their op calls spends
 more host time than eager's (Python layers, Triton's launcher), and more inside a step, with the CPU's caches cold,
-than the per-op measurement (sdkernels.tuning) sees in isolation: 0.87x eager for SD1.5 and 0.77x for SDXL, measured
-as host time per step. Only the whole step says which way is faster, so it is measured whole, once per signature.
+than the per-op measurement (sdkernels.tuning) sees in isolation: with every module patched, 0.89x eager for SD1.5
+and 0.76x for SDXL at batch 2 (H200, paired timing, scripts/host_profile_step.py --each). Only the whole step says
+which way is faster, so it is measured whole, once per signature.
 
 How: the first call of a signature times the step both ways (tuning.MeasuredChoice with the current objective:
 warm-up calls, then CUDA events around each call, about 18 steps in all), keeps the faster, and stores it with the

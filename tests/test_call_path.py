@@ -280,5 +280,6 @@ def test_remembered_selections_give_the_first_calls_results():
         backend = dispatch.last_backend(name)
         again = fn(*args)
         assert dispatch.last_backend(name) == backend, name
-        for a, b in zip(first if isinstance(first, tuple) else (first,), again if isinstance(again, tuple) else (again,)):
+        as_tuple = lambda out: out if isinstance(out, tuple) else (out,)  # noqa: E731
+        for a, b in zip(as_tuple(first), as_tuple(again)):
             assert torch.equal(a, b), name
