@@ -271,3 +271,23 @@ def test_patched_attention_skips_the_signature_inspection_where_nothing_is_filte
     torch.testing.assert_close(lean, expected.detach(), rtol=1e-5, atol=1e-5)
     sdkernels.unpatch(attn)
     assert "forward" not in vars(attn) and type(attn.processor) is AttnProcessor2_0
+
+
+@pytest.mark.parametrize("config", ["self", "cross", "mask"])
+def test_running_originals_computes_what_attn_processor_2_0_does(config):
+    """patch.running_originals (the step choice's "originals" way): the patched module runs SDPA as
+    AttnProcessor2_0 does, with the same result bit for bit and none of our ops."""
+    import sdkernels
+    from sdkernels.patch import running_originals
+    kwargs, shape, encoder_shape, _ = CONFIGS[config]
+    attn = randomize(Attention(**kwargs)).to(DEVICE)
+    hidden = torch.randn(shape, device=DEVICE)
+    encoder = torch.randn(encoder_shape, device=DEVICE) if encoder_shape else None
+    extra = dict(attention_mask=key_mask(2, encoder_shape[1])) if config == "mask" else {}
+    with torch.no_grad():
+        expected = attn(hidden, encoder, **extra)
+        sdkernels.patch(attn, ops=["attention"], tune=False)
+        dispatch._last_backend.pop(OP, None)
+        with running_originals():
+            out = attn(hidden, encoder, **extra)
+    assert dispatch.last_backend(OP) is None and torch.equal(out, expected)
