@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
-"$PY" -m pytest -q -rs -p no:cacheprovider --durations=15 "$@" tests
+"$PY" -m pytest -q -rs -p no:cacheprovider "$@" tests
