@@ -288,7 +288,16 @@ def run_case(case: Case, args, dtype: torch.dtype, label: str) -> tuple:
                 if variant == "sdkernels" and choice is not None:  # which modules its steps ran, per signature
                     print(f"{label}: step choice (patched or original modules): "
                           f"{sorted(set(choice.choices.choices.values())) or 'not measured'}", flush=True)
-        return measured, summary(model), raised
+        patched_summary = summary(model)
+        if on_gpu() and measured and measured[0].variant == "eager" and len(measured) > 1:
+            # Variants run one after another; a shared host's speed drifts within minutes, which moves launch-bound
+            # (host-bound) rows: eager timed again at the end shows by how much (scripts/host_profile_step.py
+            # --each times patched and eager steps in alternation instead)
+            unpatch(model)
+            again = bench_ms(step, **timing)
+            print(f"{label}: eager again at the end: {again:.3f} ms (first {measured[0].ms:.3f} ms, "
+                  f"{again / measured[0].ms:.2f}x): the host's drift over the run", flush=True)
+        return measured, patched_summary, raised
     finally:
         unpatch(model)
 
