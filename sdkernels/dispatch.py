@@ -118,7 +118,10 @@ class Op:
 
     def __call__(self, *args):
         key = self._call_key(args)
-        selection = self._selections.get(key) if key is not None else None
+        try:
+            selection = self._selections.get(key) if key is not None else None
+        except TypeError:  # an unhashable argument (a list, say): selected each time
+            key = selection = None
         if selection is None:
             selection = self._select(args)
             if key is not None and self._settled(args):
@@ -147,12 +150,7 @@ class Op:
                 parts.append((a.dtype, a.shape, a.stride(), a.device, a.data_ptr() % 16))
             else:  # with its type: 1, 1.0 and True are one dict key, but a check may tell them apart
                 parts.append((a.__class__, a))
-        key = tuple(parts)
-        try:
-            hash(key)
-        except TypeError:  # a list argument, say: selected each time
-            return None
-        return key
+        return tuple(parts)
 
     def _settled(self, args) -> bool:
         settled = getattr(self._chooser, "settled", None)
