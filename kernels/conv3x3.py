@@ -36,20 +36,43 @@ INTERPRETER_CONFIG = (128, 64, 64, 1, 1)
 
 
 @triton.jit
-def _gn_silu(a, n, c, c_ok, stats_ptr, nw_ptr, nb_ptr, G, Cg, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """silu((a - mean) * rstd * weight + bias) in fp32 for the channels c of sample n, as one scale and shift."""
-    ng = n * G + c // Cg
-    rstd = tl.load(stats_ptr + 2 * ng + 1, mask=c_ok, other=0.0)
-    scale = rstd
-    shift = -tl.load(stats_ptr + 2 * ng, mask=c_ok, other=0.0) * rstd
-    if HAS_WEIGHT:
-        gamma = tl.load(nw_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-        scale = scale * gamma
-        shift = shift * gamma
-    if HAS_BIAS:
-        shift = shift + tl.load(nb_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-    y = a.to(tl.float32) * scale[None, :] + shift[None, :]
+def _silu(y, FAST: tl.constexpr):
+    """y * sigmoid(y) in fp32. FAST: sigmoid(y) = (1 + tanh(y / 2)) / 2 with the hardware tanh.approx.f32, one
+    special-function op per element where the exact form takes two (ex2 and a reciprocal): the prologue runs on
+    every (tap, output-channel tile) reading an input element, and those ops, not the tensor cores, bound it.
+    tanh.approx's error (about 2^-11 absolute) makes silu's at most |y| * 2^-12 absolute."""
+    if FAST:
+        hy = 0.5 * y
+        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [hy], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+        return hy * t + hy
     return y * tl.sigmoid(y)
+
+
+@triton.jit
+def _gn_silu(a, n, c, c_ok, stats_ptr, nw_ptr, nb_ptr, G, Cg, C, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+             CHANNEL_AFFINE: tl.constexpr, SILU: tl.constexpr, FAST_SILU: tl.constexpr):
+    """silu((a - mean) * rstd * weight + bias) in fp32 for the channels c of sample n, as one scale and shift:
+    read from a (N, C, 2) table when CHANNEL_AFFINE, else made from the (N, G, 2) (mean, rstd) and the affine."""
+    if CHANNEL_AFFINE:
+        nc = n * C + c
+        scale = tl.load(stats_ptr + 2 * nc, mask=c_ok, other=0.0)
+        shift = tl.load(stats_ptr + 2 * nc + 1, mask=c_ok, other=0.0)
+    else:
+        ng = n * G + c // Cg
+        rstd = tl.load(stats_ptr + 2 * ng + 1, mask=c_ok, other=0.0)
+        scale = rstd
+        shift = -tl.load(stats_ptr + 2 * ng, mask=c_ok, other=0.0) * rstd
+        if HAS_WEIGHT:
+            gamma = tl.load(nw_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+            scale = scale * gamma
+            shift = shift * gamma
+        if HAS_BIAS:
+            shift = shift + tl.load(nb_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+    y = a.to(tl.float32) * scale[None, :] + shift[None, :]
+    if SILU:
+        y = _silu(y, FAST_SILU)
+    return y
 
 
 @triton.jit
@@ -58,8 +81,8 @@ def _conv3x3_kernel(x_ptr, w_ptr, bias_ptr, nstats_ptr, nw_ptr, nb_ptr, add_ptr,
                     sxN, sxC, sxH, sxW, swO, swI, swH, swW, saN, saC, srN, srC, srH, srW, soN, soC, soH, soW,
                     NORM: tl.constexpr, NORM_WEIGHT: tl.constexpr, NORM_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr,
                     HAS_ADD: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STATS: tl.constexpr,
-                    INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, CHANNEL_AFFINE: tl.constexpr,
+                    NORM_SILU: tl.constexpr, FAST_SILU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # Neighbouring programs take the column tiles of one pixel tile: its input rows are read once into L2.
     pid = tl.program_id(0)
     n = tl.program_id(1)
@@ -92,7 +115,8 @@ def _conv3x3_kernel(x_ptr, w_ptr, bias_ptr, nstats_ptr, nw_ptr, nb_ptr, add_ptr,
         a = tl.load(x_pix[:, None] + (dh * sxH + dw * sxW) + c[None, :] * sxC, mask=a_mask, other=0.0)
         if NORM:
             # The zero padding is of the normalized activation: re-zero it after the affine shift and SiLU.
-            a = _gn_silu(a, n, c, c_ok, nstats_ptr, nw_ptr, nb_ptr, G_in, Cg_in, NORM_WEIGHT, NORM_BIAS)
+            a = _gn_silu(a, n, c, c_ok, nstats_ptr, nw_ptr, nb_ptr, G_in, Cg_in, Cin, NORM_WEIGHT, NORM_BIAS,
+                         CHANNEL_AFFINE, NORM_SILU, FAST_SILU)
             a = tl.where(a_mask, a, 0.0).to(x_ptr.dtype.element_ty)
         b = tl.load(w_cols[None, :] + c[:, None] * swI + (tap // 3) * swH + (tap % 3) * swW,
                     mask=c_ok[:, None] & n_ok[None, :], other=0.0)
@@ -143,18 +167,23 @@ def _strides4(t):
     return t.stride() if t is not None else (0, 0, 0, 0)
 
 
-def conv3x3_triton(x, weight, bias, norm, add, residual, output_scale_factor, stats_groups, stats_eps, out):
+def conv3x3_triton(x, weight, bias, norm, add, residual, output_scale_factor, stats_groups, stats_eps, out,
+                   config=None, fast_silu=False, norm_silu=True):
     """out (N, Cout, H, W) = the fused conv of x (N, Cin, H, W); all tensors in any strides. ``norm`` is None or
-    (stats (N, G, 2) fp32 contiguous, weight or None, bias or None) for the prologue. Returns the (N*G', 2) fp32
-    (mean, rstd) of out's groups when stats_groups = G' > 0, else None. The caller checked shapes, dtypes and
-    devices."""
+    (stats (N, G, 2) fp32 contiguous, weight or None, bias or None) for the prologue, or (table (N, C, 2) fp32
+    contiguous of per-channel (scale, shift),) . Returns the (N*G', 2) fp32 (mean, rstd) of out's groups when
+    stats_groups = G' > 0, else None. ``config`` overrides launch_config; ``fast_silu`` takes the tanh.approx
+    SiLU; ``norm_silu=False`` leaves SiLU out of the prologue. The caller checked shapes, dtypes and devices."""
     N, Cin, H, W = x.shape
     Cout = weight.shape[0]
     HW = H * W
-    bm, bn, bk, warps, stages = launch_config(x.dtype, HW, Cin, Cout)
+    bm, bn, bk, warps, stages = config or launch_config(x.dtype, HW, Cin, Cout)
+    channel_affine = norm is not None and len(norm) == 1
+    if channel_affine:
+        norm = (norm[0], None, None)
     tiles_m, tiles_n = cdiv(HW, bm), cdiv(Cout, bn)
     nstats, nw, nb = norm if norm is not None else (None, None, None)
-    G_in = nstats.shape[-2] if nstats is not None else 1
+    G_in = nstats.shape[-2] if nstats is not None and not channel_affine else 1
     G_out = max(stats_groups, 1)
     K_total = N * tiles_m * Cout
     partials = (torch.empty((3, K_total), device=x.device, dtype=torch.float32) if stats_groups else None)
@@ -171,6 +200,7 @@ def conv3x3_triton(x, weight, bias, norm, add, residual, output_scale_factor, st
         NORM=norm is not None, NORM_WEIGHT=nw is not None, NORM_BIAS=nb is not None, HAS_BIAS=bias is not None,
         HAS_ADD=add is not None, HAS_RESIDUAL=residual is not None, STATS=bool(stats_groups),
         INPUT_PRECISION="ieee" if dot_in_fp32 else input_precision(x.dtype), DOT_IN_FP32=dot_in_fp32,
+        CHANNEL_AFFINE=channel_affine, NORM_SILU=norm_silu, FAST_SILU=bool(fast_silu) and not interpreting(),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     if not stats_groups:
         return None

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .._env import getenv
-from .utils import cdiv, next_power_of_2
+from .utils import cdiv, multiprocessor_count, next_power_of_2
 
 ONE_PASS_MAX = 65536     # largest group held in one program's registers
 TILE = 4096              # elements per program in the flat plan
@@ -117,18 +117,38 @@ def _flat_partials_kernel(x_ptr, part_ptr, G, Cg, S, sxN, sxC, sxS, tiles, K_tot
 
 
 @triton.jit
-def _rows_partials_kernel(x_ptr, part_ptr, G, Cg, C, S, sxN, sxS, row_tiles, K_total,
+def _rows_partials_kernel(x_ptr, part_ptr, G, Cg, C, S, sxN, sxS, programs, tiles_per_program, K_total,
                           BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Program (n, t): per-channel (count, mean, M2) over rows [t*BLOCK_S, ...) of sample n (channel_partials)."""
+    """Program (p, n): per-channel (count, mean, M2) over row tiles [p*tiles_per_program, ...) of sample n, stored
+    as partial p (channel_partials' layout). Few programs loop over many tiles, each element position of the tile
+    keeping its own Welford (count, mean, M2) elementwise, merged across the tile's rows once at the end (Chan's
+    formula): one partial per tile made the partials and their merge cost more than the read itself at the VAE's
+    512 MiB activations, and a reduction per tile stalls the loop on barriers."""
     n = tl.program_id(1)
-    t = tl.program_id(0)
-    s = t * BLOCK_S + tl.arange(0, BLOCK_S)
+    p = tl.program_id(0)
     c = tl.arange(0, BLOCK_C)
-    mask = (s < S)[:, None] & (c < C)[None, :]
-    offs = n.to(tl.int64) * sxN + s.to(tl.int64)[:, None] * sxS + c[None, :]
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    cnt = tl.minimum(S - t * BLOCK_S, BLOCK_S).to(tl.float32)
-    channel_partials(x, mask, cnt, c, c < C, part_ptr, n, t, G, Cg, row_tiles, K_total)
+    c_ok = c < C
+    cnt = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    mean = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    for i in range(0, tiles_per_program):
+        s = (p * tiles_per_program + i) * BLOCK_S + tl.arange(0, BLOCK_S)
+        mask = (s < S)[:, None] & c_ok[None, :]
+        offs = n.to(tl.int64) * sxN + s.to(tl.int64)[:, None] * sxS + c[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        cnt += mask.to(tl.float32)
+        delta = x - mean
+        mean += tl.where(mask, delta / tl.maximum(cnt, 1.0), 0.0)
+        m2 += tl.where(mask, delta * (x - mean), 0.0)
+    count = tl.sum(cnt, axis=0)
+    col_mean = tl.sum(cnt * mean, axis=0) / tl.maximum(count, 1.0)
+    dm = mean - col_mean[None, :]
+    col_m2 = tl.sum(m2, axis=0) + tl.sum(cnt * dm * dm, axis=0)
+    g = c // Cg
+    k = (n * G + g) * (programs * Cg) + p * Cg + (c - g * Cg)
+    tl.store(part_ptr + k, count, mask=c_ok)
+    tl.store(part_ptr + K_total + k, col_mean, mask=c_ok)
+    tl.store(part_ptr + 2 * K_total + k, col_m2, mask=c_ok)
 
 
 @triton.jit
@@ -251,10 +271,13 @@ def _split_stats(x, G, eps, plan, sx, layout):
     Cg = C // G
     if plan == "rows":
         block_s, block_c, row_tiles = _rows_geometry(C, S)
-        K = row_tiles * Cg
+        # About 4 programs per SM over all samples, each looping over its share of the row tiles.
+        per_program = cdiv(row_tiles, max(1, cdiv(4 * multiprocessor_count(x.device), N)))
+        programs = cdiv(row_tiles, per_program)
+        K = programs * Cg
         partials = torch.empty((3, N * G * K), device=x.device, dtype=torch.float32)
-        _rows_partials_kernel[(row_tiles, N)](x, partials, G, Cg, C, S, sx[0], sx[2], row_tiles, N * G * K,
-                                              BLOCK_S=block_s, BLOCK_C=block_c, num_warps=_warps(ROW_TILE))
+        _rows_partials_kernel[(programs, N)](x, partials, G, Cg, C, S, sx[0], sx[2], programs, per_program,
+                                             N * G * K, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=_warps(ROW_TILE))
         return finalize_partials(partials, K, eps)
     tiles = cdiv(Cg * S, TILE)
     partials = torch.empty((3, N * G * tiles), device=x.device, dtype=torch.float32)
@@ -302,13 +325,35 @@ def group_norm_triton(x, num_groups, weight, bias, eps, silu, residual, out, str
         return out
 
     stats = _split_stats(x, G, eps, plan, sx, layout)
+    return _apply(x, stats, G, w, b, r, out, sx, sr, so, plan, layout, epilogue)
+
+
+def _apply(x, stats, G, w, b, r, out, sx, sr, so, plan, layout, epilogue):
+    """The apply pass of the split plans: out = epilogue((x - mean) * rstd) with the (N*G, 2) stats given."""
+    N, C = x.shape[0], x.shape[1]
+    S = x.numel() // (N * C)
+    Cg = C // G
     if plan == "rows":
         block_s, block_c, row_tiles = _rows_geometry(C, S)
         _rows_apply_kernel[(row_tiles, N)](x, stats, w, b, r, out, G, Cg, C, S, sx[0], sx[2], sr[0], sr[2], so[0],
                                            so[2], BLOCK_S=block_s, BLOCK_C=block_c, num_warps=_warps(ROW_TILE),
                                            **epilogue)
         return out
-    tiles = cdiv(size, TILE)
+    tiles = cdiv(Cg * S, TILE)
     _flat_apply_kernel[(N * G * tiles,)](x, stats, w, b, r, out, G, Cg, S, tiles, *sx, *sr, *so, TILE_SIZE=TILE,
                                          num_warps=_warps(TILE), **layout, **epilogue)
     return out
+
+
+def group_norm_apply_triton(x, stats, weight, bias, silu, out, strides):
+    """out = [silu]((x - mean) * rstd * weight + bias) with the given (N, G, 2) fp32 stats (contiguous), x seen as
+    (N, C, S): the apply pass alone, for a caller that took the statistics of a larger tensor (sdkernels' banded
+    ResNet block normalizes a band of rows with its whole image's statistics). ``strides`` as group_norm_triton's
+    without the residual."""
+    (sx, so), channels_last = strides
+    layout = _layout_flags(channels_last, x, out)
+    epilogue = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=bool(silu), HAS_RESIDUAL=False)
+    w, b = weight if weight is not None else x, bias if bias is not None else x
+    C = x.shape[1]
+    plan = "rows" if channels_last and sx[1] == 1 and so[1] == 1 and C <= ROW_TILE else "flat"
+    return _apply(x, stats, stats.shape[1], w, b, x, out, sx, sx, so, plan, layout, epilogue)

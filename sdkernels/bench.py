@@ -124,6 +124,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model-path", help="a local diffusers pipeline folder (its unet/ or vae/) or model folder, "
                                         "loaded instead of random weights; nothing is downloaded")
     p.add_argument("--ops", help="comma-separated sdkernels patchers to apply (default: sdkernels.default_ops())")
+    p.add_argument("--low-memory", action="store_true",
+                   help="patch with low_memory=True (large activations in bands of rows: lower peak, some speed)")
     p.add_argument("--out", help="results JSON (default sdkernels-bench-<model>.json here)")
     p.add_argument("--plot", help="bar chart PNG (default: the --out path with .png; needs matplotlib)")
     p.add_argument("--quick", action="store_true", help="shorter timing")
@@ -248,7 +250,7 @@ def run_case(case: Case, args, dtype: torch.dtype, label: str) -> tuple:
 
     def patched(cuda_graph=False):
         graphs.uninstall(model)  # the pipeline's eager_graph leaves its graphs on the unpatched model
-        patch(model, ops=_ops(args), cuda_graph=cuda_graph)
+        patch(model, ops=_ops(args), cuda_graph=cuda_graph, low_memory=args.low_memory)
         print(f"{label}: {summary(model)}", flush=True)
         return step
 

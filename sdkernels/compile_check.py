@@ -343,6 +343,7 @@ def _group_norm_inputs(shape, dtype, layout, epilogue, residual_layout=None):
 
 
 def group_norm_scenarios():
+    import torch
     for (dt, dtype), shape, layout in itertools.product(_dtypes().items(), GROUP_NORM_SHAPES,
                                                         ("nchw", "nhwc", "slice")):
         for epilogue in GROUP_NORM_EPILOGUES:
@@ -352,6 +353,11 @@ def group_norm_scenarios():
         x = _group_norm_x(shape, dtype, layout)
         yield Scenario(f"group_norm_stats {dt} {shape} {layout}",
                        _backend_call("group_norm_stats", "triton", x, GROUPS, 1e-5))
+        stats = torch.empty((shape[0], GROUPS, 2), dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        for silu in (False, True):
+            yield Scenario(f"group_norm_apply {dt} {shape} {layout} silu={silu}",
+                           _backend_call("group_norm_apply", "triton", x, stats, x.new_empty(shape[1]),
+                                         x.new_empty(shape[1]), silu))
         # channels_last x with an NCHW residual: the flat plan in channels_last order
         args = _group_norm_inputs(shape, dtype, "nhwc", (True, True, True), residual_layout="nchw")
         yield Scenario(f"group_norm {dt} {shape} nhwc, nchw residual",

@@ -17,6 +17,7 @@ def probe_inputs(device):
     conv = torch.randn(64, 64, 3, 3, **half)
     stats = torch.zeros(2, 32, 2, device=device)
     return {"group_norm": (x, 32, w, w, 1e-5, True, None), "group_norm_stats": (x, 32, 1e-5),
+            "group_norm_apply": (x, stats, w, w, True),
             "conv3x3_fused": (x, conv, w, stats, w, w, None, x, 1.0, 32, 1e-6), "conv3x3": (x, conv, w, x, 1.0),
             "gelu": (tokens, "none"), "geglu": (tokens, "none"),
             "linear_geglu": (tokens, proj, torch.randn(2 * 1280, **half), "none"),

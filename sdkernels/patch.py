@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from . import graphs, step_choice, tuning
+from . import banded, graphs, step_choice, tuning
 
 logger = logging.getLogger("sdkernels")
 
@@ -102,7 +102,8 @@ class PatchSummary:
         return line
 
 
-def patch(pipe_or_model, *, ops: Optional[Iterable[str]] = None, cuda_graph: bool = False, tune: bool = True):
+def patch(pipe_or_model, *, ops: Optional[Iterable[str]] = None, cuda_graph: bool = False, tune: bool = True,
+          low_memory: bool = False):
     """Apply the patchers named in ``ops`` (default: default_ops()) to every model of a pipeline, or to one nn.Module.
     Logs one line per model on the "sdkernels" logger and returns its argument; ``summary()`` reads the result.
     With ``cuda_graph``, each UNet2DConditionModel and each AutoencoderKL's decode also run through CUDA graphs, one
@@ -110,12 +111,15 @@ def patch(pipe_or_model, *, ops: Optional[Iterable[str]] = None, cuda_graph: boo
     (default), each op, the first time it meets an input shape on a GPU, times its backends and eager PyTorch and
     keeps the fastest, remembered on disk per GPU (sdkernels.tuning), so no patched op runs slower than eager; and
     without ``cuda_graph``, a UNet's first step of each input signature is timed with the patched modules and with
-    the original ones, and the faster runs from then on (sdkernels.step_choice)."""
+    the original ones, and the faster runs from then on (sdkernels.step_choice). With ``low_memory``, activations of
+    64 MiB and more (the VAE decoder from 512 px on) go through their ResNet blocks and upsamplers in bands of rows
+    (sdkernels.banded): the same result with a lower peak, at some speed."""
     selected = _select(ops)
     if tune:
         tuning.enable()
     for label, model in _models(pipe_or_model):
         result = _patch_model(model, label, selected)
+        banded.mark(model, low_memory)
         model.__dict__[_SUMMARY] = result
         logger.info("%s", result)
         if cuda_graph:
@@ -135,6 +139,7 @@ def unpatch(pipe_or_model):
     for _, model in _models(pipe_or_model):
         graphs.uninstall(model)
         step_choice.uninstall(model)
+        banded.mark(model, False)
         for module in list(model.modules()):  # restoring may swap children back in, so walk a snapshot
             names = module.__dict__.get(_PATCHED_BY, ())
             for name in reversed(names):

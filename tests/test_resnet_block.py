@@ -484,3 +484,24 @@ def test_sd_blocks(shape, dtype):
     fused, base = relative_error(out, expected), relative_error(eager, expected)
     print(f"{shape} {dtype}: relative error vs fp32: fused {fused:.2e}, eager {base:.2e}")
     assert fused <= 2 * base + HALF_ERROR_FLOOR[dtype]
+
+
+def test_launcher_prologue_variants_match_the_op(monkeypatch):
+    """kernels/conv3x3.py's probe options (scripts/probe_conv_prologue.py): a per-channel (scale, shift) table in
+    place of (mean, rstd) + affine gives the same conv; norm_silu=False leaves the SiLU out; a config overrides the
+    tiles. (fast_silu, tanh.approx, is GPU-only: the interpreter runs the exact SiLU.)"""
+    from sdkernels.kernels.conv3x3 import conv3x3_triton
+    from sdkernels.ops.group_norm import normalize_reference
+    x = rand(2, 8, 5, 6, offset=0.5)
+    w, b = rand(6, 8, 3, 3, scale=0.2), rand(6)
+    nw, nb = rand(8, offset=1.0), rand(8)
+    stats = group_norm_stats_reference(x, 4, 1e-5).float().contiguous()
+    mean, rstd = (stats[..., i].repeat_interleave(2, 1) for i in (0, 1))
+    scale = rstd * nw
+    table = torch.stack([scale, nb - mean * scale], -1).contiguous()
+    normalized = normalize_reference(x.double(), stats.double(), nw.double(), nb.double())
+    for norm, silu in (((stats, nw, nb), True), ((table,), True), ((table,), False)):
+        out = torch.full((2, 6, 5, 6), float("nan"), device=DEVICE).to(memory_format=torch.channels_last)
+        conv3x3_triton(x, w, b, norm, None, None, 1.0, 0, 0.0, out, config=SMALL_TILES, norm_silu=silu)
+        a = F.silu(normalized) if silu else normalized
+        assert_close(out, F.conv2d(a, w.double(), b.double(), padding=1), torch.float32, reduction_size=72)

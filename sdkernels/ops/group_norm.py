@@ -244,3 +244,73 @@ def group_norm_stats(x: torch.Tensor, num_groups: int, eps: float = 1e-5) -> tor
     normalizes with, for an op that applies it as it loads x (sdkernels::conv3x3_fused's prologue)."""
     check_inputs(x, num_groups, None, None, eps, False, None, op=STATS_OP)
     return call_op(group_norm_stats_dispatch, x, num_groups, float(eps))
+
+
+# ---- sdkernels::group_norm_apply: normalize with statistics taken elsewhere --------------------------------------
+
+APPLY_OP = "group_norm_apply"
+
+
+def group_norm_apply_reference(x, stats, weight=None, bias=None, silu=False):
+    """[silu]((x - mean) * rstd * weight + bias) with the given (N, G, 2) statistics, in stats' dtype; x's dtype
+    out."""
+    y = normalize_reference(x, stats, weight, bias)
+    return (F.silu(y) if silu else y).to(x.dtype)
+
+
+def check_apply_inputs(x, stats, weight, bias, silu) -> None:
+    if not isinstance(stats, torch.Tensor) or stats.dim() != 3:
+        fail(APPLY_OP, "stats must be an (N, G, 2) tensor of (mean, rstd)", x=x, stats=stats)
+    groups = stats.shape[1]
+    # A symbolic group count (torch.compile's dynamic shapes) is checked when real tensors arrive.
+    check_inputs(x, groups if isinstance(groups, int) else 1, weight, bias, 0.0, silu, None, op=APPLY_OP)
+    if stats.shape[0] != x.shape[0] or stats.shape[2] != 2:
+        fail(APPLY_OP, "stats must be (N, G, 2) (mean, rstd) per sample and group", x=x, stats=stats)
+    if stats.dtype != compute_dtype(x):
+        fail(APPLY_OP, f"stats must be {compute_dtype(x)} for x of {x.dtype}", x=x, stats=stats)
+    if stats.device != x.device:
+        fail(APPLY_OP, f"stats is on {stats.device} but x is on {x.device}", x=x, stats=stats)
+
+
+def _apply_why_not(x, stats, weight, bias, silu):
+    return (triton_device_why_not(x) or _kernel_why_not(x, stats.shape[1], weight, bias, 0.0, silu, None)
+            or (None if stats.is_contiguous() else "stats not contiguous"))
+
+
+def _apply_run(x, stats, weight, bias, silu):
+    out = new_output(x)
+    sx, _, channels_last = _layout(x, None)
+    return kernels("group_norm").group_norm_apply_triton(x, stats, weight, bias, silu, out,
+                                                         ((sx, nsc_strides(out)), channels_last))
+
+
+def _apply_reference_into_layout(x, stats, weight, bias, silu):
+    out = new_output(x)
+    out.copy_(group_norm_apply_reference(x, stats, weight, bias, silu))
+    return out
+
+
+group_norm_apply_dispatch = dispatch.define(APPLY_OP, group_norm_apply_reference)
+group_norm_apply_dispatch.register(dispatch.Backend("triton", _apply_run, _apply_why_not, available=triton_available))
+group_norm_apply_dispatch.reference = _apply_reference_into_layout
+
+
+@torch.library.custom_op("sdkernels::group_norm_apply", mutates_args=())
+def _group_norm_apply_op(x: torch.Tensor, stats: torch.Tensor, weight: Optional[torch.Tensor],
+                         bias: Optional[torch.Tensor], silu: bool) -> torch.Tensor:
+    check_apply_inputs(x, stats, weight, bias, silu)
+    return group_norm_apply_dispatch(x, stats, weight, bias, silu)
+
+
+@_group_norm_apply_op.register_fake
+def _(x, stats, weight, bias, silu):
+    check_apply_inputs(x, stats, weight, bias, silu)
+    return new_output(x)
+
+
+def group_norm_apply(x: torch.Tensor, stats: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                     bias: Optional[torch.Tensor] = None, silu: bool = False) -> torch.Tensor:
+    """GroupNorm's normalization with given (N, G, 2) fp32 (mean, rstd) statistics (sdkernels.group_norm_stats of
+    this x or of a tensor x is a slice of), then the affine, then SiLU if ``silu``: x's dtype and layout out."""
+    check_apply_inputs(x, stats, weight, bias, silu)
+    return call_op(group_norm_apply_dispatch, x, stats, weight, bias, bool(silu))

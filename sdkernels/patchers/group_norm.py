@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import banded
 from ..ops.group_norm import group_norm
 from ..patch import (Patcher, bind_forward, must_run_original, original_forward, register, restore_child, swap_child,
                      unbind_forward, why_not_plain)
@@ -69,6 +70,8 @@ def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
             or (self.time_embedding_norm == "scale_shift" and temb is None)
             or must_run_original(input_tensor, temb, norm1.weight, norm1.bias, norm2.weight, norm2.bias)):
         return original_forward(self)(input_tensor, temb, *args, **kwargs)
+    if banded.wants_bands(self, input_tensor) and _bands_fit(self):
+        return banded.resnet_forward(self, input_tensor, temb)
 
     hidden_states = _fused_norm(norm1, input_tensor, silu=True)
 
@@ -111,6 +114,15 @@ def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
     if self.output_scale_factor != 1.0:  # (x / 1.0 == x: eager's division there only copies)
         out = out.div_(self.output_scale_factor)  # out is ours: conv2's output or a fresh sum
     return out
+
+
+def _bands_fit(block) -> bool:
+    """The blocks sdkernels.banded.resnet_forward mirrors: no resampling, no scale_shift, no active dropout, 3x3
+    same convs and a pointwise shortcut (large VAE decoder blocks are all of these)."""
+    return (block.upsample is None and block.downsample is None and block.time_embedding_norm != "scale_shift"
+            and not (block.training and block.dropout.p > 0) and banded.is_same_conv3x3(block.conv1)
+            and banded.is_same_conv3x3(block.conv2)
+            and (block.conv_shortcut is None or banded.is_pointwise_conv(block.conv_shortcut)))
 
 
 def _add_into_fresh(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,206 @@
+"""The band forwards of large activations (sdkernels.banded): sdkernels::group_norm_apply against its float64
+reference, ResnetBlock2D and Upsample2D in bands against their unbanded forwards (bands forced small here, with
+several bands, one-row bands and a last partial band), a whole tiny VAE decode, and the thresholds that decide."""
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sdkernels
+from sdkernels import banded
+from sdkernels.ops._common import SdkernelsInputError
+from sdkernels.ops.group_norm import (group_norm_apply, group_norm_apply_reference,
+                                      group_norm_stats, group_norm_stats_reference)
+from sdkernels.patch import patch, summary
+from sdkernels.testing import assert_close, relative_error
+from conftest import DEVICE, GPU
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers.models.resnet import ResnetBlock2D  # noqa: E402
+from diffusers.models.upsampling import Upsample2D  # noqa: E402
+from test_patch import randomize, tiny_vae  # noqa: E402
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def rand(*shape, dtype=torch.float32, channels_last=True, scale=1.0, offset=0.0):
+    t = (torch.randn(shape, device=DEVICE) * scale + offset).to(dtype)
+    return t.to(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
+
+
+@pytest.fixture
+def small_bands(monkeypatch):
+    """Every activation takes the band forwards, in bands of ``rows`` rows (set through the returned function)."""
+    monkeypatch.setattr(banded, "MIN_BYTES", 1)
+    monkeypatch.delenv("SDKERNELS_BAND_MIN_MIB", raising=False)
+
+    def rows(n):
+        monkeypatch.setattr(banded, "band_rows", lambda x, channels: n)
+    return rows
+
+
+# ---- sdkernels::group_norm_apply ------------------------------------------------------------------------------
+
+@settings(max_examples=10 if not GPU else 40)
+@given(n=st.integers(1, 3), groups=st.sampled_from([1, 2, 4]), cg=st.integers(1, 5), h=st.integers(1, 9),
+       w=st.integers(1, 9), dtype=st.sampled_from(DTYPES), channels_last=st.booleans(), affine=st.booleans(),
+       silu=st.booleans(), band=st.booleans())
+def test_group_norm_apply_matches_float64_reference(n, groups, cg, h, w, dtype, channels_last, affine, silu, band):
+    C = groups * cg
+    x = rand(n, C, h + 2, w, dtype=dtype, channels_last=channels_last, scale=2.0, offset=1.0)
+    stats = group_norm_stats(x, groups, 1e-5)  # the whole image's, applied to all of it or to a band of rows
+    part = x[:, :, 1:h + 1] if band else x
+    weight, bias = (rand(C, dtype=dtype), rand(C, dtype=dtype)) if affine else (None, None)
+    with sdkernels.use_backend("triton", op="group_norm_apply", strict=True):
+        out = group_norm_apply(part, stats, weight, bias, silu)
+    expected = group_norm_apply_reference(part.double(), stats.double(), None if weight is None else weight.double(),
+                                          None if bias is None else bias.double(), silu)
+    assert out.dtype == dtype and out.shape == part.shape
+    assert_close(out, expected, dtype)
+
+
+def test_group_norm_apply_rejects_bad_stats():
+    x = rand(2, 8, 4, 4)
+    with pytest.raises(SdkernelsInputError, match="group_norm_apply.*stats must be an .N, G, 2. tensor"):
+        group_norm_apply(x, torch.zeros(2, 4, device=DEVICE))
+    with pytest.raises(SdkernelsInputError, match="group_norm_apply.*divides the 8 channels"):
+        group_norm_apply(x, torch.zeros(2, 3, 2, device=DEVICE))
+    with pytest.raises(SdkernelsInputError, match="group_norm_apply.*torch.float32"):
+        group_norm_apply(x, torch.zeros(2, 4, 2, device=DEVICE, dtype=torch.float64))
+    with pytest.raises(SdkernelsInputError, match="group_norm_apply.*per sample"):
+        group_norm_apply(x, torch.zeros(1, 4, 2, device=DEVICE))
+
+
+def test_group_norm_apply_passes_opcheck():
+    x = rand(2, 8, 5, 3)
+    stats = group_norm_stats_reference(x, 4).float().contiguous()
+    torch.library.opcheck(torch.ops.sdkernels.group_norm_apply.default, (x, stats, rand(8), rand(8), True))
+
+
+# ---- the band forwards against the unbanded ones ------------------------------------------------------------------
+
+def _block(cin, cout, temb_channels=None, scale=1.0, groups=4):
+    block = ResnetBlock2D(in_channels=cin, out_channels=cout, temb_channels=temb_channels, groups=groups,
+                          output_scale_factor=scale, eps=1e-6)
+    return randomize(block).to(DEVICE).eval()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 16])
+@pytest.mark.parametrize("cin,cout,temb,scale", [(8, 8, None, 1.0), (8, 16, None, 1.0), (16, 8, 12, 2.0)])
+def test_resnet_block_in_bands_matches_unbanded(small_bands, rows, cin, cout, temb, scale, no_tf32):
+    small_bands(rows)
+    block = _block(cin, cout, temb, scale)
+    x = rand(2, cin, 7, 5, offset=0.5)
+    t = torch.randn(2, temb, device=DEVICE) if temb else None
+    with torch.no_grad():
+        expected = block(x, t)
+        patch(block, ops=["resnet_gn_silu"], low_memory=True)
+        calls = []
+        real = banded.resnet_forward
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(banded, "resnet_forward", lambda *a: calls.append(1) or real(*a))
+            out = block(x, t)
+    assert calls, "the band forward did not run"
+    assert_close(out, expected, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_resnet_block_in_bands_half(small_bands, dtype, monkeypatch):
+    """In fp16/bf16 the bands' error against float64 is the unbanded patched block's (same ops, same roundings)."""
+    small_bands(3)
+    block = _block(8, 16)
+    x = rand(1, 8, 9, 6, offset=0.5)
+    with torch.no_grad():
+        expected = block.double()(x.double(), None)
+        block.to(dtype)
+        patch(block, ops=["resnet_gn_silu"], low_memory=True)
+        banded_out = block(x.to(dtype), None)
+        monkeypatch.setattr(banded, "MIN_BYTES", 1 << 40)
+        unbanded_out = block(x.to(dtype), None)
+    assert relative_error(banded_out, expected) <= 1.25 * relative_error(unbanded_out, expected) + 1e-4
+    assert_close(banded_out, unbanded_out, dtype)
+
+
+@pytest.mark.parametrize("rows", [2, 3, 5, 64])
+@pytest.mark.parametrize("h,w", [(1, 3), (4, 4), (7, 5)])
+def test_upsampler_in_bands_matches_unbanded(small_bands, rows, h, w, no_tf32):
+    small_bands(rows)
+    up = randomize(Upsample2D(8, use_conv=True, out_channels=12)).to(DEVICE).eval()
+    x = rand(2, 8, h, w)
+    with torch.no_grad():
+        expected = up(x)
+        patch(up, ops=["upsample_bands"], low_memory=True)
+        assert summary(up).replaced == {"upsample_bands": 1}
+        out = up(x)
+    assert out.shape == expected.shape and out.is_contiguous(memory_format=torch.channels_last)
+    assert_close(out, expected, torch.float32)
+
+
+def test_vae_decode_in_bands_matches_unpatched(small_bands, no_tf32):
+    small_bands(3)
+    vae = tiny_vae().to(DEVICE).eval()
+    latents = torch.randn(1, 4, 5, 6, device=DEVICE)
+    with torch.no_grad():
+        expected = vae.decode(latents).sample
+        patched = patch(copy.deepcopy(vae), low_memory=True)
+        out = patched.decode(latents).sample
+    assert summary(patched).replaced["upsample_bands"] == 1
+    assert_close(out, expected, torch.float32)
+
+
+def test_bands_are_opt_in_and_only_for_large_activations(monkeypatch):
+    monkeypatch.delenv("SDKERNELS_BAND_MIN_MIB", raising=False)
+    up = Upsample2D(8, use_conv=True)
+    large = torch.empty(1, 256, 512, 512, dtype=torch.float16)   # the VAE decoder at 1024 px: 128 MiB
+    patch(up, ops=["upsample_bands"])
+    assert not banded.wants_bands(up, large)                      # off unless asked for
+    patch(up, ops=["upsample_bands"], low_memory=True)
+    assert banded.wants_bands(up, large) and banded.wants_bands_upsampled(up, large[:, :, :256, :256])
+    assert not banded.wants_bands(up, torch.empty(2, 320, 64, 64, dtype=torch.float16))  # SD1.5's largest: 5 MiB
+    monkeypatch.setenv("SDKERNELS_BAND_MIN_MIB", "0")
+    assert not banded.wants_bands(up, large)
+    monkeypatch.delenv("SDKERNELS_BAND_MIN_MIB")
+    sdkernels.unpatch(up)
+    assert banded.LOW_MEMORY not in up.__dict__ and not banded.wants_bands(up, large)
+    assert banded.band_rows(torch.empty(1, 256, 8, 1024, dtype=torch.float16), 256) == 128
+
+
+def test_blocks_the_band_forward_does_not_mirror_run_unbanded(small_bands):
+    small_bands(2)
+    block = _block(8, 8)
+    block.conv1 = torch.nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect").to(DEVICE)
+    x = rand(1, 8, 6, 4)
+    with torch.no_grad():
+        expected = block(x, None)
+        patch(block, ops=["resnet_gn_silu"], low_memory=True)
+        calls = []
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(banded, "resnet_forward", lambda *a: calls.append(1))
+            out = block(x, None)
+    assert not calls
+    assert_close(out, expected, torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_sd_vae_decoder_fp16_in_bands_gpu(layout, no_tf32, monkeypatch):
+    """The SD VAE decoder at 512 px in fp16 in bands (its 64 MiB activations):
+    error against fp32 eager within twice eager fp16's own."""
+    from diffusers import AutoencoderKL
+    from test_patch import fp16_errors
+    monkeypatch.setenv("SDKERNELS_BAND_MIN_MIB", "64")  # as patch(..., low_memory=True) does: its 64 MiB blocks
+    vae = randomize(AutoencoderKL(block_out_channels=(128, 256, 512, 512), latent_channels=4,
+                                  down_block_types=("DownEncoderBlock2D",) * 4,
+                                  up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2))
+    decoder = torch.nn.Sequential(vae.post_quant_conv, vae.decoder).cuda()
+    calls = []
+    real = banded.resnet_forward
+    monkeypatch.setattr(banded, "resnet_forward", lambda *a: calls.append(1) or real(*a))
+    eager, patched = fp16_errors(decoder, lambda m, i: m(*i), [torch.randn(1, 4, 64, 64, device="cuda")], layout,
+                                 None)
+    print(f"VAE decoder fp16 512 px in bands ({len(calls)} blocks), {layout}: error vs fp32 eager {eager:.3e}, "
+          f"patched {patched:.3e}")
+    assert calls and summary(decoder).replaced["upsample_bands"] == 3
+    assert patched <= 2 * eager + 1e-4
