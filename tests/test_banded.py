@@ -2,6 +2,7 @@
 reference, ResnetBlock2D and Upsample2D in bands against their unbanded forwards (bands forced small here, with
 several bands, one-row bands and a last partial band), a whole tiny VAE decode, and the thresholds that decide."""
 import copy
+import weakref
 
 import pytest
 import torch
@@ -146,7 +147,37 @@ def test_vae_decode_in_bands_matches_unpatched(small_bands, no_tf32):
         expected = vae.decode(latents).sample
         patched = patch(copy.deepcopy(vae), low_memory=True)
         out = patched.decode(latents).sample
-    assert summary(patched).replaced["upsample_bands"] == 1
+    assert summary(patched).replaced["upsample_bands"] == 1 and summary(patched).replaced["decoder_handoff"] == 1
+    assert_close(out, expected, torch.float32)
+
+
+def test_decoder_hands_each_up_block_its_input(small_bands):
+    """With low_memory, an up block's input is freed once its first ResNet block returns (diffusers' Decoder keeps
+    it until the whole up block returns)."""
+    small_bands(2)
+    vae = tiny_vae().to(DEVICE).eval()
+    latents = torch.randn(1, 4, 5, 6, device=DEVICE)
+
+    def input_alive_in_second_resnet(low_memory):
+        model = patch(copy.deepcopy(vae), low_memory=low_memory)
+        resnets = model.decoder.up_blocks[0].resnets
+        seen = {}
+
+        def first(module, args):
+            seen.setdefault("input", weakref.ref(args[0]))
+
+        def second(module, args):
+            seen.setdefault("alive", seen["input"]() is not None)
+
+        resnets[0].register_forward_pre_hook(first)
+        resnets[1].register_forward_pre_hook(second)
+        with torch.no_grad():
+            out = model.decode(latents).sample
+        return seen["alive"], out
+
+    kept, expected = input_alive_in_second_resnet(False)
+    freed, out = input_alive_in_second_resnet(True)
+    assert kept and not freed
     assert_close(out, expected, torch.float32)
 
 

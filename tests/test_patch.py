@@ -254,7 +254,7 @@ def test_pipeline_like_objects():
     assert patch(pipe) is pipe
     assert set(summary(pipe)) == {"unet (UNet2DConditionModel)", "vae (AutoencoderKL)"}
     assert patched_by(unet.conv_norm_out) == () and patched_by(unet) == ("norm_out_gn_silu",)
-    assert patched_by(vae.decoder) == ("norm_out_gn_silu",)
+    assert patched_by(vae.decoder) == ("norm_out_gn_silu", "decoder_handoff")
     assert "forward" not in vars(text_encoder[0])  # only the diffusion models are patched
     unpatch(pipe)
     assert summary(pipe) == {"unet (UNet2DConditionModel)": None, "vae (AutoencoderKL)": None}

@@ -1,6 +1,12 @@
-"""upsample_bands: diffusers' Upsample2D (nearest 2x, then a 3x3 conv) in bands of output rows where its output is
-large (the VAE decoder at 512 px and up; sdkernels.banded), so the 4x-size nearest copy is never materialized
-whole. Smaller inputs, and every variant the band forward does not mirror, run the original forward."""
+"""The patchers of patch(..., low_memory=True) (sdkernels.banded); without it they run the original forwards.
+
+  upsample_bands   diffusers' Upsample2D (nearest 2x, then a 3x3 conv) in bands of output rows where its output is
+                   large (the VAE decoder at 512 px and up), so the 4x-size nearest copy is never made whole.
+  decoder_handoff  the VAE Decoder's forward, handing each UpDecoderBlock2D its input without keeping a reference:
+                   diffusers' loop (``sample = up_block(sample, ...)``, and Module.__call__'s argument tuple) keeps
+                   a block's input (512 MiB at 1024 px) alive until the block returns, beside the activations of
+                   its second and third ResNet blocks.
+Every variant the band forwards do not mirror runs the original forward."""
 from __future__ import annotations
 
 from typing import Optional
@@ -55,6 +61,80 @@ def _why_not(up) -> Optional[str]:
     if not banded.is_same_conv3x3(up.conv):
         return "its conv is not a 3x3, stride 1, zero padding 1 nn.Conv2d"
     return None
+
+
+_DECODER_NAMES = frozenset(("_gradient_checkpointing_func", "conv_act", "conv_in", "conv_norm_out", "conv_out",
+                            "gradient_checkpointing", "is_grad_enabled", "mid_block", "torch", "up_blocks"))
+
+
+def _decoder_classes():
+    try:
+        from diffusers.models.autoencoders.vae import Decoder
+        from diffusers.models.unets.unet_2d_blocks import UpDecoderBlock2D
+    except ImportError:
+        return None, None
+    return Decoder, UpDecoderBlock2D
+
+
+def _decoder_forward(self, sample, latent_embeds=None):
+    """diffusers' Decoder.forward (0.42.1) without gradient checkpointing, each plain UpDecoderBlock2D run by
+    _run_up_block_taking so that no frame but the block's own holds its input."""
+    if (banded.min_bytes(self) == 0 or (torch.is_grad_enabled() and self.gradient_checkpointing)
+            or must_run_original(sample)):
+        return original_forward(self)(sample, latent_embeds)
+    sample = self.conv_in(sample)
+    sample = self.mid_block(sample, latent_embeds)
+    for up_block in self.up_blocks:
+        if why_not_plain(up_block, _decoder_classes()[1], "the up block", hooks_matter=True) is None:
+            holder = [sample]
+            del sample  # the block's input now lives in holder alone, which _run_up_block_taking empties
+            sample = _run_up_block_taking(up_block, holder, latent_embeds)
+        else:
+            sample = up_block(sample, latent_embeds)
+    if latent_embeds is None:
+        sample = self.conv_norm_out(sample)
+    else:
+        sample = self.conv_norm_out(sample, latent_embeds)
+    sample = self.conv_act(sample)
+    return self.conv_out(sample)
+
+
+def _run_up_block_taking(block, holder: list, temb):
+    """UpDecoderBlock2D.forward on holder's only tensor, which it takes out: once the first ResNet block returns,
+    nothing holds the block's input any more."""
+    hidden_states = holder.pop()
+    for resnet in block.resnets:
+        hidden_states = resnet(hidden_states, temb=temb)
+    if block.upsamplers is not None:
+        for upsampler in block.upsamplers:
+            hidden_states = upsampler(hidden_states)
+    return hidden_states
+
+
+def _find_decoders(model):
+    cls = _decoder_classes()[0]
+    return ((name, m) for name, m in model.named_modules() if isinstance(m, cls)) if cls is not None else ()
+
+
+def _decoder_why_not(decoder) -> Optional[str]:
+    decoder_cls, block_cls = _decoder_classes()
+    reason = why_not_plain(decoder, decoder_cls, "the decoder", hooks_matter=False)
+    if reason:
+        return reason
+    if (frozenset(decoder_cls.forward.__code__.co_names) != _DECODER_NAMES
+            or frozenset(block_cls.forward.__code__.co_names) != frozenset(("resnets", "upsamplers"))):
+        import diffusers
+        return f"diffusers {diffusers.__version__}'s Decoder or UpDecoderBlock2D forward is not the one mirrored"
+    return None
+
+
+register(Patcher(
+    name="decoder_handoff",
+    find=_find_decoders,
+    why_not=_decoder_why_not,
+    apply=lambda decoder: bind_forward(decoder, _decoder_forward),
+    restore=unbind_forward,
+))
 
 
 register(Patcher(
