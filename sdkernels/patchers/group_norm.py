@@ -70,7 +70,8 @@ def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
             or (self.time_embedding_norm == "scale_shift" and temb is None)
             or must_run_original(input_tensor, temb, norm1.weight, norm1.bias, norm2.weight, norm2.bias)):
         return original_forward(self)(input_tensor, temb, *args, **kwargs)
-    if banded.wants_bands(self, input_tensor) and _bands_fit(self):
+    if (banded.wants_bands(self, input_tensor) and _bands_fit(self)
+            and (temb is None or temb.dtype == input_tensor.dtype)):  # (the bands add temb in place)
         return banded.resnet_forward(self, input_tensor, temb)
 
     hidden_states = _fused_norm(norm1, input_tensor, silu=True)
