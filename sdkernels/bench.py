@@ -201,6 +201,8 @@ def run(cases: list, args) -> tuple:
         layout="channels_last" if args.channels_last else "contiguous (NCHW)",
         errors="max |out - eager| / max |eager| and ||out - eager|| / ||eager||, outputs in the run's dtype",
         patched={})
+    if args.low_memory:
+        results.meta["low_memory"] = "sdkernels variants patched with low_memory=True (sdkernels.banded)"
     if any(case.steps for case in cases):
         results.meta["pipeline"] = ("ms of the whole denoising loop (UNet with classifier-free guidance and scheduler "
                                     "steps; no text encoding, no VAE decode), its = steps per second, errors of the "
