@@ -41,24 +41,11 @@ def min_bytes(module) -> int:
     return MIN_BYTES if module.__dict__.get(LOW_MEMORY) else 0
 
 
-def mark(model, low_memory: bool) -> None:
-    """Mark (or unmark) every module of ``model`` that sdkernels patched for band forwards."""
-    for m in model.modules():
-        if low_memory and m.__dict__.get("_sdkernels_patched_by"):
-            m.__dict__[LOW_MEMORY] = True
-        else:
-            m.__dict__.pop(LOW_MEMORY, None)
-
-
-def wants_bands(module, x: torch.Tensor) -> bool:
+def wants_bands(module, x: torch.Tensor, growth: int = 1) -> bool:
+    """Whether ``module`` should run x in bands: x (times ``growth``: 4 for an upsampler, whose output is what is
+    large) is at least min_bytes(module)."""
     limit = min_bytes(module)
-    return limit > 0 and x.dim() == 4 and x.shape[2] > 1 and x.numel() * x.element_size() >= limit
-
-
-def wants_bands_upsampled(module, x: torch.Tensor) -> bool:
-    """For an upsampler: its output (4x x) is what would be large."""
-    limit = min_bytes(module)
-    return limit > 0 and x.dim() == 4 and 4 * x.numel() * x.element_size() >= limit
+    return limit > 0 and x.dim() == 4 and x.shape[2] > 1 and growth * x.numel() * x.element_size() >= limit
 
 
 def band_rows(x: torch.Tensor, channels: int) -> int:
@@ -137,7 +124,7 @@ def upsample_forward(up, x: torch.Tensor) -> torch.Tensor:
     N, C, H, W = x.shape
     conv = up.conv
     out = _empty_like_layout(x, conv.out_channels, 2 * H, 2 * W)
-    rows = max(2, band_rows(out, max(C, conv.out_channels)))
+    rows = band_rows(out, max(C, conv.out_channels))
     for r0, r1, _, _ in _bands(2 * H, rows):
         i0, i1 = max(r0 - 1, 0) // 2, min(r1 // 2 + 1, H)  # input rows whose copies cover rows r0 - 1 .. r1
         band = F.interpolate(x[:, :, i0:i1], scale_factor=2.0, mode="nearest")

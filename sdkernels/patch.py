@@ -119,7 +119,7 @@ def patch(pipe_or_model, *, ops: Optional[Iterable[str]] = None, cuda_graph: boo
         tuning.enable()
     for label, model in _models(pipe_or_model):
         result = _patch_model(model, label, selected)
-        banded.mark(model, low_memory)
+        _mark_low_memory(model, low_memory)
         model.__dict__[_SUMMARY] = result
         logger.info("%s", result)
         if cuda_graph:
@@ -139,7 +139,7 @@ def unpatch(pipe_or_model):
     for _, model in _models(pipe_or_model):
         graphs.uninstall(model)
         step_choice.uninstall(model)
-        banded.mark(model, False)
+        _mark_low_memory(model, False)
         for module in list(model.modules()):  # restoring may swap children back in, so walk a snapshot
             names = module.__dict__.get(_PATCHED_BY, ())
             for name in reversed(names):
@@ -150,6 +150,15 @@ def unpatch(pipe_or_model):
             module.__dict__.pop(_PATCHED_BY, None)
         model.__dict__.pop(_SUMMARY, None)
     return pipe_or_model
+
+
+def _mark_low_memory(model: nn.Module, low_memory: bool) -> None:
+    """Mark (or unmark) the patched modules of ``model`` for sdkernels.banded's band forwards."""
+    for m in model.modules():
+        if low_memory and patched_by(m):
+            m.__dict__[banded.LOW_MEMORY] = True
+        else:
+            m.__dict__.pop(banded.LOW_MEMORY, None)
 
 
 def summary(pipe_or_model):

@@ -9,6 +9,7 @@
 Every variant the band forwards do not mirror runs the original forward."""
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -36,7 +37,7 @@ _MIRRORED_FORWARD_NAMES = frozenset((
 def _forward(self, hidden_states, output_size=None, *args, **kwargs):
     x = hidden_states
     if (args or kwargs or output_size is not None or not isinstance(x, torch.Tensor) or x.dim() != 4
-            or x.shape[0] >= 64 or x.numel() * 4 > 2**31 or not banded.wants_bands_upsampled(self, x)
+            or x.shape[0] >= 64 or x.numel() * 4 > 2**31 or not banded.wants_bands(self, x, growth=4)
             or must_run_original(x, self.conv.weight)):
         return original_forward(self)(hidden_states, output_size, *args, **kwargs)
     return banded.upsample_forward(self, x)
@@ -67,6 +68,7 @@ _DECODER_NAMES = frozenset(("_gradient_checkpointing_func", "conv_act", "conv_in
                             "gradient_checkpointing", "is_grad_enabled", "mid_block", "torch", "up_blocks"))
 
 
+@functools.lru_cache(maxsize=None)  # called per up block of every decode
 def _decoder_classes():
     try:
         from diffusers.models.autoencoders.vae import Decoder
