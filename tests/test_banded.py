@@ -151,7 +151,7 @@ def test_vae_decode_in_bands_matches_unpatched(small_bands, no_tf32):
     assert_close(out, expected, torch.float32)
 
 
-def test_decoder_hands_each_up_block_its_input(small_bands):
+def test_decoder_hands_each_up_block_its_input(small_bands, no_tf32):
     """With low_memory, an up block's input is freed once its first ResNet block returns (diffusers' Decoder keeps
     it until the whole up block returns)."""
     small_bands(2)
