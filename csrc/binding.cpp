@@ -85,7 +85,7 @@ int64_t nhwc_batch_stride(const at::Tensor& t) {
 
 std::string group_norm_nhwc(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, at::Tensor out,
-                     int64_t num_groups, double eps, bool silu, bool cluster) {
+                     int64_t num_groups, double eps, bool silu) {
   constexpr const char* fn = "sdkernels._C.group_norm_nhwc";
   SDK_CHECK(x.is_cuda(), fn, ": x must be a CUDA tensor, got one on ", x.device());
   SDK_CHECK(x.dim() >= 3 && x.dim() <= 5, fn, ": x must be (N, C, *spatial) with 1 to 3 spatial dims, got shape ",
@@ -138,12 +138,10 @@ std::string group_norm_nhwc(const at::Tensor& x, const std::optional<at::Tensor>
     return {};
   };
 
-  const c10::cuda::CUDAGuard guard(x.device());
-  const char* why = cluster ? sdk_group_norm_nhwc_cluster_why_not((int)N, (int)S, (int)C, (int)num_groups, dtype, res.defined())
-                            : sdk_group_norm_nhwc_why_not((int)N, (int)S, (int)C, (int)num_groups, dtype);
-  SDK_CHECK(why == nullptr, fn, ": ", why, " (x of shape ", x.sizes(), ", num_groups=", num_groups,
-            cluster ? ", cluster plan)" : ")");
+  const char* why = sdk_group_norm_nhwc_why_not((int)N, (int)S, (int)C, (int)num_groups, dtype);
+  SDK_CHECK(why == nullptr, fn, ": ", why, " (x of shape ", x.sizes(), ", num_groups=", num_groups, ")");
 
+  const c10::cuda::CUDAGuard guard(x.device());
   SdkGroupNormArgs a{};
   a.x = x.data_ptr();
   SDK_TRY(param(weight, "weight", &a.weight_dtype, &a.weight));
@@ -157,30 +155,12 @@ std::string group_norm_nhwc(const at::Tensor& x, const std::optional<at::Tensor>
   a.dtype = dtype;
   a.eps = (float)eps;
   a.silu = silu;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  cudaError_t err;
-  if (cluster) {
-    err = sdk_group_norm_nhwc_cluster(a, stream);
-  } else {
-    const size_t bytes = sdk_group_norm_nhwc_workspace_bytes(a.N, a.S, a.C, a.G, dtype);
-    const at::Tensor workspace = at::empty({(int64_t)bytes}, x.options().dtype(at::kByte));
-    a.workspace = workspace.data_ptr();
-    err = sdk_group_norm_nhwc(a, stream);
-  }
+  const size_t bytes = sdk_group_norm_nhwc_workspace_bytes(a.N, a.S, a.C, a.G, dtype);
+  const at::Tensor workspace = at::empty({(int64_t)bytes}, x.options().dtype(at::kByte));
+  a.workspace = workspace.data_ptr();
+  const cudaError_t err = sdk_group_norm_nhwc(a, c10::cuda::getCurrentCUDAStream().stream());
   SDK_CHECK(err == cudaSuccess, fn, ": kernel launch failed: ", cudaGetErrorString(err));
   return {};
-}
-
-// Why the one-launch cluster plan cannot take x (a CUDA tensor of x's shape and dtype), with or without a
-// residual, on x's device, or ''.
-std::string group_norm_nhwc_cluster_why_not(const at::Tensor& x, int64_t num_groups, bool residual) {
-  const int dtype = sdk_dtype(x.scalar_type());
-  if (!x.is_cuda() || x.dim() < 3 || x.numel() == 0 || dtype < 0 || num_groups < 1) return "not a CUDA (N, C, *spatial) float tensor";
-  const int64_t N = x.size(0), C = x.size(1), S = x.numel() / (N * C);
-  if (N > INT_MAX || C > INT_MAX || S > INT_MAX || num_groups > C) return "too large, or more groups than channels";
-  const c10::cuda::CUDAGuard guard(x.device());
-  const char* why = sdk_group_norm_nhwc_cluster_why_not((int)N, (int)S, (int)C, (int)num_groups, dtype, residual);
-  return why ? why : "";
 }
 
 // ---- sdkernels::flash_attention, partial-softmax row statistics (csrc/attention_row_stats.cu) -------------------
@@ -311,10 +291,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("group_norm_nhwc", &group_norm_nhwc,
         "out = [silu](group_norm(x, num_groups, weight, bias, eps)) [+ residual], x and out channels_last; writes out; returns '' or why it did not",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("residual"), py::arg("out"), py::arg("num_groups"),
-        py::arg("eps"), py::arg("silu"), py::arg("cluster") = false);
-  m.def("group_norm_nhwc_cluster_why_not", &group_norm_nhwc_cluster_why_not,
-        "'' when group_norm_nhwc(..., cluster=True) takes x's shape and dtype on x's device, else why not",
-        py::arg("x"), py::arg("num_groups"), py::arg("residual"));
+        py::arg("eps"), py::arg("silu"));
   m.def("attention_row_stats", &attention_row_stats,
         "stats[bh, i] = (max_j S_ij, sum_j exp(S_ij - max)) of S = scale * q k^T + mask, keys split over "
         "partials.size(0) parts; writes partials and stats; returns '' or why it did not",

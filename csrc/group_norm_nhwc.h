@@ -38,11 +38,3 @@ size_t sdk_group_norm_nhwc_workspace_bytes(int N, int S, int C, int G, int dtype
 // Enqueues the two kernels on `stream` (current device); returns the launch error, if any. No host sync, no
 // memset: safe to capture in a CUDA graph.
 cudaError_t sdk_group_norm_nhwc(const SdkGroupNormArgs& args, cudaStream_t stream);
-
-// The one-launch variant (group_norm_cluster.cu): one thread-block cluster per (sample, channel slice) holds the
-// slice in registers, so x is read once; no workspace. Compute capability 9.0 or newer, tensors up to a few MiB.
-// nullptr when it supports this shape and dtype on the current device, else a short reason (a static string).
-const char* sdk_group_norm_nhwc_cluster_why_not(int N, int S, int C, int G, int dtype, bool residual);
-
-// Enqueues the one kernel on `stream` (args.workspace unused); returns the launch error, if any.
-cudaError_t sdk_group_norm_nhwc_cluster(const SdkGroupNormArgs& args, cudaStream_t stream);

@@ -56,10 +56,6 @@ class _Checked:
         setattr(self, name, call)  # looked up once
         return call
 
-    def why_not(self, name, *args):
-        """What the extension's query ``name`` returns: '' when its kernel takes the inputs, else why not."""
-        return getattr(self._module, name)(*args)
-
 
 def load():
     """The extension's functions (``load().winograd_conv3x3(...)``); raises RuntimeError with the reason when the

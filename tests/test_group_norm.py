@@ -14,7 +14,7 @@ from sdkernels.testing import assert_close
 from conftest import DEVICE, GPU
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-BACKENDS = ["triton", "cuda", "cuda_cluster"] if GPU else ["triton"]
+BACKENDS = ["triton", "cuda"] if GPU else ["triton"]
 
 
 def make_case(shape, groups, dtype, layout, affine, residual, device=DEVICE, offset=0.5):
@@ -175,21 +175,17 @@ def test_strict_forcing_reports_every_reason():
             sdkernels.group_norm(x, 3)
 
 
-def test_chooser_prefers_cluster_then_triton_at_few_spatial_positions_and_yields_to_forcing():
-    """The measured rule: on a GPU the cluster plan where it takes the tensor; else Triton at <= 256 positions;
-    otherwise the priority order (CUDA first where it can run)."""
+def test_chooser_prefers_triton_at_few_spatial_positions_and_yields_to_forcing():
+    """The measured rule: Triton at <= 256 positions; otherwise the priority order (CUDA first where it can run)."""
     from sdkernels.ops.group_norm import TRITON_MAX_SPATIAL
     op = dispatch.ops()["group_norm"]
     small = torch.randn(2, 64, 16, 16, device=DEVICE).to(memory_format=torch.channels_last)
     large = torch.randn(1, 16, 33, 33, device=DEVICE).to(memory_format=torch.channels_last)
-    huge = torch.randn(1, 128, 256, 256, device=DEVICE).to(memory_format=torch.channels_last)
     assert 16 * 16 <= TRITON_MAX_SPATIAL < 33 * 33
-    expected = {"small": "cuda_cluster", "large": "cuda_cluster", "huge": None} if GPU else \
-        {"small": "triton", "large": None, "huge": None}
-    assert {"small": op.chooser(small, 8), "large": op.chooser(large, 8), "huge": op.chooser(huge, 8)} == expected
+    assert op.chooser(small, 8) == "triton" and op.chooser(large, 8) is None
     sdkernels.group_norm(small, 8)
-    assert dispatch.last_backend("group_norm") == expected["small"]
-    sdkernels.group_norm(huge, 8)
+    assert dispatch.last_backend("group_norm") == "triton"
+    sdkernels.group_norm(large, 8)
     assert dispatch.last_backend("group_norm") == ("cuda" if GPU else "triton")
     with sdkernels.use_backend("reference", op="group_norm"):
         sdkernels.group_norm(small, 8)
@@ -227,7 +223,7 @@ def test_torch_compile_fullgraph():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "cuda", "cuda_cluster"])
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_cuda_graph_capture_and_replay(backend):
     args = list(small_args(dtype=torch.float16))
     with sdkernels.use_backend(backend, strict=True):
@@ -255,61 +251,14 @@ SD_SHAPES = [  # (B, C, H, W, G) of the SD1.5 / SDXL UNets and the VAE decoder
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", SD_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("backend", ["triton", "cuda", "cuda_cluster"])
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_sd_shapes(shape, backend, dtype):
     *dims, G = shape
-    layout = "triton" == backend and dims[2] % 2 and "contiguous" or "channels_last"
+    layout = "channels_last" if backend == "cuda" else ("contiguous" if dims[2] % 2 else "channels_last")
     for lay in {layout, "channels_last"}:
         x, g, w, b, r = make_case(tuple(dims), G, dtype, lay, True, dims[1] == 320)
-        if backend == "cuda_cluster" and cluster_refuses(x, g, r):
-            continue  # the VAE's big activations: the two-kernel plan's
         check(backend, x, g, w, b, 1e-6, True, r)
-
-
-# The one-launch plan holds a cluster's slice in registers: 8 blocks x 512 threads x 8 (4 with a residual) 16-byte
-# vectors per (sample, channel slice). It must take every GroupNorm activation of the SD1.5 UNet but the largest
-# (2 x 960 x 64 x 64: its 30-channel groups allow only 8 slices, 7.9 MB against 4.2 MB; the two-kernel plan runs at
-# 8x eager there), and refuse only larger tensors, saying so.
-SD15_UNET_SHAPES = [(2, 320, 64, 64), (2, 320, 32, 32), (2, 640, 32, 32), (2, 640, 16, 16), (2, 1280, 16, 16),
-                    (2, 1280, 8, 8), (2, 2560, 8, 8), (2, 2560, 16, 16), (2, 1920, 16, 16), (2, 1920, 32, 32),
-                    (2, 1280, 32, 32), (2, 960, 32, 32), (2, 640, 64, 64)]
-
-
-def why_not(backend, x, groups, r):
-    op = dispatch.ops()["group_norm"]
-    return next(b for b in op.backends if b.name == backend).why_not(x, groups, None, None, 1e-5, True, r)
-
-
-def cluster_refuses(x, groups, r):
-    """Whether the cluster plan refuses x, checking that it does so only for a tensor over 1 MiB, as too large."""
-    reason = why_not("cuda_cluster", x, groups, r)
-    if reason is not None:
-        assert "too large" in reason and x.numel() * x.element_size() > 2**20, (tuple(x.shape), reason)
-    return reason is not None
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("shape", SD15_UNET_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_cuda_cluster_takes_every_sd15_unet_shape(shape):
-    for dtype in (torch.float16, torch.bfloat16):  # fp32 fits half the elements
-        x = torch.empty(shape, device=DEVICE, dtype=dtype).to(memory_format=torch.channels_last)
-        residual = x if shape[1] == 320 else None
-        assert why_not("cuda_cluster", x, 32, residual) is None, (shape, dtype)
-
-
-@pytest.mark.gpu
-@given(batch=st.integers(1, 2), groups=st.sampled_from([1, 8, 32]),
-       channels=st.sampled_from([32, 96, 320, 640]), h=st.integers(1, 70), w=st.integers(1, 70),
-       dtype=st.sampled_from(DTYPES), residual=st.booleans(), silu=st.booleans(), affine=st.booleans(),
-       offset=st.sampled_from([0.5, 40.0]))
-def test_cuda_cluster_backend_properties(batch, groups, channels, h, w, dtype, residual, silu, affine, offset):
-    """Odd sizes, one group to 32, every K the plan picks, and a mean 20x the spread (Welford, not sums of squares)."""
-    note(f"B={batch} C={channels} H={h} W={w} G={groups} {dtype} residual={residual} silu={silu} offset={offset}")
-    x, g, wt, b, r = make_case((batch, channels, h, w), groups, dtype, "channels_last", affine, residual,
-                               offset=offset)
-    if not cluster_refuses(x, g, r):
-        check("cuda_cluster", x, g, wt, b, 1e-5, silu, r)
 
 
 @pytest.mark.gpu

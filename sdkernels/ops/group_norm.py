@@ -153,47 +153,26 @@ def _cuda_why_not(x, num_groups, weight, bias, eps, silu, residual):
 
 def _cuda_run(x, num_groups, weight, bias, eps, silu, residual):
     out = new_output(x)
-    _ext.load().group_norm_nhwc(x, weight, bias, residual, out, num_groups, float(eps), bool(silu), False)
-    return out
-
-
-def _cuda_cluster_why_not(x, num_groups, weight, bias, eps, silu, residual):
-    reason = _cuda_why_not(x, num_groups, weight, bias, eps, silu, residual)
-    if reason:
-        return reason
-    if torch.cuda.get_device_capability(x.device) < (9, 0):
-        return "thread-block clusters need compute capability 9.0 or newer"
-    return _ext.load().why_not("group_norm_nhwc_cluster_why_not", x, num_groups, residual is not None) or None
-
-
-def _cuda_cluster_run(x, num_groups, weight, bias, eps, silu, residual):
-    out = new_output(x)
-    _ext.load().group_norm_nhwc(x, weight, bias, residual, out, num_groups, float(eps), bool(silu), True)
+    _ext.load().group_norm_nhwc(x, weight, bias, residual, out, num_groups, float(eps), bool(silu))
     return out
 
 
 group_norm_dispatch = dispatch.define(OP, group_norm_reference)
 group_norm_dispatch.register(dispatch.Backend("cuda", _cuda_run, _cuda_why_not, available=_ext.unavailable_reason))
-# One launch, x read once (csrc/group_norm_cluster.cu): activations a few MiB large, on sm_90 and newer.
-group_norm_dispatch.register(dispatch.Backend("cuda_cluster", _cuda_cluster_run, _cuda_cluster_why_not,
-                                              available=_ext.unavailable_reason))
 group_norm_dispatch.register(dispatch.Backend("triton", _triton_run, _triton_why_not, available=triton_available))
 
 # Measured on an H100 (bench/results/group_norm.json, 2026-11-25, fp16 channels_last, per call in a CUDA graph):
 # at 64 spatial positions Triton's one-program-per-group plan took 4.3 us where the CUDA kernel's split plan took
 # 9.3-11.7 us; at 256 positions Triton won or lost by 1-3 us (6.1 vs 9.5 us at C=640, 10.2 vs 9.0 at C=1280); from
-# 1024 positions on the CUDA kernel won by up to 5x. Where the one-launch cluster plan takes the tensor (sm_90, up to
-# a few MiB), it goes first: one launch, x read once.
+# 1024 positions on the CUDA kernel won by up to 5x.
 TRITON_MAX_SPATIAL = 256
 
 
-def _choose_backend(x, num_groups, weight=None, bias=None, eps=1e-5, silu=False, residual=None):
-    if x.is_cuda and _cuda_cluster_why_not(x, num_groups, weight, bias, eps, silu, residual) is None:
-        return "cuda_cluster"
+def _prefer_triton_when_small(x, *args):
     return "triton" if math.prod(x.shape[2:]) <= TRITON_MAX_SPATIAL else None
 
 
-group_norm_dispatch.chooser = _choose_backend
+group_norm_dispatch.chooser = _prefer_triton_when_small
 
 
 def _reference_into_layout(x, *args):
