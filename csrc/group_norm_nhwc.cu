@@ -21,6 +21,8 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <numeric>
 
 namespace {
@@ -317,9 +319,17 @@ const char* make_plan(int N, int S, int C, int G, int dtype, int sms, Plan* out)
   pl.N = N; pl.S = S; pl.C = C; pl.G = G; pl.cpg = C / G;
   // The narrowest slice that holds whole groups and whole vectors; C is a multiple of it.
   const int unit = std::lcm(vec, pl.cpg), units = C / unit;
-  // Blocks: about 4 per SM of 256 threads, fewer when the tensor is too small to give each thread kUnroll rows.
+  // Blocks: up to 4 per SM of 256 threads, fewer when the tensor is too small to give each thread 2 rows. Aiming
+  // at 2 rows per thread rather than kUnroll (4) took 5-12% off every SD1.5 UNet shape from 1024 positions on
+  // (H200, bench/NOTES.md, session 9): one DRAM round trip per thread instead of two.
+  // SDKERNELS_GN_PLAN="rows,blocks_per_sm" overrides both numbers (a probe knob: scripts/probe_gn_plan.sh).
+  static const int2 knobs = [] {
+    int2 k = make_int2(2, 4);
+    if (const char* e = std::getenv("SDKERNELS_GN_PLAN")) std::sscanf(e, "%d,%d", &k.x, &k.y);
+    return make_int2(std::max(k.x, 1), std::max(k.y, 1));
+  }();
   const long long vectors = (long long)N * S * (C / vec);
-  const long long target = std::clamp<long long>(vectors / (kUnroll * kTargetThreads), 1, 4LL * sms);
+  const long long target = std::clamp<long long>(vectors / (knobs.x * kTargetThreads), 1, (long long)knobs.y * sms);
   // Every apply block re-reads the P partials (8 bytes) of each of its groups; P^2 <= S * cpg / 32 keeps that
   // under 1/8 of the block's fp16 tile.
   const long long p_cap = std::max<long long>(
