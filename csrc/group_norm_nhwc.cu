@@ -132,6 +132,20 @@ __device__ __forceinline__ void chan_merge(float& na, float& ma, float& qa, floa
   na = n;
 }
 
+// Programmatic dependent launch (sm_90): gn_stats lets gn_apply be launched as soon as all its blocks run, so
+// gn_apply's launch and scheduling overlap gn_stats instead of following it; gn_apply waits for gn_stats to complete
+// (its partials written and flushed) before reading them. No-ops before sm_90, where the launch is plain.
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wait_for_prerequisite_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // ---- kernel 1: one (mean, M2) partial per (sample, row chunk, group) ---------------------------------------------
 
 template <typename T>
@@ -143,6 +157,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) gn_stats(const T* __restrict__
   float* sm_m2 = sm_mean + blockDim.x * V;
   const Tile t = tile_of(pl, blockIdx.x);
   const int tid = threadIdx.x, col = tid % pl.Wv, r = tid / pl.Wv;
+  allow_dependent_launch();
 
   float mean[V], m2[V];
 #pragma unroll
@@ -223,6 +238,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) gn_apply(
   // and the end of every tile, so walk tiles backwards and each tile's rows from the end.
   const Tile t = tile_of(pl, gridDim.x - 1 - blockIdx.x);
   const int tid = threadIdx.x, lane = tid & 31;
+  wait_for_prerequisite_grid();  // gn_stats' partials
 
   for (int lg = tid >> 5; lg < pl.Gs; lg += blockDim.x >> 5) {
     const float2* part = partials + ((long long)t.n * pl.G + t.s * pl.Gs + lg) * pl.P;
@@ -309,6 +325,19 @@ int sm_count() {
   return sms;
 }
 
+int device_major() {
+  static std::atomic<int> cache[64];  // per device, 0 until asked
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) { cudaGetLastError(); return 0; }
+  if (dev < 64 && cache[dev].load(std::memory_order_relaxed)) return cache[dev].load(std::memory_order_relaxed);
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  if (dev < 64) cache[dev].store(major, std::memory_order_relaxed);
+  return major;
+}
+
 const char* make_plan(int N, int S, int C, int G, int dtype, int sms, Plan* out) {
   if (dtype != SDK_FLOAT32 && dtype != SDK_FLOAT16 && dtype != SDK_BFLOAT16) return "x must be float32, float16 or bfloat16";
   if (N < 1 || S < 1 || C < 1 || G < 1) return "empty tensor or no groups";
@@ -372,9 +401,26 @@ cudaError_t launch(const SdkGroupNormArgs& a, const Plan& pl, cudaStream_t strea
   gn_stats<T><<<blocks, pl.threads, stats_smem, stream>>>(static_cast<const T*>(a.x), a.x_batch_stride, partials, pl);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  apply<<<blocks, pl.threads, 2 * pl.Gs * sizeof(float), stream>>>(
-      static_cast<const T*>(a.x), a.x_batch_stride, static_cast<const T*>(a.residual), a.residual_batch_stride,
-      static_cast<T*>(a.out), a.out_batch_stride, a.weight, a.weight_dtype, a.bias, a.bias_dtype, partials, a.eps, pl);
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(blocks);
+  cfg.blockDim = dim3(pl.threads);
+  cfg.dynamicSmemBytes = 2 * pl.Gs * sizeof(float);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  // SDKERNELS_GN_PDL=0 launches it plainly (a probe knob, to time both in one run).
+  static const bool pdl = [] {
+    const char* e = std::getenv("SDKERNELS_GN_PDL");
+    return !(e && e[0] == '0');
+  }();
+  cfg.numAttrs = pdl && device_major() >= 9 ? 1 : 0;
+  err = cudaLaunchKernelEx(&cfg, apply, static_cast<const T*>(a.x), a.x_batch_stride,
+                           static_cast<const T*>(a.residual), a.residual_batch_stride, static_cast<T*>(a.out),
+                           a.out_batch_stride, a.weight, a.weight_dtype, a.bias, a.bias_dtype,
+                           static_cast<const float2*>(partials), a.eps, pl);
+  if (err != cudaSuccess) return err;
   return cudaGetLastError();
 }
 
