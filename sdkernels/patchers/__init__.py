@@ -4,3 +4,4 @@ from . import geglu  # noqa: F401
 from . import attention  # noqa: F401
 from . import resnet_block  # noqa: F401  (opt-in; registers itself ahead of resnet_gn_silu)
 from . import bands  # noqa: F401
+from . import layout  # noqa: F401
