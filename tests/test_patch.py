@@ -165,10 +165,14 @@ def test_resnet_block_branches(config, op_calls, exact_fp32):
         torch.manual_seed(1)  # the same dropout mask in both runs
         expected = block(x, temb)
         patch(block)
+        conv1_calls = []
+        block.conv1.forward = lambda h, f=block.conv1.forward: conv1_calls.append(1) or f(h)
         torch.manual_seed(1)
         with sdkernels.use_backend("triton", op="group_norm", strict=True):
             out = block(x, temb)
     scale_shift = config.get("time_embedding_norm") == "scale_shift"
+    # With a "default" time embedding, conv1 runs without its bias, which joins the time embedding's add.
+    assert len(conv1_calls) == (0 if config["temb_channels"] and not scale_shift else 1)
     assert patched_by(block) == ("resnet_gn_silu",)
     # Under scale_shift only norm1 fuses with the SiLU; norm2 is then an ordinary patched GroupNorm.
     assert patched_by(block.norm2) == (("group_norm",) if scale_shift else ())

@@ -86,12 +86,18 @@ def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
         input_tensor = self.downsample(input_tensor)
         hidden_states = self.downsample(hidden_states)
 
-    hidden_states = self.conv1(hidden_states)
-
     if self.time_emb_proj is not None:
         if not self.skip_time_act:
             temb = self.nonlinearity(temb)
         temb = self.time_emb_proj(temb)[:, :, None, None]
+
+    if _folds_bias_into_temb(self, hidden_states, temb):
+        # conv1's bias joins the time embedding: one broadcast add over the activation instead of two (PyTorch adds
+        # a conv's bias in a pass of its own, a strided one on channels_last outputs)
+        hidden_states = self.conv1._conv_forward(hidden_states, self.conv1.weight, None)
+        temb = temb + self.conv1.bias[:, None, None]
+    else:
+        hidden_states = self.conv1(hidden_states)
 
     if self.time_embedding_norm == "scale_shift":  # scale and shift sit between norm2 and the SiLU
         time_scale, time_shift = torch.chunk(temb, 2, dim=1)
@@ -115,6 +121,15 @@ def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
     if self.output_scale_factor != 1.0:  # (x / 1.0 == x: eager's division there only copies)
         out = out.div_(self.output_scale_factor)  # out is ours: conv2's output or a fresh sum
     return out
+
+
+def _folds_bias_into_temb(block, hidden_states, temb) -> bool:
+    """Whether conv1's bias can be added with the time embedding: a plain nn.Conv2d with a bias and no hooks,
+    "default" time embedding, every dtype the same (eager's adds would not promote)."""
+    conv = block.conv1
+    return (temb is not None and block.time_embedding_norm == "default" and type(conv) is nn.Conv2d
+            and conv.bias is not None and not (conv._forward_hooks or conv._forward_pre_hooks)
+            and temb.dtype == hidden_states.dtype == conv.bias.dtype and temb.dim() == 4)
 
 
 def _bands_fit(block) -> bool:

@@ -1,0 +1,64 @@
+"""Probe (GPU): which PyTorch ops, at which shapes and from which line of diffusers, launch the kernels whose names
+match a pattern in a patched UNet step:
+
+    python scripts/probe_step_ops.py --model sd15 --kernel "elementwise_kernel<128, 4"
+"""
+import argparse
+import re
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from sdkernels import models
+from sdkernels.patch import patch
+
+
+def frame(stack):
+    """The innermost frame of the stack in diffusers (else in sdkernels, else the first)."""
+    for needle in ("diffusers", "sdkernels"):
+        for entry in stack or ():
+            if needle in entry:
+                return entry.split("site-packages/")[-1]
+    return (stack or ["?"])[0]
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="sd15", choices=list(models.MODELS))
+    p.add_argument("--kernel", default="elementwise_kernel<128, 4")
+    p.add_argument("--steps", type=int, default=3)
+    args = p.parse_args()
+    spec = models.spec(args.model)
+    with torch.device("cuda"):
+        model = models.build(args.model, init="unit", dtype=torch.float16)
+    model = model.to(memory_format=torch.channels_last)
+    call_args, call_kwargs = models.model_inputs(model, spec.batch, spec.resolution)
+    patch(model)
+
+    def step():
+        with torch.no_grad():
+            return models.model_call(model, call_args, call_kwargs)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True, with_stack=True) as prof:
+        for _ in range(args.steps):
+            step()
+        torch.cuda.synchronize()
+    pattern = re.compile(re.escape(args.kernel))
+    totals, counts = defaultdict(float), defaultdict(int)
+    for event in prof.events():
+        for kernel in getattr(event, "kernels", ()) or ():
+            if pattern.search(kernel.name):
+                key = (event.name, str(event.input_shapes)[:90], frame(event.stack))
+                totals[key] += kernel.duration / args.steps
+                counts[key] += 1
+    print(f"kernels matching {args.kernel!r}: {sum(totals.values()):.1f} us per step")
+    for key, us in sorted(totals.items(), key=lambda kv: -kv[1])[:20]:
+        print(f"{us:8.1f} us {counts[key] // args.steps:4d}x  {key[0]}  {key[1]}\n            {key[2]}")
+
+
+if __name__ == "__main__":
+    main()
