@@ -10,7 +10,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from sdkernels import models
+from sdkernels import models, step_choice
 from sdkernels.patch import patch
 
 
@@ -35,6 +35,7 @@ def main():
     model = model.to(memory_format=torch.channels_last)
     call_args, call_kwargs = models.model_inputs(model, spec.batch, spec.resolution)
     patch(model)
+    step_choice.uninstall(model)  # the patched modules' ops, not the originals the step choice may pick
 
     def step():
         with torch.no_grad():

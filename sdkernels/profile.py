@@ -22,6 +22,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first import of triton (sdkernels imports it)
 
 from . import models  # noqa: E402
+from . import step_choice  # noqa: E402
 from .patch import patch, unpatch  # noqa: E402
 
 # (class, pattern over the kernel's name, lower-cased), first match wins: our Triton kernels by their names, cuDNN,
@@ -123,6 +124,9 @@ def main(argv=None) -> int:
 
     eager = profile_step(step, args.steps)
     patch(model, ops=args.ops.split(",") if args.ops else None)
+    # The patched modules' kernels, always: without graphs the step choice may otherwise run the original modules
+    # (it did in one of three profiles of the SD1.5 step on an H200).
+    step_choice.uninstall(model)
     try:
         patched = profile_step(step, args.steps)
     finally:
