@@ -311,32 +311,24 @@ __global__ void __launch_bounds__(kMaxThreads, 2) gn_apply(
 
 // ---- host side -----------------------------------------------------------------------------------------------
 
-int sm_count() {
-  static std::atomic<int> cache[64];  // per device; a benign race fills it with the same value
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) { cudaGetLastError(); return 132; }
+// An attribute of the current device, cached per device (a benign race fills a slot with the same value), or
+// `fallback` where it cannot be read.
+template <cudaDeviceAttr kAttr>
+int device_attribute(int fallback) {
+  static std::atomic<int> cache[64];  // 0: not asked yet
+  int dev = 0, value = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) { cudaGetLastError(); return fallback; }
   if (dev < 64 && cache[dev].load(std::memory_order_relaxed)) return cache[dev].load(std::memory_order_relaxed);
-  int sms = 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms <= 0) {
+  if (cudaDeviceGetAttribute(&value, kAttr, dev) != cudaSuccess || value <= 0) {
     cudaGetLastError();
-    return 132;
+    return fallback;
   }
-  if (dev < 64) cache[dev].store(sms, std::memory_order_relaxed);
-  return sms;
+  if (dev < 64) cache[dev].store(value, std::memory_order_relaxed);
+  return value;
 }
 
-int device_major() {
-  static std::atomic<int> cache[64];  // per device, 0 until asked
-  int dev = 0, major = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) { cudaGetLastError(); return 0; }
-  if (dev < 64 && cache[dev].load(std::memory_order_relaxed)) return cache[dev].load(std::memory_order_relaxed);
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
-  if (dev < 64) cache[dev].store(major, std::memory_order_relaxed);
-  return major;
-}
+int sm_count() { return device_attribute<cudaDevAttrMultiProcessorCount>(132); }
+int device_major() { return device_attribute<cudaDevAttrComputeCapabilityMajor>(0); }
 
 const char* make_plan(int N, int S, int C, int G, int dtype, int sms, Plan* out) {
   if (dtype != SDK_FLOAT32 && dtype != SDK_FLOAT16 && dtype != SDK_BFLOAT16) return "x must be float32, float16 or bfloat16";
@@ -416,12 +408,10 @@ cudaError_t launch(const SdkGroupNormArgs& a, const Plan& pl, cudaStream_t strea
     return !(e && e[0] == '0');
   }();
   cfg.numAttrs = pdl && device_major() >= 9 ? 1 : 0;
-  err = cudaLaunchKernelEx(&cfg, apply, static_cast<const T*>(a.x), a.x_batch_stride,
-                           static_cast<const T*>(a.residual), a.residual_batch_stride, static_cast<T*>(a.out),
-                           a.out_batch_stride, a.weight, a.weight_dtype, a.bias, a.bias_dtype,
-                           static_cast<const float2*>(partials), a.eps, pl);
-  if (err != cudaSuccess) return err;
-  return cudaGetLastError();
+  return cudaLaunchKernelEx(&cfg, apply, static_cast<const T*>(a.x), a.x_batch_stride,
+                            static_cast<const T*>(a.residual), a.residual_batch_stride, static_cast<T*>(a.out),
+                            a.out_batch_stride, a.weight, a.weight_dtype, a.bias, a.bias_dtype,
+                            static_cast<const float2*>(partials), a.eps, pl);
 }
 
 }  // namespace

@@ -1,5 +1,5 @@
-"""Probe (GPU): which PyTorch ops, at which shapes and from which line of diffusers, launch the kernels whose names
-match a pattern in a patched UNet step:
+"""Probe (GPU): which PyTorch ops, at which input shapes, launch the kernels whose names match a pattern in a patched
+UNet step:
 
     python scripts/probe_step_ops.py --model sd15 --kernel "elementwise_kernel<128, 4"
 """
@@ -12,15 +12,6 @@ from torch.profiler import ProfilerActivity, profile
 
 from sdkernels import models, step_choice
 from sdkernels.patch import patch
-
-
-def frame(stack):
-    """The innermost frame of the stack in diffusers (else in sdkernels, else the first)."""
-    for needle in ("diffusers", "sdkernels"):
-        for entry in stack or ():
-            if needle in entry:
-                return entry.split("site-packages/")[-1]
-    return (stack or ["?"])[0]
 
 
 def main():
@@ -44,7 +35,7 @@ def main():
     for _ in range(3):
         step()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True, with_stack=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         for _ in range(args.steps):
             step()
         torch.cuda.synchronize()
@@ -53,12 +44,12 @@ def main():
     for event in prof.events():
         for kernel in getattr(event, "kernels", ()) or ():
             if pattern.search(kernel.name):
-                key = (event.name, str(event.input_shapes)[:90], frame(event.stack))
+                key = (event.name, str(event.input_shapes)[:120])
                 totals[key] += kernel.duration / args.steps
                 counts[key] += 1
     print(f"kernels matching {args.kernel!r}: {sum(totals.values()):.1f} us per step")
     for key, us in sorted(totals.items(), key=lambda kv: -kv[1])[:20]:
-        print(f"{us:8.1f} us {counts[key] // args.steps:4d}x  {key[0]}  {key[1]}\n            {key[2]}")
+        print(f"{us:8.1f} us {counts[key] // args.steps:4d}x  {key[0]}  {key[1]}")
 
 
 if __name__ == "__main__":
