@@ -341,8 +341,9 @@ const char* make_plan(int N, int S, int C, int G, int dtype, int sms, Plan* out)
   // The narrowest slice that holds whole groups and whole vectors; C is a multiple of it.
   const int unit = std::lcm(vec, pl.cpg), units = C / unit;
   // Blocks: up to 4 per SM of 256 threads, fewer when the tensor is too small to give each thread 2 rows. Aiming
-  // at 2 rows per thread rather than kUnroll (4) took 5-12% off every SD1.5 UNet shape from 1024 positions on
-  // (H200, bench/NOTES.md, session 9): one DRAM round trip per thread instead of two.
+  // at 2 rows per thread rather than kUnroll (4) took 5-12% off the SD1.5 UNet shapes of 1024 positions and
+  // 2x320x64x64, ~1 us off the smaller ones, nothing at 2x640x64x64 and 2x960x64x64 (H200, bench/NOTES.md,
+  // session 9): one DRAM round trip per thread instead of two.
   // SDKERNELS_GN_PLAN="rows,blocks_per_sm" overrides both numbers (a probe knob: scripts/probe_gn_plan.sh).
   static const int2 knobs = [] {
     int2 k = make_int2(2, 4);
