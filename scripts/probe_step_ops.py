@@ -19,6 +19,7 @@ def main():
     p.add_argument("--model", default="sd15", choices=list(models.MODELS))
     p.add_argument("--kernel", default="elementwise_kernel<128, 4")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--top", type=int, default=20)
     args = p.parse_args()
     spec = models.spec(args.model)
     with torch.device("cuda"):
@@ -44,12 +45,12 @@ def main():
     for event in prof.events():
         for kernel in getattr(event, "kernels", ()) or ():
             if pattern.search(kernel.name):
-                key = (event.name, str(event.input_shapes)[:120])
+                key = (event.name, kernel.name[:60], str(event.input_shapes)[:120])
                 totals[key] += kernel.duration / args.steps
                 counts[key] += 1
     print(f"kernels matching {args.kernel!r}: {sum(totals.values()):.1f} us per step")
-    for key, us in sorted(totals.items(), key=lambda kv: -kv[1])[:20]:
-        print(f"{us:8.1f} us {counts[key] // args.steps:4d}x  {key[0]}  {key[1]}")
+    for key, us in sorted(totals.items(), key=lambda kv: -kv[1])[:args.top]:
+        print(f"{us:8.1f} us {counts[key] // args.steps:4d}x  {key[0]}  {key[1]}  {key[2]}")
 
 
 if __name__ == "__main__":

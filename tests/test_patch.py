@@ -157,7 +157,10 @@ BLOCKS = {
 
 
 @pytest.mark.parametrize("config", BLOCKS.values(), ids=BLOCKS.keys())
-def test_resnet_block_branches(config, op_calls, exact_fp32):
+def test_resnet_block_branches(config, op_calls, exact_fp32, monkeypatch):
+    epilogues = []
+    epilogue = gn_patchers.add_bias_residual_
+    monkeypatch.setattr(gn_patchers, "add_bias_residual_", lambda *a: epilogues.append(a) or epilogue(*a))
     block = randomize(ResnetBlock2D(groups=8, **config)).train(config.get("dropout", 0) > 0)
     block, (x, temb) = on_device(block, torch.randn(2, 32, 8, 8),
                                  torch.randn(2, 16) if config["temb_channels"] else None)
@@ -173,6 +176,9 @@ def test_resnet_block_branches(config, op_calls, exact_fp32):
     scale_shift = config.get("time_embedding_norm") == "scale_shift"
     # With a "default" time embedding, conv1 runs without its bias, which joins the time embedding's add.
     assert len(conv1_calls) == (0 if config["temb_channels"] and not scale_shift else 1)
+    # conv2 runs without its bias: bias, shortcut and 1 / output_scale_factor are one pass over its output.
+    assert len(epilogues) == 1 and epilogues[0][1] is block.conv2.bias
+    assert epilogues[0][3] == 1 / config.get("output_scale_factor", 1.0)
     assert patched_by(block) == ("resnet_gn_silu",)
     # Under scale_shift only norm1 fuses with the SiLU; norm2 is then an ordinary patched GroupNorm.
     assert patched_by(block.norm2) == (("group_norm",) if scale_shift else ())

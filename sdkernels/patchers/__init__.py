@@ -5,3 +5,5 @@ from . import attention  # noqa: F401
 from . import resnet_block  # noqa: F401  (opt-in; registers itself ahead of resnet_gn_silu)
 from . import bands  # noqa: F401
 from . import layout  # noqa: F401
+from . import pointwise_conv  # noqa: F401
+from . import layer_norm  # noqa: F401

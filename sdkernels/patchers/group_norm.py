@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import banded
+from ..ops.bias_add import add_bias_residual_
 from ..ops.group_norm import group_norm
 from ..patch import (Patcher, bind_forward, must_run_original, original_forward, register, restore_child, swap_child,
                      unbind_forward, why_not_plain)
@@ -110,26 +111,47 @@ def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
         hidden_states = _fused_norm(norm2, hidden_states, silu=True)
 
     hidden_states = self.dropout(hidden_states)
-    hidden_states = self.conv2(hidden_states)
+    bias_joins_shortcut = _conv_bias_foldable(self.conv2, hidden_states)
+    if bias_joins_shortcut:
+        hidden_states = self.conv2._conv_forward(hidden_states, self.conv2.weight, None)
+    else:
+        hidden_states = self.conv2(hidden_states)
 
     if self.conv_shortcut is not None:
         if self.training:
             input_tensor = input_tensor.contiguous()
         input_tensor = self.conv_shortcut(input_tensor)
 
+    if bias_joins_shortcut and _epilogue_takes(hidden_states, input_tensor):
+        # conv2's bias, the shortcut and the output scale in one pass over conv2's own output
+        return add_bias_residual_(hidden_states, self.conv2.bias, input_tensor, 1.0 / self.output_scale_factor)
+    if bias_joins_shortcut:
+        hidden_states = hidden_states + self.conv2.bias[:, None, None]
     out = _add_into_fresh(hidden_states, input_tensor)
     if self.output_scale_factor != 1.0:  # (x / 1.0 == x: eager's division there only copies)
         out = out.div_(self.output_scale_factor)  # out is ours: conv2's output or a fresh sum
     return out
 
 
+def _conv_bias_foldable(conv, x) -> bool:
+    """Whether the conv can run without its bias for the caller to add it later: a plain nn.Conv2d (no hooks, no
+    subclass) with a bias of x's dtype (eager's add would not promote)."""
+    return (type(conv) is nn.Conv2d and conv.bias is not None and not (conv._forward_hooks or conv._forward_pre_hooks)
+            and conv.bias.dtype == x.dtype)
+
+
 def _folds_bias_into_temb(block, hidden_states, temb) -> bool:
-    """Whether conv1's bias can be added with the time embedding: a plain nn.Conv2d with a bias and no hooks,
-    "default" time embedding, every dtype the same (eager's adds would not promote)."""
-    conv = block.conv1
-    return (temb is not None and block.time_embedding_norm == "default" and type(conv) is nn.Conv2d
-            and conv.bias is not None and not (conv._forward_hooks or conv._forward_pre_hooks)
-            and temb.dtype == hidden_states.dtype == conv.bias.dtype and temb.dim() == 4)
+    """Whether conv1's bias can be added with the time embedding: "default" time embedding, a foldable bias, the
+    time embedding of the activation's dtype."""
+    return (temb is not None and block.time_embedding_norm == "default" and temb.dim() == 4
+            and temb.dtype == hidden_states.dtype and _conv_bias_foldable(block.conv1, hidden_states))
+
+
+def _epilogue_takes(conv_out, shortcut) -> bool:
+    """Whether add_bias_residual_ can add bias and shortcut into the conv's fresh output (same dtype and shape; the
+    same strides, which its kernel needs)."""
+    return (conv_out._base is None and shortcut.dtype == conv_out.dtype and shortcut.shape == conv_out.shape
+            and shortcut.stride() == conv_out.stride())
 
 
 def _bands_fit(block) -> bool:

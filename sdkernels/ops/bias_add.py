@@ -1,0 +1,112 @@
+"""sdkernels::add_bias_residual_: a convolution's epilogue, in place, in one pass.
+
+    y <- (y + bias[None, :, None, None] + residual) * scale          (bias, residual optional)
+
+y is (N, C, ...) floating point; bias (C,) and residual (y's shape) have y's dtype and device. The sum is computed in
+fp32 (fp64 for fp64) and rounded once to y's dtype, where eager PyTorch rounds after each add. The patched
+ResnetBlock2D runs conv2 without its bias and adds bias, shortcut and 1 / output_scale_factor here: one pass over the
+activation where eager takes two (PyTorch adds a convolution's bias in a pass of its own) or three.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .. import dispatch
+from ._common import (KERNEL_DTYPES, call_op, channels_last_like, fail, kernels, layout_cached, nsc_strides_of,
+                      triton_available, triton_device_why_not)
+from .group_norm import compute_dtype
+
+OP = "add_bias_residual_"
+
+
+def add_bias_residual_reference(y, bias=None, residual=None, scale=1.0):
+    """The definition: the sum in compute_dtype, rounded once into y (returned)."""
+    total = y.to(compute_dtype(y))
+    if bias is not None:
+        total = total + bias.to(total.dtype).view(-1, *([1] * (y.dim() - 2)))
+    if residual is not None:
+        total = total + residual.to(total.dtype)
+    if scale != 1.0:
+        total = total * scale
+    return y.copy_(total)
+
+
+def check_inputs(y, bias, residual, scale) -> None:
+    inputs = dict(y=y, bias=bias, residual=residual)
+
+    def need(ok, reason):
+        if not ok:
+            fail(OP, reason, **inputs)
+
+    need(isinstance(y, torch.Tensor), "y must be a tensor")
+    need(y.dim() >= 2 and y.is_floating_point(), "y must be a floating-point (N, C, ...) tensor")
+    expected = {"bias": (y.shape[1],), "residual": tuple(y.shape)}
+    for name in ("bias", "residual"):
+        t = inputs[name]
+        if t is None:
+            continue
+        need(isinstance(t, torch.Tensor), f"{name} must be a tensor or None")
+        need(tuple(t.shape) == expected[name], f"{name} must have shape {expected[name]}")
+        need(t.dtype == y.dtype, f"{name} has dtype {t.dtype} but y has {y.dtype} (one dtype: no promotion)")
+        need(t.device == y.device, f"{name} is on {t.device} but y is on {y.device}")
+    need(isinstance(scale, (int, float)) and math.isfinite(scale), f"scale={scale!r} must be a finite number")
+
+
+@layout_cached
+def dense_layout(shape, stride):
+    """True (NHWC) or False (NCHW) where a tensor of this shape and stride is dense in that layout, else None."""
+    nsc = nsc_strides_of(shape, stride)
+    if nsc is None:
+        return None
+    sN, sC, sS = nsc
+    C, spatial = shape[1], math.prod(shape[2:])
+    if channels_last_like(shape, nsc) and sS == C and (sN == C * spatial or shape[0] == 1):
+        return True
+    if sS == 1 and (sC == spatial or C == 1) and (sN == C * spatial or shape[0] == 1):
+        return False
+    return None
+
+
+def _triton_why_not(y, bias, residual, scale):
+    if y.dtype not in KERNEL_DTYPES:
+        return f"dtype {y.dtype} is not one of fp16, bf16, fp32"
+    if dense_layout(tuple(y.shape), y.stride()) is None:
+        return "y is not dense NCHW or NHWC"
+    if residual is not None and residual.stride() != y.stride():
+        return "residual's strides differ from y's"
+    if bias is not None and bias.stride() != (1,) and bias.numel() > 1:
+        return "bias is not contiguous"
+    return triton_device_why_not(y, bias, residual)
+
+
+def _triton_run(y, bias, residual, scale):
+    return kernels("bias_add").bias_residual_triton(y, bias, residual, float(scale),
+                                                    dense_layout(tuple(y.shape), y.stride()))
+
+
+add_bias_residual_dispatch = dispatch.define(OP, add_bias_residual_reference)
+add_bias_residual_dispatch.register(dispatch.Backend("triton", _triton_run, _triton_why_not,
+                                                     available=triton_available))
+
+
+@torch.library.custom_op("sdkernels::add_bias_residual_", mutates_args=("y",))
+def _add_bias_residual_op(y: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+                          scale: float = 1.0) -> None:
+    check_inputs(y, bias, residual, scale)
+    add_bias_residual_dispatch(y, bias, residual, scale)
+
+
+@_add_bias_residual_op.register_fake
+def _(y, bias, residual, scale=1.0):
+    check_inputs(y, bias, residual, scale)
+
+
+def add_bias_residual_(y: torch.Tensor, bias: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
+                       scale: float = 1.0) -> torch.Tensor:
+    """(y + bias + residual) * scale written into y, one rounding; returns y. See the module docstring."""
+    check_inputs(y, bias, residual, scale)
+    call_op(add_bias_residual_dispatch, y, bias, residual, float(scale))
+    return y
