@@ -85,7 +85,7 @@ int64_t nhwc_batch_stride(const at::Tensor& t) {
 
 std::string group_norm_nhwc(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, at::Tensor out,
-                     int64_t num_groups, double eps, bool silu) {
+                     int64_t num_groups, double eps, bool silu, const std::optional<at::Tensor>& shift) {
   constexpr const char* fn = "sdkernels._C.group_norm_nhwc";
   SDK_CHECK(x.is_cuda(), fn, ": x must be a CUDA tensor, got one on ", x.device());
   SDK_CHECK(x.dim() >= 3 && x.dim() <= 5, fn, ": x must be (N, C, *spatial) with 1 to 3 spatial dims, got shape ",
@@ -147,6 +147,18 @@ std::string group_norm_nhwc(const at::Tensor& x, const std::optional<at::Tensor>
   SDK_TRY(param(weight, "weight", &a.weight_dtype, &a.weight));
   SDK_TRY(param(bias, "bias", &a.bias_dtype, &a.bias));
   a.residual = res.defined() ? res.data_ptr() : nullptr;
+  if (shift.has_value() && shift->defined()) {
+    const at::Tensor& sh = *shift;
+    SDK_CHECK(sh.device() == x.device(), fn, ": shift is on ", sh.device(), " but x is on ", x.device());
+    SDK_CHECK(sh.dim() == 2 && sh.size(0) == N && sh.size(1) == C && (C == 1 || sh.stride(1) == 1), fn,
+              ": shift must be (", N, ", ", C, ") with channel stride 1, got shape ", sh.sizes(), " strides ",
+              sh.strides());
+    a.shift_dtype = sdk_dtype(sh.scalar_type());
+    SDK_CHECK(a.shift_dtype >= 0, fn, ": shift must be float32, float16, bfloat16 or float64, got ", sh.scalar_type());
+    SDK_CHECK(N * sh.stride(0) + C <= INT_MAX, fn, ": shift is too large");
+    a.shift = sh.data_ptr();
+    a.shift_batch_stride = sh.stride(0);
+  }
   a.out = out.data_ptr();
   a.x_batch_stride = x_sn;
   a.residual_batch_stride = res_sn;
@@ -289,9 +301,10 @@ std::string winograd_conv3x3(const at::Tensor& x, const at::Tensor& u, const std
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("group_norm_nhwc", &group_norm_nhwc,
-        "out = [silu](group_norm(x, num_groups, weight, bias, eps)) [+ residual], x and out channels_last; writes out; returns '' or why it did not",
+        "out = [silu](group_norm(x + shift[:, :, None], num_groups, weight, bias, eps)) [+ residual], x and out "
+        "channels_last; writes out; returns '' or why it did not",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("residual"), py::arg("out"), py::arg("num_groups"),
-        py::arg("eps"), py::arg("silu"));
+        py::arg("eps"), py::arg("silu"), py::arg("shift") = py::none());
   m.def("attention_row_stats", &attention_row_stats,
         "stats[bh, i] = (max_j S_ij, sum_j exp(S_ij - max)) of S = scale * q k^T + mask, keys split over "
         "partials.size(0) parts; writes partials and stats; returns '' or why it did not",

@@ -1,4 +1,5 @@
-// GroupNorm (+SiLU) (+residual) over dense channels_last tensors: see group_norm_nhwc.h for the contract.
+// GroupNorm (+SiLU) (+residual) over dense channels_last tensors, with an optional per-(sample, channel) shift of
+// the input: see group_norm_nhwc.h for the contract.
 //
 // The plan. A sample is S rows of C contiguous channels. The work is cut into tiles (n, p, s): row chunk p of
 // sample n (P chunks per sample) and channel slice s (CS slices; a slice holds whole groups and whole 16-byte
@@ -150,7 +151,9 @@ __device__ __forceinline__ void wait_for_prerequisite_grid() {
 
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads, 2) gn_stats(const T* __restrict__ x, long long x_sn,
-                                                        float2* __restrict__ partials, const Plan pl) {
+                                                        const void* __restrict__ pre_shift, int pre_shift_dtype,
+                                                        long long pre_shift_sn, float2* __restrict__ partials,
+                                                        const Plan pl) {
   constexpr int V = Vec<T>::n;
   extern __shared__ float4 smem[];
   float* sm_mean = reinterpret_cast<float*>(smem);  // [row slot][channel of the slice], then M2 alike
@@ -184,6 +187,13 @@ __global__ void __launch_bounds__(kMaxThreads, 2) gn_stats(const T* __restrict__
         }
       }
     }
+  }
+  // shift[n, c] added to every x of channel c moves that channel's Welford mean by it and leaves its M2 (a slot
+  // that saw no rows has weight 0 in the merge below, whatever its mean).
+  if (pre_shift != nullptr) {
+    const int c0 = (int)(t.n * pre_shift_sn) + t.s * pl.W + col * V;
+#pragma unroll
+    for (int j = 0; j < V; ++j) mean[j] += load_param(pre_shift, pre_shift_dtype, c0 + j);
   }
   // Thread t's channels sit at t * V: row slot r, slice channel col * V.
 #pragma unroll
@@ -229,6 +239,7 @@ template <typename T, bool SILU, bool RESIDUAL>
 __global__ void __launch_bounds__(kMaxThreads, 2) gn_apply(
     const T* __restrict__ x, long long x_sn, const T* __restrict__ res, long long r_sn, T* __restrict__ out,
     long long o_sn, const void* __restrict__ weight, int weight_dtype, const void* __restrict__ bias, int bias_dtype,
+    const void* __restrict__ pre_shift, int pre_shift_dtype, long long pre_shift_sn,
     const float2* __restrict__ partials, float eps, const Plan pl) {
   constexpr int V = Vec<T>::n;
   extern __shared__ float4 smem[];
@@ -268,12 +279,19 @@ __global__ void __launch_bounds__(kMaxThreads, 2) gn_apply(
   // ulp, and saves the 8 registers that keep the residual variants from spilling.
   constexpr bool kCenterFirst = sizeof(T) == 4;
   float mu[V], scale[V], shift[V];
+  // x + pre_shift - mean: the pre-shift joins the mean, a per-channel constant (mu holds the centre for now)
+#pragma unroll
+  for (int j = 0; j < V; ++j) mu[j] = sm_mean[(col * V + j) / pl.cpg];
+  if (pre_shift) {
+    const int s0 = (int)(t.n * pre_shift_sn) + c0;
+#pragma unroll
+    for (int j = 0; j < V; ++j) mu[j] -= load_param(pre_shift, pre_shift_dtype, s0 + j);
+  }
 #pragma unroll
   for (int j = 0; j < V; ++j) {
-    const int lg = (col * V + j) / pl.cpg;
-    mu[j] = kCenterFirst ? sm_mean[lg] : 0.f;
-    scale[j] = sm_rstd[lg] * (weight ? load_param(weight, weight_dtype, c0 + j) : 1.f);
-    shift[j] = (bias ? load_param(bias, bias_dtype, c0 + j) : 0.f) - (kCenterFirst ? 0.f : sm_mean[lg] * scale[j]);
+    scale[j] = sm_rstd[(col * V + j) / pl.cpg] * (weight ? load_param(weight, weight_dtype, c0 + j) : 1.f);
+    shift[j] = (bias ? load_param(bias, bias_dtype, c0 + j) : 0.f) - (kCenterFirst ? 0.f : mu[j] * scale[j]);
+    if (!kCenterFirst) mu[j] = 0.f;
   }
   const long long first = ((long long)t.row_begin + r) * pl.C + c0, step = (long long)pl.R * pl.C;
   const T* xb = x + t.n * x_sn + first;
@@ -384,14 +402,15 @@ const char* make_plan(int N, int S, int C, int G, int dtype, int sms, Plan* out)
 template <typename T>
 cudaError_t launch(const SdkGroupNormArgs& a, const Plan& pl, cudaStream_t stream) {
   using ApplyFn = void (*)(const T*, long long, const T*, long long, T*, long long, const void*, int, const void*, int,
-                           const float2*, float, Plan);
+                           const void*, int, long long, const float2*, float, Plan);
   const bool res = a.residual != nullptr;
   const ApplyFn apply = a.silu ? (res ? gn_apply<T, true, true> : gn_apply<T, true, false>)
                                : (res ? gn_apply<T, false, true> : gn_apply<T, false, false>);
   const int blocks = pl.N * pl.P * pl.CS;
   float2* partials = static_cast<float2*>(a.workspace);
   const size_t stats_smem = (size_t)pl.threads * Vec<T>::n * 2 * sizeof(float);  // <= 32 KiB
-  gn_stats<T><<<blocks, pl.threads, stats_smem, stream>>>(static_cast<const T*>(a.x), a.x_batch_stride, partials, pl);
+  gn_stats<T><<<blocks, pl.threads, stats_smem, stream>>>(static_cast<const T*>(a.x), a.x_batch_stride, a.shift,
+                                                          a.shift_dtype, a.shift_batch_stride, partials, pl);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   cudaLaunchConfig_t cfg = {};
@@ -411,8 +430,8 @@ cudaError_t launch(const SdkGroupNormArgs& a, const Plan& pl, cudaStream_t strea
   cfg.numAttrs = pdl && device_major() >= 9 ? 1 : 0;
   return cudaLaunchKernelEx(&cfg, apply, static_cast<const T*>(a.x), a.x_batch_stride,
                             static_cast<const T*>(a.residual), a.residual_batch_stride, static_cast<T*>(a.out),
-                            a.out_batch_stride, a.weight, a.weight_dtype, a.bias, a.bias_dtype,
-                            static_cast<const float2*>(partials), a.eps, pl);
+                            a.out_batch_stride, a.weight, a.weight_dtype, a.bias, a.bias_dtype, a.shift,
+                            a.shift_dtype, a.shift_batch_stride, static_cast<const float2*>(partials), a.eps, pl);
 }
 
 }  // namespace

@@ -1,7 +1,10 @@
 // GroupNorm (+SiLU) (+residual) over dense channels_last tensors, in plain CUDA (no torch headers).
 //
-//   out = [silu](group_norm(x, G, weight, bias, eps)) [+ residual]
+//   out = [silu](group_norm(x + shift, G, weight, bias, eps)) [+ residual]
 //
+// shift (optional) is an (N, C) tensor added per sample and channel before the statistics (a ResNet block's conv
+// bias plus time embedding): it moves each channel's mean and nothing else, so both kernels fold it into per-channel
+// constants and never add it per element.
 // x is seen as (N, S, C): S the flattened spatial size, channel stride 1, spatial stride C, any batch stride.
 // Requirements (sdk_group_norm_nhwc_why_not checks the shape ones; the caller checks the pointers):
 //   * C % G == 0 and C a multiple of the 16-byte vector width (8 fp16/bf16 or 4 fp32 channels);
@@ -20,11 +23,12 @@ struct SdkGroupNormArgs {
   const void* weight;        // (C,) or null (= ones)
   const void* bias;          // (C,) or null (= zeros)
   const void* residual;      // like x, or null
+  const void* shift;         // (N, C), channel stride 1, of any SdkDtype, or null (= zeros)
   void* out;                 // like x
   void* workspace;           // sdk_group_norm_nhwc_workspace_bytes(...) bytes, 8-byte aligned, no init needed
-  long long x_batch_stride, residual_batch_stride, out_batch_stride;  // in elements
+  long long x_batch_stride, residual_batch_stride, out_batch_stride, shift_batch_stride;  // in elements
   int N, S, C, G;
-  int dtype, weight_dtype, bias_dtype;
+  int dtype, weight_dtype, bias_dtype, shift_dtype;
   float eps;
   bool silu;
 };

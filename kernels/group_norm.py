@@ -67,14 +67,22 @@ def _merge(count, mean, m2, cnt_b, mean_b, m2_b):
     return total, mean + delta * frac, m2 + m2_b + delta * delta * count * frac
 
 
+@triton.jit
+def _shifted(x, n, ch, mask, sh_ptr, shN, shC, HAS_SHIFT: tl.constexpr):
+    """x + shift[n, ch] (fp32; 0 where masked), or x without a shift."""
+    if HAS_SHIFT:
+        x += tl.load(sh_ptr + n * shN + ch * shC, mask=mask, other=0.0).to(tl.float32)
+    return x
+
+
 # ---- one pass ---------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _one_pass_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, G, Cg, S, eps,
-                     sxN, sxC, sxS, srN, srC, srS, soN, soC, soS,
+def _one_pass_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, sh_ptr, G, Cg, S, eps,
+                     sxN, sxC, sxS, srN, srC, srS, soN, soC, soS, shN, shC,
                      BLOCK: tl.constexpr, CHANNELS_LAST: tl.constexpr, FLAT: tl.constexpr,
                      HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-                     HAS_RESIDUAL: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, HAS_SHIFT: tl.constexpr):
     ng = tl.program_id(0)
     n = ng // G
     g = ng - n * G
@@ -82,7 +90,8 @@ def _one_pass_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, G, Cg, S, eps,
     i = tl.arange(0, BLOCK)
     mask = i < size
     offs_x, ch = _addresses(n, g, i, Cg, S, sxN, sxC, sxS, CHANNELS_LAST, FLAT)
-    x = tl.load(x_ptr + offs_x, mask=mask, other=0.0).to(tl.float32)
+    x = _shifted(tl.load(x_ptr + offs_x, mask=mask, other=0.0).to(tl.float32), n, ch, mask, sh_ptr, shN, shC,
+                 HAS_SHIFT)
     mean = tl.sum(x, axis=0) / size
     d = tl.where(mask, x - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / size + eps)
@@ -95,8 +104,9 @@ def _one_pass_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, G, Cg, S, eps,
 # ---- partials -> finalize -> apply --------------------------------------------------------------------------------
 
 @triton.jit
-def _flat_partials_kernel(x_ptr, part_ptr, G, Cg, S, sxN, sxC, sxS, tiles, K_total,
-                          TILE_SIZE: tl.constexpr, CHANNELS_LAST: tl.constexpr, FLAT: tl.constexpr):
+def _flat_partials_kernel(x_ptr, part_ptr, sh_ptr, G, Cg, S, sxN, sxC, sxS, shN, shC, tiles, K_total,
+                          TILE_SIZE: tl.constexpr, CHANNELS_LAST: tl.constexpr, FLAT: tl.constexpr,
+                          HAS_SHIFT: tl.constexpr):
     """Program (ng, t): (count, mean, M2) of tile t of group ng, stored at partials[:, ng, t]."""
     pid = tl.program_id(0)
     ng = pid // tiles
@@ -106,8 +116,8 @@ def _flat_partials_kernel(x_ptr, part_ptr, G, Cg, S, sxN, sxC, sxS, tiles, K_tot
     size = Cg * S
     i = t * TILE_SIZE + tl.arange(0, TILE_SIZE)
     mask = i < size
-    offs, _ = _addresses(n, g, i, Cg, S, sxN, sxC, sxS, CHANNELS_LAST, FLAT)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    offs, ch = _addresses(n, g, i, Cg, S, sxN, sxC, sxS, CHANNELS_LAST, FLAT)
+    x = _shifted(tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32), n, ch, mask, sh_ptr, shN, shC, HAS_SHIFT)
     cnt = tl.minimum(size - t * TILE_SIZE, TILE_SIZE).to(tl.float32)
     mean = tl.sum(x, axis=0) / cnt
     d = tl.where(mask, x - mean, 0.0)
@@ -117,8 +127,8 @@ def _flat_partials_kernel(x_ptr, part_ptr, G, Cg, S, sxN, sxC, sxS, tiles, K_tot
 
 
 @triton.jit
-def _rows_partials_kernel(x_ptr, part_ptr, G, Cg, C, S, sxN, sxS, programs, tiles_per_program, K_total,
-                          BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+def _rows_partials_kernel(x_ptr, part_ptr, sh_ptr, G, Cg, C, S, sxN, sxS, shN, shC, programs, tiles_per_program,
+                          K_total, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, HAS_SHIFT: tl.constexpr):
     """Program (p, n): per-channel (count, mean, M2) over row tiles [p*tiles_per_program, ...) of sample n, stored
     as partial p (channel_partials' layout). Few programs loop over many tiles, each element position of the tile
     keeping its own Welford (count, mean, M2) elementwise, merged across the tile's rows once at the end (Chan's
@@ -144,6 +154,8 @@ def _rows_partials_kernel(x_ptr, part_ptr, G, Cg, C, S, sxN, sxS, programs, tile
     col_mean = tl.sum(cnt * mean, axis=0) / tl.maximum(count, 1.0)
     dm = mean - col_mean[None, :]
     col_m2 = tl.sum(m2, axis=0) + tl.sum(cnt * dm * dm, axis=0)
+    # A per-channel shift moves the channel's mean and leaves its M2.
+    col_mean = _shifted(col_mean, n, c, c_ok, sh_ptr, shN, shC, HAS_SHIFT)
     g = c // Cg
     k = (n * G + g) * (programs * Cg) + p * Cg + (c - g * Cg)
     tl.store(part_ptr + k, count, mask=c_ok)
@@ -191,11 +203,11 @@ def _finalize_kernel(part_ptr, stats_ptr, K, K_total, eps, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def _flat_apply_kernel(x_ptr, stats_ptr, w_ptr, b_ptr, res_ptr, out_ptr, G, Cg, S, tiles,
-                       sxN, sxC, sxS, srN, srC, srS, soN, soC, soS,
+def _flat_apply_kernel(x_ptr, stats_ptr, w_ptr, b_ptr, res_ptr, out_ptr, sh_ptr, G, Cg, S, tiles,
+                       sxN, sxC, sxS, srN, srC, srS, soN, soC, soS, shN, shC,
                        TILE_SIZE: tl.constexpr, CHANNELS_LAST: tl.constexpr, FLAT: tl.constexpr,
                        HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-                       HAS_RESIDUAL: tl.constexpr):
+                       HAS_RESIDUAL: tl.constexpr, HAS_SHIFT: tl.constexpr):
     pid = tl.program_id(0)
     ng = pid // tiles
     t = pid - ng * tiles
@@ -206,7 +218,8 @@ def _flat_apply_kernel(x_ptr, stats_ptr, w_ptr, b_ptr, res_ptr, out_ptr, G, Cg, 
     i = t * TILE_SIZE + tl.arange(0, TILE_SIZE)
     mask = i < Cg * S
     offs_x, ch = _addresses(n, g, i, Cg, S, sxN, sxC, sxS, CHANNELS_LAST, FLAT)
-    x = tl.load(x_ptr + offs_x, mask=mask, other=0.0).to(tl.float32)
+    x = _shifted(tl.load(x_ptr + offs_x, mask=mask, other=0.0).to(tl.float32), n, ch, mask, sh_ptr, shN, shC,
+                 HAS_SHIFT)
     offs_o, _ = _addresses(n, g, i, Cg, S, soN, soC, soS, CHANNELS_LAST, FLAT)
     offs_r, _ = _addresses(n, g, i, Cg, S, srN, srC, srS, CHANNELS_LAST, FLAT)
     _finish((x - mean) * rstd, ch, mask, offs_o, offs_r, w_ptr, b_ptr, res_ptr, out_ptr,
@@ -214,10 +227,11 @@ def _flat_apply_kernel(x_ptr, stats_ptr, w_ptr, b_ptr, res_ptr, out_ptr, G, Cg, 
 
 
 @triton.jit
-def _rows_apply_kernel(x_ptr, stats_ptr, w_ptr, b_ptr, res_ptr, out_ptr, G, Cg, C, S,
-                       sxN, sxS, srN, srS, soN, soS,
+def _rows_apply_kernel(x_ptr, stats_ptr, w_ptr, b_ptr, res_ptr, out_ptr, sh_ptr, G, Cg, C, S,
+                       sxN, sxS, srN, srS, soN, soS, shN, shC,
                        BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+                       HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                       HAS_SHIFT: tl.constexpr):
     n = tl.program_id(1)
     t = tl.program_id(0)
     s = (t * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)
@@ -227,6 +241,7 @@ def _rows_apply_kernel(x_ptr, stats_ptr, w_ptr, b_ptr, res_ptr, out_ptr, G, Cg, 
     ng = n * G + c // Cg
     mean = tl.load(stats_ptr + 2 * ng, mask=cmask, other=0.0)
     rstd = tl.load(stats_ptr + 2 * ng + 1, mask=cmask, other=0.0)
+    mean -= _shifted(tl.zeros_like(mean), n, c, cmask, sh_ptr, shN, shC, HAS_SHIFT)  # x + shift - mean
     x = tl.load(x_ptr + n.to(tl.int64) * sxN + s[:, None] * sxS + c[None, :], mask=mask, other=0.0)
     y = (x.to(tl.float32) - mean[None, :]) * rstd[None, :]
     ch = c[None, :] + tl.zeros_like(s)[:, None].to(tl.int32)
@@ -264,8 +279,16 @@ def _rows_geometry(C, S):
     return block_s, block_c, cdiv(S, block_s)
 
 
-def _split_stats(x, G, eps, plan, sx, layout):
-    """The statistics passes of the split plans (partials, then finalize): (N*G, 2) fp32 (mean, rstd)."""
+def _shift_args(x, shift):
+    """(pointer, sN, sC, flags) for an optional (N, C) shift: x stands in for an absent one (never read)."""
+    if shift is None:
+        return x, 0, 0, dict(HAS_SHIFT=False)
+    return shift, shift.stride(0), shift.stride(1), dict(HAS_SHIFT=True)
+
+
+def _split_stats(x, G, eps, plan, sx, layout, shift=None):
+    """The statistics passes of the split plans (partials, then finalize): (N*G, 2) fp32 (mean, rstd) of x + shift."""
+    sh, shN, shC, shift_flag = _shift_args(x, shift)
     N, C = x.shape[0], x.shape[1]
     S = x.numel() // (N * C)
     Cg = C // G
@@ -276,13 +299,14 @@ def _split_stats(x, G, eps, plan, sx, layout):
         programs = cdiv(row_tiles, per_program)
         K = programs * Cg
         partials = torch.empty((3, N * G * K), device=x.device, dtype=torch.float32)
-        _rows_partials_kernel[(programs, N)](x, partials, G, Cg, C, S, sx[0], sx[2], programs, per_program,
-                                             N * G * K, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=_warps(ROW_TILE))
+        _rows_partials_kernel[(programs, N)](x, partials, sh, G, Cg, C, S, sx[0], sx[2], shN, shC, programs,
+                                             per_program, N * G * K, BLOCK_S=block_s, BLOCK_C=block_c,
+                                             num_warps=_warps(ROW_TILE), **shift_flag)
         return finalize_partials(partials, K, eps)
     tiles = cdiv(Cg * S, TILE)
     partials = torch.empty((3, N * G * tiles), device=x.device, dtype=torch.float32)
-    _flat_partials_kernel[(N * G * tiles,)](x, partials, G, Cg, S, *sx, tiles, N * G * tiles, TILE_SIZE=TILE,
-                                            num_warps=_warps(TILE), **layout)
+    _flat_partials_kernel[(N * G * tiles,)](x, partials, sh, G, Cg, S, *sx, shN, shC, tiles, N * G * tiles,
+                                            TILE_SIZE=TILE, num_warps=_warps(TILE), **layout, **shift_flag)
     return finalize_partials(partials, tiles, eps)
 
 
@@ -299,9 +323,10 @@ def group_norm_stats_triton(x, num_groups, eps, strides):
     return _split_stats(x, num_groups, eps, plan, sx, _layout_flags(channels_last, x))
 
 
-def group_norm_triton(x, num_groups, weight, bias, eps, silu, residual, out, strides):
-    """Launch on x seen as (N, C, S). ``strides`` gives (x, residual, out) strides as (sN, sC, sS) triples and
-    whether channels vary fastest (channels_last); the caller checked shapes, dtypes and layouts."""
+def group_norm_triton(x, num_groups, weight, bias, eps, silu, residual, out, strides, shift=None):
+    """Launch on x seen as (N, C, S), plus the (N, C) ``shift`` if given. ``strides`` gives (x, residual, out)
+    strides as (sN, sC, sS) triples and whether channels vary fastest (channels_last); the caller checked shapes,
+    dtypes and layouts."""
     N, C = x.shape[0], x.shape[1]
     S = x.numel() // (N * C)
     G = num_groups
@@ -320,28 +345,31 @@ def group_norm_triton(x, num_groups, weight, bias, eps, silu, residual, out, str
 
     if plan == "one_pass":
         block = next_power_of_2(size)
-        _one_pass_kernel[(N * G,)](x, w, b, r, out, G, Cg, S, eps, *sx, *sr, *so, BLOCK=block,
-                                   num_warps=_warps(block, 32), **layout, **epilogue)
+        sh, shN, shC, shift_flag = _shift_args(x, shift)
+        _one_pass_kernel[(N * G,)](x, w, b, r, out, sh, G, Cg, S, eps, *sx, *sr, *so, shN, shC, BLOCK=block,
+                                   num_warps=_warps(block, 32), **layout, **epilogue, **shift_flag)
         return out
 
-    stats = _split_stats(x, G, eps, plan, sx, layout)
-    return _apply(x, stats, G, w, b, r, out, sx, sr, so, plan, layout, epilogue)
+    stats = _split_stats(x, G, eps, plan, sx, layout, shift)
+    return _apply(x, stats, G, w, b, r, out, sx, sr, so, plan, layout, epilogue, shift)
 
 
-def _apply(x, stats, G, w, b, r, out, sx, sr, so, plan, layout, epilogue):
-    """The apply pass of the split plans: out = epilogue((x - mean) * rstd) with the (N*G, 2) stats given."""
+def _apply(x, stats, G, w, b, r, out, sx, sr, so, plan, layout, epilogue, shift=None):
+    """The apply pass of the split plans: out = epilogue((x + shift - mean) * rstd) with the (N*G, 2) stats
+    given."""
+    sh, shN, shC, shift_flag = _shift_args(x, shift)
     N, C = x.shape[0], x.shape[1]
     S = x.numel() // (N * C)
     Cg = C // G
     if plan == "rows":
         block_s, block_c, row_tiles = _rows_geometry(C, S)
-        _rows_apply_kernel[(row_tiles, N)](x, stats, w, b, r, out, G, Cg, C, S, sx[0], sx[2], sr[0], sr[2], so[0],
-                                           so[2], BLOCK_S=block_s, BLOCK_C=block_c, num_warps=_warps(ROW_TILE),
-                                           **epilogue)
+        _rows_apply_kernel[(row_tiles, N)](x, stats, w, b, r, out, sh, G, Cg, C, S, sx[0], sx[2], sr[0], sr[2],
+                                           so[0], so[2], shN, shC, BLOCK_S=block_s, BLOCK_C=block_c,
+                                           num_warps=_warps(ROW_TILE), **epilogue, **shift_flag)
         return out
     tiles = cdiv(Cg * S, TILE)
-    _flat_apply_kernel[(N * G * tiles,)](x, stats, w, b, r, out, G, Cg, S, tiles, *sx, *sr, *so, TILE_SIZE=TILE,
-                                         num_warps=_warps(TILE), **layout, **epilogue)
+    _flat_apply_kernel[(N * G * tiles,)](x, stats, w, b, r, out, sh, G, Cg, S, tiles, *sx, *sr, *so, shN, shC,
+                                         TILE_SIZE=TILE, num_warps=_warps(TILE), **layout, **epilogue, **shift_flag)
     return out
 
 

@@ -7,7 +7,8 @@ import torch
 import sdkernels
 from sdkernels.ops import (attention_reference, geglu_reference, gelu_reference, group_norm_reference,
                            linear_geglu_reference)
-from sdkernels.ops import conv3x3_reference, group_norm_stats_reference, winograd_conv3x3_reference
+from sdkernels.ops import (add_bias_residual_reference, conv3x3_reference, group_norm_stats_reference,
+                           winograd_conv3x3_reference)
 from sdkernels.ops.attention import GPU_UNSAFE_HEAD_DIMS
 from sdkernels.testing import assert_close, relative_error
 
@@ -21,6 +22,7 @@ def group_norm_cases():
                 w = torch.randn(shape[1], device="cuda", dtype=dtype)
                 r = torch.randn_like(x)
                 yield backend, (x, G, w, w, 1e-5, True, r)
+                yield backend, (x, G, w, w, 1e-5, True, None, torch.randn(shape[:2], device="cuda", dtype=dtype))
 
 
 def geglu_cases():
@@ -102,6 +104,16 @@ def winograd_cases():
             yield (x, w, b, r, 0.5)
 
 
+def bias_add_cases():
+    for layout in (torch.channels_last, torch.contiguous_format):
+        for N, C, H, W in ((1, 24, 7, 9), (2, 40, 13, 5), (2, 320, 33, 31)):
+            for dtype in (torch.float16, torch.bfloat16, torch.float32):
+                y = torch.randn(N, C, H, W, device="cuda", dtype=dtype).to(memory_format=layout)
+                b = torch.randn(C, device="cuda", dtype=dtype)
+                yield (y, b, torch.randn_like(y), 0.5)
+                yield (y, b, None, 1.0)
+
+
 def describe_args(args) -> str:
     return " ".join(f"{tuple(a.shape)}:{str(a.dtype)[6:]}" if isinstance(a, torch.Tensor) else repr(a) for a in args)
 
@@ -122,6 +134,9 @@ def cases():
     for args in winograd_cases():
         yield ("conv3x3", "winograd", lambda a=args: sdkernels.conv3x3(*a),
                lambda a=args: winograd_conv3x3_reference(*a), args, 2e-2)
+    for args in bias_add_cases():
+        yield ("add_bias_residual_", "triton", lambda a=args: sdkernels.ops.add_bias_residual_(a[0].clone(), *a[1:]),
+               lambda a=args: add_bias_residual_reference(a[0].clone(), *a[1:]), args, 2e-2)
     for args in conv3x3_cases():
         yield ("conv3x3_fused", "triton", lambda a=args: torch.ops.sdkernels.conv3x3_fused(*a)[0],
                lambda a=args: conv3x3_reference(*a)[0], args, 2e-2)

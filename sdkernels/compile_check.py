@@ -362,6 +362,18 @@ def group_norm_scenarios():
         args = _group_norm_inputs(shape, dtype, "nhwc", (True, True, True), residual_layout="nchw")
         yield Scenario(f"group_norm {dt} {shape} nhwc, nchw residual",
                        _backend_call("group_norm", "triton", *args))
+        # the ResNet block's norm2: conv1's bias + temb as an (N, C) shift
+        args = _group_norm_inputs(shape, dtype, layout, (True, True, False)) + (torch.empty(shape[:2], dtype=dtype),)
+        yield Scenario(f"group_norm {dt} {shape} {layout} shift", _backend_call("group_norm", "triton", *args))
+
+
+def bias_add_scenarios():
+    import torch
+    for (dt, dtype), layout in itertools.product(_dtypes().items(), ("nchw", "nhwc")):
+        y = _group_norm_x((2, 320, 64, 64), dtype, layout)
+        for residual, scale in ((None, 1.0), (torch.empty_like(y), 0.5)):
+            yield Scenario(f"add_bias_residual_ {dt} {layout} residual={residual is not None}",
+                           _backend_call("add_bias_residual_", "triton", y, y.new_empty(320), residual, scale))
 
 
 def gelu_scenarios():
@@ -442,7 +454,7 @@ def _plain_conv3x3_scenarios(dt, dtype, tf32):
 
 
 SCENARIO_FAMILIES = (attention_scenarios, linear_geglu_scenarios, conv3x3_scenarios, group_norm_scenarios,
-                     gelu_scenarios)
+                     gelu_scenarios, bias_add_scenarios)
 
 
 def collect(archs, mods) -> tuple[dict, list]:

@@ -35,22 +35,27 @@ def make_case(shape, groups, dtype, layout, affine, residual, device=DEVICE, off
     return x, groups, w, b, r
 
 
-def reference64(x, groups, w, b, eps, silu, r):
+def make_shift(x, dtype=None):
+    """An (N, C) per-sample, per-channel shift of x (a conv bias plus time embedding), several x's spread."""
+    return (torch.randn(x.shape[:2], device=x.device) * 3).to(dtype or x.dtype)
+
+
+def reference64(x, groups, w, b, eps, silu, r, shift=None):
     up = lambda t: None if t is None else t.double()  # noqa: E731
-    return group_norm_reference(up(x), groups, up(w), up(b), eps, silu, up(r))
+    return group_norm_reference(up(x), groups, up(w), up(b), eps, silu, up(r), up(shift))
 
 
-def check(backend, x, groups, w, b, eps, silu, r, strict=True):
+def check(backend, x, groups, w, b, eps, silu, r, strict=True, shift=None):
     with sdkernels.use_backend(backend, op="group_norm", strict=strict):
-        out = sdkernels.group_norm(x, groups, w, b, eps, silu, r)
+        out = sdkernels.group_norm(x, groups, w, b, eps, silu, r, shift)
     if strict:
         assert dispatch.last_backend("group_norm") == backend
     assert out.dtype == x.dtype and out.shape == x.shape
     if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
         assert out.stride() == x.stride(), "output must keep the input's layout"
     group_size = x.numel() // (x.shape[0] * groups)
-    assert_close(out, reference64(x, groups, w, b, eps, silu, r), x.dtype, group_size,
-                 what=f"{backend} {tuple(x.shape)} G={groups} {x.dtype} stride={x.stride()}")
+    assert_close(out, reference64(x, groups, w, b, eps, silu, r, shift), x.dtype, group_size,
+                 what=f"{backend} {tuple(x.shape)} G={groups} {x.dtype} stride={x.stride()} shift={shift is not None}")
     return out
 
 
@@ -78,20 +83,22 @@ MAX_HW = 70 if not GPU else 130
        h=st.integers(1, MAX_HW), w=st.integers(1, MAX_HW), dtype=st.sampled_from(DTYPES),
        layout=st.sampled_from(["contiguous", "channels_last", "strided"]), affine=st.booleans(),
        residual=st.booleans(), silu=st.booleans(), eps=st.sampled_from([1e-5, 1e-6, 1e-3, 0.1]),
-       backend=st.sampled_from(BACKENDS))
+       backend=st.sampled_from(BACKENDS), shift=st.booleans())
 def test_group_norm_matches_reference(batch, groups, per_group, h, w, dtype, layout, affine, residual, silu, eps,
-                                      backend):
+                                      backend, shift):
     if not GPU and batch * groups * per_group * h * w > 6000:
         h, w = min(h, 12), min(w, 12)  # the interpreter is slow; large groups are covered by the split-plan test
     shape = (batch, groups * per_group, h, w)
-    note(f"shape={shape} G={groups} {dtype} {layout} affine={affine} residual={residual} silu={silu} eps={eps}")
+    note(f"shape={shape} G={groups} {dtype} {layout} affine={affine} residual={residual} silu={silu} eps={eps} "
+         f"shift={shift}")
     x, g, wt, b, r = make_case(shape, groups, dtype, layout, affine, residual)
+    sh = make_shift(x) if shift else None
     if supported(backend, x, r):
-        check(backend, x, g, wt, b, eps, silu, r)
+        check(backend, x, g, wt, b, eps, silu, r, shift=sh)
     else:  # e.g. strided views, or NCHW for the CUDA kernel: the op still answers right, through the fallback
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", sdkernels.SdkernelsFallbackWarning)
-            check(backend, x, g, wt, b, eps, silu, r, strict=False)
+            check(backend, x, g, wt, b, eps, silu, r, strict=False, shift=sh)
 
 
 @pytest.mark.parametrize("shape", [(2, 6, 33), (1, 4, 3, 5, 7), (3, 8, 1, 1), (1, 2, 1)])
@@ -120,6 +127,8 @@ def test_split_plans(split_plan, layout, dtype):
         pytest.skip("the rows plan reads whole NHWC rows: channels_last only")
     x, g, w, b, r = make_case((2, 12, 13, 11), 3, dtype, layout, True, True)
     check("triton", x, g, w, b, 1e-5, True, r)
+    check("triton", x, g, w, b, 1e-5, True, r, shift=make_shift(x))
+    check("triton", x, g, w, b, 1e-5, False, None, shift=make_shift(x, torch.float32).t().contiguous().t())
 
 
 def test_split_plans_large_mean(split_plan):
@@ -151,6 +160,10 @@ def test_invalid_residual_and_eps():
         sdkernels.group_norm(x, 3, residual=torch.randn(2, 6, 4, 5))
     with pytest.raises(sdkernels.SdkernelsInputError, match="eps"):
         sdkernels.group_norm(x, 3, eps=-1.0)
+    with pytest.raises(sdkernels.SdkernelsInputError, match=r"shift must be an \(N, C\) = \(2, 6\) tensor"):
+        sdkernels.group_norm(x, 3, shift=torch.randn(2, 6, 1, 1))
+    with pytest.raises(sdkernels.SdkernelsInputError, match="shift must be floating point"):
+        sdkernels.group_norm(x, 3, shift=torch.ones(2, 6, dtype=torch.int64))
 
 
 def test_unsupported_dtype_falls_back_once_with_warning():
@@ -208,6 +221,7 @@ def small_args(device=DEVICE, dtype=torch.float32):
 
 def test_opcheck():
     torch.library.opcheck(torch.ops.sdkernels.group_norm.default, small_args())
+    torch.library.opcheck(torch.ops.sdkernels.group_norm.default, small_args() + (make_shift(small_args()[0]),))
     x, g, *_ = small_args()
     torch.library.opcheck(torch.ops.sdkernels.group_norm.default, (x, g, None, None, 1e-6, False, None))
 
@@ -259,14 +273,16 @@ def test_sd_shapes(shape, backend, dtype):
     for lay in {layout, "channels_last"}:
         x, g, w, b, r = make_case(tuple(dims), G, dtype, lay, True, dims[1] == 320)
         check(backend, x, g, w, b, 1e-6, True, r)
+        if dims[0] == 2:  # UNet shapes: norm2 of a ResNet block takes conv1's bias + temb as the shift
+            check(backend, x, g, w, b, 1e-6, True, None, shift=make_shift(x))
 
 
 @pytest.mark.gpu
 @given(batch=st.integers(1, 2), groups=st.sampled_from([8, 16, 32]),
        channels=st.sampled_from([128, 256, 320, 512, 640, 960, 1280, 1920, 2560]),
        h=st.integers(1, 130), w=st.integers(1, 130), dtype=st.sampled_from(DTYPES),
-       residual=st.booleans(), silu=st.booleans(), affine=st.booleans())
-def test_cuda_backend_properties(batch, groups, channels, h, w, dtype, residual, silu, affine):
-    note(f"B={batch} C={channels} H={h} W={w} G={groups} {dtype} residual={residual} silu={silu}")
+       residual=st.booleans(), silu=st.booleans(), affine=st.booleans(), shift=st.booleans())
+def test_cuda_backend_properties(batch, groups, channels, h, w, dtype, residual, silu, affine, shift):
+    note(f"B={batch} C={channels} H={h} W={w} G={groups} {dtype} residual={residual} silu={silu} shift={shift}")
     x, g, wt, b, r = make_case((batch, channels, h, w), groups, dtype, "channels_last", affine, residual)
-    check("cuda", x, g, wt, b, 1e-5, silu, r)
+    check("cuda", x, g, wt, b, 1e-5, silu, r, shift=make_shift(x) if shift else None)

@@ -76,6 +76,7 @@ class OpCalls(list):
     def __init__(self):
         super().__init__()
         self.backends = []
+        self.shifted = []
 
 
 @pytest.fixture
@@ -87,6 +88,7 @@ def op_calls(monkeypatch):
         out = real(*args, **kwargs)
         calls.append(kwargs["silu"])
         calls.backends.append(dispatch.last_backend("group_norm"))
+        calls.shifted.append(kwargs.get("shift") is not None)
         return out
 
     monkeypatch.setattr(gn_patchers, "group_norm", counting)
@@ -176,6 +178,8 @@ def test_resnet_block_branches(config, op_calls, exact_fp32, monkeypatch):
     scale_shift = config.get("time_embedding_norm") == "scale_shift"
     # With a "default" time embedding, conv1 runs without its bias, which joins the time embedding's add.
     assert len(conv1_calls) == (0 if config["temb_channels"] and not scale_shift else 1)
+    # ... and norm2 adds both as it reads conv1's output
+    assert op_calls.shifted == [False, bool(config["temb_channels"]) and not scale_shift]
     # conv2 runs without its bias: bias, shortcut and 1 / output_scale_factor are one pass over its output.
     assert len(epilogues) == 1 and epilogues[0][1] is block.conv2.bias
     assert epilogues[0][3] == 1 / config.get("output_scale_factor", 1.0)

@@ -1,9 +1,11 @@
 """sdkernels::group_norm: F.group_norm, then optionally SiLU, then optionally + residual, in one op.
 
-    out = [silu](group_norm(x, num_groups, weight, bias, eps)) [+ residual]
+    out = [silu](group_norm(x [+ shift], num_groups, weight, bias, eps)) [+ residual]
 
 x is (N, C, *spatial) with 1 to 3 spatial dims; statistics are fp32 whatever the input dtype; the output has x's
-dtype and memory layout (channels_last in, channels_last out).
+dtype and memory layout (channels_last in, channels_last out). ``shift`` is an optional (N, C) tensor added to x per
+sample and channel before normalizing, in fp32 (no rounding of the sum): the bias and time embedding that
+diffusers' ResnetBlock2D adds to conv1's output before norm2, without a pass of its own.
 """
 from __future__ import annotations
 
@@ -46,10 +48,13 @@ def normalize_reference(x, stats, weight=None, bias=None):
     return y
 
 
-def group_norm_reference(x, num_groups, weight=None, bias=None, eps=1e-5, silu=False, residual=None):
+def group_norm_reference(x, num_groups, weight=None, bias=None, eps=1e-5, silu=False, residual=None, shift=None):
     """The specification, in eager PyTorch: fp32 math for fp16/bf16 inputs (fp64 for fp64), x's dtype out.
     Written out rather than F.group_norm, which refuses groups of one element."""
-    y = normalize_reference(x, group_norm_stats_reference(x, num_groups, eps), weight, bias)
+    xs = x
+    if shift is not None:
+        xs = x.to(compute_dtype(x)) + shift.to(compute_dtype(x)).reshape(*shift.shape, *([1] * (x.dim() - 2)))
+    y = normalize_reference(xs, group_norm_stats_reference(xs, num_groups, eps), weight, bias)
     if silu:
         y = F.silu(y)
     if residual is not None:
@@ -57,8 +62,10 @@ def group_norm_reference(x, num_groups, weight=None, bias=None, eps=1e-5, silu=F
     return y.to(x.dtype)
 
 
-def check_inputs(x, num_groups, weight, bias, eps, silu, residual, op=OP) -> None:
+def check_inputs(x, num_groups, weight, bias, eps, silu, residual, shift=None, op=OP) -> None:
     inputs = dict(x=x, weight=weight, bias=bias, residual=residual)
+    if shift is not None:
+        inputs["shift"] = shift
     if not isinstance(x, torch.Tensor):
         fail(op, "x must be a tensor", **inputs)
     if x.dim() < 3 or x.dim() > 5:
@@ -86,6 +93,13 @@ def check_inputs(x, num_groups, weight, bias, eps, silu, residual, op=OP) -> Non
             fail(op, f"residual is on {residual.device} but x is on {x.device}", **inputs)
         if not residual.is_floating_point():
             fail(op, "residual must be floating point", **inputs)
+    if shift is not None:
+        if not isinstance(shift, torch.Tensor) or tuple(shift.shape) != (x.shape[0], C):
+            fail(op, f"shift must be an (N, C) = ({x.shape[0]}, {C}) tensor", **inputs)
+        if shift.device != x.device:
+            fail(op, f"shift is on {shift.device} but x is on {x.device}", **inputs)
+        if not shift.is_floating_point():
+            fail(op, "shift must be floating point", **inputs)
 
 
 def _layout(x, residual):
@@ -104,7 +118,7 @@ def _layout_of(shape, x_stride, residual_stride):
     return sx, sr, channels_last_like(shape, sx)
 
 
-def _kernel_why_not(x, num_groups, weight, bias, eps, silu, residual):
+def _kernel_why_not(x, num_groups, weight, bias, eps, silu, residual, shift=None):
     if x.dtype not in KERNEL_DTYPES:
         return f"dtype {x.dtype} is not one of fp16, bf16, fp32"
     if x.numel() == 0:
@@ -117,21 +131,21 @@ def _kernel_why_not(x, num_groups, weight, bias, eps, silu, residual):
 
 # ---- triton backend -------------------------------------------------------------------------------------------
 
-def _triton_why_not(x, num_groups, weight, bias, eps, silu, residual):
+def _triton_why_not(x, num_groups, weight, bias, eps, silu, residual, shift=None):
     return triton_device_why_not(x) or _kernel_why_not(x, num_groups, weight, bias, eps, silu, residual)
 
 
-def _triton_run(x, num_groups, weight, bias, eps, silu, residual):
+def _triton_run(x, num_groups, weight, bias, eps, silu, residual, shift=None):
     out = new_output(x)
     sx, sr, channels_last = _layout(x, residual)
     strides = ((sx, sr, nsc_strides(out)), channels_last)
     return kernels("group_norm").group_norm_triton(x, num_groups, weight, bias, float(eps), silu, residual, out,
-                                                   strides)
+                                                   strides, shift)
 
 
 # ---- CUDA C++ backend (channels_last, 16-byte vectors) -------------------------------------------------------
 
-def _cuda_why_not(x, num_groups, weight, bias, eps, silu, residual):
+def _cuda_why_not(x, num_groups, weight, bias, eps, silu, residual, shift=None):
     if x.device.type != "cuda":
         return f"tensor on {x.device.type}, not CUDA"
     reason = _kernel_why_not(x, num_groups, weight, bias, eps, silu, residual)
@@ -148,12 +162,14 @@ def _cuda_why_not(x, num_groups, weight, bias, eps, silu, residual):
     for t in (weight, bias):
         if t is not None and not t.is_contiguous():
             return "weight/bias not contiguous"
+    if shift is not None and C > 1 and shift.stride(1) != 1:
+        return "shift's channels are not contiguous"
     return None
 
 
-def _cuda_run(x, num_groups, weight, bias, eps, silu, residual):
+def _cuda_run(x, num_groups, weight, bias, eps, silu, residual, shift=None):
     out = new_output(x)
-    _ext.load().group_norm_nhwc(x, weight, bias, residual, out, num_groups, float(eps), bool(silu))
+    _ext.load().group_norm_nhwc(x, weight, bias, residual, out, num_groups, float(eps), bool(silu), shift)
     return out
 
 
@@ -188,23 +204,25 @@ group_norm_dispatch.reference = _reference_into_layout
 
 @torch.library.custom_op("sdkernels::group_norm", mutates_args=())
 def _group_norm_op(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                   eps: float, silu: bool, residual: Optional[torch.Tensor]) -> torch.Tensor:
-    check_inputs(x, num_groups, weight, bias, eps, silu, residual)
-    return group_norm_dispatch(x, num_groups, weight, bias, eps, silu, residual)
+                   eps: float, silu: bool, residual: Optional[torch.Tensor],
+                   shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+    check_inputs(x, num_groups, weight, bias, eps, silu, residual, shift)
+    return group_norm_dispatch(x, num_groups, weight, bias, eps, silu, residual, shift)
 
 
 @_group_norm_op.register_fake
-def _(x, num_groups, weight, bias, eps, silu, residual):
-    check_inputs(x, num_groups, weight, bias, eps, silu, residual)
+def _(x, num_groups, weight, bias, eps, silu, residual, shift=None):
+    check_inputs(x, num_groups, weight, bias, eps, silu, residual, shift)
     return new_output(x)
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
                bias: Optional[torch.Tensor] = None, eps: float = 1e-5, silu: bool = False,
-               residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """GroupNorm, then SiLU if ``silu``, then ``+ residual`` if given; see the module docstring."""
-    check_inputs(x, num_groups, weight, bias, eps, silu, residual)
-    return call_op(group_norm_dispatch, x, num_groups, weight, bias, float(eps), bool(silu), residual)
+               residual: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """GroupNorm of x (+ the (N, C) ``shift``), then SiLU if ``silu``, then ``+ residual`` if given; see the module
+    docstring."""
+    check_inputs(x, num_groups, weight, bias, eps, silu, residual, shift)
+    return call_op(group_norm_dispatch, x, num_groups, weight, bias, float(eps), bool(silu), residual, shift)
 
 
 # ---- sdkernels::group_norm_stats: the statistics alone, for a consumer that normalizes as it loads --------------
@@ -263,7 +281,7 @@ def check_apply_inputs(x, stats, weight, bias, silu) -> None:
         fail(APPLY_OP, "stats must be an (N, G, 2) tensor of (mean, rstd)", x=x, stats=stats)
     groups = stats.shape[1]
     # A symbolic group count (torch.compile's dynamic shapes) is checked when real tensors arrive.
-    check_inputs(x, groups if isinstance(groups, int) else 1, weight, bias, 0.0, silu, None, op=APPLY_OP)
+    check_inputs(x, groups if isinstance(groups, int) else 1, weight, bias, 0.0, silu, None, None, op=APPLY_OP)
     if stats.shape[0] != x.shape[0] or stats.shape[2] != 2:
         fail(APPLY_OP, "stats must be (N, G, 2) (mean, rstd) per sample and group", x=x, stats=stats)
     if stats.dtype != compute_dtype(x):

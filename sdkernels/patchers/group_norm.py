@@ -31,8 +31,8 @@ def _op_takes(x) -> bool:
     return isinstance(x, torch.Tensor) and 3 <= x.dim() <= 5 and x.is_floating_point()
 
 
-def _fused_norm(norm: nn.GroupNorm, x: torch.Tensor, silu: bool) -> torch.Tensor:
-    return group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu=silu)
+def _fused_norm(norm: nn.GroupNorm, x: torch.Tensor, silu: bool, shift=None) -> torch.Tensor:
+    return group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu=silu, shift=shift)
 
 
 def _named(model: nn.Module, cls: type):
@@ -64,8 +64,10 @@ _MIRRORED_FORWARD_NAMES = tuple(frozenset(names) for names in (
 
 def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
     """diffusers' ResnetBlock2D.forward (0.42.1), step for step, with norm1 + SiLU (and norm2 + SiLU unless the
-    time embedding is scale_shift) as one fused op each. Whatever the fused path does not cover, including the
-    deprecated ``scale`` argument and scale_shift without temb (an error), goes to the original forward."""
+    time embedding is scale_shift) as one fused op each, conv1's bias and the time embedding added as norm2 reads
+    its input, and conv2's bias, the shortcut and 1 / output_scale_factor added in one pass over conv2's output.
+    Whatever the fused path does not cover, including the deprecated ``scale`` argument and scale_shift without
+    temb (an error), goes to the original forward."""
     norm1, norm2 = self.norm1, self.norm2
     if (args or kwargs or not _op_takes(input_tensor)
             or (self.time_embedding_norm == "scale_shift" and temb is None)
@@ -92,11 +94,14 @@ def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
             temb = self.nonlinearity(temb)
         temb = self.time_emb_proj(temb)[:, :, None, None]
 
+    shift = None
     if _folds_bias_into_temb(self, hidden_states, temb):
-        # conv1's bias joins the time embedding: one broadcast add over the activation instead of two (PyTorch adds
-        # a conv's bias in a pass of its own, a strided one on channels_last outputs)
+        # conv1's bias joins the time embedding, and both join norm2's input as it is read (a per-(sample, channel)
+        # shift): no pass over the activation for either (PyTorch adds a conv's bias in a strided pass of its own)
         hidden_states = self.conv1._conv_forward(hidden_states, self.conv1.weight, None)
         temb = temb + self.conv1.bias[:, None, None]
+        if temb.shape[0] == hidden_states.shape[0]:
+            shift = temb.flatten(1)
     else:
         hidden_states = self.conv1(hidden_states)
 
@@ -106,9 +111,9 @@ def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
         hidden_states = hidden_states * (1 + time_scale) + time_shift
         hidden_states = self.nonlinearity(hidden_states)
     else:  # "default", or a VAE block's "group" (no time embedding there): norm2 right before the SiLU
-        if self.time_embedding_norm == "default" and temb is not None:
+        if self.time_embedding_norm == "default" and temb is not None and shift is None:
             hidden_states = _add_into_fresh(hidden_states, temb)
-        hidden_states = _fused_norm(norm2, hidden_states, silu=True)
+        hidden_states = _fused_norm(norm2, hidden_states, silu=True, shift=shift)
 
     hidden_states = self.dropout(hidden_states)
     bias_joins_shortcut = _conv_bias_foldable(self.conv2, hidden_states)
