@@ -1,6 +1,6 @@
 """Where one UNet step (or VAE decode) spends its device time, by kind of kernel, eager next to patched:
 
-    python -m sdkernels.profile --model sd15 [--batch 2] [--resolution 512] [--steps 5] [--top 15]
+    python -m sdkernels.profile --model sd15 [--batch 2] [--resolution 512] [--steps 5] [--top 15] [--objective call]
 
 It runs the model (random weights at unit gain, fp16 and channels_last on a GPU; fp32 in Triton's interpreter on the
 CPU, where only the shape of the table means something) under torch.profiler for a few steps after a warm-up, sums
@@ -22,7 +22,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first import of triton (sdkernels imports it)
 
 from . import models  # noqa: E402
-from . import step_choice  # noqa: E402
+from . import step_choice, tuning  # noqa: E402
 from .patch import patch, unpatch  # noqa: E402
 
 # (class, pattern over the kernel's name, lower-cased), first match wins: our Triton kernels by their names, cuDNN,
@@ -108,6 +108,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=5, help="profiled steps (after one warm-up)")
     p.add_argument("--top", type=int, default=15, help="how many of the patched step's kernels to list")
     p.add_argument("--ops", help="comma-separated sdkernels patchers (default: sdkernels.default_ops())")
+    p.add_argument("--objective", choices=tuning.OBJECTIVES, default="device",
+                   help="what the measured backend choices minimize: the GPU time a CUDA-graph replay pays (device, "
+                        "the default) or one call's time with its host overhead (call, a step without graphs)")
     args = p.parse_args(argv)
     gpu = torch.cuda.is_available()
     spec = models.spec(args.model)
@@ -128,7 +131,8 @@ def main(argv=None) -> int:
     # (it did in one of three profiles of the SD1.5 step on an H200).
     step_choice.uninstall(model)
     try:
-        patched = profile_step(step, args.steps)
+        with tuning.optimizing_for(args.objective):
+            patched = profile_step(step, args.steps)
     finally:
         unpatch(model)
     device = torch.cuda.get_device_name() if gpu else "CPU (Triton interpreter: not speed)"

@@ -63,11 +63,22 @@ def test_other_inputs_run_layer_norm_bit_for_bit(why, monkeypatch):
     if why == "weights_of_another_dtype":  # eager LayerNorm takes half inputs with fp32 weights (mixed type)
         x = x.to(torch.bfloat16)
     grad = why == "autograd"
+
+    def outcome():  # the output, or the error eager raises (some torch builds refuse mixed dtypes on some devices)
+        try:
+            return norm(x)
+        except RuntimeError as e:
+            return type(e)
+
     with torch.set_grad_enabled(grad):
-        expected = norm(x)
+        expected = outcome()
         patch(norm, ops=["layer_norm"])
-        out = norm(x)
-    assert calls == [] and torch.equal(out, expected) and out.requires_grad == grad
+        out = outcome()
+    assert calls == []
+    if isinstance(expected, type):
+        assert out is expected
+    else:
+        assert torch.equal(out, expected) and out.requires_grad == grad
 
 
 def test_multi_dim_norms_are_left_and_unpatch_restores():
