@@ -52,9 +52,13 @@ class Backend:
 class Op:
     """An op's backends (``register``, fastest first), its reference and its chooser (see the module docstring)."""
 
-    def __init__(self, name: str, reference: Callable, scope: Optional[Callable[[], object]] = None):
+    def __init__(self, name: str, reference: Callable, scope: Optional[Callable[[], object]] = None,
+                 in_place: bool = False):
         self.name = name
         self.reference = reference
+        # Writes into its inputs: running it again on the same arguments gives another result, so it must never be
+        # timed on a model's live tensors (sdkernels.tuning leaves it to its rule).
+        self.in_place = in_place
         # What the backends' rules read besides the inputs (a hashable, part of the call key), or None
         self.scope = scope
         self.backends: list = []
@@ -166,8 +170,8 @@ _warned: set = set()
 _local = threading.local()
 
 
-def define(name: str, reference: Callable, scope: Optional[Callable[[], object]] = None) -> Op:
-    op = Op(name, reference, scope)
+def define(name: str, reference: Callable, scope: Optional[Callable[[], object]] = None, in_place: bool = False) -> Op:
+    op = Op(name, reference, scope, in_place)
     _ops[name] = op
     return op
 

@@ -263,12 +263,12 @@ def _can_measure(*args) -> bool:
 
 
 def enable(op_names=None) -> dict:
-    """Install a measured chooser on the given ops (default: every op), each keeping the op's own rule for what it
-    has not measured; returns {op name: chooser}. Idempotent. From then on other MeasuredChoices may measure too."""
+    """Install a measured chooser on the given ops (default: every op but those that write into their inputs), each
+    keeping the op's own rule for what it has not measured; returns {op name: chooser}. Idempotent. From then on other MeasuredChoices may measure too."""
     _enabled[0] = True
     installed = {}
     for name, op in dispatch.ops().items():
-        if op_names is not None and name not in op_names:
+        if (op_names is not None and name not in op_names) or op.in_place:  # timing would rewrite live tensors
             continue
         if not isinstance(op.chooser, MeasuredChooser):
             dispatch.set_chooser(name, MeasuredChooser(name, rule=op.chooser))
