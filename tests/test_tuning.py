@@ -210,7 +210,7 @@ def test_a_tuned_first_call_computes_what_eager_does(tmp_path, monkeypatch):
     import copy
     from diffusers.models.resnet import ResnetBlock2D
     import sdkernels
-    from sdkernels.testing import assert_close, randomize_weights
+    from sdkernels.testing import randomize_weights, relative_error
     monkeypatch.setenv("SDKERNELS_TUNING", "1")
     monkeypatch.setenv("SDKERNELS_CACHE", str(tmp_path))
     block = randomize_weights(ResnetBlock2D(in_channels=64, out_channels=128, temb_channels=None, groups=8,
@@ -218,7 +218,9 @@ def test_a_tuned_first_call_computes_what_eager_does(tmp_path, monkeypatch):
     block = block.to(DEVICE, torch.float16).to(memory_format=torch.channels_last)
     x = torch.randn(1, 64, 48, 40, device=DEVICE, dtype=torch.float16).to(memory_format=torch.channels_last)
     with torch.no_grad():
-        expected = copy.deepcopy(block)(x, None)
+        exact = copy.deepcopy(block).float()(x.float(), None)
+        eager = copy.deepcopy(block)(x, None)
         sdkernels.patch(block)
         out = block(x, None)
-    assert_close(out, expected, torch.float16, reduction_size=64 * 9, what="first tuned call")
+    # within eager's own fp16 distance from the fp32 block (a bias added nine times would be far outside)
+    assert relative_error(out, exact) <= 2 * relative_error(eager, exact) + 1e-4
