@@ -8,7 +8,7 @@ is the row modulo C.
 import triton
 import triton.language as tl
 
-from .geglu import tile_shape
+from .geglu import row_col_tile, tile_shape
 from .utils import cdiv
 
 
@@ -16,13 +16,7 @@ from .utils import cdiv
 def _bias_residual_kernel(y_ptr, bias_ptr, res_ptr, rows, cols, C, scale, CHANNEL_IS_COLUMN: tl.constexpr,
                           HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SCALED: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid = tl.program_id(0)
-    col_tiles = tl.cdiv(cols, BLOCK_C)
-    tile_r = pid // col_tiles
-    tile_c = pid - tile_r * col_tiles
-    r = tile_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    c = tile_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (r < rows)[:, None] & (c < cols)[None, :]
+    r, c, mask = row_col_tile(rows, cols, BLOCK_R, BLOCK_C)
     offs = r.to(tl.int64)[:, None] * cols + c[None, :]
     y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:

@@ -44,17 +44,24 @@ def _row_offsets(r, R1, R2, s0, s1, s2):
 
 
 @triton.jit
-def _gelu_rows_kernel(in_ptr, out_ptr, rows, cols, R1, R2, si0, si1, si2, so0, so1, so2,
-                      GATED: tl.constexpr, APPROXIMATE_TANH: tl.constexpr,
-                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """out[r, c] = gelu(in[r, c]), or with GATED out[r, c] = in[r, c] * gelu(in[r, cols + c])."""
+def row_col_tile(rows, cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's BLOCK_R x BLOCK_C tile of a (rows, cols) matrix, tiles numbered on one grid axis, columns
+    fastest: its row indices, column indices and in-bounds mask."""
     pid = tl.program_id(0)
     col_tiles = tl.cdiv(cols, BLOCK_C)
     tile_r = pid // col_tiles
     tile_c = pid - tile_r * col_tiles
     r = tile_r * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tile_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (r < rows)[:, None] & (c < cols)[None, :]
+    return r, c, (r < rows)[:, None] & (c < cols)[None, :]
+
+
+@triton.jit
+def _gelu_rows_kernel(in_ptr, out_ptr, rows, cols, R1, R2, si0, si1, si2, so0, so1, so2,
+                      GATED: tl.constexpr, APPROXIMATE_TANH: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[r, c] = gelu(in[r, c]), or with GATED out[r, c] = in[r, c] * gelu(in[r, cols + c])."""
+    r, c, mask = row_col_tile(rows, cols, BLOCK_R, BLOCK_C)
     in_offs = _row_offsets(r, R1, R2, si0, si1, si2)[:, None] + c[None, :]
     out_offs = _row_offsets(r, R1, R2, so0, so1, so2)[:, None] + c[None, :]
     # Each input byte is read once: evict-first keeps the stream from pushing the output's lines out of L2.
