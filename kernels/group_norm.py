@@ -3,7 +3,8 @@
 x is seen as (N, C, S), S the flattened spatial size, with strides (sN, sC, sS). Three plans:
 
   * one_pass: one program per (n, g) loads the whole group into registers at once (all loads in flight together),
-    reduces, normalizes and stores: one launch, one read. For groups up to ONE_PASS_MAX elements.
+    reduces, normalizes and stores: one launch, one read. For groups up to ONE_PASS_MAX elements; where x is
+    contiguous and groups are small (a LayerNorm's rows), one program takes several groups at once.
   * flat (large groups, any flat layout): a group is the index range i in [0, Cg*S); tile partials
     (count, mean, M2) -> a finalize kernel merging them per group into (mean, rstd) -> an apply kernel.
   * rows (large groups, channels_last): programs take whole contiguous NHWC rows (every channel), so loads are
@@ -20,6 +21,7 @@ from .._env import getenv
 from .utils import cdiv, multiprocessor_count, next_power_of_2
 
 ONE_PASS_MAX = 65536     # largest group held in one program's registers
+GROUPS_TILE = 4096       # elements per program when a program takes several small contiguous groups
 TILE = 4096              # elements per program in the flat plan
 ROW_TILE = 8192          # elements per program in the rows plan (rows x all channels)
 MERGE_CHUNK = 1024       # partials merged per step in the finalize kernel
@@ -98,6 +100,29 @@ def _one_pass_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, sh_ptr, G, Cg, S, ep
     offs_o, _ = _addresses(n, g, i, Cg, S, soN, soC, soS, CHANNELS_LAST, FLAT)
     offs_r, _ = _addresses(n, g, i, Cg, S, srN, srC, srS, CHANNELS_LAST, FLAT)
     _finish(d * rstd, ch, mask, offs_o, offs_r, w_ptr, b_ptr, res_ptr, out_ptr,
+            HAS_WEIGHT, HAS_BIAS, SILU, HAS_RESIDUAL)
+
+
+@triton.jit
+def _one_pass_groups_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, sh_ptr, groups, G, Cg, S, eps, shN, shC,
+                            GP: tl.constexpr, BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            SILU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_SHIFT: tl.constexpr):
+    """one_pass for GP small groups per program, x (and residual, out) contiguous: group ng = n * G + g is the run
+    [ng * size, (ng + 1) * size). A LayerNorm seen as (rows, C, 1) has thousands of groups of a few hundred
+    elements: one program each spent more time being scheduled than loading."""
+    ng = tl.program_id(0) * GP + tl.arange(0, GP)
+    size = Cg * S
+    i = tl.arange(0, BLOCK)
+    mask = (ng < groups)[:, None] & (i < size)[None, :]
+    offs = ng.to(tl.int64)[:, None] * size + i[None, :]
+    n = ng // G
+    ch = (ng - n * G)[:, None] * Cg + (i // S)[None, :]
+    x = _shifted(tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32), n[:, None], ch, mask, sh_ptr, shN, shC,
+                 HAS_SHIFT)
+    mean = tl.sum(x, axis=1) / size
+    d = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / size + eps)
+    _finish(d * rstd[:, None], ch, mask, offs, offs, w_ptr, b_ptr, res_ptr, out_ptr,
             HAS_WEIGHT, HAS_BIAS, SILU, HAS_RESIDUAL)
 
 
@@ -343,6 +368,14 @@ def group_norm_triton(x, num_groups, weight, bias, eps, silu, residual, out, str
     dense_rows = channels_last and sx[1] == 1 and so[1] == 1 and sr[1] == 1
     plan = choose_plan(size, C, channels_last, dense_rows)
 
+    if plan == "one_pass" and layout["FLAT"] and 2 * size <= GROUPS_TILE:
+        block = next_power_of_2(size)
+        gp = min(GROUPS_TILE // block, next_power_of_2(N * G))
+        sh, shN, shC, shift_flag = _shift_args(x, shift)
+        _one_pass_groups_kernel[(cdiv(N * G, gp),)](x, w, b, r, out, sh, N * G, G, Cg, S, eps, shN, shC, GP=gp,
+                                                    BLOCK=block, num_warps=_warps(gp * block), **epilogue,
+                                                    **shift_flag)
+        return out
     if plan == "one_pass":
         block = next_power_of_2(size)
         sh, shN, shC, shift_flag = _shift_args(x, shift)

@@ -367,6 +367,20 @@ def group_norm_scenarios():
         yield Scenario(f"group_norm {dt} {shape} {layout} shift", _backend_call("group_norm", "triton", *args))
 
 
+def layer_norm_scenarios():
+    """LayerNorm as one-group group_norm on (rows, C, 1), and small contiguous groups: several groups a program."""
+    import torch
+    for (dt, dtype), (rows, C) in itertools.product(_dtypes().items(), ((8192, 320), (512, 1280), (154, 768))):
+        x = torch.empty(rows, C, 1, dtype=dtype)
+        w = x.new_empty(C)
+        yield Scenario(f"layer_norm as group_norm {dt} ({rows}, {C}, 1)",
+                       _backend_call("group_norm", "triton", x, 1, w, w, 1e-5, False, None))
+        x = torch.empty(2, 64, 4, 4, dtype=dtype)
+        yield Scenario(f"group_norm {dt} (2, 64, 4, 4) small groups, shift",
+                       _backend_call("group_norm", "triton", x, 32, x.new_empty(64), x.new_empty(64), 1e-5, True,
+                                     torch.empty_like(x), x.new_empty(2, 64)))
+
+
 def bias_add_scenarios():
     import torch
     for (dt, dtype), layout in itertools.product(_dtypes().items(), ("nchw", "nhwc")):
@@ -454,7 +468,7 @@ def _plain_conv3x3_scenarios(dt, dtype, tf32):
 
 
 SCENARIO_FAMILIES = (attention_scenarios, linear_geglu_scenarios, conv3x3_scenarios, group_norm_scenarios,
-                     gelu_scenarios, bias_add_scenarios)
+                     gelu_scenarios, bias_add_scenarios, layer_norm_scenarios)
 
 
 def collect(archs, mods) -> tuple[dict, list]:
