@@ -105,12 +105,18 @@ def test_unpatch_restores_and_patching_twice_changes_nothing():
         assert "forward" not in module.__dict__ and torch.equal(module(x), expected)
 
 
-def test_torch_compile_fullgraph():
-    module = conv(16, 24)
+def patched_case(c, k, n, h, w):
+    """A patched 1x1 conv, a channels_last fp16 input and the patched module's output for it."""
+    module = conv(c, k)
     patch(module, ops=["pointwise_conv"])
-    x = channels_last(2, 16, 4, 6, torch.float16)
+    x = channels_last(n, c, h, w, torch.float16)
     with torch.no_grad():
-        expected = module(x)
+        return module, x, module(x)
+
+
+def test_torch_compile_fullgraph():
+    module, x, expected = patched_case(16, 24, 2, 4, 6)
+    with torch.no_grad():
         compiled = torch.compile(module, fullgraph=True, backend="aot_eager" if not GPU else "inductor")
         assert_close(compiled(x), expected, torch.float16, reduction_size=16, what="compiled")
 
@@ -118,10 +124,7 @@ def test_torch_compile_fullgraph():
 @pytest.mark.gpu
 def test_cuda_graph_replay_equals_eager():
     from sdkernels.benchmarking import as_cuda_graph
-    module = conv(320, 320)
-    patch(module, ops=["pointwise_conv"])
-    x = channels_last(2, 320, 64, 64, torch.float16)
+    module, x, expected = patched_case(320, 320, 2, 64, 64)
     with torch.no_grad():
-        expected = module(x)
         replay = as_cuda_graph(lambda: module(x))
         assert torch.equal(replay(), expected)
