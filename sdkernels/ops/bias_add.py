@@ -15,8 +15,7 @@ from typing import Optional
 import torch
 
 from .. import dispatch
-from ._common import (KERNEL_DTYPES, call_op, channels_last_like, fail, kernels, layout_cached, nsc_strides_of,
-                      triton_available, triton_device_why_not)
+from ._common import KERNEL_DTYPES, call_op, fail, kernels, triton_available, triton_device_why_not
 from .group_norm import compute_dtype
 
 OP = "add_bias_residual_"
@@ -55,25 +54,22 @@ def check_inputs(y, bias, residual, scale) -> None:
     need(isinstance(scale, (int, float)) and math.isfinite(scale), f"scale={scale!r} must be a finite number")
 
 
-@layout_cached
-def dense_layout(shape, stride):
-    """True (NHWC) or False (NCHW) where a tensor of this shape and stride is dense in that layout, else None."""
-    nsc = nsc_strides_of(shape, stride)
-    if nsc is None:
-        return None
-    sN, sC, sS = nsc
-    C, spatial = shape[1], math.prod(shape[2:])
-    if channels_last_like(shape, nsc) and sS == C and (sN == C * spatial or shape[0] == 1):
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def dense_channels_last(y) -> Optional[bool]:
+    """True where y is dense channels_last (NHWC), False where dense contiguous (NCHW), None otherwise: torch's own
+    contiguity flags (where both hold, the two layouts are the same memory)."""
+    fmt = _CHANNELS_LAST.get(y.dim())
+    if fmt is not None and y.is_contiguous(memory_format=fmt):
         return True
-    if sS == 1 and (sC == spatial or C == 1) and (sN == C * spatial or shape[0] == 1):
-        return False
-    return None
+    return False if y.is_contiguous() else None
 
 
 def _triton_why_not(y, bias, residual, scale):
     if y.dtype not in KERNEL_DTYPES:
         return f"dtype {y.dtype} is not one of fp16, bf16, fp32"
-    if dense_layout(tuple(y.shape), y.stride()) is None:
+    if dense_channels_last(y) is None:
         return "y is not dense NCHW or NHWC"
     if residual is not None and residual.stride() != y.stride():
         return "residual's strides differ from y's"
@@ -83,8 +79,7 @@ def _triton_why_not(y, bias, residual, scale):
 
 
 def _triton_run(y, bias, residual, scale):
-    return kernels("bias_add").bias_residual_triton(y, bias, residual, float(scale),
-                                                    dense_layout(tuple(y.shape), y.stride()))
+    return kernels("bias_add").bias_residual_triton(y, bias, residual, float(scale), dense_channels_last(y))
 
 
 # in_place: never timed by sdkernels.tuning (each timed call would add the bias again); its one kernel beats the
