@@ -20,6 +20,7 @@ def main():
     p.add_argument("--kernel", default="elementwise_kernel<128, 4")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--top", type=int, default=20)
+    p.add_argument("--regex", action="store_true", help="--kernel is a regular expression, not a substring")
     args = p.parse_args()
     spec = models.spec(args.model)
     with torch.device("cuda"):
@@ -40,7 +41,7 @@ def main():
         for _ in range(args.steps):
             step()
         torch.cuda.synchronize()
-    pattern = re.compile(re.escape(args.kernel))
+    pattern = re.compile(args.kernel if args.regex else re.escape(args.kernel))
     totals, counts = defaultdict(float), defaultdict(int)
     for event in prof.events():
         for kernel in getattr(event, "kernels", ()) or ():

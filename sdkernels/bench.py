@@ -129,6 +129,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="results JSON (default sdkernels-bench-<model>.json here)")
     p.add_argument("--plot", help="bar chart PNG (default: the --out path with .png; needs matplotlib)")
     p.add_argument("--quick", action="store_true", help="shorter timing")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="torch.backends.cudnn.benchmark = True for every variant (cuDNN times its convolution "
+                        "algorithms per shape instead of taking its heuristic's pick)")
     p.add_argument("--pipeline", action="store_true",
                    help="time a whole denoising loop (UNet and scheduler, classifier-free guidance), not one step")
     p.add_argument("--steps", type=positive_int, help=f"--pipeline: denoising steps (default {PIPELINE_STEPS})")
@@ -150,6 +153,8 @@ def main(argv=None) -> int:
     except ValueError as e:
         p.error(str(e))
     out = args.out or f"sdkernels-bench-{args.model}.json"
+    if args.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
     return run_and_report([case], args, out, args.plot)
 
 
@@ -198,6 +203,7 @@ def run(cases: list, args) -> tuple:
         timing=(f"median of do_bench (CUDA events), {'quick' if args.quick else 'full'} timing" if on_gpu()
                 else "wall-clock median on the CPU, Triton interpreter: not speed"),
         weights=args.model_path or f"random, init={args.init}",
+        cudnn_benchmark=torch.backends.cudnn.benchmark,
         layout="channels_last" if args.channels_last else "contiguous (NCHW)",
         errors="max |out - eager| / max |eager| and ||out - eager|| / ||eager||, outputs in the run's dtype",
         patched={})

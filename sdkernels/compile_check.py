@@ -238,6 +238,7 @@ class Scenario:
     label: str
     run: Callable[[], None]
     arch_aware: bool = False  # the launcher asks the GPU for its shared memory and picks configs that fit
+    min_cc: int = 0  # the backend refuses older GPUs (e.g. 90: the copy engine's tensor descriptors)
 
 
 def _backend_call(op: str, backend: str, *args) -> Callable[[], None]:
@@ -467,8 +468,23 @@ def _plain_conv3x3_scenarios(dt, dtype, tf32):
                        _with_settings(call, cudnn_tf32=tf32))
 
 
-SCENARIO_FAMILIES = (attention_scenarios, linear_geglu_scenarios, conv3x3_scenarios, group_norm_scenarios,
-                     gelu_scenarios, bias_add_scenarios, layer_norm_scenarios)
+def conv3x3_tma_scenarios():
+    """sdkernels::conv3x3's triton_tma backend: one sample per tile and two with split-K (8 x 8 images), with and
+    without bias and residual, fp16 and bf16."""
+    import torch
+    for (dt, dtype), (shape, epilogue) in itertools.product(
+            (("fp16", torch.float16), ("bf16", torch.bfloat16)),
+            (((2, 64, 16, 16), True), ((2, 64, 16, 16), False), ((2, 1280, 8, 8), True))):
+        n, c, h, w = shape
+        x = torch.empty(shape, dtype=dtype).to(memory_format=torch.channels_last)
+        weight = torch.empty(c, c, 3, 3, dtype=dtype).to(memory_format=torch.channels_last)
+        bias, residual = (torch.empty(c, dtype=dtype), torch.empty_like(x)) if epilogue else (None, None)
+        yield Scenario(f"conv3x3 triton_tma {dt} {shape} epilogue={epilogue}",
+                       _backend_call("conv3x3", "triton_tma", x, weight, bias, residual, 1.0), min_cc=90)
+
+
+SCENARIO_FAMILIES = (attention_scenarios, linear_geglu_scenarios, conv3x3_scenarios, conv3x3_tma_scenarios,
+                     group_norm_scenarios, gelu_scenarios, bias_add_scenarios, layer_norm_scenarios)
 
 
 def collect(archs, mods) -> tuple[dict, list]:
@@ -479,6 +495,8 @@ def collect(archs, mods) -> tuple[dict, list]:
         with _gpu_view(arch, recorder, mods):
             for family in SCENARIO_FAMILIES:
                 for scenario in family():
+                    if arch.cc < scenario.min_cc:
+                        continue
                     recorder.scenario, recorder.arch_aware = scenario.label, scenario.arch_aware
                     _forget_tuning(mods)
                     try:
@@ -683,10 +701,13 @@ def launched_kernels(mods: dict) -> set:
 
 
 def uncovered(variants: list, mods: dict, archs) -> list:
+    """Kernels no scenario compiled for an arch their module runs on (a module's MIN_COMPUTE_CAPABILITY, e.g. 90 for
+    tensor descriptors, exempts older archs)."""
     compiled = {(v.arch.cc, v.module, v.kernel) for v in variants}
+    min_cc = {mod.__name__: getattr(mod, "MIN_COMPUTE_CAPABILITY", 0) for mod in mods.values()}
     return [f"{arch.name}: no scenario launches {module}.{name}: add one to sdkernels/compile_check.py"
             for arch in archs for module, name in sorted(launched_kernels(mods))
-            if (arch.cc, module, name) not in compiled]
+            if (arch.cc, module, name) not in compiled and arch.cc >= min_cc[module]]
 
 
 def _summary(variants: list, archs, seconds: float) -> list:

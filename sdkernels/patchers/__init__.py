@@ -7,3 +7,4 @@ from . import bands  # noqa: F401
 from . import layout  # noqa: F401
 from . import pointwise_conv  # noqa: F401
 from . import layer_norm  # noqa: F401
+from . import conv3x3  # noqa: F401

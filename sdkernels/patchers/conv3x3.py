@@ -1,0 +1,56 @@
+"""conv3x3: a 3x3 nn.Conv2d (stride 1, zero padding 1, one group) on a channels_last fp16/bf16 input runs as
+sdkernels::conv3x3, whose measured dispatch picks cuDNN or one of our convolutions per shape.
+
+On an H100 the op's triton_tma backend (kernels/conv3x3_tma.py) ran the VAE decoder's 128- and 256-channel layers
+1.1x-1.4x faster than cuDNN and SD1.5's 8 x 8 layers about as fast (scripts/sweep_conv3x3_tma.py); elsewhere cuDNN
+stays. With tuning on (sdkernels.patch's default) the op times its backends on the first call of each shape and
+keeps the fastest, so a patched conv is never measured slower than cuDNN there. Other inputs (NCHW, fp32,
+autograd, autocast) run nn.Conv2d.forward. ResnetBlock2D's patched forward runs its convs without their bias through
+``conv_without_bias``, which takes the op where this patcher took the conv.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..banded import is_same_conv3x3
+from ..ops.conv3x3_plain import conv3x3
+from ..patch import (Patcher, bind_forward, forward_is, must_run_original, original_forward, register,
+                     unbind_forward, why_not_plain)
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def runs_as_op(conv: nn.Conv2d, x) -> bool:
+    """Whether this call can run as the op: a 4-D channels_last input of the weight's half dtype, nothing for
+    autograd or autocast to see."""
+    return (isinstance(x, torch.Tensor) and x.dim() == 4 and x.dtype in _HALF and x.dtype == conv.weight.dtype
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and not must_run_original(x, conv.weight, conv.bias))
+
+
+def _conv3x3_forward(self, x):
+    if not runs_as_op(self, x):
+        return original_forward(self)(x)
+    return conv3x3(x, self.weight, self.bias)
+
+
+def conv_without_bias(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """conv(x) without its bias (the caller adds it later): through the op where this patcher took the conv."""
+    if forward_is(conv, _conv3x3_forward) and runs_as_op(conv, x):
+        return conv3x3(x, conv.weight, None)
+    return conv._conv_forward(x, conv.weight, None)
+
+
+def _find(model):
+    return ((name, m) for name, m in model.named_modules() if is_same_conv3x3(m) and m.groups == 1)
+
+
+def _why_not(conv) -> Optional[str]:
+    return why_not_plain(conv, nn.Conv2d, "the conv", hooks_matter=False)  # hooks still run: forward is swapped
+
+
+register(Patcher(name="conv3x3", find=_find, why_not=_why_not,
+                 apply=lambda conv: bind_forward(conv, _conv3x3_forward), restore=unbind_forward))
