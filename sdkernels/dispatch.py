@@ -47,6 +47,9 @@ class Backend:
     why_not: Callable[..., Optional[str]]
     # Why the whole backend is unavailable on this machine (no GPU, extension not built, ...), or None.
     available: Callable[[], Optional[str]] = lambda: None
+    # Whether measured dispatch (sdkernels.tuning) times it; False: it runs only where forced or first to take an
+    # input, e.g. a backend slower everywhere it was measured whose first call also caches per-weight state.
+    measured: bool = True
 
 
 class Op:

@@ -238,7 +238,7 @@ class MeasuredChooser(MeasuredChoice):
     def _ways(self, args) -> dict:
         op = dispatch.ops()[self.op_name]
         ways = {b.name: (lambda run=b.run: run(*args)) for b in op.backends
-                if (b.why_not(*args) or b.available()) is None}
+                if b.measured and (b.why_not(*args) or b.available()) is None}
         ways[dispatch.REFERENCE] = lambda: op.reference(*args)
         return ways
 

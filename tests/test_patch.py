@@ -614,3 +614,28 @@ def test_resnet_block_adds_into_its_conv_outputs(no_tf32):
         assert torch.equal(fresh, kept) and torch.equal(result, kept + other) and result.dtype == (kept + other).dtype
     view = fresh[:, :2]
     assert add(view, view.clone()) is not view  # a view may alias what the caller keeps: never written
+
+
+def test_resnet_blocks_share_one_silu_of_the_time_embedding(monkeypatch, exact_fp32):
+    """Every ResNet block of a patched UNet applies SiLU to the same time embedding: computed once per forward,
+    for each new embedding, and again after an in-place change to it."""
+    silu = torch.nn.functional.silu
+    unet, inputs = on_device(tiny_unet(), *unet_inputs())
+    expected = run_unet(unet, inputs)
+    patch(unet)
+    seen = []
+    monkeypatch.setattr(torch.nn.functional, "silu", lambda x, inplace=False: seen.append(x.shape) or silu(x))
+    out = run_unet(unet, inputs)
+    monkeypatch.undo()
+    assert_close(out, expected, torch.float32, reduction_size=4 * 64, what="patched tiny UNet, shared SiLU")
+    resnets = count(unet, ResnetBlock2D)
+    temb_calls = [s for s in seen if len(s) == 2]  # (batch, channels): the time embedding's
+    assert resnets > 1 and len(temb_calls) == 2  # the UNet's own time_embedding act and one shared by the blocks
+    temb = torch.randn(1, 128, device=DEVICE)
+    first = gn_patchers.shared_silu(nn.SiLU(), temb)
+    assert gn_patchers.shared_silu(nn.SiLU(), temb) is first
+    temb.mul_(2)
+    assert_close(gn_patchers.shared_silu(nn.SiLU(), temb), silu(temb), torch.float32, what="after an in-place change")
+    with torch.inference_mode():
+        t = torch.randn(1, 8, device=DEVICE)
+        assert gn_patchers.shared_silu(nn.SiLU(), t) is not gn_patchers.shared_silu(nn.SiLU(), t)  # not remembered

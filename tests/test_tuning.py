@@ -49,6 +49,15 @@ def test_picks_the_fastest_runnable_backend_and_measures_once(fake_op, tmp_path)
     assert sorted(timed) == ["reference", "slow"]
 
 
+def test_a_backend_not_measured_is_never_timed_but_runs_where_forced(fake_op, tmp_path):
+    fake_op.register(dispatch.Backend("unmeasured", lambda x: "unmeasured", lambda x: None, measured=False))
+    timed = []
+    fake_op.chooser = chooser_for(tmp_path, {"fast": 3.0, "slow": 2.0, "reference": 4.0, "unmeasured": 0.1}, timed)
+    assert fake_op(torch.randn(4, 5)) == "slow" and sorted(timed) == ["fast", "reference", "slow"]
+    with dispatch.use_backend("unmeasured", op=OP, strict=True):
+        assert fake_op(torch.randn(4, 5)) == "unmeasured"
+
+
 def test_reference_choice_runs_the_reference_without_a_warning(fake_op, tmp_path, recwarn):
     fake_op.chooser = chooser_for(tmp_path, {"fast": 3.0, "slow": 4.0, "reference": 1.0}, [])
     assert fake_op(torch.randn(4, 5)) == "reference"

@@ -106,10 +106,14 @@ def channels_last_like(shape, nsc) -> bool:
 
 
 def new_output(like: torch.Tensor, shape=None) -> torch.Tensor:
-    """An output with ``like``'s dtype and device: with its shape and layout, or contiguous of ``shape``. With
-    SDKERNELS_POISON_OUTPUTS=1 (the tests set it) it is filled with NaN first, so an element a kernel forgets to
-    write fails the comparison."""
-    out = torch.empty_like(like) if shape is None else like.new_empty(shape)
+    """An output with ``like``'s dtype and device: with its shape and layout, or contiguous of ``shape`` (poisoned)."""
+    return poisoned(torch.empty_like(like) if shape is None else like.new_empty(shape))
+
+
+def poisoned(out: torch.Tensor) -> torch.Tensor:
+    """``out`` itself, filled with NaN under SDKERNELS_POISON_OUTPUTS=1 (the tests set it), so that an element a
+    kernel forgets to write fails the comparison. (It fills the tensor it is given: allocating another output
+    beside it would hold two at once.)"""
     if getenv("SDKERNELS_POISON_OUTPUTS") == "1":
         out.fill_(float("nan"))
     return out

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext, dispatch
-from ._common import KERNEL_DTYPES, call_op, fail, kernels, new_output, triton_available, triton_device_why_not
+from ._common import (KERNEL_DTYPES, call_op, fail, kernels, new_output, poisoned, triton_available,
+                      triton_device_why_not)
 
 OP = "flash_attention"
 KERNEL_HEAD_DIMS = (40, 64, 80, 128, 160)
@@ -61,7 +62,7 @@ def output_like(q: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """The output: q's shape (with v's head dim) and dtype, in q's layout where q is dense."""
     if v.shape[-1] == q.shape[-1]:
         return new_output(q)
-    return new_output(q.new_empty(q.shape[:-1] + v.shape[-1:]))
+    return poisoned(q.new_empty(q.shape[:-1] + v.shape[-1:]))
 
 
 def broadcast_mask(attn_mask: Optional[torch.Tensor], q4: torch.Tensor, k4: torch.Tensor):

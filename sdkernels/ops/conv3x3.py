@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dispatch
-from ._common import (KERNEL_DTYPES, call_op, fail, is_channels_last_like, kernels, new_output, triton_available,
+from ._common import (KERNEL_DTYPES, call_op, fail, is_channels_last_like, kernels, poisoned, triton_available,
                       triton_device_why_not)
 from .group_norm import compute_dtype, group_norm_stats_reference, normalize_reference
 
@@ -59,7 +59,7 @@ def _output(x, cout):
     """The output tensor: x's dtype and device, channels_last when x is (NaN-poisoned under the tests)."""
     fmt = torch.channels_last if is_channels_last_like(x) else torch.contiguous_format
     shape = (x.shape[0], cout) + tuple(x.shape[2:])
-    return new_output(torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt))
+    return poisoned(torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt))
 
 
 # ---- input checks ---------------------------------------------------------------------------------------------

@@ -1,12 +1,16 @@
-"""conv3x3: a 3x3 nn.Conv2d (stride 1, zero padding 1, one group) on a channels_last fp16/bf16 input runs as
-sdkernels::conv3x3, whose measured dispatch picks cuDNN or one of our convolutions per shape.
+"""conv3x3 (opt-in: ``patch(model, ops=[*sdkernels.default_ops(), "conv3x3"])``): a 3x3 nn.Conv2d (stride 1, zero
+padding 1, one group) on a channels_last fp16/bf16 input runs as sdkernels::conv3x3, whose measured dispatch picks
+cuDNN or one of our convolutions per shape.
 
-On an H100 the op's triton_tma backend (kernels/conv3x3_tma.py) ran the VAE decoder's 128- and 256-channel layers
-1.1x-1.4x faster than cuDNN and SD1.5's 8 x 8 layers about as fast (scripts/sweep_conv3x3_tma.py); elsewhere cuDNN
-stays. With tuning on (sdkernels.patch's default) the op times its backends on the first call of each shape and
-keeps the fastest, so a patched conv is never measured slower than cuDNN there. Other inputs (NCHW, fp32,
-autograd, autocast) run nn.Conv2d.forward. ResnetBlock2D's patched forward runs its convs without their bias through
-``conv_without_bias``, which takes the op where this patcher took the conv.
+With tuning on (sdkernels.patch's default) the op times its backends on the first call of each shape and keeps the
+fastest. In situ on an H200 (``scripts/probe_conv3x3_patch.py``, device objective) the triton_tma backend
+(kernels/conv3x3_tma.py) won only the VAE decoder's 256- and 128-channel layers at 1024 px (1.1x-1.4x cuDNN there)
+and one 256-channel layer at 512 px; cuDNN won every SD1.5 UNet shape. Whole models with CUDA graphs, same call:
+VAE decode at 1024 px 28.0 against 28.5 ms, but a steady-state peak of 1920 against 1441 MiB (512 px: 6.49 against
+6.59 ms, 480 against 385 MiB); the SD1.5 UNet step 6.142 against 6.141 ms. Not yet understood where the higher peak
+comes from, hence not a default patcher. Other inputs (NCHW, fp32, autograd, autocast) run nn.Conv2d.forward.
+ResnetBlock2D's patched forward runs its convs without their bias through ``conv_without_bias``, which takes the op
+where this patcher took the conv.
 """
 from __future__ import annotations
 
@@ -53,4 +57,4 @@ def _why_not(conv) -> Optional[str]:
 
 
 register(Patcher(name="conv3x3", find=_find, why_not=_why_not,
-                 apply=lambda conv: bind_forward(conv, _conv3x3_forward), restore=unbind_forward))
+                 apply=lambda conv: bind_forward(conv, _conv3x3_forward), restore=unbind_forward, default=False))

@@ -14,6 +14,7 @@ import ast
 import functools
 import inspect
 import textwrap
+import weakref
 from typing import Optional
 
 import torch
@@ -91,7 +92,7 @@ def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
 
     if self.time_emb_proj is not None:
         if not self.skip_time_act:
-            temb = self.nonlinearity(temb)
+            temb = shared_silu(self.nonlinearity, temb)
         temb = self.time_emb_proj(temb)[:, :, None, None]
 
     shift = None
@@ -136,6 +137,26 @@ def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
     if self.output_scale_factor != 1.0:  # (x / 1.0 == x: eager's division there only copies)
         out = out.div_(self.output_scale_factor)  # out is ours: conv2's output or a fresh sum
     return out
+
+
+# The last time embedding shared_silu saw: (weak reference to it, its version counter, silu of it).
+_last_silu = [None, -1, None]
+
+
+def shared_silu(nonlinearity: nn.Module, temb: torch.Tensor) -> torch.Tensor:
+    """nonlinearity(temb), computed once for all the UNet's ResNet blocks: each applies SiLU to the same time
+    embedding (22 identical launches per SD1.5 step), so the result for the last tensor seen is kept while it is
+    that very tensor (a weak reference, not an id: ids are reused) with the same version counter (no in-place
+    change since). Under CUDA-graph capture the blocks then share the one captured SiLU. Any other nonlinearity, or
+    a call autograd must record, runs as is."""
+    if type(nonlinearity) is not nn.SiLU or temb.is_inference() or must_run_original(temb):
+        return nonlinearity(temb)  # (an inference tensor has no version counter to check)
+    ref, version, result = _last_silu
+    if ref is not None and ref() is temb and version == temb._version:
+        return result
+    result = nonlinearity(temb)
+    _last_silu[:] = [weakref.ref(temb), temb._version, result]
+    return result
 
 
 def conv_without_bias(conv, x):
