@@ -47,7 +47,7 @@ from sdkernels.ops.winograd import error_bound, operand_dtype  # noqa: E402
 
 BENCH = "winograd_conv3x3"
 BASELINE = "cudnn"
-OURS = ("winograd", "triton_igemm")     # the first of these that ran is "ours" in the rows
+OURS = ("winograd", "triton_igemm", "triton_tma")  # the first of these that ran is "ours" in the rows
 QUICK_CASES_PER_MODEL = 3
 FULL_CHECK_ELEMENTS = 2**25             # above this, the float64 check runs on a crop
 CHECK_CROP = 256
@@ -201,6 +201,10 @@ def add_rows(results: Results, case: Case, dtype, m: dict, residual: bool) -> No
     for baseline in [BASELINE] + [o for o in OURS if o != ours]:
         if baseline in ms:
             results.add(BENCH, case.name, dtype, ms[ours], baseline, ms[baseline], flops=case.flops, **extra)
+    for other in OURS:  # each other convolution of ours against cuDNN, under its own bench name
+        if other != ours and other in ms and BASELINE in ms:
+            results.add(f"conv3x3_{other}", case.name, dtype, ms[other], BASELINE, ms[BASELINE], flops=case.flops,
+                        **dict(extra, ours_backend=other))
 
 
 def case_table(cases: list, measured: dict) -> str:
@@ -225,8 +229,8 @@ def case_table(cases: list, measured: dict) -> str:
 
 
 def per_forward(cases: list, measured: dict, models: list) -> str:
-    """Convolution time per forward of each model: cuDNN alone, and the faster of cuDNN and Winograd per shape
-    (what a measured chooser would pick)."""
+    """Convolution time per forward of each model: cuDNN alone, the faster of cuDNN and Winograd per shape, and the
+    fastest backend per shape (what the measured chooser picks)."""
     lines = []
     for model in models:
         mine = [c for c in cases if model in c.calls and BASELINE in measured[c.name]["ms"]]
@@ -236,8 +240,10 @@ def per_forward(cases: list, measured: dict, models: list) -> str:
         best = sum(c.calls[model] * min(measured[c.name]["ms"].get(b, math.inf) for b in (BASELINE, "winograd"))
                    for c in mine)
         wins = sum(measured[c.name]["ms"].get("winograd", math.inf) < measured[c.name]["ms"][BASELINE] for c in mine)
+        fastest = sum(c.calls[model] * min(measured[c.name]["ms"].values()) for c in mine)
         lines.append(f"{model}: 3x3 convolutions per forward ({len(mine)} shapes): cudnn {cudnn:.3f} ms, best of "
-                     f"cudnn/winograd per shape {best:.3f} ms ({cudnn / best:.2f}x); winograd faster at {wins}")
+                     f"cudnn/winograd per shape {best:.3f} ms ({cudnn / best:.2f}x); winograd faster at {wins}; "
+                     f"fastest backend per shape {fastest:.3f} ms ({cudnn / fastest:.2f}x)")
     return "\n".join(lines)
 
 

@@ -7,7 +7,7 @@ import torch
 import sdkernels
 from sdkernels.ops import (attention_reference, geglu_reference, gelu_reference, group_norm_reference,
                            linear_geglu_reference)
-from sdkernels.ops import (add_bias_residual_reference, conv3x3_reference, group_norm_stats_reference,
+from sdkernels.ops import (add_bias_residual_reference, conv3x3_eager, conv3x3_reference, group_norm_stats_reference,
                            winograd_conv3x3_reference)
 from sdkernels.ops.attention import GPU_UNSAFE_HEAD_DIMS
 from sdkernels.testing import assert_close, relative_error
@@ -104,6 +104,20 @@ def winograd_cases():
             yield (x, w, b, r, 0.5)
 
 
+def conv3x3_tma_cases():
+    """The TMA implicit-GEMM conv3x3 (Triton): odd sizes, a box wider than the image, two samples per tile with
+    split-K (8 x 8), channels_last x and weight as it takes them."""
+    for dtype in (torch.float16, torch.bfloat16):
+        for N, C, K, H, W in ((1, 8, 16, 1, 1), (3, 24, 40, 7, 9), (1, 64, 72, 33, 31), (3, 512, 200, 8, 8)):
+            cl = torch.channels_last
+            x = torch.randn(N, C, H, W, device="cuda", dtype=dtype).to(memory_format=cl)
+            w = (torch.randn(K, C, 3, 3, device="cuda", dtype=dtype) / (9 * C) ** 0.5).to(memory_format=cl)
+            b = torch.randn(K, device="cuda", dtype=dtype)
+            r = torch.randn(N, K, H, W, device="cuda", dtype=dtype)  # NCHW: read through its strides
+            yield (x, w, None, None, 1.0)
+            yield (x, w, b, r, 0.5)
+
+
 def bias_add_cases():
     for layout in (torch.channels_last, torch.contiguous_format):
         for N, C, H, W in ((1, 24, 7, 9), (2, 40, 13, 5), (2, 320, 33, 31)):
@@ -134,6 +148,9 @@ def cases():
     for args in winograd_cases():
         yield ("conv3x3", "winograd", lambda a=args: sdkernels.conv3x3(*a),
                lambda a=args: winograd_conv3x3_reference(*a), args, 2e-2)
+    for args in conv3x3_tma_cases():
+        yield ("conv3x3 tma", "triton_tma", lambda a=args: sdkernels.conv3x3(*a), lambda a=args: conv3x3_eager(*a),
+               args, 2e-2)
     for args in bias_add_cases():
         yield ("add_bias_residual_", "triton", lambda a=args: sdkernels.ops.add_bias_residual_(a[0].clone(), *a[1:]),
                lambda a=args: add_bias_residual_reference(a[0].clone(), *a[1:]), args, 2e-2)
