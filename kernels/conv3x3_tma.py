@@ -115,7 +115,8 @@ def _reduce_splits_kernel(part_ptr, bias_ptr, res_ptr, out_ptr, rows, H, W, Cout
     t = r // W
     h = t % H
     n = t // H
-    y = _epilogue(acc, n, h, w, co, co < Cout, mask, bias_ptr, res_ptr, scale, srN, srC, srH, srW, HAS_BIAS, HAS_RESIDUAL)
+    y = _epilogue(acc, n, h, w, co, co < Cout, mask, bias_ptr, res_ptr, scale, srN, srC, srH, srW, HAS_BIAS,
+                  HAS_RESIDUAL)
     pix = n.to(tl.int64) * soN + h.to(tl.int64) * soH + w.to(tl.int64) * soW
     tl.store(out_ptr + pix[:, None] + co[None, :] * soC, y.to(out_ptr.dtype.element_ty), mask=mask)
 
