@@ -149,8 +149,11 @@ def shared_silu(nonlinearity: nn.Module, temb: torch.Tensor) -> torch.Tensor:
     that very tensor (a weak reference, not an id: ids are reused) with the same version counter (no in-place
     change since). Under CUDA-graph capture the blocks then share the one captured SiLU. Any other nonlinearity, or
     a call autograd must record, runs as is."""
-    if type(nonlinearity) is not nn.SiLU or temb.is_inference() or must_run_original(temb):
-        return nonlinearity(temb)  # (an inference tensor has no version counter to check)
+    # (torch.compile traces neither weak references nor version counters, and fuses the SiLU anyway; an inference
+    # tensor has no version counter to check)
+    if (torch.compiler.is_compiling() or type(nonlinearity) is not nn.SiLU or temb.is_inference()
+            or must_run_original(temb)):
+        return nonlinearity(temb)
     ref, version, result = _last_silu
     if ref is not None and ref() is temb and version == temb._version:
         return result
