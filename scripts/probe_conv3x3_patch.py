@@ -2,18 +2,18 @@
 
     python scripts/probe_conv3x3_patch.py --model vae --resolution 1024
 
-For each variant (every default patcher; the same without conv3x3): CUDA-graph replay time (median of CUDA events),
+For each variant (every default patcher; the same without conv3x3): CUDA-graph replay time (median of CUDA events, sdkernels.tuning.cuda_event_ms),
 the steady-state peak of one call (max_memory_allocated after the warm-up and tuning, reset before the call), and
 the first call's peak (tuning included); then which backend the measured dispatch chose per conv3x3 shape, with
 the times it measured."""
 import argparse
-import statistics
 
 import torch
 
 from sdkernels import dispatch, models, patch, unpatch
 from sdkernels.benchmarking import as_cuda_graph
 from sdkernels.patch import default_ops
+from sdkernels.tuning import cuda_event_ms
 
 
 def call_of(model, spec, resolution):
@@ -46,15 +46,8 @@ def measure(model, call, label):
     del out
     with torch.no_grad():
         replay = as_cuda_graph(call)
-    times = []
-    for _ in range(20):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    print(f"{label:>16}: graph {statistics.median(times):8.3f} ms, steady peak {steady_peak:7.0f} MiB, "
+    graph_ms = cuda_event_ms(replay)
+    print(f"{label:>16}: graph {graph_ms:8.3f} ms, steady peak {steady_peak:7.0f} MiB, "
           f"first-call peak {first_peak:7.0f} MiB, retained after it {retained:6.0f} MiB", flush=True)
 
 

@@ -6,7 +6,6 @@ channels_last) at the SD1.5 UNet's and the VAE decoder's conv shapes, over tile 
 Prints, per shape, cuDNN's time and each config's time and error against cuDNN's output (max |diff| / max |ref|),
 best first. Times: triton.testing.do_bench medians (CUDA events), fp16."""
 import argparse
-import itertools
 
 import torch
 import torch.nn.functional as F

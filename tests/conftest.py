@@ -57,6 +57,36 @@ def left_but_head_dims(summary):
     return [entry for entry in summary.left if not (entry[1] == "attention" and "head dim" in entry[2])]
 
 
+def check_left_alone(module, op: str):
+    """``patch(module, ops=[op])`` patches nothing and lists nothing as left (the module is not a candidate)."""
+    from sdkernels.patch import patch, summary
+    patch(module, ops=[op])
+    assert summary(module).replaced == {op: 0} and summary(module).left == []
+
+
+def outputs_before_and_after_patch(module, x, op: str, grad: bool = False):
+    """module(x) before and after ``patch(module, ops=[op])``, autograd on or off."""
+    from sdkernels.patch import patch
+    with torch.set_grad_enabled(grad):
+        expected = module(x)
+        patch(module, ops=[op])
+        return expected, module(x)
+
+
+def check_patch_twice_and_unpatch(module, x, op: str):
+    """Patching a module again with ``op`` changes nothing, and unpatch puts its forward back: the same output, bit
+    for bit, as before any patch."""
+    from sdkernels.patch import patch, unpatch
+    with torch.no_grad():
+        expected = module(x)
+        patch(module, ops=[op])
+        bound = module.forward
+        patch(module, ops=[op])
+        assert module.forward == bound
+        unpatch(module)
+        assert "forward" not in module.__dict__ and torch.equal(module(x), expected)
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (runs in the GPU lane)")
     for item in items:

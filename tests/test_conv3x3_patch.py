@@ -12,10 +12,10 @@ from torch import nn
 import sdkernels
 from sdkernels import dispatch
 from sdkernels.ops.conv3x3_plain import OP
-from sdkernels.patch import patch, summary, unpatch
+from sdkernels.patch import patch, summary
 from sdkernels.patchers import conv3x3 as conv3x3_patcher
 from sdkernels.testing import assert_close
-from conftest import DEVICE
+from conftest import DEVICE, check_left_alone, check_patch_twice_and_unpatch, outputs_before_and_after_patch
 
 HALF = [torch.float16, torch.bfloat16]
 CL = torch.channels_last
@@ -73,32 +73,18 @@ def test_other_inputs_run_the_convolution_bit_for_bit(why, monkeypatch):
     if why == "nchw":
         x = x.contiguous()
     grad = why == "autograd"
-    with torch.set_grad_enabled(grad):
-        expected = module(x)
-        patch(module, ops=["conv3x3"])
-        out = module(x)
+    expected, out = outputs_before_and_after_patch(module, x, "conv3x3", grad)
     assert calls == [] and torch.equal(out, expected) and out.requires_grad == grad
 
 
 @pytest.mark.parametrize("kw", [dict(kernel_size=1, padding=0), dict(stride=2), dict(padding=0), dict(groups=4),
                                 dict(dilation=2, padding=2), dict(padding_mode="reflect")], ids=str)
 def test_only_same_3x3_convs_are_patched(kw):
-    module = conv(8, 8, **kw)
-    patch(module, ops=["conv3x3"])
-    assert summary(module).replaced == {"conv3x3": 0} and summary(module).left == []
+    check_left_alone(conv(8, 8, **kw), "conv3x3")
 
 
 def test_unpatch_restores_and_patching_twice_changes_nothing():
-    module = conv(16, 8)
-    x = channels_last(1, 16, 3, 3, torch.float16)
-    with torch.no_grad():
-        expected = module(x)
-        patch(module, ops=["conv3x3"])
-        bound = module.forward
-        patch(module, ops=["conv3x3"])
-        assert module.forward == bound
-        unpatch(module)
-        assert "forward" not in module.__dict__ and torch.equal(module(x), expected)
+    check_patch_twice_and_unpatch(conv(16, 8), channels_last(1, 16, 3, 3, torch.float16), "conv3x3")
 
 
 def test_resnet_block_runs_its_patched_convs_through_the_op(monkeypatch):

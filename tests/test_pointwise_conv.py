@@ -8,10 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from sdkernels.patch import patch, summary, unpatch
+from sdkernels.patch import patch, summary
 from sdkernels.patchers import pointwise_conv
 from sdkernels.testing import assert_close, relative_error
-from conftest import DEVICE, GPU
+from conftest import DEVICE, GPU, check_left_alone, check_patch_twice_and_unpatch, outputs_before_and_after_patch
 
 HALF = [torch.float16, torch.bfloat16]
 
@@ -77,32 +77,18 @@ def test_other_inputs_run_the_convolution_bit_for_bit(why, monkeypatch):
     if why == "strided":
         x = channels_last(2, 24, 6, 5, dtype)[:, ::2]
     grad = why == "autograd"
-    with torch.set_grad_enabled(grad):
-        expected = module(x)
-        patch(module, ops=["pointwise_conv"])
-        out = module(x)
+    expected, out = outputs_before_and_after_patch(module, x, "pointwise_conv", grad)
     assert calls == [] and torch.equal(out, expected) and out.requires_grad == grad
 
 
 @pytest.mark.parametrize("kw", [dict(kernel_size=3, padding=1), dict(stride=2), dict(padding=1), dict(groups=4),
                                 dict(dilation=2, kernel_size=3)], ids=str)
 def test_only_pointwise_convs_are_patched(kw):
-    module = conv(8, 8, **kw)
-    patch(module, ops=["pointwise_conv"])
-    assert summary(module).replaced == {"pointwise_conv": 0} and summary(module).left == []
+    check_left_alone(conv(8, 8, **kw), "pointwise_conv")
 
 
 def test_unpatch_restores_and_patching_twice_changes_nothing():
-    module = conv(16, 8)
-    x = channels_last(1, 16, 3, 3, torch.float16)
-    with torch.no_grad():
-        expected = module(x)
-        patch(module, ops=["pointwise_conv"])
-        bound = module.forward
-        patch(module, ops=["pointwise_conv"])
-        assert module.forward == bound
-        unpatch(module)
-        assert "forward" not in module.__dict__ and torch.equal(module(x), expected)
+    check_patch_twice_and_unpatch(conv(16, 8), channels_last(1, 16, 3, 3, torch.float16), "pointwise_conv")
 
 
 def patched_case(c, k, n, h, w):
