@@ -243,6 +243,15 @@ def test_fake_output_has_the_real_layout():
         assert fake.shape == real.shape and fake.stride() == real.stride() and fake.dtype == real.dtype
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 1, 5), (1, 8, 4, 1), (2, 16, 5, 7)], ids=str)
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format], ids=str)
+@pytest.mark.parametrize("out_channels", [1, 8])
+def test_the_default_backend_keeps_the_fakes_layout_without_a_copy(shape, layout, out_channels):
+    from sdkernels.ops.conv3x3_plain import _dense_strides
+    x = torch.randn(shape).contiguous(memory_format=layout)
+    assert _dense_strides(x, out_channels) == output_like(x, out_channels, poison=False).stride()
+
+
 def test_torch_compile_fullgraph():
     x, w, b, r = make_case(1, 8, 8, 6, 6, torch.float32)
     compiled = torch.compile(lambda x, w, b, r: sdkernels.conv3x3(x, w, b, r, 0.5), fullgraph=True,
