@@ -134,19 +134,10 @@ def split_count(tiles: int, k_steps: int, device) -> int:
     return max(1, min(want, k_steps // MIN_STEPS_PER_SPLIT))
 
 
-def supports(x, weight) -> bool:
-    """Whether the descriptors can read x and weight: channels_last x and weight of one 16-bit dtype, Cin a multiple
-    of 8 (16-byte rows), 16-byte aligned bases. The caller checks the device (Hopper or the interpreter)."""
-    Cin = x.shape[1]
-    return (x.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x.dtype and Cin % 8 == 0
-            and x.is_contiguous(memory_format=torch.channels_last)
-            and weight.is_contiguous(memory_format=torch.channels_last)
-            and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0)
-
-
 def conv3x3_tma(x, weight, bias, residual, scale, out, config=None, split=None):
     """out = (conv(x, weight) + bias + residual) * scale, out and residual (N, Cout, H, W) in any strides; x and
-    weight as ``supports`` says. ``config`` and ``split`` override launch_config and split_count."""
+    weight channels_last, of one 16-bit dtype, Cin a multiple of 8, 16-byte aligned (sdkernels::conv3x3's
+    triton_tma backend checks). ``config`` and ``split`` override launch_config and split_count."""
     from triton.tools.tensor_descriptor import TensorDescriptor
     N, Cin, H, W = x.shape
     Cout = weight.shape[0]

@@ -205,7 +205,8 @@ def _tma_why_not(x, weight, bias, residual, scale):
         return f"{' and '.join(layouts)} not channels_last (the tensor descriptors read NHWC boxes)"
     if x.data_ptr() % 16 or weight.data_ptr() % 16:
         return "x or weight not 16-byte aligned"
-    if x.is_cuda and torch.cuda.get_device_capability(x.device)[0] * 10 < kernels("conv3x3_tma").MIN_COMPUTE_CAPABILITY:
+    major, minor = torch.cuda.get_device_capability(x.device) if x.is_cuda else (9, 0)
+    if 10 * major + minor < kernels("conv3x3_tma").MIN_COMPUTE_CAPABILITY:
         return "needs compute capability 9.0 or newer (TMA)"
     return None
 

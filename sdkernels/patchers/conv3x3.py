@@ -5,10 +5,12 @@ cuDNN or one of our convolutions per shape.
 With tuning on (sdkernels.patch's default) the op times its backends on the first call of each shape and keeps the
 fastest. In situ on an H200 (``scripts/probe_conv3x3_patch.py``, device objective) the triton_tma backend
 (kernels/conv3x3_tma.py) won only the VAE decoder's 256- and 128-channel layers at 1024 px (1.1x-1.4x cuDNN there)
-and one 256-channel layer at 512 px; cuDNN won every SD1.5 UNet shape. Whole models with CUDA graphs, same call:
-VAE decode at 1024 px 28.0 against 28.5 ms, but a steady-state peak of 1920 against 1441 MiB (512 px: 6.49 against
-6.59 ms, 480 against 385 MiB); the SD1.5 UNet step 6.142 against 6.141 ms. Not yet understood where the higher peak
-comes from, hence not a default patcher. Other inputs (NCHW, fp32, autograd, autocast) run nn.Conv2d.forward.
+and one 256-channel layer at 512 px; cuDNN won every SD1.5 UNet shape. Whole models with CUDA graphs, patcher on
+against off in one call: VAE decode at 1024 px 28.0 against 28.5 ms, and 28.6 against 28.2 ms in the next call
+(noise); the SD1.5 UNet step 6.142 against 6.141 ms. No measurable gain, and a Triton compile per conv shape on a
+machine's first run, hence not a default patcher. (A higher peak first seen with it, 1920 against 1441 MiB at
+1024 px, was output_like allocating each output twice, since fixed: 1408 MiB.) Other inputs (NCHW, fp32, autograd,
+autocast) run nn.Conv2d.forward.
 ResnetBlock2D's patched forward runs its convs without their bias through ``conv_without_bias``, which takes the op
 where this patcher took the conv.
 """
@@ -21,29 +23,19 @@ from torch import nn
 
 from ..banded import is_same_conv3x3
 from ..ops.conv3x3_plain import conv3x3
-from ..patch import (Patcher, bind_forward, forward_is, must_run_original, original_forward, register,
-                     unbind_forward, why_not_plain)
-
-_HALF = (torch.float16, torch.bfloat16)
-
-
-def runs_as_op(conv: nn.Conv2d, x) -> bool:
-    """Whether this call can run as the op: a 4-D channels_last input of the weight's half dtype, nothing for
-    autograd or autocast to see."""
-    return (isinstance(x, torch.Tensor) and x.dim() == 4 and x.dtype in _HALF and x.dtype == conv.weight.dtype
-            and x.is_contiguous(memory_format=torch.channels_last)
-            and not must_run_original(x, conv.weight, conv.bias))
+from ..patch import Patcher, bind_forward, forward_is, original_forward, register, unbind_forward, why_not_plain
+from .pointwise_conv import channels_last_half_call
 
 
 def _conv3x3_forward(self, x):
-    if not runs_as_op(self, x):
+    if not channels_last_half_call(self, x):
         return original_forward(self)(x)
     return conv3x3(x, self.weight, self.bias)
 
 
 def conv_without_bias(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """conv(x) without its bias (the caller adds it later): through the op where this patcher took the conv."""
-    if forward_is(conv, _conv3x3_forward) and runs_as_op(conv, x):
+    if forward_is(conv, _conv3x3_forward) and channels_last_half_call(conv, x):
         return conv3x3(x, conv.weight, None)
     return conv._conv_forward(x, conv.weight, None)
 

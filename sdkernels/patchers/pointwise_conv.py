@@ -28,9 +28,10 @@ def is_pointwise(conv: nn.Conv2d) -> bool:
             and conv.padding in ((0, 0), "valid") and conv.padding_mode == "zeros")
 
 
-def runs_as_linear(conv: nn.Conv2d, x) -> bool:
-    """Whether this call can run as F.linear: a 4-D channels_last input of the weight's half dtype, nothing for
-    autograd or autocast to see."""
+def channels_last_half_call(conv: nn.Conv2d, x) -> bool:
+    """Whether a conv call can run as one of our channels_last paths (F.linear here, sdkernels::conv3x3 for the
+    conv3x3 patcher): a 4-D channels_last input of the weight's half dtype, nothing for autograd or autocast to
+    see."""
     return (isinstance(x, torch.Tensor) and x.dim() == 4 and x.dtype in _HALF and x.dtype == conv.weight.dtype
             and x.is_contiguous(memory_format=torch.channels_last)
             and not must_run_original(x, conv.weight, conv.bias))
@@ -43,7 +44,7 @@ def pointwise_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 
 
 def _pointwise_forward(self, x):
-    if not runs_as_linear(self, x):
+    if not channels_last_half_call(self, x):
         return original_forward(self)(x)
     return pointwise_linear(x, self.weight, self.bias)
 
