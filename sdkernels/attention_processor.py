@@ -3,7 +3,8 @@
 ``SdkernelsAttnProcessor`` mirrors diffusers' ``AttnProcessor2_0`` (0.42.1) step for step: spatial_norm, 4-D
 inputs, attention_mask through ``attn.prepare_attention_mask``, group_norm, norm_cross, norm_q / norm_k,
 to_out (projection and dropout), residual_connection and rescale_output_factor. Projections are called as modules
-(``attn.to_q(...)``), so LoRA-wrapped layers keep working. Without norm_q / norm_k the op reads q, k and v in
+(through ``linear_groups.project``: one GEMM for the layers that share an input, where the projection patchers
+grouped them; the module itself otherwise), so LoRA-wrapped layers keep working. Without norm_q / norm_k the op reads q, k and v in
 their (B, tokens, heads * head_dim) projection layout and writes that layout, so no transpose is ever made.
 
 Like AttnProcessor2_0 it scales scores by head_dim ** -0.5 (diffusers installs AttnProcessor2_0 only where
@@ -18,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .linear_groups import project
 from .ops.attention import flash_attention
 from .patch import must_run_original
 
@@ -60,15 +62,15 @@ class SdkernelsAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        query = attn.to_q(hidden_states)
+        query = project(attn.to_q, hidden_states)
 
         if encoder_hidden_states is None:
             encoder_hidden_states = hidden_states
         elif attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
 
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
+        key = project(attn.to_k, encoder_hidden_states)
+        value = project(attn.to_v, encoder_hidden_states)
 
         head_dim = key.shape[-1] // attn.heads
         if attn.norm_q is None and attn.norm_k is None and not must_run_original(query, key, value):

@@ -158,7 +158,7 @@ def test_patch_twice_change_shapes_then_unpatch(no_tf32):
     sdkernels.patch(pipe)
     try:
         assert {label: (s.replaced, s.left) for label, s in summary(pipe).items()} == first
-        assert patched_by(pipe.unet) == ("norm_out_gn_silu",)  # once, not twice
+        assert patched_by(pipe.unet) == ("norm_out_gn_silu", "shared_projections")  # once, not twice
         for (resolution, images), want in zip(shapes, expected):
             got = generate(pipe, resolution, images)
             assert got.shape == (images, resolution, resolution, 3)

@@ -8,3 +8,4 @@ from . import layout  # noqa: F401
 from . import pointwise_conv  # noqa: F401
 from . import layer_norm  # noqa: F401
 from . import conv3x3  # noqa: F401
+from . import projections  # noqa: F401  (after attention and group_norm: it groups the layers they call)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import banded
+from ..linear_groups import project
 from ..ops.bias_add import add_bias_residual_
 from ..ops.group_norm import group_norm
 from ..patch import (Patcher, bind_forward, must_run_original, original_forward, register, restore_child, swap_child,
@@ -90,17 +91,19 @@ def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
         input_tensor = self.downsample(input_tensor)
         hidden_states = self.downsample(hidden_states)
 
+    bias_joined = False  # whether temb holds conv1's bias already
     if self.time_emb_proj is not None:
         if not self.skip_time_act:
             temb = shared_silu(self.nonlinearity, temb)
-        temb = self.time_emb_proj(temb)[:, :, None, None]
+        temb, bias_joined = _project_time_embedding(self, hidden_states, temb)
 
     shift = None
-    if _folds_bias_into_temb(self, hidden_states, temb):
+    if bias_joined or _folds_bias_into_temb(self, hidden_states, temb):
         # conv1's bias joins the time embedding, and both join norm2's input as it is read (a per-(sample, channel)
         # shift): no pass over the activation for either (PyTorch adds a conv's bias in a strided pass of its own)
         hidden_states = conv_without_bias(self.conv1, hidden_states)
-        temb = temb + self.conv1.bias[:, None, None]
+        if not bias_joined:
+            temb = temb + self.conv1.bias[:, None, None]
         if temb.shape[0] == hidden_states.shape[0]:
             shift = temb.flatten(1)
     else:
@@ -174,6 +177,19 @@ def _conv_bias_foldable(conv, x) -> bool:
     subclass) with a bias of x's dtype (eager's add would not promote)."""
     return (type(conv) is nn.Conv2d and conv.bias is not None and not (conv._forward_hooks or conv._forward_pre_hooks)
             and conv.bias.dtype == x.dtype)
+
+
+def _project_time_embedding(block, hidden_states, temb):
+    """(time_emb_proj(temb) as (N, C, 1, 1), whether conv1's bias is in it): the projection and the bias come from
+    the model's shared_projections group in one GEMM for all blocks where it has them (linear_groups.project), when
+    the bias may join the time embedding at all (_folds_bias_into_temb's conditions)."""
+    bias = block.conv1.bias
+    if (block.time_embedding_norm == "default" and _conv_bias_foldable(block.conv1, hidden_states)
+            and temb.dtype == hidden_states.dtype):
+        projected = project(block.time_emb_proj, temb, plus=bias)
+        if projected.dtype == hidden_states.dtype:
+            return projected[:, :, None, None], True
+    return block.time_emb_proj(temb)[:, :, None, None], False
 
 
 def _folds_bias_into_temb(block, hidden_states, temb) -> bool:
