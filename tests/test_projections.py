@@ -1,6 +1,7 @@
 """Linear groups (sdkernels.linear_groups) and their patchers (qkv_projection, shared_projections): one GEMM for the
 linears that read one input, each member's output as its module would give it, weights kept as views of one
 buffer that follow in-place changes, and everything put back by unpatch."""
+import contextlib
 import logging
 import types
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import sdkernels
 from sdkernels import linear_groups
 from sdkernels.linear_groups import LinearGroup, link, project
 from sdkernels.patch import patch, summary, unpatch
@@ -175,7 +177,7 @@ def unet_inputs():
             torch.randn(2, 5, 32, device=DEVICE))
 
 
-def test_patched_unet_groups_its_projections_and_matches(no_tf32, monkeypatch):
+def test_patched_unet_groups_its_projections_and_matches(no_tf32, monkeypatch, tmp_path):
     unet, inputs = attention_unet(), unet_inputs()
     with torch.no_grad():
         expected = unet(*inputs).sample
@@ -190,6 +192,12 @@ def test_patched_unet_groups_its_projections_and_matches(no_tf32, monkeypatch):
     # one GEMM per self-attention, one for all cross-attention keys and values, one for all time projections
     assert gemms.calls == self_attention + 2
     assert_close(out, expected, torch.float32, reduction_size=320)
+    # diffusers' save_pretrained (safetensors) takes the grouped weights: views that do not overlap
+    state = unet.state_dict()
+    safetensors = pytest.importorskip("safetensors.torch")
+    safetensors.save_file(state, str(tmp_path / "unet.safetensors"))
+    loaded = safetensors.load_file(str(tmp_path / "unet.safetensors"))
+    assert loaded.keys() == state.keys() and all(torch.equal(state[k], v) for k, v in loaded.items())
     unpatch(unet)
     with torch.no_grad():
         assert torch.equal(unet(*inputs).sample, expected)
@@ -226,3 +234,39 @@ def test_graph_replays_compute_the_projections_again():
                 s.copy_(n)
             graph.replay()
             assert_close(out, unet(*new).sample, torch.float16, reduction_size=320)
+
+
+def test_lora_adapters_merged_and_removed_after_patching(no_tf32):
+    """peft adapters on to_q / to_k / to_v after patching: wrapped layers run as themselves; merging writes the
+    base weights in place (the group's buffer), unmerging and deleting give the base model back. Each state matches
+    the unpatched modules (and, on a GPU, through CUDA graphs)."""
+    peft = pytest.importorskip("peft")
+    from sdkernels.patch import running_originals
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    unet, inputs = attention_unet(), unet_inputs()
+    patch(unet, cuda_graph=GPU)
+
+    def tuner_layers():
+        return [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+
+    steps = [("adapter", lambda: unet.set_adapters(["a"])),
+             ("merged", lambda: [m.merge() for m in tuner_layers()]),
+             ("unmerged", lambda: [m.unmerge() for m in tuner_layers()]),
+             ("deleted", lambda: unet.delete_adapters(["a"]))]
+    # (on the CPU the ops run their eager references: the Triton interpreter would take minutes here, and what is
+    # tested is which weights the projections read)
+    with torch.no_grad(), contextlib.nullcontext() if GPU else sdkernels.use_backend("reference"):
+        base = unet(*inputs).sample
+        unet.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                         target_modules=["to_q", "to_k", "to_v"]), adapter_name="a")
+        outs = {}
+        for name, step in steps:
+            step()
+            outs[name] = unet(*inputs).sample
+            with running_originals():
+                expected = unet(*inputs).sample
+            assert_close(outs[name], expected, torch.float32, reduction_size=320, what=name)
+    assert_close(outs["merged"], outs["adapter"], torch.float32, reduction_size=320)
+    assert not torch.allclose(outs["adapter"], base, atol=1e-3)  # the adapter did change the output
+    assert_close(outs["deleted"], base, torch.float32, reduction_size=320)
+    unpatch(unet)
