@@ -2,15 +2,17 @@
 
     python scripts/probe_conv3x3_patch.py --model vae --resolution 1024
 
-For each variant (every default patcher; the same without conv3x3): CUDA-graph replay time (median of CUDA events, sdkernels.tuning.cuda_event_ms),
+For each variant (every default patcher; with conv3x3 too; with conv3x3 forced to its triton_tma backend where
+that takes the shape; the first again, for the drift): CUDA-graph replay time (median of CUDA events, sdkernels.tuning.cuda_event_ms),
 the steady-state peak of one call (max_memory_allocated after the warm-up and tuning, reset before the call), and
 the first call's peak (tuning included); then which backend the measured dispatch chose per conv3x3 shape, with
 the times it measured."""
 import argparse
+import contextlib
 
 import torch
 
-from sdkernels import dispatch, models, patch, unpatch
+from sdkernels import dispatch, models, patch, step_choice, tuning, unpatch
 from sdkernels.benchmarking import as_cuda_graph
 from sdkernels.patch import default_ops
 from sdkernels.tuning import cuda_event_ms
@@ -62,17 +64,18 @@ def main():
     model = model.to(memory_format=torch.channels_last).eval()
     call = call_of(model, spec, args.resolution or spec.resolution)
     without = [name for name in default_ops() if name != "conv3x3"]
-    for label, ops in (("without conv3x3", without), ("with conv3x3", default_ops())):
+    variants = (("without conv3x3", without, None), ("with conv3x3", without + ["conv3x3"], None),
+                ("forced tma", without + ["conv3x3"], "triton_tma"), ("without again", without, None))
+    for label, ops, forced in variants:
         patch(model, ops=ops, cuda_graph=False)
-        from sdkernels import step_choice
         step_choice.uninstall(model)
-        from sdkernels import tuning
-        with tuning.optimizing_for("device"):
+        force = dispatch.use_backend(forced, op="conv3x3") if forced else contextlib.nullcontext()
+        with tuning.optimizing_for("device"), force:
             measure(model, call, label)
         unpatch(model)
     chooser = dispatch.ops()["conv3x3"].chooser
     for key, times in getattr(chooser, "timings", {}).items():
-        shapes = f"x {key[1][1]} weight {key[2][1]}"
+        shapes = f"x {key[1][1]} strides {key[1][2]} weight {key[2][1]} strides {key[2][2]} {key[3:]}"
         ranked = ", ".join(f"{name} {ms * 1e3:.0f} us" for name, ms in sorted(times.items(), key=lambda kv: kv[1]))
         print(f"  conv3x3 {key[0]} {shapes}: {ranked}")
 
