@@ -197,7 +197,7 @@ def test_patched_unet_groups_its_projections_and_matches(no_tf32, monkeypatch, t
     safetensors = pytest.importorskip("safetensors.torch")
     safetensors.save_file(state, str(tmp_path / "unet.safetensors"))
     loaded = safetensors.load_file(str(tmp_path / "unet.safetensors"))
-    assert loaded.keys() == state.keys() and all(torch.equal(state[k], v) for k, v in loaded.items())
+    assert loaded.keys() == state.keys() and all(torch.equal(state[k].cpu(), v) for k, v in loaded.items())
     unpatch(unet)
     with torch.no_grad():
         assert torch.equal(unet(*inputs).sample, expected)
