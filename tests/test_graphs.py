@@ -170,6 +170,37 @@ def test_in_place_weight_change_is_followed_and_replacement_drops_graphs():
 
 
 @pytest.mark.gpu
+def test_replay_is_launched_before_the_fingerprint_and_discarded_when_it_changed(monkeypatch):
+    """A replay goes out before the model's fingerprint is compared (so the comparison overlaps the GPU's work); when
+    the comparison finds a change that leaves every weight in place (a forward hook here), that replay's output is
+    discarded and the call runs the changed model."""
+    unet, inputs = tiny_unet(), unet_inputs(2)
+    patch(unet, cuda_graph=True)
+    events = []
+    real_fingerprint, real_replay = graphs.fingerprint, graphs.GraphedCall._replay
+    monkeypatch.setattr(graphs, "fingerprint", lambda m: events.append("fingerprint") or real_fingerprint(m))
+    monkeypatch.setattr(graphs.GraphedCall, "_replay",
+                        staticmethod(lambda *a: events.append("replay") or real_replay(*a)))
+    with torch.no_grad():
+        unet(*inputs)  # captures
+        events.clear()
+        out = unet(*inputs).sample
+        assert events == ["replay", "fingerprint"]
+        assert relative_error(out, eager(unet, *inputs)) < 1e-5
+        unet.conv_in.register_forward_hook(lambda module, args, output: output * 2)
+        events.clear()
+        out = unet(*inputs).sample
+        assert events[:3] == ["replay", "fingerprint", "fingerprint"]  # replayed, found changed, checked again
+        assert relative_error(out, eager(unet, *inputs)) < 1e-5
+        unet.conv_in.weight = nn.Parameter(unet.conv_in.weight * 0.5, requires_grad=False)  # freed: no replay first
+        events.clear()
+        out = unet(*inputs).sample
+        assert events[0] == "fingerprint"
+        assert relative_error(out, eager(unet, *inputs)) < 1e-5
+    unpatch(unet)
+
+
+@pytest.mark.gpu
 def test_peft_lora_after_patching():
     peft = pytest.importorskip("peft")
     unet, inputs = tiny_unet(), unet_inputs(2)
