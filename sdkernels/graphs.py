@@ -15,6 +15,7 @@ is not, torch.compile tracing, a capture already running) the model runs eagerly
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import inspect
@@ -29,6 +30,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from . import tuning
 from .benchmarking import as_cuda_graph
 from .dispatch import SdkernelsFallbackWarning
+from .shadow import ShadowMethod
 
 _GRAPHED = "_sdkernels_graphed"  # on a model: its GraphedCall
 _SILENT = ""                     # an eager reason the user cannot act on (they are compiling or capturing already)
@@ -161,11 +163,17 @@ class GraphedCall:
         self.warned = set()
         self.open = True
 
-        def method(*args, **kwargs):
-            return self(*args, **kwargs)
-        # functools.wraps keeps the method's name, docstring and (through __wrapped__) its signature for callers
-        # that inspect it
-        self.method = model.__dict__[t.method] = functools.wraps(self.original)(method)
+        self.method = model.__dict__[t.method] = ShadowMethod(self, self.original)
+
+    def __deepcopy__(self, memo):
+        """The GraphedCall of a deep copy of the model: the same target, bound to the copy, without graphs (CUDA
+        graphs and their pool are not copied; the copy captures its own)."""
+        new = copy.copy(self)
+        memo[id(self)] = new
+        for name in ("model", "shadowed", "original", "method"):
+            setattr(new, name, copy.deepcopy(getattr(self, name), memo))
+        new.graphs, new.pool, new.state, new.tensors, new.warned = {}, None, None, None, set()
+        return new
 
     def __call__(self, *args, **kwargs):
         """The graph of this signature, replayed on copies of these arguments; eager where no graph can serve.

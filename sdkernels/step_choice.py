@@ -19,7 +19,6 @@ H200), and measuring it would cost seconds of decodes.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -27,6 +26,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from . import tuning
+from .shadow import ShadowMethod
 
 _CHOICE = "_sdkernels_step_choice"  # on a model: its StepChoice
 PATCHED, ORIGINALS = "patched", "originals"
@@ -63,9 +63,7 @@ class StepChoice:
         self.choices = tuning.MeasuredChoice(f"step_{type(model).__name__}_{method}")
         self.open = True
 
-        def run(*args, **kwargs):
-            return self(*args, **kwargs)
-        self.method = model.__dict__[method] = functools.wraps(self.original)(run)
+        self.method = model.__dict__[method] = ShadowMethod(self, self.original)
 
     def __call__(self, *args, **kwargs):
         if not self.open or torch.compiler.is_compiling() or torch.is_grad_enabled():

@@ -116,6 +116,31 @@ def test_unpatch_removes_the_wrapper():
     assert "forward" not in unet.__dict__ and "decode" not in vae.__dict__
 
 
+@pytest.mark.parametrize("cuda_graph", [True, False], ids=["graphs", "step choice"])
+def test_a_deep_copy_runs_its_own_weights(cuda_graph):
+    """The wrapper on a patched UNet's forward (GraphedCall with graphs, StepChoice without) is copied with the
+    model: the copy runs its own modules and weights, the original stays as it was, and the copy's forward keeps the
+    UNet's signature (diffusers' pipelines inspect it)."""
+    import copy
+    import inspect
+    from sdkernels import step_choice
+    unet, inputs = tiny_unet(), unet_inputs()
+    patch(unet, ops=[] if cuda_graph else None, cuda_graph=cuda_graph)  # (a step choice needs patched modules)
+    twin = copy.deepcopy(unet)
+    wrapper = graphs.graphed(twin) if cuda_graph else step_choice.installed(twin)
+    assert wrapper.model is twin and twin.forward.owner is wrapper and wrapper.original.__self__ is twin
+    assert "encoder_hidden_states" in inspect.signature(twin.forward).parameters
+    with torch.no_grad():
+        expected = unet(*inputs).sample
+        assert torch.equal(twin(*inputs).sample, expected)
+        twin.conv_in.weight.mul_(2.0)
+        assert relative_error(twin(*inputs).sample, expected) > 1e-3
+        assert torch.equal(unet(*inputs).sample, expected)
+    unpatch(twin)
+    assert "forward" not in twin.__dict__ and "forward" in unet.__dict__
+    unpatch(unet)
+
+
 def test_patch_twice_and_graphs_added_later():
     unet, inputs = tiny_unet(), unet_inputs()
     with torch.no_grad():

@@ -1,0 +1,20 @@
+"""The instance attribute that shadows a model's method (CUDA graphs' ``GraphedCall``, ``StepChoice``).
+
+A plain closure there would survive ``copy.deepcopy(model)`` as the very same function (deepcopy does not copy
+functions), so the copy would keep calling the original model's wrapper, and through it the original model. A
+``ShadowMethod`` is an object: a deep copy of the model copies it and its owner along with the model. It keeps the
+method's name, docstring and (``__wrapped__``) signature for callers that inspect it, as diffusers' pipelines do.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+
+class ShadowMethod:
+    def __init__(self, owner: Callable, method: Callable):
+        self.owner = owner
+        functools.update_wrapper(self, method)
+
+    def __call__(self, *args, **kwargs):
+        return self.owner(*args, **kwargs)
