@@ -129,6 +129,7 @@ def test_split_plans(split_plan, layout, dtype):
     check("triton", x, g, w, b, 1e-5, True, r)
     check("triton", x, g, w, b, 1e-5, True, r, shift=make_shift(x))
     check("triton", x, g, w, b, 1e-5, False, None, shift=make_shift(x, torch.float32).t().contiguous().t())
+    check("triton", x, g, w, b, 1e-5, True, None, shift=make_shift(x)[:1].expand(x.shape[0], -1))  # stride 0
 
 
 def test_split_plans_large_mean(split_plan):
@@ -275,14 +276,19 @@ def test_sd_shapes(shape, backend, dtype):
         check(backend, x, g, w, b, 1e-6, True, r)
         if dims[0] == 2:  # UNet shapes: norm2 of a ResNet block takes conv1's bias + temb as the shift
             check(backend, x, g, w, b, 1e-6, True, None, shift=make_shift(x))
+        else:  # VAE shapes: conv1's bias alone, the same row for every sample (batch stride 0)
+            check(backend, x, g, w, b, 1e-6, True, None, shift=make_shift(x)[:1].expand(dims[0], -1))
 
 
 @pytest.mark.gpu
 @given(batch=st.integers(1, 2), groups=st.sampled_from([8, 16, 32]),
        channels=st.sampled_from([128, 256, 320, 512, 640, 960, 1280, 1920, 2560]),
        h=st.integers(1, 130), w=st.integers(1, 130), dtype=st.sampled_from(DTYPES),
-       residual=st.booleans(), silu=st.booleans(), affine=st.booleans(), shift=st.booleans())
+       residual=st.booleans(), silu=st.booleans(), affine=st.booleans(),
+       shift=st.sampled_from(["none", "per sample", "broadcast"]))
 def test_cuda_backend_properties(batch, groups, channels, h, w, dtype, residual, silu, affine, shift):
     note(f"B={batch} C={channels} H={h} W={w} G={groups} {dtype} residual={residual} silu={silu} shift={shift}")
     x, g, wt, b, r = make_case((batch, channels, h, w), groups, dtype, "channels_last", affine, residual)
-    check("cuda", x, g, wt, b, 1e-5, silu, r, shift=make_shift(x) if shift else None)
+    # "broadcast": one row for all samples (batch stride 0), as a conv bias alone is
+    sh = {"none": None, "per sample": make_shift(x), "broadcast": make_shift(x)[:1].expand(batch, -1)}[shift]
+    check("cuda", x, g, wt, b, 1e-5, silu, r, shift=sh)

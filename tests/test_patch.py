@@ -176,10 +176,11 @@ def test_resnet_block_branches(config, op_calls, exact_fp32, monkeypatch):
         with sdkernels.use_backend("triton", op="group_norm", strict=True):
             out = block(x, temb)
     scale_shift = config.get("time_embedding_norm") == "scale_shift"
-    # With a "default" time embedding, conv1 runs without its bias, which joins the time embedding's add.
-    assert len(conv1_calls) == (0 if config["temb_channels"] and not scale_shift else 1)
-    # ... and norm2 adds both as it reads conv1's output
-    assert op_calls.shifted == [False, bool(config["temb_channels"]) and not scale_shift]
+    # Unless the time embedding is scale_shift, conv1 runs without its bias, which joins the time embedding's add
+    # (or, with no time embedding, stands alone) ...
+    assert len(conv1_calls) == (1 if scale_shift else 0)
+    # ... and norm2 adds it as it reads conv1's output
+    assert op_calls.shifted == [False, not scale_shift]
     # conv2 runs without its bias: bias, shortcut and 1 / output_scale_factor are one pass over its output.
     assert len(epilogues) == 1 and epilogues[0][1] is block.conv2.bias
     assert epilogues[0][3] == 1 / config.get("output_scale_factor", 1.0)

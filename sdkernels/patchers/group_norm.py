@@ -106,6 +106,11 @@ def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
             temb = temb + self.conv1.bias[:, None, None]
         if temb.shape[0] == hidden_states.shape[0]:
             shift = temb.flatten(1)
+    elif (temb is None and self.time_embedding_norm != "scale_shift"
+          and _conv_bias_foldable(self.conv1, hidden_states)):
+        # no time embedding (the VAE's blocks): conv1's bias alone is norm2's shift, broadcast over the batch
+        hidden_states = conv_without_bias(self.conv1, hidden_states)
+        shift = self.conv1.bias.expand(hidden_states.shape[0], -1)
     else:
         hidden_states = self.conv1(hidden_states)
 
