@@ -9,6 +9,7 @@ from sdkernels.ops import (attention_reference, geglu_reference, gelu_reference,
                            linear_geglu_reference)
 from sdkernels.ops import (add_bias_residual_reference, conv3x3_eager, conv3x3_reference, group_norm_stats_reference,
                            winograd_conv3x3_reference)
+from sdkernels.ops import add_layer_norm, add_layer_norm_reference
 from sdkernels.ops.attention import GPU_UNSAFE_HEAD_DIMS
 from sdkernels.testing import assert_close, relative_error
 
@@ -128,6 +129,16 @@ def bias_add_cases():
                 yield (y, b, None, 1.0)
 
 
+def add_layer_norm_cases():
+    """Row and column tails (one row, odd widths, 154 CLIP rows), the widest row the kernel takes, affine or not."""
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for shape in ((1, 1), (7, 3), (2, 77, 768), (3, 11, 333), (5, 8192)):
+            x = torch.randn(shape, device="cuda", dtype=dtype)
+            w = torch.randn(shape[-1], device="cuda", dtype=dtype)
+            yield (x, torch.randn_like(x), w, torch.randn_like(w), 1e-5)
+            yield (x, torch.randn_like(x), None, None, 1e-6)
+
+
 def describe_args(args) -> str:
     return " ".join(f"{tuple(a.shape)}:{str(a.dtype)[6:]}" if isinstance(a, torch.Tensor) else repr(a) for a in args)
 
@@ -154,6 +165,9 @@ def cases():
     for args in bias_add_cases():
         yield ("add_bias_residual_", "triton", lambda a=args: sdkernels.ops.add_bias_residual_(a[0].clone(), *a[1:]),
                lambda a=args: add_bias_residual_reference(a[0].clone(), *a[1:]), args, 2e-2)
+    for args in add_layer_norm_cases():  # (total, normed) stacked: both checked elementwise
+        yield ("add_layer_norm", "triton", lambda a=args: torch.stack(add_layer_norm(*a)),
+               lambda a=args: torch.stack(add_layer_norm_reference(*a)), args, None)
     for args in conv3x3_cases():
         yield ("conv3x3_fused", "triton", lambda a=args: torch.ops.sdkernels.conv3x3_fused(*a)[0],
                lambda a=args: conv3x3_reference(*a)[0], args, 2e-2)

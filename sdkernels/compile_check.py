@@ -60,7 +60,7 @@ def _compiler_env() -> None:
     the interpreter at decoration time."""
     os.environ["TRITON_INTERPRET"] = "0"
     os.environ["TRITON_DEFAULT_FP_FUSION"] = "1"
-    for knob in ("SDKERNELS_AUTOTUNE", "SDKERNELS_GN_PLAN", "SDKERNELS_POISON_OUTPUTS"):
+    for knob in ("SDKERNELS_AUTOTUNE", "SDKERNELS_GN_PLAN", "SDKERNELS_POISON_OUTPUTS", "SDKERNELS_ADD_LN_TILE"):
         os.environ.pop(knob, None)
 
 
@@ -391,6 +391,22 @@ def bias_add_scenarios():
                            _backend_call("add_bias_residual_", "triton", y, y.new_empty(320), residual, scale))
 
 
+# (rows, C): SD1.5 / SDXL transformer widths (several rows a program), CLIP's 768 (154 rows: a tail), and the
+# widest row the kernel takes (16 warps on one row).
+ADD_LAYER_NORM_SHAPES = ((8192, 320), (2048, 640), (512, 1280), (154, 768), (4, 8192))
+
+
+def add_layer_norm_scenarios():
+    import torch
+    for (dt, dtype), (rows, C) in itertools.product(_dtypes().items(), ADD_LAYER_NORM_SHAPES):
+        x = torch.empty(2, rows // 2, C, dtype=dtype)
+        affines = ((True, True), (True, False), (False, False)) if C == 320 else ((True, True),)
+        for weight, bias in affines:
+            args = (x, torch.empty_like(x), x.new_empty(C) if weight else None, x.new_empty(C) if bias else None, 1e-5)
+            yield Scenario(f"add_layer_norm {dt} {tuple(x.shape)} weight={weight} bias={bias}",
+                           _backend_call("add_layer_norm", "triton", *args))
+
+
 def gelu_scenarios():
     import torch
     for (dt, dtype), approximate in itertools.product(_dtypes().items(), ("none", "tanh")):
@@ -484,7 +500,8 @@ def conv3x3_tma_scenarios():
 
 
 SCENARIO_FAMILIES = (attention_scenarios, linear_geglu_scenarios, conv3x3_scenarios, conv3x3_tma_scenarios,
-                     group_norm_scenarios, gelu_scenarios, bias_add_scenarios, layer_norm_scenarios)
+                     group_norm_scenarios, gelu_scenarios, bias_add_scenarios, layer_norm_scenarios,
+                     add_layer_norm_scenarios)
 
 
 def collect(archs, mods) -> tuple[dict, list]:

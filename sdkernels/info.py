@@ -21,7 +21,8 @@ def probe_inputs(device):
             "conv3x3_fused": (x, conv, w, stats, w, w, None, x, 1.0, 32, 1e-6), "conv3x3": (x, conv, w, x, 1.0),
             "gelu": (tokens, "none"), "geglu": (tokens, "none"),
             "linear_geglu": (tokens, proj, torch.randn(2 * 1280, **half), "none"),
-            "flash_attention": (tokens, tokens, tokens, 40 ** -0.5, None, 8)}
+            "flash_attention": (tokens, tokens, tokens, 40 ** -0.5, None, 8),
+            "add_layer_norm": (tokens, tokens, tokens[0, 0], tokens[0, 0], 1e-5)}
 
 
 def report() -> str:

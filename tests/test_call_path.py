@@ -32,6 +32,7 @@ def _cases():
     yield "group_norm_stats", group_norm_stats, (x, 4)
     yield "flash_attention", lambda q, k, v: sdkernels.flash_attention(q, k, v, heads=2), (q, q, q)
     yield "conv3x3_fused", conv3x3_fused, (x, _rand(8, 8, 3, 3))
+    yield "add_layer_norm", sdkernels.add_layer_norm, (_rand(2, 3, 8), _rand(2, 3, 8), w, w)
 
 
 CASES = {name: (fn, args) for name, fn, args in _cases()}

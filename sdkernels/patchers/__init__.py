@@ -7,5 +7,6 @@ from . import bands  # noqa: F401
 from . import layout  # noqa: F401
 from . import pointwise_conv  # noqa: F401
 from . import layer_norm  # noqa: F401
+from . import transformer_block  # noqa: F401  (registers itself ahead of layer_norm)
 from . import conv3x3  # noqa: F401
 from . import projections  # noqa: F401  (after attention and group_norm: it groups the layers they call)
