@@ -142,3 +142,59 @@ def test_sd_shapes_and_cuda_graphs(dim, heads, tokens, dtype, fused_calls):
     error = (out.double() - exact).abs().max().item()
     assert error <= 2 * eager_error + 1e-3, f"ours {error:.3g}, eager's {eager_error:.3g}"
     assert torch.equal(graphed, out)
+
+
+def chain(patched=True):
+    torch.manual_seed(0)
+    blocks = [make_block(), make_block()]
+    if patched:
+        for b in blocks:
+            patch(b, ops=OPS)
+    return blocks
+
+
+def test_a_chain_learns_its_link_and_fuses_the_last_add_with_the_next_norm1(fused_calls):
+    x, states = torch.randn(2, 5, 32, device=DEVICE), torch.randn(2, 7, 24, device=DEVICE)
+    first, second = chain(patched=False)
+    with torch.no_grad():
+        expected = second(first(x, encoder_hidden_states=states), encoder_hidden_states=states)
+        first, second = chain()
+        norm1_calls = []
+        second.norm1.forward = lambda h, f=second.norm1.forward: norm1_calls.append(1) or f(h)
+        for call in range(3):
+            fused_calls.clear(), norm1_calls.clear()
+            out = second(first(x, encoder_hidden_states=states), encoder_hidden_states=states)
+            assert_close(out, expected, torch.float32, reduction_size=32, what=f"call {call}")
+            # the first call learns that first's output feeds second; later calls fuse the add with second.norm1
+            assert (len(fused_calls), len(norm1_calls)) == ((4, 1) if call == 0 else (5, 0))
+        unpatch(first)
+        assert patcher._NEXT_NORM not in first.__dict__
+
+
+@pytest.mark.parametrize("between", ["in-place change", "another tensor", "hook on norm1", "inference mode"])
+def test_a_linked_chain_still_computes_what_its_input_is(between):
+    x, states = torch.randn(2, 5, 32, device=DEVICE), torch.randn(2, 7, 24, device=DEVICE)
+    first, second = chain(patched=False)
+
+    def run(first, second):
+        h = first(x, encoder_hidden_states=states)
+        if between == "in-place change":
+            h.mul_(1.5)
+        if between == "another tensor":
+            h = h.clone()
+        return second(h, encoder_hidden_states=states)
+
+    hooked = []
+    with torch.no_grad():
+        expected = run(first, second)
+        first, second = chain()
+        run(first, second)  # learns the link
+        if between == "hook on norm1":
+            second.norm1.register_forward_hook(lambda *a: hooked.append(1))
+        if between == "inference mode":
+            with torch.inference_mode():
+                out = run(first, second)
+        else:
+            out = run(first, second)
+    assert_close(out, expected, torch.float32, reduction_size=32, what=between)
+    assert hooked == ([1] if between == "hook on norm1" else [])

@@ -4,7 +4,8 @@ and SDXL).
 
 The block computes ``h = attn1(norm1(h)) + h``, then ``norm2(h)`` for attn2, ``h = attn2(...) + h``, then
 ``norm3(h)`` for the feed-forward: each sum is written and read back at once by the next norm. The op reads the two
-addends, writes the sum (the residual stream goes on) and the normalized rows in one pass. The attention, the
+addends, writes the sum (the residual stream goes on) and the normalized rows in one pass. The block's last add
+(``ff(...) + h``) joins the next block's norm1 the same way where one block feeds the next (see "the chain"). The
 feed-forward and norm1 stay module calls (so LoRA layers, processors and other patchers keep working); whatever the
 fused path does not cover (other norm types, positional embeddings, GLIGEN, chunked feed-forward, 4-D inputs,
 autograd, autocast) runs the original forward.
@@ -12,6 +13,8 @@ autograd, autocast) runs the original forward.
 from __future__ import annotations
 
 from typing import Optional
+
+import weakref
 
 import torch
 from torch import nn
@@ -52,6 +55,58 @@ def _add_then_norm(addend: torch.Tensor, stream: torch.Tensor, norm: nn.LayerNor
     return total, norm(total)
 
 
+# ---- the chain: a block's last add fused with the next block's norm1 --------------------------------------------
+# Where a block's output goes straight into the next block (SDXL's transformers chain 2 to 10), the last add and the
+# next block's norm1 are one op too. A block cannot see its successor, so the link is learned: a block's output is
+# offered in _PENDING, and the block that takes exactly that tensor as its input (same object, no in-place change
+# since: weak reference and version counter) links its norm1 to the producer. From then on the producer computes
+# that norm with its add and leaves the result in _PENDING; the consumer takes it instead of calling norm1. A
+# consumer that gets any other tensor, or whose norm1 gained hooks, calls norm1: a wrong link costs time, never
+# correctness. Under CUDA graphs the warm-up calls learn the links and the capture records the fused kernels.
+_NEXT_NORM = "_sdkernels_next_norm"  # on a producer: weak reference to the norm1 its output feeds
+_EMPTY = (None, -1, None, None, None)
+# (weak reference to the output, its version, the norm applied or None, the normed output, weak ref. to the producer)
+_PENDING = list(_EMPTY)
+
+
+def _tracks(x: torch.Tensor) -> bool:
+    # (torch.compile traces neither weak references nor version counters; inference tensors have no version)
+    return not torch.compiler.is_compiling() and not x.is_inference()
+
+
+def _plain_norm(norm) -> bool:
+    return (type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1
+            and not (norm._forward_hooks or norm._forward_pre_hooks))
+
+
+def _first_norm(block, hidden_states):
+    """norm1(hidden_states): the one its producer computed with its add, if any; learns the link otherwise."""
+    ref, version, norm, normed, producer = _PENDING
+    if ref is not None and ref() is hidden_states and _tracks(hidden_states) and version == hidden_states._version:
+        _PENDING[:] = _EMPTY
+        if norm is block.norm1 and _plain_norm(norm):
+            return normed
+        producer = producer()
+        if norm is None and producer is not None and _plain_norm(block.norm1):
+            producer.__dict__[_NEXT_NORM] = weakref.ref(block.norm1)
+    return block.norm1(hidden_states)
+
+
+def _last_add(block, ff_output, hidden_states):
+    """ff_output + hidden_states, offered to the next block (with its norm1 applied, where linked)."""
+    if not _tracks(hidden_states):
+        return ff_output + hidden_states
+    link = block.__dict__.get(_NEXT_NORM)
+    norm = link() if link is not None else None
+    if (norm is not None and _plain_norm(norm) and _fusable(ff_output, hidden_states, norm)
+            and not must_run_original(*norm.parameters())):
+        total, normed = add_layer_norm(ff_output, hidden_states, norm.weight, norm.bias, norm.eps)
+    else:
+        total, norm, normed = ff_output + hidden_states, None, None
+    _PENDING[:] = (weakref.ref(total), total._version, norm, normed, weakref.ref(block))
+    return total
+
+
 def _block_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
                    encoder_attention_mask=None, timestep=None, cross_attention_kwargs=None, class_labels=None,
                    added_cond_kwargs=None):
@@ -68,7 +123,7 @@ def _block_forward(self, hidden_states, attention_mask=None, encoder_hidden_stat
             cross_attention_kwargs=cross_attention_kwargs, class_labels=class_labels,
             added_cond_kwargs=added_cond_kwargs)
     kwargs = cross_attention_kwargs or {}
-    attn_output = self.attn1(self.norm1(hidden_states),
+    attn_output = self.attn1(_first_norm(self, hidden_states),
                              encoder_hidden_states=encoder_hidden_states if self.only_cross_attention else None,
                              attention_mask=attention_mask, **kwargs)
     if self.attn2 is not None:
@@ -76,7 +131,7 @@ def _block_forward(self, hidden_states, attention_mask=None, encoder_hidden_stat
         attn_output = self.attn2(norm_hidden_states, encoder_hidden_states=encoder_hidden_states,
                                  attention_mask=encoder_attention_mask, **kwargs)
     hidden_states, norm_hidden_states = _add_then_norm(attn_output, hidden_states, self.norm3)
-    return self.ff(norm_hidden_states) + hidden_states
+    return _last_add(self, self.ff(norm_hidden_states), hidden_states)
 
 
 def _find(model):
@@ -107,6 +162,12 @@ def _why_not(block) -> Optional[str]:
 
 
 # Ahead of layer_norm, which then still patches norm1 and, for the fallback path, norm2 and norm3.
+def _restore(block) -> None:
+    unbind_forward(block)
+    block.__dict__.pop(_NEXT_NORM, None)
+    _PENDING[:] = _EMPTY
+
+
 register(Patcher(name="transformer_add_norm", find=_find, why_not=_why_not,
-                 apply=lambda block: bind_forward(block, _block_forward), restore=unbind_forward),
+                 apply=lambda block: bind_forward(block, _block_forward), restore=_restore),
          before="layer_norm")
