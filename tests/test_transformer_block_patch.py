@@ -198,3 +198,19 @@ def test_a_linked_chain_still_computes_what_its_input_is(between):
             out = run(first, second)
     assert_close(out, expected, torch.float32, reduction_size=32, what=between)
     assert hooked == ([1] if between == "hook on norm1" else [])
+
+
+def test_a_deep_copy_of_a_linked_chain_links_its_own_blocks(fused_calls):
+    import copy
+    x, states = torch.randn(2, 5, 32, device=DEVICE), torch.randn(2, 7, 24, device=DEVICE)
+    with torch.no_grad():
+        first, second = chain()
+        second(first(x, encoder_hidden_states=states), encoder_hidden_states=states)  # learns the link
+        first_copy, second_copy = copy.deepcopy([first, second])
+        assert first_copy.__dict__[patcher._NEXT_NORM] is second_copy.norm1
+        second_copy.norm1.weight.mul_(2)  # the copy's own norm, not the original's
+        fused_calls.clear()
+        out = second_copy(first_copy(x, encoder_hidden_states=states), encoder_hidden_states=states)
+        assert len(fused_calls) == 5
+        reference = second_copy(first_copy(x, encoder_hidden_states=states).clone(), encoder_hidden_states=states)
+    assert_close(out, reference, torch.float32, reduction_size=32, what="deep copy")

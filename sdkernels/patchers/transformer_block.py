@@ -63,7 +63,9 @@ def _add_then_norm(addend: torch.Tensor, stream: torch.Tensor, norm: nn.LayerNor
 # that norm with its add and leaves the result in _PENDING; the consumer takes it instead of calling norm1. A
 # consumer that gets any other tensor, or whose norm1 gained hooks, calls norm1: a wrong link costs time, never
 # correctness. Under CUDA graphs the warm-up calls learn the links and the capture records the fused kernels.
-_NEXT_NORM = "_sdkernels_next_norm"  # on a producer: weak reference to the norm1 its output feeds
+# On a producer: the norm1 its output feeds. A plain reference to a module of the same model, kept out of _modules (no
+# state_dict entry, no second owner in .modules()): a deep copy of the model links its own copies.
+_NEXT_NORM = "_sdkernels_next_norm"
 _EMPTY = (None, -1, None, None, None)
 # (weak reference to the output, its version, the norm applied or None, the normed output, weak ref. to the producer)
 _PENDING = list(_EMPTY)
@@ -87,8 +89,8 @@ def _first_norm(block, hidden_states):
         if norm is block.norm1 and _plain_norm(norm):
             return normed
         producer = producer()
-        if norm is None and producer is not None and _plain_norm(block.norm1):
-            producer.__dict__[_NEXT_NORM] = weakref.ref(block.norm1)
+        if producer is not None and _plain_norm(block.norm1):  # a new link, or one that pointed elsewhere
+            producer.__dict__[_NEXT_NORM] = block.norm1
     return block.norm1(hidden_states)
 
 
@@ -96,8 +98,7 @@ def _last_add(block, ff_output, hidden_states):
     """ff_output + hidden_states, offered to the next block (with its norm1 applied, where linked)."""
     if not _tracks(hidden_states):
         return ff_output + hidden_states
-    link = block.__dict__.get(_NEXT_NORM)
-    norm = link() if link is not None else None
+    norm = block.__dict__.get(_NEXT_NORM)
     if (norm is not None and _plain_norm(norm) and _fusable(ff_output, hidden_states, norm)
             and not must_run_original(*norm.parameters())):
         total, normed = add_layer_norm(ff_output, hidden_states, norm.weight, norm.bias, norm.eps)
