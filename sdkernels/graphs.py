@@ -175,6 +175,13 @@ class GraphedCall:
         new.graphs, new.pool, new.state, new.tensors, new.warned = {}, None, None, None, set()
         return new
 
+    def __getstate__(self):
+        """Pickled (``torch.save`` of the model) without graphs: CUDA graphs and their pool do not pickle; the loaded
+        model captures its own."""
+        state = self.__dict__.copy()
+        state.update(graphs={}, pool=None, state=None, tensors=None, warned=set())
+        return state
+
     def __call__(self, *args, **kwargs):
         """The graph of this signature, replayed on copies of these arguments; eager where no graph can serve.
 

@@ -53,6 +53,10 @@ class LinearGroup:
         self.broken = None  # why the group no longer computes (its members then run as modules)
         self._link()
 
+    def __getstate__(self):
+        # (a pickled model: a result held mid-forward refers to its input weakly, which does not pickle)
+        return {**self.__dict__, "_result": None}
+
     # ---- the buffers ----------------------------------------------------------------------------------------------
 
     def _link(self) -> bool:

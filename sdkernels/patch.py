@@ -19,9 +19,9 @@ Rules every patcher follows, through the helpers below:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
-import types
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
@@ -183,13 +183,20 @@ def bind_forward(module: nn.Module, forward: Callable) -> None:
         raise RuntimeError(f"sdkernels: the forward of this {type(module).__name__} is already replaced")
     # (the instance attribute it shadows, or None when forward came from the class; the callable to fall back to)
     state[_ORIGINAL_FORWARD] = (state.get("forward"), module.forward)
-    state["forward"] = types.MethodType(forward, module)
+    state["forward"] = bound_to(forward, module)
+
+
+def bound_to(function: Callable, module: nn.Module) -> Callable:
+    """``function`` bound to ``module`` as a method: a functools.partial rather than a bound method, because a bound
+    method pickles as a lookup of its name on the instance, which a function kept in the instance's __dict__ has
+    not (``torch.save`` of a patched model would load as an error); a partial pickles the function by its name."""
+    return functools.partial(function, module)
 
 
 def forward_is(module: nn.Module, forward: Callable) -> bool:
     """Whether bind_forward made ``forward`` the instance's forward."""
     bound = module.__dict__.get("forward") if _ORIGINAL_FORWARD in module.__dict__ else None
-    return getattr(bound, "__func__", None) is forward
+    return getattr(bound, "func", None) is forward
 
 
 def original_forward(module: nn.Module) -> Callable:

@@ -141,6 +141,33 @@ def test_a_deep_copy_runs_its_own_weights(cuda_graph):
     unpatch(unet)
 
 
+@pytest.mark.parametrize("cuda_graph", [True, False], ids=["graphs", "no graphs"])
+def test_a_patched_model_survives_torch_save_and_load(cuda_graph):
+    """torch.save of a whole patched UNet (default ops) loads as a patched UNet computing the same output; its
+    graphs are not saved (the loaded model captures its own), and unpatch restores the loaded model too."""
+    import io
+    from sdkernels.patch import patched_by
+    unet, inputs = tiny_unet(), unet_inputs()
+    with torch.no_grad():
+        original = unet(*inputs).sample
+        patch(unet, cuda_graph=cuda_graph)
+        expected = unet(*inputs).sample
+        unet(*inputs)  # a graph replayed by now, where there is a GPU
+        buffer = io.BytesIO()
+        torch.save(unet, buffer)
+        buffer.seek(0)
+        twin = torch.load(buffer, weights_only=False)
+        patched = {name: patched_by(m) for name, m in unet.named_modules() if patched_by(m)}
+        assert {name: patched_by(m) for name, m in twin.named_modules() if patched_by(m)} == patched
+        assert len(patched) > 20
+        wrapper = graphs.graphed(twin)
+        assert (wrapper is not None) == cuda_graph and (wrapper is None or wrapper.graphs == {})
+        assert torch.equal(twin(*inputs).sample, expected)
+        unpatch(twin)
+        assert "forward" not in twin.__dict__ and relative_error(twin(*inputs).sample, original) < 1e-6
+    unpatch(unet)
+
+
 def test_patch_twice_and_graphs_added_later():
     unet, inputs = tiny_unet(), unet_inputs()
     with torch.no_grad():

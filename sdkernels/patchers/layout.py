@@ -10,12 +10,11 @@ graphs went from 7.09 to 6.72 ms (SD1.5) and from 33.3 to 31.9 ms (SDXL). Other 
 from __future__ import annotations
 
 import functools
-import types
 from typing import Optional
 
 import torch
 
-from ..patch import Patcher, must_run_original, register
+from ..patch import Patcher, bound_to, must_run_original, register
 
 _METHOD = "_get_output_for_continuous_inputs"
 # The names the mirrored method uses (diffusers 0.28 to 0.42): another set means another method.
@@ -64,7 +63,7 @@ def _why_not(module) -> Optional[str]:
 
 
 def _apply(module) -> None:
-    module.__dict__[_METHOD] = types.MethodType(_output_for_continuous_inputs, module)
+    module.__dict__[_METHOD] = bound_to(_output_for_continuous_inputs, module)
 
 
 def _restore(module) -> None:
