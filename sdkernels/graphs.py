@@ -15,7 +15,6 @@ is not, torch.compile tracing, a capture already running) the model runs eagerly
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import inspect
@@ -165,19 +164,9 @@ class GraphedCall:
 
         self.method = model.__dict__[t.method] = ShadowMethod(self, self.original)
 
-    def __deepcopy__(self, memo):
-        """The GraphedCall of a deep copy of the model: the same target, bound to the copy, without graphs (CUDA
-        graphs and their pool are not copied; the copy captures its own)."""
-        new = copy.copy(self)
-        memo[id(self)] = new
-        for name in ("model", "shadowed", "original", "method"):
-            setattr(new, name, copy.deepcopy(getattr(self, name), memo))
-        new.graphs, new.pool, new.state, new.tensors, new.warned = {}, None, None, None, set()
-        return new
-
     def __getstate__(self):
-        """Pickled (``torch.save`` of the model) without graphs: CUDA graphs and their pool do not pickle; the loaded
-        model captures its own."""
+        """Copied (``copy.deepcopy`` of the model) and pickled (``torch.save``) without graphs: CUDA graphs and their
+        pool neither copy nor pickle; the new model, its own target bound to it, captures its own."""
         state = self.__dict__.copy()
         state.update(graphs={}, pool=None, state=None, tensors=None, warned=set())
         return state

@@ -162,13 +162,13 @@ def _why_not(block) -> Optional[str]:
     return None
 
 
-# Ahead of layer_norm, which then still patches norm1 and, for the fallback path, norm2 and norm3.
 def _restore(block) -> None:
     unbind_forward(block)
     block.__dict__.pop(_NEXT_NORM, None)
     _PENDING[:] = _EMPTY
 
 
+# Ahead of layer_norm, which then still patches norm1 and, for the fallback path, norm2 and norm3.
 register(Patcher(name="transformer_add_norm", find=_find, why_not=_why_not,
                  apply=lambda block: bind_forward(block, _block_forward), restore=_restore),
          before="layer_norm")
