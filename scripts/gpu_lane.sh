@@ -37,9 +37,10 @@ fi
 if [[ $steps == *test* ]]; then
   step test
   # One pytest process per test file, TEST_JOBS at a time: a CUDA error in one file cannot fail another, and the
-  # files compile their kernels in parallel on the machine's cores. All logs end up in $OUT/tests.log (the device
-  # returns only a few files).
-  LOGS=$(mktemp -d); : > "$OUT/tests.log"
+  # files compile their kernels in parallel on the machine's cores. Each file's log is written under $OUT/tests/ as
+  # it runs, so a call cut off by its time limit still returns the files that finished; all end up in
+  # $OUT/tests.log.
+  LOGS="$OUT/tests"; mkdir -p "$LOGS"; : > "$OUT/tests.log"
   run_file() {
     log="$LOGS/$(basename "$1" .py).log"
     timeout ${TEST_TIMEOUT_S:-300} python3 -m pytest -q -rs -p no:cacheprovider --durations=5 "$1" > "$log" 2>&1
