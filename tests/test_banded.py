@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import sdkernels
 from sdkernels import banded
 from sdkernels.ops._common import SdkernelsInputError
-from sdkernels.ops.group_norm import (group_norm_apply, group_norm_apply_reference,
+from sdkernels.ops.group_norm import (group_norm_apply, group_norm_apply_reference, group_norm_reference,
                                       group_norm_stats, group_norm_stats_reference)
 from sdkernels.patch import patch, summary
 from sdkernels.testing import assert_close, relative_error
@@ -35,10 +35,11 @@ def rand(*shape, dtype=torch.float32, channels_last=True, scale=1.0, offset=0.0)
 def small_bands(monkeypatch):
     """Every activation takes the band forwards, in bands of ``rows`` rows (set through the returned function)."""
     monkeypatch.setattr(banded, "MIN_BYTES", 1)
+    monkeypatch.setattr(banded, "IN_PLACE_MIN_BYTES", 1)
     monkeypatch.delenv("SDKERNELS_BAND_MIN_MIB", raising=False)
 
     def rows(n):
-        monkeypatch.setattr(banded, "band_rows", lambda x, channels: n)
+        monkeypatch.setattr(banded, "band_rows", lambda x, channels, band_bytes=0: n)
     return rows
 
 
@@ -124,6 +125,124 @@ def test_resnet_block_in_bands_half(small_bands, dtype, monkeypatch):
     assert_close(banded_out, unbanded_out, dtype)
 
 
+def _count_in_place(monkeypatch) -> list:
+    calls, real = [], banded._resnet_forward_in_place
+    monkeypatch.setattr(banded, "_resnet_forward_in_place", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("rows", [2, 3, 16])
+@pytest.mark.parametrize("n,cin,cout,temb,scale", [(2, 8, 8, None, 1.0), (2, 16, 8, 12, 2.0), (1, 12, 4, None, 1.0),
+                                                   (3, 8, 8, 6, 1.0)])
+def test_resnet_block_in_place_matches_unbanded(small_bands, monkeypatch, rows, n, cin, cout, temb, scale, no_tf32):
+    """A donated input: the block's output is written over the input's memory, band by band, and equals the
+    unbanded forward (every band still reads input rows no earlier band has overwritten)."""
+    small_bands(rows)
+    block = _block(cin, cout, temb, scale)
+    x = rand(n, cin, 9, 5, offset=0.5)
+    t = torch.randn(n, temb, device=DEVICE) if temb else None
+    calls = _count_in_place(monkeypatch)
+    with torch.no_grad():
+        expected = block(x.clone(), t)
+        patch(block, ops=["resnet_gn_silu"], low_memory=True)
+        with banded.donated(x):
+            out = block(x, t)
+    assert calls, "the in-place band forward did not run"
+    assert out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_close(out, expected, torch.float32)
+
+
+@pytest.mark.parametrize("rows", [2, 5])
+def test_resnet_blocks_in_place_chain_through_free_room(small_bands, monkeypatch, rows, no_tf32):
+    """A 16 -> 8 block writes over its donated input, which leaves half the storage free: the next two 8 -> 8 blocks
+    put h (and so their output) there, alternating halves, without computing conv1 twice."""
+    small_bands(rows)
+    blocks = [_block(16, 8), _block(8, 8), _block(8, 8)]
+    x = rand(2, 16, 7, 5, offset=0.5)
+    storage = x.untyped_storage().data_ptr()
+    calls = _count_in_place(monkeypatch)
+    with torch.no_grad():
+        expected = x.clone()
+        for block in blocks:
+            expected = block(expected, None)
+            patch(block, ops=["resnet_gn_silu"], low_memory=True)
+        out, starts = x, []
+        for block in blocks:
+            with banded.donated(out):
+                out = block(out, None)
+            assert out.untyped_storage().data_ptr() == storage
+            starts.append(out.storage_offset())
+    assert len(calls) == 1 and starts == [0, out.numel(), 0]
+    assert_close(out, expected, torch.float32)
+
+
+def test_in_place_output_of_a_slice_leaves_the_rest_of_its_storage_alone(small_bands, monkeypatch, no_tf32):
+    """A donated input that is one sample of a larger tensor: the block writes over that sample only, and the block
+    after it does not take the other sample's memory for free room."""
+    small_bands(2)
+    blocks = [_block(16, 12), _block(12, 12)]
+    both = rand(2, 16, 6, 5, offset=0.5)
+    other = both[:1].clone()
+    with torch.no_grad():
+        expected = blocks[1](blocks[0](both[1:].clone(), None), None)
+        for block in blocks:
+            patch(block, ops=["resnet_gn_silu"], low_memory=True)
+        out = both[1:]  # the second sample: the room before it is the first sample's
+        for block in blocks:
+            with banded.donated(out):
+                out = block(out, None)
+    assert torch.equal(both[:1], other)
+    assert_close(out, expected, torch.float32)
+
+
+@pytest.mark.parametrize("case", ["not donated", "changed since", "wider output", "NCHW", "another tensor"])
+def test_resnet_block_in_place_only_where_safe(small_bands, monkeypatch, case, no_tf32):
+    """Without a donation of exactly this, unchanged, NHWC tensor with room for the output, the input is left
+    as it was (the other band forward runs)."""
+    small_bands(3)
+    block = _block(8, 16 if case == "wider output" else 8)
+    x = rand(1, 8, 7, 5, offset=0.5, channels_last=case != "NCHW")
+    before = x.clone()
+    calls = _count_in_place(monkeypatch)
+    with torch.no_grad():
+        expected = block(x, None)
+        patch(block, ops=["resnet_gn_silu"], low_memory=True)
+        if case == "not donated":
+            out = block(x, None)
+        else:
+            with banded.donated(x.clone() if case == "another tensor" else x):
+                if case == "changed since":
+                    x.mul_(1.0)  # bumps the version counter
+                out = block(x, None)
+    assert not calls
+    assert torch.equal(x, before)
+    assert_close(out, expected, torch.float32)
+
+
+@pytest.mark.parametrize("rows", [[3, 4], [1, 1, 5], [7]])
+def test_merged_band_stats_equal_the_whole_tensors(rows):
+    x = rand(2, 8, sum(rows), 5, scale=3.0, offset=2.0).double()
+    parts, r0 = [], 0
+    for r in rows:
+        parts.append((r, group_norm_stats(x[:, :, r0:r0 + r], 4, 1e-6)))
+        r0 += r
+    torch.testing.assert_close(banded._merged_stats(parts, 1e-6), group_norm_stats(x, 4, 1e-6), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_group_norm_silu_in_place(small_bands, dtype):
+    small_bands(2)
+    norm = randomize(torch.nn.GroupNorm(4, 8)).to(DEVICE)
+    x = rand(2, 8, 5, 3, dtype=dtype, offset=1.0)
+    expected = group_norm_reference(x.double(), 4, norm.weight.double(), norm.bias.double(), norm.eps, silu=True)
+    ptr = x.data_ptr()
+    with torch.no_grad():
+        out = banded.group_norm_silu_in_place(x, norm.to(dtype))
+    assert out.data_ptr() == ptr
+    assert_close(out, expected.to(dtype), dtype)
+
+
 @pytest.mark.parametrize("rows", [2, 3, 5, 64])
 @pytest.mark.parametrize("h,w", [(1, 3), (4, 4), (7, 5)])
 def test_upsampler_in_bands_matches_unbanded(small_bands, rows, h, w, no_tf32):
@@ -139,15 +258,21 @@ def test_upsampler_in_bands_matches_unbanded(small_bands, rows, h, w, no_tf32):
     assert_close(out, expected, torch.float32)
 
 
-def test_vae_decode_in_bands_matches_unpatched(small_bands, no_tf32):
+def test_vae_decode_in_bands_matches_unpatched(small_bands, monkeypatch, no_tf32):
+    """The whole decode in bands, its ResNet blocks in place (the handoff donates their inputs), conv_norm_out +
+    SiLU in place."""
     small_bands(3)
     vae = tiny_vae().to(DEVICE).eval()
     latents = torch.randn(1, 4, 5, 6, device=DEVICE)
+    in_place = _count_in_place(monkeypatch)
+    norm_calls, real_norm = [], banded.group_norm_silu_in_place
+    monkeypatch.setattr(banded, "group_norm_silu_in_place", lambda *a: norm_calls.append(1) or real_norm(*a))
     with torch.no_grad():
         expected = vae.decode(latents).sample
         patched = patch(copy.deepcopy(vae), low_memory=True)
         out = patched.decode(latents).sample
     assert summary(patched).replaced["upsample_bands"] == 1 and summary(patched).replaced["decoder_handoff"] == 1
+    assert in_place and norm_calls
     assert_close(out, expected, torch.float32)
 
 
@@ -196,6 +321,7 @@ def test_bands_are_opt_in_and_only_for_large_activations(monkeypatch):
     sdkernels.unpatch(up)
     assert banded.LOW_MEMORY not in up.__dict__ and not banded.wants_bands(up, large)
     assert banded.band_rows(torch.empty(1, 256, 8, 1024, dtype=torch.float16), 256) == 128
+    assert banded.band_rows(torch.empty(1, 256, 8, 1024, dtype=torch.float16), 256, 16 << 20) == 32
 
 
 def test_blocks_the_band_forward_does_not_mirror_run_unbanded(small_bands):
@@ -243,6 +369,7 @@ def test_low_memory_vae_decode_replays_in_cuda_graphs(monkeypatch):
     and replayed equal the same forwards run eagerly."""
     monkeypatch.setattr(banded, "MIN_BYTES", 1 << 20)
     monkeypatch.setattr(banded, "BAND_BYTES", 1 << 20)
+    monkeypatch.setattr(banded, "IN_PLACE_MIN_BYTES", 1 << 20)  # the in-place blocks and their free room too
     monkeypatch.delenv("SDKERNELS_BAND_MIN_MIB", raising=False)
     vae = tiny_vae().cuda().half().eval()
     latents = torch.randn(1, 4, 128, 128, device="cuda", dtype=torch.float16)

@@ -5,10 +5,14 @@
   decoder_handoff  the VAE Decoder's forward, handing each UpDecoderBlock2D its input without keeping a reference:
                    diffusers' loop (``sample = up_block(sample, ...)``, and Module.__call__'s argument tuple) keeps
                    a block's input (512 MiB at 1024 px) alive until the block returns, beside the activations of
-                   its second and third ResNet blocks.
+                   its second and third ResNet blocks. Where no module of the decoder has hooks (which could keep a
+                   tensor), each ResNet block's input is also donated (sdkernels.banded.donated): nothing else holds
+                   it, so a band forward may write the block's output over it; and conv_norm_out + SiLU run in
+                   place, in bands.
 Every variant the band forwards do not mirror runs the original forward."""
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Optional
 
@@ -16,7 +20,8 @@ import torch
 from torch import nn
 
 from .. import banded
-from ..patch import Patcher, bind_forward, must_run_original, original_forward, register, unbind_forward, why_not_plain
+from ..patch import (Patcher, bind_forward, must_run_original, original_forward, patched_by, register, unbind_forward,
+                     why_not_plain)
 
 
 def _upsample_class():
@@ -84,29 +89,51 @@ def _decoder_forward(self, sample, latent_embeds=None):
     if (banded.min_bytes(self) == 0 or (torch.is_grad_enabled() and self.gradient_checkpointing)
             or must_run_original(sample)):
         return original_forward(self)(sample, latent_embeds)
+    donate = _hookless(self)
     sample = self.conv_in(sample)
     sample = self.mid_block(sample, latent_embeds)
     for up_block in self.up_blocks:
         if why_not_plain(up_block, _decoder_classes()[1], "the up block", hooks_matter=True) is None:
             holder = [sample]
             del sample  # the block's input now lives in holder alone, which _run_up_block_taking empties
-            sample = _run_up_block_taking(up_block, holder, latent_embeds)
+            sample = _run_up_block_taking(up_block, holder, latent_embeds, donate)
         else:
             sample = up_block(sample, latent_embeds)
-    if latent_embeds is None:
-        sample = self.conv_norm_out(sample)
+    if latent_embeds is None and donate and _norm_then_silu(self) and banded.wants_bands(self, sample):
+        sample = banded.group_norm_silu_in_place(sample, self.conv_norm_out)
     else:
-        sample = self.conv_norm_out(sample, latent_embeds)
-    sample = self.conv_act(sample)
+        if latent_embeds is None:
+            sample = self.conv_norm_out(sample)
+        else:
+            sample = self.conv_norm_out(sample, latent_embeds)
+        sample = self.conv_act(sample)
     return self.conv_out(sample)
 
 
-def _run_up_block_taking(block, holder: list, temb):
+def _norm_then_silu(decoder) -> bool:
+    """Whether conv_norm_out then conv_act compute silu(group_norm(x)): both plain, or fused by the
+    norm_out_gn_silu patcher (its conv_act an identity)."""
+    if "norm_out_gn_silu" in patched_by(decoder):
+        return True
+    return (why_not_plain(decoder.conv_norm_out, nn.GroupNorm, "conv_norm_out", hooks_matter=True) is None
+            and why_not_plain(decoder.conv_act, nn.SiLU, "conv_act", hooks_matter=True) is None)
+
+
+def _hookless(decoder) -> bool:
+    """No forward hook anywhere in the decoder, nor a global one: no tensor it makes is kept anywhere else."""
+    from torch.nn.modules import module as torch_module
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in decoder.modules())
+
+
+def _run_up_block_taking(block, holder: list, temb, donate: bool = False):
     """UpDecoderBlock2D.forward on holder's only tensor, which it takes out: once the first ResNet block returns,
-    nothing holds the block's input any more."""
+    nothing holds the block's input any more. With ``donate``, each ResNet block may write over its input."""
     hidden_states = holder.pop()
     for resnet in block.resnets:
-        hidden_states = resnet(hidden_states, temb=temb)
+        with banded.donated(hidden_states) if donate else contextlib.nullcontext():
+            hidden_states = resnet(hidden_states, temb=temb)
     if block.upsamplers is not None:
         for upsampler in block.upsamplers:
             hidden_states = upsampler(hidden_states)
