@@ -1,6 +1,7 @@
 """Where one UNet step (or VAE decode) spends its device time, by kind of kernel, eager next to patched:
 
     python -m sdkernels.profile --model sd15 [--batch 2] [--resolution 512] [--steps 5] [--top 15] [--objective call]
+    python -m sdkernels.profile --model vae --resolution 1024 --low-memory     # patched with low_memory=True
 
 It runs the model (random weights at unit gain, fp16 and channels_last on a GPU; fp32 in Triton's interpreter on the
 CPU, where only the shape of the table means something) under torch.profiler for a few steps after a warm-up, sums
@@ -108,6 +109,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=5, help="profiled steps (after one warm-up)")
     p.add_argument("--top", type=int, default=15, help="how many of the patched step's kernels to list")
     p.add_argument("--ops", help="comma-separated sdkernels patchers (default: sdkernels.default_ops())")
+    p.add_argument("--low-memory", action="store_true",
+                   help="patch with low_memory=True (large activations in bands of rows, sdkernels.banded)")
     p.add_argument("--objective", choices=tuning.OBJECTIVES, default="device",
                    help="what the measured backend choices minimize: the GPU time a CUDA-graph replay pays (device, "
                         "the default) or one call's time with its host overhead (call, a step without graphs)")
@@ -126,7 +129,7 @@ def main(argv=None) -> int:
             return models.model_call(model, call_args, call_kwargs)
 
     eager = profile_step(step, args.steps)
-    patch(model, ops=args.ops.split(",") if args.ops else None)
+    patch(model, ops=args.ops.split(",") if args.ops else None, low_memory=args.low_memory)
     # The patched modules' kernels, always: without graphs the step choice may otherwise run the original modules
     # (it did in one of three profiles of the SD1.5 step on an H200).
     step_choice.uninstall(model)
@@ -137,7 +140,7 @@ def main(argv=None) -> int:
         unpatch(model)
     device = torch.cuda.get_device_name() if gpu else "CPU (Triton interpreter: not speed)"
     print(f"{args.model}, batch {args.batch or spec.batch}, {args.resolution or spec.resolution} px, {dtype}, "
-          f"{device}: device time per step by kernel class")
+          f"{device}{', patched with low_memory' if args.low_memory else ''}: device time per step by kernel class")
     print(report(eager, patched, args.top))
     return 0
 

@@ -25,3 +25,13 @@ def test_tiny_unet_run_prints_both_tables(capsys):
     assert profile.main(["--model", "tiny-unet", "--steps", "1", "--top", "3"]) == 0
     out = capsys.readouterr().out
     assert "eager us" in out and "patched us" in out and "top 3 kernels" in out
+
+
+def test_tiny_vae_profile_with_low_memory_runs_the_band_forwards(capsys, monkeypatch):
+    from sdkernels import banded
+    monkeypatch.setattr(banded, "MIN_BYTES", 1)
+    monkeypatch.delenv("SDKERNELS_BAND_MIN_MIB", raising=False)
+    calls, real = [], banded.resnet_forward
+    monkeypatch.setattr(banded, "resnet_forward", lambda *a: calls.append(1) or real(*a))
+    assert profile.main(["--model", "tiny-vae", "--steps", "1", "--top", "3", "--low-memory"]) == 0
+    assert calls and "patched with low_memory" in capsys.readouterr().out
