@@ -199,13 +199,15 @@ def resnet_forward(block, x: torch.Tensor, temb) -> torch.Tensor:
     stats1 = group_norm_stats(x, norm1.num_groups, norm1.eps)
     h = None
     if _take_donation(x) and _fits_in_place(block, x):
+        # Both ways keep the decode's largest tensors alive beside the bands: smaller bands.
+        small = max(band_rows(x, max(x.shape[1], conv1.out_channels), IN_PLACE_BAND_BYTES), 2)
         h = _room_beside(x, conv1.out_channels)
         if h is None and x.numel() * x.element_size() >= IN_PLACE_MIN_BYTES:
-            small = band_rows(x, max(x.shape[1], conv1.out_channels), IN_PLACE_BAND_BYTES)
-            out = _resnet_forward_in_place(block, x, stats1, time_shift, max(small, 2))
+            out = _resnet_forward_in_place(block, x, stats1, time_shift, small)
             return _band_storage(out) if _owns_storage(x) else out
         if h is not None:
             _band_storage(h)
+            rows = small
 
     if h is None:
         h = _empty_like_layout(x, conv1.out_channels, H, W)
