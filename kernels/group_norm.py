@@ -1,12 +1,15 @@
 """GroupNorm (+SiLU) (+residual) in Triton, for NCHW-like and channels_last tensors without layout copies.
 
-x is seen as (N, C, S), S the flattened spatial size, with strides (sN, sC, sS). Three plans:
+x is seen as (N, C, S), S the flattened spatial size, with strides (sN, sC, sS). Four plans (choose_plan):
 
   * one_pass: one program per (n, g) loads the whole group into registers at once (all loads in flight together),
-    reduces, normalizes and stores: one launch, one read. For groups up to ONE_PASS_MAX elements; where x is
-    contiguous and groups are small (a LayerNorm's rows), one program takes several groups at once.
+    reduces, normalizes and stores: one launch, one read. For small groups; where x is contiguous and groups are
+    tiny (a LayerNorm's rows), one program takes several groups at once.
+  * tile: one_pass over the group as a (channels, positions) tile, for layouts whose positions are contiguous
+    (NCHW): vector loads along positions, per-channel weights folded into one scale and offset.
   * flat (large groups, any flat layout): a group is the index range i in [0, Cg*S); tile partials
-    (count, mean, M2) -> a finalize kernel merging them per group into (mean, rstd) -> an apply kernel.
+    (count, mean, M2) -> a finalize kernel merging them per group into (mean, rstd) -> an apply kernel; with few
+    tiles a group, the apply kernel merges its group's partials itself (one launch fewer).
   * rows (large groups, channels_last): programs take whole contiguous NHWC rows (every channel), so loads are
     16-byte vectors; partials are per channel and the finalize kernel merges the Cg channels of each group.
 
@@ -20,7 +23,11 @@ import triton.language as tl
 from .._env import getenv
 from .utils import cdiv, multiprocessor_count, next_power_of_2
 
-ONE_PASS_MAX = 65536     # largest group held in one program's registers
+ONE_PASS_MAX = 65536     # largest group held in one program's registers; above it channels_last takes rows
+ONE_PASS_SMALL = 8192    # largest group one_pass is chosen for (larger ones ran faster split: choose_plan)
+TILE_MAX = 65536         # largest padded (channels x positions) group the tile plan holds in registers
+TILE_GROUP_MAX = 40960   # largest group the tile plan is chosen for (a 61440-element one ran faster split)
+FUSE_MAX_TILES = 64      # the flat plan's apply pass merges up to this many partials per group itself
 GROUPS_TILE = 4096       # elements per program when a program takes several small contiguous groups
 TILE = 4096              # elements per program in the flat plan
 ROW_TILE = 8192          # elements per program in the rows plan (rows x all channels)
@@ -126,6 +133,46 @@ def _one_pass_groups_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, sh_ptr, group
             HAS_WEIGHT, HAS_BIAS, SILU, HAS_RESIDUAL)
 
 
+@triton.jit
+def _tile_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, sh_ptr, G, S, eps,
+                 sxN, sxC, sxS, srN, srC, srS, soN, soC, soS, shN, shC,
+                 CG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+                 HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                 HAS_RESIDUAL: tl.constexpr, HAS_SHIFT: tl.constexpr):
+    """one_pass with the group as a 2-D (channel, position) tile: no per-element division, per-channel values
+    (weights, shift) loaded once per channel and folded into one scale and offset, and the axis of stride 1
+    (channels in channels_last, positions in NCHW; Triton specializes strides equal to 1) read as vectors. CG is a
+    constexpr so that the channel mask is uniform over 16-byte vectors."""
+    ng = tl.program_id(0)
+    n = ng // G
+    g = ng - n * G
+    c = tl.arange(0, BLOCK_C)
+    s = tl.arange(0, BLOCK_S)
+    c_ok = c < CG
+    mask = c_ok[:, None] & (s < S)[None, :]
+    ch = g * CG + c
+    n64 = n.to(tl.int64)
+    x = tl.load(x_ptr + n64 * sxN + ch[:, None] * sxC + s[None, :] * sxS, mask=mask, other=0.0).to(tl.float32)
+    shift = _shifted(tl.zeros([BLOCK_C], dtype=tl.float32), n, ch, c_ok, sh_ptr, shN, shC, HAS_SHIFT)
+    x = tl.where(mask, x + shift[:, None], 0.0)
+    size = CG * S
+    mean = tl.sum(tl.sum(x, axis=1), axis=0) / size
+    d = tl.where(mask, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(d * d, axis=1), axis=0) / size + eps)
+    scale = tl.zeros([BLOCK_C], dtype=tl.float32) + rstd
+    offset = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if HAS_WEIGHT:
+        scale *= tl.load(w_ptr + ch, mask=c_ok, other=1.0).to(tl.float32)
+    if HAS_BIAS:
+        offset = tl.load(b_ptr + ch, mask=c_ok, other=0.0).to(tl.float32)
+    y = d * scale[:, None] + offset[:, None]
+    if SILU:
+        y = y * tl.sigmoid(y)
+    if HAS_RESIDUAL:
+        y += tl.load(res_ptr + n64 * srN + ch[:, None] * srC + s[None, :] * srS, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + n64 * soN + ch[:, None] * soC + s[None, :] * soS, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 # ---- partials -> finalize -> apply --------------------------------------------------------------------------------
 
 @triton.jit
@@ -228,18 +275,38 @@ def _finalize_kernel(part_ptr, stats_ptr, K, K_total, eps, CHUNK: tl.constexpr):
 
 
 @triton.jit
+def _few_partials_stats(part_ptr, ng, K, K_total, eps, KB: tl.constexpr):
+    """(mean, rstd) of group ng from its K <= KB partials: the finalize kernel's merge inlined into the apply pass,
+    one launch fewer where groups have few tiles."""
+    k = tl.arange(0, KB)
+    mask = k < K
+    base = part_ptr + ng * K + k
+    cnt = tl.load(base, mask=mask, other=0.0)
+    means = tl.load(base + K_total, mask=mask, other=0.0)
+    count = tl.sum(cnt, axis=0)
+    mean = tl.sum(cnt * means, axis=0) / count
+    dm = tl.where(mask, means - mean, 0.0)
+    m2 = tl.sum(tl.load(base + 2 * K_total, mask=mask, other=0.0), axis=0) + tl.sum(cnt * dm * dm, axis=0)
+    return mean, 1.0 / tl.sqrt(m2 / count + eps)
+
+
+@triton.jit
 def _flat_apply_kernel(x_ptr, stats_ptr, w_ptr, b_ptr, res_ptr, out_ptr, sh_ptr, G, Cg, S, tiles,
-                       sxN, sxC, sxS, srN, srC, srS, soN, soC, soS, shN, shC,
+                       sxN, sxC, sxS, srN, srC, srS, soN, soC, soS, shN, shC, eps,
                        TILE_SIZE: tl.constexpr, CHANNELS_LAST: tl.constexpr, FLAT: tl.constexpr,
                        HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-                       HAS_RESIDUAL: tl.constexpr, HAS_SHIFT: tl.constexpr):
+                       HAS_RESIDUAL: tl.constexpr, HAS_SHIFT: tl.constexpr, PARTIALS_BLOCK: tl.constexpr):
+    """PARTIALS_BLOCK > 0: stats_ptr holds the partials of _flat_partials_kernel (tiles per group), merged here."""
     pid = tl.program_id(0)
     ng = pid // tiles
     t = pid - ng * tiles
     n = ng // G
     g = ng - n * G
-    mean = tl.load(stats_ptr + 2 * ng)
-    rstd = tl.load(stats_ptr + 2 * ng + 1)
+    if PARTIALS_BLOCK > 0:
+        mean, rstd = _few_partials_stats(stats_ptr, ng, tiles, tl.num_programs(0), eps, PARTIALS_BLOCK)
+    else:
+        mean = tl.load(stats_ptr + 2 * ng)
+        rstd = tl.load(stats_ptr + 2 * ng + 1)
     i = t * TILE_SIZE + tl.arange(0, TILE_SIZE)
     mask = i < Cg * S
     offs_x, ch = _addresses(n, g, i, Cg, S, sxN, sxC, sxS, CHANNELS_LAST, FLAT)
@@ -281,13 +348,28 @@ def _warps(block: int, most: int = 16) -> int:
     return max(4, min(most, block // 256))
 
 
-def choose_plan(size: int, C: int, channels_last: bool, dense_rows: bool) -> str:
+def _tile_block(Cg: int, S: int) -> tuple:
+    return next_power_of_2(Cg), next_power_of_2(S)
+
+
+def choose_plan(Cg: int, S: int, C: int, channels_last: bool, dense_rows: bool) -> str:
+    """Measured on an H200 at SD1.5's shapes (scripts/probe_gn_plans.py, bench/NOTES.md session 15): the tile plan
+    wins wherever positions are the contiguous axis and the group fits (2x320x64x64 NCHW: 10.0 us, one_pass 40.2,
+    flat 11.3), and loses in channels_last (2x2560x8x8: 12.8 us, one_pass 4.3); one_pass only pays for small groups
+    (2x640x32x32 channels_last: 39.4 us, flat 12.5); the flat plan takes the rest but the largest channels_last
+    groups, which the rows plan was built for (the VAE's)."""
     forced = getenv("SDKERNELS_GN_PLAN")  # a knob for benchmarks comparing plans
     if forced:
         return forced
-    if size <= ONE_PASS_MAX:
+    size = Cg * S
+    block_c, block_s = _tile_block(Cg, S)
+    if not channels_last and S >= 16 and size <= TILE_GROUP_MAX and block_c * block_s <= TILE_MAX:
+        return "tile"
+    if size <= ONE_PASS_SMALL:
         return "one_pass"
-    return "rows" if channels_last and dense_rows and C <= ROW_TILE else "flat"
+    if size > ONE_PASS_MAX and channels_last and dense_rows and C <= ROW_TILE:
+        return "rows"
+    return "flat"
 
 
 def finalize_partials(partials, K: int, eps: float) -> torch.Tensor:
@@ -328,11 +410,21 @@ def _split_stats(x, G, eps, plan, sx, layout, shift=None):
                                              per_program, N * G * K, BLOCK_S=block_s, BLOCK_C=block_c,
                                              num_warps=_warps(ROW_TILE), **shift_flag)
         return finalize_partials(partials, K, eps)
+    partials, tiles = _flat_partials(x, G, sx, layout, shift)
+    return finalize_partials(partials, tiles, eps)
+
+
+def _flat_partials(x, G, sx, layout, shift=None):
+    """The flat plan's first pass: partials (3, N*G*tiles), tiles per group."""
+    sh, shN, shC, shift_flag = _shift_args(x, shift)
+    N, C = x.shape[0], x.shape[1]
+    S = x.numel() // (N * C)
+    Cg = C // G
     tiles = cdiv(Cg * S, TILE)
     partials = torch.empty((3, N * G * tiles), device=x.device, dtype=torch.float32)
     _flat_partials_kernel[(N * G * tiles,)](x, partials, sh, G, Cg, S, *sx, shN, shC, tiles, N * G * tiles,
                                             TILE_SIZE=TILE, num_warps=_warps(TILE), **layout, **shift_flag)
-    return finalize_partials(partials, tiles, eps)
+    return partials, tiles
 
 
 def _layout_flags(channels_last, *tensors):
@@ -366,32 +458,40 @@ def group_norm_triton(x, num_groups, weight, bias, eps, silu, residual, out, str
                residual if residual is not None else x)
     # Rows need channel stride 1 in x, residual and out (out = empty_like(x) shares x's layout).
     dense_rows = channels_last and sx[1] == 1 and so[1] == 1 and sr[1] == 1
-    plan = choose_plan(size, C, channels_last, dense_rows)
+    plan = choose_plan(Cg, S, C, channels_last, dense_rows)
 
     # Several groups a program only where a group fills at most 512 lanes: at (16384 rows, 640) the H200 ran one
     # row a program faster (32.9 vs 37.4 us), at (8192, 320) slower (8.0 vs 6.3 us; scripts/probe_layer_norm.py).
-    if plan == "one_pass" and layout["FLAT"] and 8 * next_power_of_2(size) <= GROUPS_TILE:
+    sh, shN, shC, shift_flag = _shift_args(x, shift)
+    if plan in ("tile", "one_pass") and layout["FLAT"] and 8 * next_power_of_2(size) <= GROUPS_TILE:
         block = next_power_of_2(size)
         gp = min(GROUPS_TILE // block, next_power_of_2(N * G))
-        sh, shN, shC, shift_flag = _shift_args(x, shift)
         _one_pass_groups_kernel[(cdiv(N * G, gp),)](x, w, b, r, out, sh, N * G, G, Cg, S, eps, shN, shC, GP=gp,
                                                     BLOCK=block, num_warps=_warps(gp * block), **epilogue,
                                                     **shift_flag)
         return out
+    if plan == "tile":
+        block_c, block_s = _tile_block(Cg, S)
+        _tile_kernel[(N * G,)](x, w, b, r, out, sh, G, S, eps, *sx, *sr, *so, shN, shC, CG=Cg, BLOCK_C=block_c,
+                               BLOCK_S=block_s, num_warps=_warps(block_c * block_s, 32), **epilogue, **shift_flag)
+        return out
     if plan == "one_pass":
         block = next_power_of_2(size)
-        sh, shN, shC, shift_flag = _shift_args(x, shift)
         _one_pass_kernel[(N * G,)](x, w, b, r, out, sh, G, Cg, S, eps, *sx, *sr, *so, shN, shC, BLOCK=block,
                                    num_warps=_warps(block, 32), **layout, **epilogue, **shift_flag)
         return out
+    if plan == "flat" and cdiv(size, TILE) <= FUSE_MAX_TILES:
+        partials, tiles = _flat_partials(x, G, sx, layout, shift)
+        return _apply(x, partials, G, w, b, r, out, sx, sr, so, plan, layout, epilogue, shift,
+                      eps=eps, partials_block=next_power_of_2(tiles))
 
     stats = _split_stats(x, G, eps, plan, sx, layout, shift)
     return _apply(x, stats, G, w, b, r, out, sx, sr, so, plan, layout, epilogue, shift)
 
 
-def _apply(x, stats, G, w, b, r, out, sx, sr, so, plan, layout, epilogue, shift=None):
+def _apply(x, stats, G, w, b, r, out, sx, sr, so, plan, layout, epilogue, shift=None, eps=0.0, partials_block=0):
     """The apply pass of the split plans: out = epilogue((x + shift - mean) * rstd) with the (N*G, 2) stats
-    given."""
+    given, or (flat plan, partials_block > 0) the partials they come from."""
     sh, shN, shC, shift_flag = _shift_args(x, shift)
     N, C = x.shape[0], x.shape[1]
     S = x.numel() // (N * C)
@@ -403,8 +503,9 @@ def _apply(x, stats, G, w, b, r, out, sx, sr, so, plan, layout, epilogue, shift=
                                            num_warps=_warps(ROW_TILE), **epilogue, **shift_flag)
         return out
     tiles = cdiv(Cg * S, TILE)
-    _flat_apply_kernel[(N * G * tiles,)](x, stats, w, b, r, out, sh, G, Cg, S, tiles, *sx, *sr, *so, shN, shC,
-                                         TILE_SIZE=TILE, num_warps=_warps(TILE), **layout, **epilogue, **shift_flag)
+    _flat_apply_kernel[(N * G * tiles,)](x, stats, w, b, r, out, sh, G, Cg, S, tiles, *sx, *sr, *so, shN, shC, eps,
+                                         TILE_SIZE=TILE, num_warps=_warps(TILE), **layout, **epilogue, **shift_flag,
+                                         PARTIALS_BLOCK=partials_block)
     return out
 
 

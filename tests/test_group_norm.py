@@ -108,22 +108,26 @@ def test_rank3_rank5_and_tiny(shape, layout):
     check("triton", x, g, w, b, 1e-5, True, r)
 
 
-@pytest.fixture(params=["flat", "rows"])
-def split_plan(request, monkeypatch):
-    """Make the Triton launcher take a multi-kernel plan (partials, finalize, apply) with many tiles and several
-    finalize chunks, at sizes the interpreter handles."""
+@pytest.fixture(params=["flat", "flat+finalize", "rows", "one_pass", "tile"])
+def forced_plan(request, monkeypatch):
+    """Make the Triton launcher take each plan: the multi-kernel ones (partials, then finalize or, flat with few
+    tiles, the merge inside the apply pass, then apply) with many tiles and several finalize chunks, at sizes the
+    interpreter handles; and the one-program-per-group ones, which tiny tests would not all reach by themselves."""
     import sdkernels.kernels.group_norm as k
-    monkeypatch.setenv("SDKERNELS_GN_PLAN", request.param)
+    plan, _, finalize = request.param.partition("+")
+    monkeypatch.setenv("SDKERNELS_GN_PLAN", plan)
     monkeypatch.setattr(k, "TILE", 64)
     monkeypatch.setattr(k, "ROW_TILE", 64)
     monkeypatch.setattr(k, "MERGE_CHUNK", 16)
-    return request.param
+    if finalize:
+        monkeypatch.setattr(k, "FUSE_MAX_TILES", 0)
+    return plan
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_split_plans(split_plan, layout, dtype):
-    if split_plan == "rows" and layout != "channels_last":
+def test_each_plan(forced_plan, layout, dtype):
+    if forced_plan == "rows" and layout != "channels_last":
         pytest.skip("the rows plan reads whole NHWC rows: channels_last only")
     x, g, w, b, r = make_case((2, 12, 13, 11), 3, dtype, layout, True, True)
     check("triton", x, g, w, b, 1e-5, True, r)
@@ -132,7 +136,7 @@ def test_split_plans(split_plan, layout, dtype):
     check("triton", x, g, w, b, 1e-5, True, None, shift=make_shift(x)[:1].expand(x.shape[0], -1))  # stride 0
 
 
-def test_split_plans_large_mean(split_plan):
+def test_each_plan_large_mean(forced_plan):
     """A large mean against a small spread: naive sum-of-squares statistics lose it; (mean, M2) merging does not."""
     x = (torch.randn(1, 4, 20, 20, device=DEVICE) + 100.0).to(memory_format=torch.channels_last)
     check("triton", x, 2, None, None, 1e-6, False, None)
@@ -189,17 +193,19 @@ def test_strict_forcing_reports_every_reason():
             sdkernels.group_norm(x, 3)
 
 
-def test_chooser_prefers_triton_at_few_spatial_positions_and_yields_to_forcing():
-    """The measured rule: Triton at <= 256 positions; otherwise the priority order (CUDA first where it can run)."""
-    from sdkernels.ops.group_norm import TRITON_MAX_SPATIAL
+def test_chooser_prefers_triton_for_small_groups_and_yields_to_forcing():
+    """The measured rule: Triton where a group fits its one-pass plan; otherwise the priority order (CUDA first where
+    it can run)."""
+    from sdkernels.kernels.group_norm import ONE_PASS_SMALL, choose_plan
+    from sdkernels.ops.group_norm import TRITON_MAX_GROUP
     op = dispatch.ops()["group_norm"]
-    small = torch.randn(2, 64, 16, 16, device=DEVICE).to(memory_format=torch.channels_last)
-    large = torch.randn(1, 16, 33, 33, device=DEVICE).to(memory_format=torch.channels_last)
-    assert 16 * 16 <= TRITON_MAX_SPATIAL < 33 * 33
-    assert op.chooser(small, 8) == "triton" and op.chooser(large, 8) is None
+    small = torch.randn(2, 64, 16, 16, device=DEVICE).to(memory_format=torch.channels_last)  # groups of 2048
+    large = torch.randn(1, 16, 33, 33, device=DEVICE).to(memory_format=torch.channels_last)  # groups of 2178 * 4
+    assert TRITON_MAX_GROUP == ONE_PASS_SMALL and choose_plan(8, 1024, 64, True, True) == "one_pass"
+    assert op.chooser(small, 8) == "triton" and op.chooser(large, 2) is None
     sdkernels.group_norm(small, 8)
     assert dispatch.last_backend("group_norm") == "triton"
-    sdkernels.group_norm(large, 8)
+    sdkernels.group_norm(large, 2)
     assert dispatch.last_backend("group_norm") == ("cuda" if GPU else "triton")
     with sdkernels.use_backend("reference", op="group_norm"):
         sdkernels.group_norm(small, 8)

@@ -9,7 +9,6 @@ diffusers' ResnetBlock2D adds to conv1's output before norm2, without a pass of 
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -177,15 +176,14 @@ group_norm_dispatch = dispatch.define(OP, group_norm_reference)
 group_norm_dispatch.register(dispatch.Backend("cuda", _cuda_run, _cuda_why_not, available=_ext.unavailable_reason))
 group_norm_dispatch.register(dispatch.Backend("triton", _triton_run, _triton_why_not, available=triton_available))
 
-# Measured on an H100 (bench/results/group_norm.json, 2026-11-25, fp16 channels_last, per call in a CUDA graph):
-# at 64 spatial positions Triton's one-program-per-group plan took 4.3 us where the CUDA kernel's split plan took
-# 9.3-11.7 us; at 256 positions Triton won or lost by 1-3 us (6.1 vs 9.5 us at C=640, 10.2 vs 9.0 at C=1280); from
-# 1024 positions on the CUDA kernel won by up to 5x.
-TRITON_MAX_SPATIAL = 256
+# Measured on an H200 (scripts/probe_gn_plans.py, bench/NOTES.md session 15; fp16 channels_last, per call in a CUDA
+# graph): Triton's one-pass plan beat the CUDA kernel where a group is small (2x1280x8x8: 4.2 vs 7.6 us; 2x640x16x16:
+# 6.1 vs 7.8), and lost where Triton has to split a group (2x1280x16x16: 9.2 vs 7.7; 2x1920x16x16: 9.4 vs 8.1).
+TRITON_MAX_GROUP = 8192  # the Triton launcher's one-pass bound (kernels/group_norm.py: ONE_PASS_SMALL)
 
 
-def _prefer_triton_when_small(x, *args):
-    return "triton" if math.prod(x.shape[2:]) <= TRITON_MAX_SPATIAL else None
+def _prefer_triton_when_small(x, num_groups, *args):
+    return "triton" if x.numel() // (x.shape[0] * num_groups) <= TRITON_MAX_GROUP else None
 
 
 group_norm_dispatch.chooser = _prefer_triton_when_small

@@ -1,0 +1,89 @@
+"""Probe (GPU): every Triton GroupNorm plan forced in turn, the CUDA kernel, the default dispatch, eager and a clone,
+at each SD1.5 GroupNorm shape in both layouts, timed as bench/bench_group_norm.py times them (CUDA-graph replay over
+input sets that overflow L2), each output checked against the reference first.
+
+    python scripts/probe_gn_plans.py [--models sd15] [--dtype fp16]
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import sdkernels  # noqa: E402
+from bench.bench_group_norm import collect_cases, make_inputs, check_output, eager_group_norm_silu  # noqa: E402
+from bench.common import DTYPES, bench_rotating_ms, input_sets, run_poisoned  # noqa: E402
+from sdkernels.dispatch import last_backend, use_backend  # noqa: E402
+from sdkernels.kernels import group_norm as k  # noqa: E402
+from sdkernels.ops.group_norm import OP, group_norm_reference  # noqa: E402
+
+PLANS = ["tile", "one_pass", "flat", "flat+finalize", "rows"]
+
+
+def with_plan(plan, fn):
+    name, _, finalize = plan.partition("+")
+
+    def run(*args):
+        os.environ["SDKERNELS_GN_PLAN"] = name
+        fuse, k.FUSE_MAX_TILES = k.FUSE_MAX_TILES, (0 if finalize else k.FUSE_MAX_TILES)
+        try:
+            with use_backend("triton", op=OP, strict=True):
+                return fn(*args)
+        finally:
+            k.FUSE_MAX_TILES = fuse
+            del os.environ["SDKERNELS_GN_PLAN"]
+    return run
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--models", default="sd15")
+    p.add_argument("--dtype", default="fp16")
+    args = p.parse_args()
+    dtype = DTYPES[args.dtype]
+    cols = PLANS + ["cuda", "default", "eager", "copy"]
+    print(f"{'case':44s}" + "".join(f"{c:>14s}" for c in cols) + "   eager/default")
+    for case in collect_cases(args.models.split(",")):
+        x, w, b = make_inputs(case, dtype, "cuda")
+        G, eps = case.groups, case.eps
+        expected = group_norm_reference(x.float(), G, w.float(), b.float(), eps, silu=True)
+        reduction = x.numel() // (x.shape[0] * G)
+        sets = [(x,)] + [(xs,) for xs, in input_sets(lambda: (torch.randn_like(x),), x.numel() * x.element_size())][1:]
+
+        def ours(x):
+            return sdkernels.group_norm(x, G, w, b, eps, silu=True)
+
+        fns = {plan: with_plan(plan, ours) for plan in PLANS}
+
+        def cuda(x):
+            with use_backend("cuda", op=OP, strict=True):
+                return ours(x)
+        fns.update(cuda=cuda, default=ours, eager=lambda x: eager_group_norm_silu(x, w, b, G, eps),
+                   copy=lambda x: x.clone())
+        Cg, S = x.shape[1] // G, x[0, 0].numel()
+        row = {}
+        for name, fn in fns.items():
+            if name == "rows" and case.layout != "cl" or name == "cuda" and case.layout != "cl":
+                row[name] = "-"
+                continue
+            if name == "tile" and k.next_power_of_2(Cg) * k.next_power_of_2(S) > 65536:
+                row[name] = "-"
+                continue
+            try:
+                if name not in ("eager", "copy"):
+                    check_output(f"{case.name} {name}", run_poisoned(lambda: fn(x)), x, expected, reduction)
+                row[name] = f"{1000 * bench_rotating_ms(fn, sets):.2f}"
+            except Exception as e:  # a failing plan is reported in its column, the probe goes on
+                row[name] = "ERR"
+                print(f"  {case.name} {name}: {type(e).__name__}: {str(e)[:300]}")
+        ours(x)
+        chosen = last_backend(OP)
+        ratio = float(row["eager"]) / float(row["default"]) if row["default"] not in ("-", "ERR") else 0
+        print(f"{case.name:44s}" + "".join(f"{row[c]:>14s}" for c in cols) + f"   {ratio:.2f}x ({chosen})")
+        sets = expected = None  # free this case's tensors before the next
+
+
+if __name__ == "__main__":
+    main()
