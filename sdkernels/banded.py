@@ -173,8 +173,10 @@ def _merged_stats(parts, eps: float) -> torch.Tensor:
     Each band's variance is recovered from its rstd (1 / rstd^2 - eps) and merged with the spread of the band
     means, in float64."""
     dtype = parts[0][1].dtype
-    weights = torch.tensor([rows for rows, _ in parts], dtype=torch.float64, device=parts[0][1].device)
-    weights = (weights / weights.sum()).reshape(-1, 1, 1)
+    total = float(sum(rows for rows, _ in parts))
+    weights = torch.empty((len(parts), 1, 1), dtype=torch.float64, device=parts[0][1].device)
+    for i, (rows, _) in enumerate(parts):
+        weights[i].fill_(rows / total)  # a fill, not a host-to-device copy: CUDA graphs can capture it
     stats = torch.stack([part for _, part in parts]).double()
     means, variances = stats[..., 0], (stats[..., 1].pow(-2) - eps).clamp_min(0)
     mean = (weights * means).sum(0)

@@ -282,6 +282,7 @@ def run_case(case: Case, args, dtype: torch.dtype, label: str) -> tuple:
                 print(f"{label}: {variant} ...", flush=True)
                 try:
                     m, out = measure(variant, make, reference, timing)
+                    _require_graphs(variant, model)
                 except Exception as e:
                     if reference is None:
                         raise
@@ -310,6 +311,14 @@ def run_case(case: Case, args, dtype: torch.dtype, label: str) -> tuple:
         return measured, patched_summary, raised
     finally:
         unpatch(model)
+
+
+def _require_graphs(variant: str, model) -> None:
+    """A graph variant whose calls ran eagerly (a failed capture falls back with a warning) timed something else
+    than its name says: raise, so that it is reported as failed, not as a row."""
+    call = graphs.graphed(model)
+    if variant.endswith("_graph") and call is not None and call.warned:
+        raise RuntimeError(f"{variant} ran without CUDA graphs: {'; '.join(sorted(call.warned))}")
 
 
 def _runner(case: Case, call_args: list, call_kwargs: dict):

@@ -2,6 +2,7 @@
 reference, ResnetBlock2D and Upsample2D in bands against their unbanded forwards (bands forced small here, with
 several bands, one-row bands and a last partial band), a whole tiny VAE decode, and the thresholds that decide."""
 import copy
+import warnings
 import weakref
 
 import pytest
@@ -10,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sdkernels
-from sdkernels import banded
+from sdkernels import banded, graphs
 from sdkernels.ops._common import SdkernelsInputError
 from sdkernels.ops.group_norm import (group_norm_apply, group_norm_apply_reference, group_norm_reference,
                                       group_norm_stats, group_norm_stats_reference)
@@ -375,9 +376,12 @@ def test_low_memory_vae_decode_replays_in_cuda_graphs(monkeypatch):
     latents = torch.randn(1, 4, 128, 128, device="cuda", dtype=torch.float16)
     eager = patch(copy.deepcopy(vae), low_memory=True)
     graphed = patch(copy.deepcopy(vae), low_memory=True, cuda_graph=True)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # A capture that fails falls back to eager with this warning; here it must not happen.
+        warnings.simplefilter("error", sdkernels.SdkernelsFallbackWarning)
         expected = eager.decode(latents).sample
         for _ in range(3):  # warm-up and capture, then replays
             out = graphed.decode(latents).sample
     assert summary(graphed).replaced["decoder_handoff"] == 1
+    assert graphs.graphed(graphed).graphs and all(graphs.graphed(graphed).graphs.values())
     assert_close(out, expected, torch.float16)
