@@ -25,8 +25,10 @@ from .utils import cdiv, multiprocessor_count, next_power_of_2
 
 ONE_PASS_MAX = 65536     # largest group held in one program's registers; above it channels_last takes rows
 ONE_PASS_SMALL = 8192    # largest group one_pass is chosen for (larger ones ran faster split: choose_plan)
-TILE_MAX = 65536         # largest padded (channels x positions) group the tile plan holds in registers
-TILE_GROUP_MAX = 40960   # largest group the tile plan is chosen for (a 61440-element one ran faster split)
+TILE_MAX = 65536         # largest padded (channels x positions) group the tile plan holds, positions contiguous
+TILE_GROUP_MAX = 40960   # largest such group it is chosen for (a 61440-element one ran faster split)
+TILE_MAX_CHANNELS_FAST = 32768  # the same bound where channels are contiguous (channels_last)
+ONE_PROGRAM_PLANS = ("tile", "one_pass")  # one launch, no partials: the plans that beat the CUDA kernel
 FUSE_MAX_TILES = 64      # the flat plan's apply pass merges up to this many partials per group itself
 GROUPS_TILE = 4096       # elements per program when a program takes several small contiguous groups
 TILE = 4096              # elements per program in the flat plan
@@ -134,27 +136,51 @@ def _one_pass_groups_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, sh_ptr, group
 
 
 @triton.jit
+def _tile_offsets(n64, ch, s, sN, sC, sS, CHANNELS_FAST: tl.constexpr):
+    """Offsets of a group's tile: (positions, channels) where channels have stride 1 (not multiplied, so Triton
+    sees them contiguous and loads 16-byte vectors along them), else (channels, positions)."""
+    if CHANNELS_FAST:  # one return: Triton checks every return statement's type, the pruned branch's too
+        offsets = n64 * sN + s[:, None] * sS + ch[None, :]
+    else:
+        offsets = n64 * sN + ch[:, None] * sC + s[None, :] * sS
+    return offsets
+
+
+@triton.jit
+def _per_channel(v, CHANNELS_FAST: tl.constexpr):
+    """A per-channel vector broadcast over the tile's positions."""
+    if CHANNELS_FAST:
+        v2 = v[None, :]
+    else:
+        v2 = v[:, None]
+    return v2
+
+
+@triton.jit
 def _tile_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, sh_ptr, G, S, eps,
                  sxN, sxC, sxS, srN, srC, srS, soN, soC, soS, shN, shC,
-                 CG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+                 CG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, CHANNELS_FAST: tl.constexpr,
                  HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
                  HAS_RESIDUAL: tl.constexpr, HAS_SHIFT: tl.constexpr):
-    """one_pass with the group as a 2-D (channel, position) tile: no per-element division, per-channel values
-    (weights, shift) loaded once per channel and folded into one scale and offset, and the axis of stride 1
-    (channels in channels_last, positions in NCHW; Triton specializes strides equal to 1) read as vectors. CG is a
-    constexpr so that the channel mask is uniform over 16-byte vectors."""
+    """one_pass with the group as a 2-D tile of channels and positions: no per-element division, per-channel values
+    (weights, shift) loaded once per channel and folded into one scale and offset, and the contiguous axis read as
+    vectors (channels with CHANNELS_FAST, where x, residual and out have channel stride 1; else positions, as in
+    NCHW). CG is a constexpr so that the channel mask is uniform over 16-byte vectors."""
     ng = tl.program_id(0)
     n = ng // G
     g = ng - n * G
     c = tl.arange(0, BLOCK_C)
     s = tl.arange(0, BLOCK_S)
     c_ok = c < CG
-    mask = c_ok[:, None] & (s < S)[None, :]
     ch = g * CG + c
+    if CHANNELS_FAST:
+        mask = (s < S)[:, None] & c_ok[None, :]
+    else:
+        mask = c_ok[:, None] & (s < S)[None, :]
     n64 = n.to(tl.int64)
-    x = tl.load(x_ptr + n64 * sxN + ch[:, None] * sxC + s[None, :] * sxS, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + _tile_offsets(n64, ch, s, sxN, sxC, sxS, CHANNELS_FAST), mask=mask, other=0.0)
     shift = _shifted(tl.zeros([BLOCK_C], dtype=tl.float32), n, ch, c_ok, sh_ptr, shN, shC, HAS_SHIFT)
-    x = tl.where(mask, x + shift[:, None], 0.0)
+    x = tl.where(mask, x.to(tl.float32) + _per_channel(shift, CHANNELS_FAST), 0.0)
     size = CG * S
     mean = tl.sum(tl.sum(x, axis=1), axis=0) / size
     d = tl.where(mask, x - mean, 0.0)
@@ -165,12 +191,14 @@ def _tile_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, sh_ptr, G, S, eps,
         scale *= tl.load(w_ptr + ch, mask=c_ok, other=1.0).to(tl.float32)
     if HAS_BIAS:
         offset = tl.load(b_ptr + ch, mask=c_ok, other=0.0).to(tl.float32)
-    y = d * scale[:, None] + offset[:, None]
+    y = d * _per_channel(scale, CHANNELS_FAST) + _per_channel(offset, CHANNELS_FAST)
     if SILU:
         y = y * tl.sigmoid(y)
     if HAS_RESIDUAL:
-        y += tl.load(res_ptr + n64 * srN + ch[:, None] * srC + s[None, :] * srS, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + n64 * soN + ch[:, None] * soC + s[None, :] * soS, y.to(out_ptr.dtype.element_ty), mask=mask)
+        y += tl.load(res_ptr + _tile_offsets(n64, ch, s, srN, srC, srS, CHANNELS_FAST), mask=mask,
+                     other=0.0).to(tl.float32)
+    tl.store(out_ptr + _tile_offsets(n64, ch, s, soN, soC, soS, CHANNELS_FAST), y.to(out_ptr.dtype.element_ty),
+             mask=mask)
 
 
 # ---- partials -> finalize -> apply --------------------------------------------------------------------------------
@@ -353,17 +381,22 @@ def _tile_block(Cg: int, S: int) -> tuple:
 
 
 def choose_plan(Cg: int, S: int, C: int, channels_last: bool, dense_rows: bool) -> str:
-    """Measured on an H200 at SD1.5's shapes (scripts/probe_gn_plans.py, bench/NOTES.md session 15): the tile plan
-    wins wherever positions are the contiguous axis and the group fits (2x320x64x64 NCHW: 10.0 us, one_pass 40.2,
-    flat 11.3), and loses in channels_last (2x2560x8x8: 12.8 us, one_pass 4.3); one_pass only pays for small groups
-    (2x640x32x32 channels_last: 39.4 us, flat 12.5); the flat plan takes the rest but the largest channels_last
-    groups, which the rows plan was built for (the VAE's)."""
+    """Measured on an H200 at SD1.5's shapes (scripts/probe_gn_plans.py, bench/NOTES.md session 15; fp16, per call in
+    a CUDA graph). The tile plan, where its contiguous axis is known: NCHW 2x320x64x64 10.0 us (one_pass 40.2, flat
+    11.3), but flat at a 61440-element group (15.1 against 18.3); channels_last 2x1280x16x16 5.4 us (one_pass 10.1,
+    the CUDA kernel 7.3), 2x960x32x32 9.9 (CUDA 11.4), but behind the CUDA kernel from 40960-element groups
+    (2x1280x32x32 14.6 against 12.2). one_pass only for small groups (2x640x32x32 channels_last: 39.4 us, flat 12.5);
+    flat for the rest but the largest channels_last groups, which the rows plan was built for (the VAE's)."""
     forced = getenv("SDKERNELS_GN_PLAN")  # a knob for benchmarks comparing plans
     if forced:
         return forced
     size = Cg * S
     block_c, block_s = _tile_block(Cg, S)
-    if not channels_last and S >= 16 and size <= TILE_GROUP_MAX and block_c * block_s <= TILE_MAX:
+    if channels_last and dense_rows:
+        tile = block_c * block_s <= TILE_MAX_CHANNELS_FAST
+    else:
+        tile = not channels_last and size <= TILE_GROUP_MAX and block_c * block_s <= TILE_MAX
+    if tile and S >= 16:
         return "tile"
     if size <= ONE_PASS_SMALL:
         return "one_pass"
@@ -473,7 +506,8 @@ def group_norm_triton(x, num_groups, weight, bias, eps, silu, residual, out, str
     if plan == "tile":
         block_c, block_s = _tile_block(Cg, S)
         _tile_kernel[(N * G,)](x, w, b, r, out, sh, G, S, eps, *sx, *sr, *so, shN, shC, CG=Cg, BLOCK_C=block_c,
-                               BLOCK_S=block_s, num_warps=_warps(block_c * block_s, 32), **epilogue, **shift_flag)
+                               BLOCK_S=block_s, CHANNELS_FAST=sx[1] == 1 and sr[1] == 1 and so[1] == 1,
+                               num_warps=_warps(block_c * block_s, 32), **epilogue, **shift_flag)
         return out
     if plan == "one_pass":
         block = next_power_of_2(size)

@@ -41,11 +41,16 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--models", default="sd15")
     p.add_argument("--dtype", default="fp16")
+    p.add_argument("--layouts", default="cl,nchw")
+    p.add_argument("--plans", default=",".join(PLANS), help="the Triton plans to force")
     args = p.parse_args()
     dtype = DTYPES[args.dtype]
-    cols = PLANS + ["cuda", "default", "eager", "copy"]
+    plans = args.plans.split(",")
+    cols = plans + ["cuda", "default", "eager", "copy"]
     print(f"{'case':44s}" + "".join(f"{c:>14s}" for c in cols) + "   eager/default")
     for case in collect_cases(args.models.split(",")):
+        if case.layout not in args.layouts.split(","):
+            continue
         x, w, b = make_inputs(case, dtype, "cuda")
         G, eps = case.groups, case.eps
         expected = group_norm_reference(x.float(), G, w.float(), b.float(), eps, silu=True)
@@ -55,7 +60,7 @@ def main():
         def ours(x):
             return sdkernels.group_norm(x, G, w, b, eps, silu=True)
 
-        fns = {plan: with_plan(plan, ours) for plan in PLANS}
+        fns = {plan: with_plan(plan, ours) for plan in plans}
 
         def cuda(x):
             with use_backend("cuda", op=OP, strict=True):

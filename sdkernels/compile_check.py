@@ -366,6 +366,13 @@ def group_norm_scenarios():
         # the ResNet block's norm2: conv1's bias + temb as an (N, C) shift
         args = _group_norm_inputs(shape, dtype, layout, (True, True, False)) + (torch.empty(shape[:2], dtype=dtype),)
         yield Scenario(f"group_norm {dt} {shape} {layout} shift", _backend_call("group_norm", "triton", *args))
+        # Every plan, forced: the launcher's choice reaches only some at these shapes (the tests force them too).
+        for plan in ("tile", "one_pass", "flat", "rows"):
+            if plan != "rows" or layout == "nhwc":
+                args = _group_norm_inputs(shape, dtype, layout, (True, True, True))
+                yield Scenario(f"group_norm {dt} {shape} {layout} plan={plan}",
+                               _with_settings(_backend_call("group_norm", "triton", *args),
+                                              env={"SDKERNELS_GN_PLAN": plan}))
 
 
 def layer_norm_scenarios():

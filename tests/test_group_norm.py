@@ -193,19 +193,35 @@ def test_strict_forcing_reports_every_reason():
             sdkernels.group_norm(x, 3)
 
 
-def test_chooser_prefers_triton_for_small_groups_and_yields_to_forcing():
-    """The measured rule: Triton where a group fits its one-pass plan; otherwise the priority order (CUDA first where
-    it can run)."""
-    from sdkernels.kernels.group_norm import ONE_PASS_SMALL, choose_plan
-    from sdkernels.ops.group_norm import TRITON_MAX_GROUP
+@pytest.mark.parametrize("Cg, S, channels_last, dense_rows, plan", [
+    (10, 4096, False, True, "tile"),       # 2x320x64x64 NCHW: positions contiguous, the group fits
+    (60, 1024, False, True, "flat"),       # 2x1920x32x32 NCHW: 61440 elements ran faster split
+    (80, 64, True, True, "tile"),          # 2x2560x8x8 channels_last: channels contiguous
+    (30, 1024, True, True, "tile"),        # 2x960x32x32 channels_last
+    (40, 1024, True, True, "flat"),        # 2x1280x32x32 channels_last: larger than the channels-fast tile
+    (20, 1024, True, False, "flat"),       # channels_last, channel stride not 1: one_pass took 3x flat's time
+    (80, 64, True, False, "one_pass"),     # the same, a small group
+    (4, 1024 * 1024, True, True, "rows"),  # the VAE at 1024 px
+    (1280, 1, False, True, "one_pass"),    # a LayerNorm's rows seen as groups: never the tile plan
+])
+def test_plan_rules(Cg, S, channels_last, dense_rows, plan, monkeypatch):
+    from sdkernels.kernels.group_norm import choose_plan
+    monkeypatch.delenv("SDKERNELS_GN_PLAN", raising=False)
+    assert choose_plan(Cg, S, 32 * Cg, channels_last, dense_rows) == plan
+
+
+def test_chooser_prefers_triton_for_one_program_per_group_and_yields_to_forcing(monkeypatch):
+    """The measured rule: Triton where its launcher takes a one-program-per-group plan; otherwise the priority order
+    (CUDA first where it can run)."""
+    monkeypatch.delenv("SDKERNELS_GN_PLAN", raising=False)
     op = dispatch.ops()["group_norm"]
-    small = torch.randn(2, 64, 16, 16, device=DEVICE).to(memory_format=torch.channels_last)  # groups of 2048
-    large = torch.randn(1, 16, 33, 33, device=DEVICE).to(memory_format=torch.channels_last)  # groups of 2178 * 4
-    assert TRITON_MAX_GROUP == ONE_PASS_SMALL and choose_plan(8, 1024, 64, True, True) == "one_pass"
-    assert op.chooser(small, 8) == "triton" and op.chooser(large, 2) is None
+    small = torch.randn(2, 64, 16, 16, device=DEVICE).to(memory_format=torch.channels_last)  # tile plan
+    large = torch.randn(1, 64, 33, 33, device=DEVICE).to(memory_format=torch.channels_last)  # one group: rows plan
+    assert op.chooser(small, 8) == "triton" and op.chooser(large, 1) is None
+    assert op.chooser(small, 7) is None  # groups that do not divide the channels: the op's check reports it
     sdkernels.group_norm(small, 8)
     assert dispatch.last_backend("group_norm") == "triton"
-    sdkernels.group_norm(large, 2)
+    sdkernels.group_norm(large, 1)
     assert dispatch.last_backend("group_norm") == ("cuda" if GPU else "triton")
     with sdkernels.use_backend("reference", op="group_norm"):
         sdkernels.group_norm(small, 8)

@@ -176,17 +176,26 @@ group_norm_dispatch = dispatch.define(OP, group_norm_reference)
 group_norm_dispatch.register(dispatch.Backend("cuda", _cuda_run, _cuda_why_not, available=_ext.unavailable_reason))
 group_norm_dispatch.register(dispatch.Backend("triton", _triton_run, _triton_why_not, available=triton_available))
 
-# Measured on an H200 (scripts/probe_gn_plans.py, bench/NOTES.md session 15; fp16 channels_last, per call in a CUDA
-# graph): Triton's one-pass plan beat the CUDA kernel where a group is small (2x1280x8x8: 4.2 vs 7.6 us; 2x640x16x16:
-# 6.1 vs 7.8), and lost where Triton has to split a group (2x1280x16x16: 9.2 vs 7.7; 2x1920x16x16: 9.4 vs 8.1).
-TRITON_MAX_GROUP = 8192  # the Triton launcher's one-pass bound (kernels/group_norm.py: ONE_PASS_SMALL)
+def _prefer_triton_for_one_program_per_group(x, num_groups, weight=None, bias=None, eps=1e-5, silu=False,
+                                             residual=None, shift=None):
+    """Triton where its launcher runs one program per group (kernels/group_norm.py: choose_plan), else the priority
+    order (CUDA first where it can run). Measured on an H200 (scripts/probe_gn_plans.py, fp16 channels_last, per call
+    in a CUDA graph): the one-program plans beat the CUDA kernel at small groups (2x1280x16x16: 5.4 against 7.3 us;
+    2x1280x8x8: 3.3 against 7.5), and the plans that split a group lost to it (2x1280x32x32: 18.1 against 12.2)."""
+    layout = _layout(x, residual)
+    if isinstance(layout, str) or triton_available() or x.dim() < 2 or x.numel() == 0:
+        return None
+    sx, sr, channels_last = layout
+    C = x.shape[1]
+    if num_groups <= 0 or C % num_groups:
+        return None
+    k = kernels("group_norm")
+    dense_rows = channels_last and sx[1] == 1 and sr[1] == 1  # the output takes x's layout
+    plan = k.choose_plan(C // num_groups, x.numel() // (x.shape[0] * C), C, channels_last, dense_rows)
+    return "triton" if plan in k.ONE_PROGRAM_PLANS else None
 
 
-def _prefer_triton_when_small(x, num_groups, *args):
-    return "triton" if x.numel() // (x.shape[0] * num_groups) <= TRITON_MAX_GROUP else None
-
-
-group_norm_dispatch.chooser = _prefer_triton_when_small
+group_norm_dispatch.chooser = _prefer_triton_for_one_program_per_group
 
 
 def _reference_into_layout(x, *args):
