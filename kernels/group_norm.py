@@ -376,6 +376,13 @@ def _warps(block: int, most: int = 16) -> int:
     return max(4, min(most, block // 256))
 
 
+def _tile_warps(block: int) -> int:
+    """SDKERNELS_GN_TILE_WARPS: a probe knob (scripts/probe_gn_plans.py --tile-warps); the small SD1.5 groups are
+    latency-bound, where fewer warps mean a shorter cross-warp reduction."""
+    forced = getenv("SDKERNELS_GN_TILE_WARPS")
+    return int(forced) if forced else _warps(block, 32)
+
+
 def _tile_block(Cg: int, S: int) -> tuple:
     return next_power_of_2(Cg), next_power_of_2(S)
 
@@ -507,7 +514,7 @@ def group_norm_triton(x, num_groups, weight, bias, eps, silu, residual, out, str
         block_c, block_s = _tile_block(Cg, S)
         _tile_kernel[(N * G,)](x, w, b, r, out, sh, G, S, eps, *sx, *sr, *so, shN, shC, CG=Cg, BLOCK_C=block_c,
                                BLOCK_S=block_s, CHANNELS_FAST=sx[1] == 1 and sr[1] == 1 and so[1] == 1,
-                               num_warps=_warps(block_c * block_s, 32), **epilogue, **shift_flag)
+                               num_warps=_tile_warps(block_c * block_s), **epilogue, **shift_flag)
         return out
     if plan == "one_pass":
         block = next_power_of_2(size)

@@ -23,17 +23,21 @@ PLANS = ["tile", "one_pass", "flat", "flat+finalize", "rows"]
 
 
 def with_plan(plan, fn):
+    """fn under a forced Triton plan: "flat+finalize" keeps the separate finalize kernel, "tile@8" sets the warps."""
+    plan, _, warps = plan.partition("@")
     name, _, finalize = plan.partition("+")
+    knobs = {"SDKERNELS_GN_PLAN": name, **({"SDKERNELS_GN_TILE_WARPS": warps} if warps else {})}
 
     def run(*args):
-        os.environ["SDKERNELS_GN_PLAN"] = name
+        os.environ.update(knobs)
         fuse, k.FUSE_MAX_TILES = k.FUSE_MAX_TILES, (0 if finalize else k.FUSE_MAX_TILES)
         try:
             with use_backend("triton", op=OP, strict=True):
                 return fn(*args)
         finally:
             k.FUSE_MAX_TILES = fuse
-            del os.environ["SDKERNELS_GN_PLAN"]
+            for knob in knobs:
+                del os.environ[knob]
     return run
 
 
@@ -43,9 +47,10 @@ def main():
     p.add_argument("--dtype", default="fp16")
     p.add_argument("--layouts", default="cl,nchw")
     p.add_argument("--plans", default=",".join(PLANS), help="the Triton plans to force")
+    p.add_argument("--tile-warps", default="", help="also the tile plan with each of these warp counts, e.g. 4,8,16")
     args = p.parse_args()
     dtype = DTYPES[args.dtype]
-    plans = args.plans.split(",")
+    plans = args.plans.split(",") + [f"tile@{w}" for w in args.tile_warps.split(",") if w]
     cols = plans + ["cuda", "default", "eager", "copy"]
     print(f"{'case':44s}" + "".join(f"{c:>14s}" for c in cols) + "   eager/default")
     for case in collect_cases(args.models.split(",")):
@@ -73,7 +78,7 @@ def main():
             if name == "rows" and case.layout != "cl" or name == "cuda" and case.layout != "cl":
                 row[name] = "-"
                 continue
-            if name == "tile" and k.next_power_of_2(Cg) * k.next_power_of_2(S) > 65536:
+            if name.startswith("tile") and k.next_power_of_2(Cg) * k.next_power_of_2(S) > 65536:
                 row[name] = "-"
                 continue
             try:

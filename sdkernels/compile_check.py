@@ -60,7 +60,8 @@ def _compiler_env() -> None:
     the interpreter at decoration time."""
     os.environ["TRITON_INTERPRET"] = "0"
     os.environ["TRITON_DEFAULT_FP_FUSION"] = "1"
-    for knob in ("SDKERNELS_AUTOTUNE", "SDKERNELS_GN_PLAN", "SDKERNELS_POISON_OUTPUTS", "SDKERNELS_ADD_LN_TILE"):
+    for knob in ("SDKERNELS_AUTOTUNE", "SDKERNELS_GN_PLAN", "SDKERNELS_GN_TILE_WARPS", "SDKERNELS_POISON_OUTPUTS",
+                 "SDKERNELS_ADD_LN_TILE"):
         os.environ.pop(knob, None)
 
 
