@@ -161,7 +161,7 @@ def _tile_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, sh_ptr, G, S, eps,
                  sxN, sxC, sxS, srN, srC, srS, soN, soC, soS, shN, shC,
                  CG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, CHANNELS_FAST: tl.constexpr,
                  HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-                 HAS_RESIDUAL: tl.constexpr, HAS_SHIFT: tl.constexpr):
+                 HAS_RESIDUAL: tl.constexpr, HAS_SHIFT: tl.constexpr, FLAT_SUMS: tl.constexpr = False):
     """one_pass with the group as a 2-D tile of channels and positions: no per-element division, per-channel values
     (weights, shift) loaded once per channel and folded into one scale and offset, and the contiguous axis read as
     vectors (channels with CHANNELS_FAST, where x, residual and out have channel stride 1; else positions, as in
@@ -182,9 +182,14 @@ def _tile_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, sh_ptr, G, S, eps,
     shift = _shifted(tl.zeros([BLOCK_C], dtype=tl.float32), n, ch, c_ok, sh_ptr, shN, shC, HAS_SHIFT)
     x = tl.where(mask, x.to(tl.float32) + _per_channel(shift, CHANNELS_FAST), 0.0)
     size = CG * S
-    mean = tl.sum(tl.sum(x, axis=1), axis=0) / size
-    d = tl.where(mask, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(d * d, axis=1), axis=0) / size + eps)
+    if FLAT_SUMS:  # one reduction over the whole tile instead of one per axis (a probe variant: _tile_variant)
+        mean = tl.sum(x) / size
+        d = tl.where(mask, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d) / size + eps)
+    else:
+        mean = tl.sum(tl.sum(x, axis=1), axis=0) / size
+        d = tl.where(mask, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(d * d, axis=1), axis=0) / size + eps)
     scale = tl.zeros([BLOCK_C], dtype=tl.float32) + rstd
     offset = tl.zeros([BLOCK_C], dtype=tl.float32)
     if HAS_WEIGHT:
@@ -376,11 +381,13 @@ def _warps(block: int, most: int = 16) -> int:
     return max(4, min(most, block // 256))
 
 
-def _tile_warps(block: int) -> int:
-    """SDKERNELS_GN_TILE_WARPS: a probe knob (scripts/probe_gn_plans.py --tile-warps); the small SD1.5 groups are
-    latency-bound, where fewer warps mean a shorter cross-warp reduction."""
-    forced = getenv("SDKERNELS_GN_TILE_WARPS")
-    return int(forced) if forced else _warps(block, 32)
+def _tile_variant(block: int) -> dict:
+    """The tile kernel's warps and reductions. Probe knobs (scripts/probe_gn_plans.py --tile-warps, --tile-flat-sums):
+    SDKERNELS_GN_TILE_WARPS=n and SDKERNELS_GN_TILE_SUMS=flat; the small SD1.5 groups are latency-bound, where fewer
+    warps or fewer reductions shorten the chain between the load and the store."""
+    warps = getenv("SDKERNELS_GN_TILE_WARPS")
+    return dict(num_warps=int(warps) if warps else _warps(block, 32),
+                FLAT_SUMS=getenv("SDKERNELS_GN_TILE_SUMS") == "flat")
 
 
 def _tile_block(Cg: int, S: int) -> tuple:
@@ -514,7 +521,7 @@ def group_norm_triton(x, num_groups, weight, bias, eps, silu, residual, out, str
         block_c, block_s = _tile_block(Cg, S)
         _tile_kernel[(N * G,)](x, w, b, r, out, sh, G, S, eps, *sx, *sr, *so, shN, shC, CG=Cg, BLOCK_C=block_c,
                                BLOCK_S=block_s, CHANNELS_FAST=sx[1] == 1 and sr[1] == 1 and so[1] == 1,
-                               num_warps=_tile_warps(block_c * block_s), **epilogue, **shift_flag)
+                               **_tile_variant(block_c * block_s), **epilogue, **shift_flag)
         return out
     if plan == "one_pass":
         block = next_power_of_2(size)

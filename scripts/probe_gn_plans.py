@@ -23,10 +23,13 @@ PLANS = ["tile", "one_pass", "flat", "flat+finalize", "rows"]
 
 
 def with_plan(plan, fn):
-    """fn under a forced Triton plan: "flat+finalize" keeps the separate finalize kernel, "tile@8" sets the warps."""
-    plan, _, warps = plan.partition("@")
+    """fn under a forced Triton plan: "flat+finalize" keeps the separate finalize kernel, "tile@8" sets the warps,
+    "tile@8:flat" (or "tile@:flat") also one reduction per statistic."""
+    plan, _, variant = plan.partition("@")
+    warps, _, sums = variant.partition(":")
     name, _, finalize = plan.partition("+")
-    knobs = {"SDKERNELS_GN_PLAN": name, **({"SDKERNELS_GN_TILE_WARPS": warps} if warps else {})}
+    knobs = {"SDKERNELS_GN_PLAN": name, **({"SDKERNELS_GN_TILE_WARPS": warps} if warps else {}),
+             **({"SDKERNELS_GN_TILE_SUMS": sums} if sums else {})}
 
     def run(*args):
         os.environ.update(knobs)
@@ -48,9 +51,13 @@ def main():
     p.add_argument("--layouts", default="cl,nchw")
     p.add_argument("--plans", default=",".join(PLANS), help="the Triton plans to force")
     p.add_argument("--tile-warps", default="", help="also the tile plan with each of these warp counts, e.g. 4,8,16")
+    p.add_argument("--tile-flat-sums", action="store_true",
+                   help="also each tile column with one reduction over the whole tile per statistic")
     args = p.parse_args()
     dtype = DTYPES[args.dtype]
     plans = args.plans.split(",") + [f"tile@{w}" for w in args.tile_warps.split(",") if w]
+    if args.tile_flat_sums:
+        plans += [f"{p}{'' if '@' in p else '@'}:flat" for p in plans if p.startswith("tile")]
     cols = plans + ["cuda", "default", "eager", "copy"]
     print(f"{'case':44s}" + "".join(f"{c:>14s}" for c in cols) + "   eager/default")
     for case in collect_cases(args.models.split(",")):

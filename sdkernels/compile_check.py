@@ -60,8 +60,8 @@ def _compiler_env() -> None:
     the interpreter at decoration time."""
     os.environ["TRITON_INTERPRET"] = "0"
     os.environ["TRITON_DEFAULT_FP_FUSION"] = "1"
-    for knob in ("SDKERNELS_AUTOTUNE", "SDKERNELS_GN_PLAN", "SDKERNELS_GN_TILE_WARPS", "SDKERNELS_POISON_OUTPUTS",
-                 "SDKERNELS_ADD_LN_TILE"):
+    for knob in ("SDKERNELS_AUTOTUNE", "SDKERNELS_GN_PLAN", "SDKERNELS_GN_TILE_WARPS", "SDKERNELS_GN_TILE_SUMS",
+                 "SDKERNELS_POISON_OUTPUTS", "SDKERNELS_ADD_LN_TILE"):
         os.environ.pop(knob, None)
 
 
@@ -368,12 +368,13 @@ def group_norm_scenarios():
         args = _group_norm_inputs(shape, dtype, layout, (True, True, False)) + (torch.empty(shape[:2], dtype=dtype),)
         yield Scenario(f"group_norm {dt} {shape} {layout} shift", _backend_call("group_norm", "triton", *args))
         # Every plan, forced: the launcher's choice reaches only some at these shapes (the tests force them too).
-        for plan in ("tile", "one_pass", "flat", "rows"):
+        for plan, knobs in (("tile", {}), ("tile", {"SDKERNELS_GN_TILE_SUMS": "flat"}), ("one_pass", {}),
+                            ("flat", {}), ("rows", {})):
             if plan != "rows" or layout == "nhwc":
                 args = _group_norm_inputs(shape, dtype, layout, (True, True, True))
-                yield Scenario(f"group_norm {dt} {shape} {layout} plan={plan}",
+                yield Scenario(f"group_norm {dt} {shape} {layout} plan={plan} {knobs or ''}",
                                _with_settings(_backend_call("group_norm", "triton", *args),
-                                              env={"SDKERNELS_GN_PLAN": plan}))
+                                              env={"SDKERNELS_GN_PLAN": plan, **knobs}))
 
 
 def layer_norm_scenarios():

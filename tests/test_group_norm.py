@@ -108,19 +108,21 @@ def test_rank3_rank5_and_tiny(shape, layout):
     check("triton", x, g, w, b, 1e-5, True, r)
 
 
-@pytest.fixture(params=["flat", "flat+finalize", "rows", "one_pass", "tile"])
+@pytest.fixture(params=["flat", "flat+finalize", "rows", "one_pass", "tile", "tile+flat-sums"])
 def forced_plan(request, monkeypatch):
     """Make the Triton launcher take each plan: the multi-kernel ones (partials, then finalize or, flat with few
     tiles, the merge inside the apply pass, then apply) with many tiles and several finalize chunks, at sizes the
     interpreter handles; and the one-program-per-group ones, which tiny tests would not all reach by themselves."""
     import sdkernels.kernels.group_norm as k
-    plan, _, finalize = request.param.partition("+")
+    plan, _, variant = request.param.partition("+")
     monkeypatch.setenv("SDKERNELS_GN_PLAN", plan)
     monkeypatch.setattr(k, "TILE", 64)
     monkeypatch.setattr(k, "ROW_TILE", 64)
     monkeypatch.setattr(k, "MERGE_CHUNK", 16)
-    if finalize:
+    if variant == "finalize":
         monkeypatch.setattr(k, "FUSE_MAX_TILES", 0)
+    if variant == "flat-sums":  # the probe's variant of the tile kernel (one reduction per statistic)
+        monkeypatch.setenv("SDKERNELS_GN_TILE_SUMS", "flat")
     return plan
 
 
