@@ -5,8 +5,8 @@ x is seen as (N, C, S), S the flattened spatial size, with strides (sN, sC, sS).
   * one_pass: one program per (n, g) loads the whole group into registers at once (all loads in flight together),
     reduces, normalizes and stores: one launch, one read. For small groups; where x is contiguous and groups are
     tiny (a LayerNorm's rows), one program takes several groups at once.
-  * tile: one_pass over the group as a (channels, positions) tile, for layouts whose positions are contiguous
-    (NCHW): vector loads along positions, per-channel weights folded into one scale and offset.
+  * tile: one_pass over the group as a 2-D tile of channels and positions, its contiguous axis (channels in
+    channels_last, positions in NCHW) read as vectors, per-channel weights folded into one scale and offset.
   * flat (large groups, any flat layout): a group is the index range i in [0, Cg*S); tile partials
     (count, mean, M2) -> a finalize kernel merging them per group into (mean, rstd) -> an apply kernel; with few
     tiles a group, the apply kernel merges its group's partials itself (one launch fewer).
