@@ -419,6 +419,21 @@ def choose_plan(Cg: int, S: int, C: int, channels_last: bool, dense_rows: bool) 
     return "flat"
 
 
+def _channels_dense(*strides) -> bool:
+    """Whether every one of these (sN, sC, sS) triples has channel stride 1."""
+    return all(st[1] == 1 for st in strides)
+
+
+def plan_for(shape, num_groups: int, strides, channels_last: bool) -> str:
+    """choose_plan for an x of ``shape`` whose x, residual and out strides, as (sN, sC, sS) triples, are ``strides``:
+    the rows plan and channels_last tiles need channel stride 1 in all three."""
+    C = shape[1]
+    S = 1
+    for d in shape[2:]:
+        S *= d
+    return choose_plan(C // num_groups, S, C, channels_last, channels_last and _channels_dense(*strides))
+
+
 def finalize_partials(partials, K: int, eps: float) -> torch.Tensor:
     """(N*G, 2) fp32 (mean, rstd) per group from partials (3, N*G*K), K per group (see channel_partials)."""
     groups = partials.shape[1] // K
@@ -503,9 +518,7 @@ def group_norm_triton(x, num_groups, weight, bias, eps, silu, residual, out, str
     # Unused pointers still need a tensor; x is never read through them because the flags are off.
     w, b, r = (weight if weight is not None else x, bias if bias is not None else x,
                residual if residual is not None else x)
-    # Rows need channel stride 1 in x, residual and out (out = empty_like(x) shares x's layout).
-    dense_rows = channels_last and sx[1] == 1 and so[1] == 1 and sr[1] == 1
-    plan = choose_plan(Cg, S, C, channels_last, dense_rows)
+    plan = plan_for(x.shape, G, (sx, sr, so), channels_last)
 
     # Several groups a program only where a group fills at most 512 lanes: at (16384 rows, 640) the H200 ran one
     # row a program faster (32.9 vs 37.4 us), at (8192, 320) slower (8.0 vs 6.3 us; scripts/probe_layer_norm.py).
@@ -520,7 +533,7 @@ def group_norm_triton(x, num_groups, weight, bias, eps, silu, residual, out, str
     if plan == "tile":
         block_c, block_s = _tile_block(Cg, S)
         _tile_kernel[(N * G,)](x, w, b, r, out, sh, G, S, eps, *sx, *sr, *so, shN, shC, CG=Cg, BLOCK_C=block_c,
-                               BLOCK_S=block_s, CHANNELS_FAST=sx[1] == 1 and sr[1] == 1 and so[1] == 1,
+                               BLOCK_S=block_s, CHANNELS_FAST=_channels_dense(sx, sr, so),
                                **_tile_variant(block_c * block_s), **epilogue, **shift_flag)
         return out
     if plan == "one_pass":

@@ -12,6 +12,7 @@ from sdkernels.ops import (add_bias_residual_reference, conv3x3_eager, conv3x3_r
 from sdkernels.ops import add_layer_norm, add_layer_norm_reference
 from sdkernels.ops.attention import GPU_UNSAFE_HEAD_DIMS
 from sdkernels.testing import assert_close, relative_error
+from probe_gn_plans import with_plan  # scripts/: forces a Triton GroupNorm plan
 
 
 def group_norm_cases():
@@ -37,18 +38,6 @@ def group_norm_plan_cases():
                 x = torch.randn(shape, device="cuda", dtype=torch.float16).to(memory_format=layout)
                 w = torch.randn(shape[1], device="cuda", dtype=torch.float16)
                 yield plan, (x, G, w, w, 1e-5, True, torch.randn_like(x))
-
-
-def with_gn_plan(plan, *args):
-    from sdkernels.kernels import group_norm as k
-    name, _, finalize = plan.partition("+")
-    fuse = k.FUSE_MAX_TILES
-    os.environ["SDKERNELS_GN_PLAN"], k.FUSE_MAX_TILES = name, (0 if finalize else fuse)
-    try:
-        return sdkernels.group_norm(*args)
-    finally:
-        del os.environ["SDKERNELS_GN_PLAN"]
-        k.FUSE_MAX_TILES = fuse
 
 
 def geglu_cases():
@@ -178,7 +167,8 @@ def cases():
         yield (f"group_norm[{backend}]", backend, lambda a=args: sdkernels.group_norm(*a),
                lambda a=args: group_norm_reference(*a), args, None)
     for plan, args in group_norm_plan_cases():
-        yield (f"group_norm[triton plan={plan}]", "triton", lambda p=plan, a=args: with_gn_plan(p, *a),
+        yield (f"group_norm[triton plan={plan}]", "triton",
+               lambda p=plan, a=args: with_plan(p, sdkernels.group_norm)(*a),
                lambda a=args: group_norm_reference(*a), args, None)
     for name, op, reference, args in geglu_cases():
         yield name, "triton", lambda o=op, a=args: o(*a), lambda r=reference, a=args: r(*a), args, 2e-2

@@ -186,12 +186,10 @@ def _prefer_triton_for_one_program_per_group(x, num_groups, weight=None, bias=No
     if isinstance(layout, str) or triton_available() or x.dim() < 2 or x.numel() == 0:
         return None
     sx, sr, channels_last = layout
-    C = x.shape[1]
-    if num_groups <= 0 or C % num_groups:
+    if num_groups <= 0 or x.shape[1] % num_groups:
         return None
     k = kernels("group_norm")
-    dense_rows = channels_last and sx[1] == 1 and sr[1] == 1  # the output takes x's layout
-    plan = k.choose_plan(C // num_groups, x.numel() // (x.shape[0] * C), C, channels_last, dense_rows)
+    plan = k.plan_for(x.shape, num_groups, (sx, sr, sx), channels_last)  # the output takes x's layout
     return "triton" if plan in k.ONE_PROGRAM_PLANS else None
 
 
