@@ -24,7 +24,7 @@ PLANS = ["tile", "one_pass", "flat", "flat+finalize", "rows"]
 
 def with_plan(plan, fn):
     """fn under a forced Triton plan: "flat+finalize" keeps the separate finalize kernel, "tile@8" sets the warps,
-    "tile@8:flat" (or "tile@:flat") also one reduction per statistic."""
+    "tile@8:axes" (or "tile@:axes") also one reduction per axis instead of one per statistic."""
     plan, _, variant = plan.partition("@")
     warps, _, sums = variant.partition(":")
     name, _, finalize = plan.partition("+")
@@ -51,13 +51,13 @@ def main():
     p.add_argument("--layouts", default="cl,nchw")
     p.add_argument("--plans", default=",".join(PLANS), help="the Triton plans to force")
     p.add_argument("--tile-warps", default="", help="also the tile plan with each of these warp counts, e.g. 4,8,16")
-    p.add_argument("--tile-flat-sums", action="store_true",
-                   help="also each tile column with one reduction over the whole tile per statistic")
+    p.add_argument("--tile-axis-sums", action="store_true",
+                   help="also each tile column with one reduction per axis instead of one over the whole tile")
     args = p.parse_args()
     dtype = DTYPES[args.dtype]
     plans = args.plans.split(",") + [f"tile@{w}" for w in args.tile_warps.split(",") if w]
-    if args.tile_flat_sums:
-        plans += [f"{p}{'' if '@' in p else '@'}:flat" for p in plans if p.startswith("tile")]
+    if args.tile_axis_sums:
+        plans += [f"{p}{'' if '@' in p else '@'}:axes" for p in plans if p.startswith("tile")]
     cols = plans + ["cuda", "default", "eager", "copy"]
     print(f"{'case':44s}" + "".join(f"{c:>14s}" for c in cols) + "   eager/default")
     for case in collect_cases(args.models.split(",")):
