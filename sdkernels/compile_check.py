@@ -97,19 +97,19 @@ class _TargetDriver:
         return 0
 
     def get_benchmarker(self):
-        return _bench_once
+        return bench_once
 
     def _properties(self, device):
         return {"max_shared_mem": self.arch.shared_limit, "multiprocessor_count": self.arch.sms}
 
 
-def _bench_once(kernel_call, quantiles, **kwargs):
+def bench_once(kernel_call, quantiles, **kwargs):
     """The autotuner's benchmarker: launch once (recording the config), equal times for all."""
     kernel_call()
     return [1.0] * len(quantiles)
 
 
-def _set_target(arch: Arch) -> None:
+def set_target(arch: Arch) -> None:
     from triton.runtime.driver import driver
     driver.set_active(_TargetDriver(arch))
 
@@ -205,11 +205,13 @@ def _gpu_view(arch: Arch, recorder: Recorder, mods: dict):
     from triton.runtime.autotuner import Autotuner
 
     from sdkernels.kernels import utils
-    _set_target(arch)
+    set_target(arch)
     recorder.arch = arch
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.object(knobs.runtime, "jit_cache_hook", recorder.hook))
         stack.enter_context(mock.patch.object(Autotuner, "run", _autotuner_run_recording_groups(recorder)))
+        from .precompile import autotuners_launching_once  # (autotuners with a do_bench of their own)
+        stack.enter_context(autotuners_launching_once())
         # Our CPU tensors would send the launchers' device queries to the CPU answers: answer for the target.
         stack.enter_context(mock.patch.object(utils, "device_ok", lambda *tensors: True))
         sm_count = utils.multiprocessor_count
@@ -605,7 +607,7 @@ def compile_one(cc: int, module: str, kernel: str, spec: str, cubin: bool):
     """(shared bytes or None, seconds, error text or None): compile one request for its target. A cubin-depth
     variant is compiled to shared depth too, to check that the shortcut still matches Triton's own pipeline."""
     from triton import knobs
-    _set_target(ARCHS[cc])
+    set_target(ARCHS[cc])
     knobs.runtime.jit_cache_hook = None
     start = time.perf_counter()
     try:

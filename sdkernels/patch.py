@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from . import banded, graphs, step_choice, tuning
+from . import banded, graphs, precompile, step_choice, tuning
 
 logger = logging.getLogger("sdkernels")
 
@@ -122,6 +122,8 @@ def patch(pipe_or_model, *, ops: Optional[Iterable[str]] = None, cuda_graph: boo
         _mark_low_memory(model, low_memory)
         model.__dict__[_SUMMARY] = result
         logger.info("%s", result)
+        if any(result.replaced.values()):  # innermost of the method's shadows: graphs and step choice call it
+            precompile.install(model, _precompiled_method(model))
         if cuda_graph:
             step_choice.uninstall(model)  # graphs replay GPU time only, where the patched modules are the faster
             if not graphs.install(model, label):
@@ -139,6 +141,7 @@ def unpatch(pipe_or_model):
     for _, model in _models(pipe_or_model):
         graphs.uninstall(model)
         step_choice.uninstall(model)
+        precompile.uninstall(model)
         _mark_low_memory(model, False)
         for module in list(model.modules()):  # restoring may swap children back in, so walk a snapshot
             names = module.__dict__.get(_PATCHED_BY, ())
@@ -150,6 +153,12 @@ def unpatch(pipe_or_model):
             module.__dict__.pop(_PATCHED_BY, None)
         model.__dict__.pop(_SUMMARY, None)
     return pipe_or_model
+
+
+def _precompiled_method(model: nn.Module) -> str:
+    """The method whose first calls sdkernels.precompile prepares: the one graphs capture (UNet forward, VAE decode)."""
+    t = graphs.target(model)
+    return t.method if t is not None else "forward"
 
 
 def _mark_low_memory(model: nn.Module, low_memory: bool) -> None:

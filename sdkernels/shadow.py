@@ -13,8 +13,10 @@ from typing import Callable
 
 class ShadowMethod:
     def __init__(self, owner: Callable, method: Callable):
+        # not the wrapped one's __dict__: where it is another ShadowMethod (StepChoice's over the Precompiler's), its
+        # owner would replace ours
+        functools.update_wrapper(self, method, updated=())
         self.owner = owner
-        functools.update_wrapper(self, method)
 
     def __call__(self, *args, **kwargs):
         return self.owner(*args, **kwargs)

@@ -14,6 +14,11 @@ os.environ.setdefault("SDKERNELS_AUTOTUNE", "0")
 # Tests choose their backends: patch()'s measured per-shape choice (sdkernels.tuning) could pick eager PyTorch for a
 # tiny test shape and leave the kernel under test unrun. tests/test_tuning.py turns it back on.
 os.environ.setdefault("SDKERNELS_TUNING", "0")
+# sdkernels.precompile runs a patched model dry before its first call of each signature: tests that count op or
+# module calls would count that call too. tests/test_precompile.py turns it back on (with two worker processes, not
+# one per core: the GPU lane runs several test files at once).
+os.environ.setdefault("SDKERNELS_PRECOMPILE", "0")
+os.environ.setdefault("SDKERNELS_PRECOMPILE_JOBS", "2")
 
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402

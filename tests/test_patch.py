@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import sdkernels
-from sdkernels import dispatch, step_choice
+from sdkernels import dispatch, precompile, step_choice
 from sdkernels.testing import randomize_weights as randomize
 from sdkernels.patch import original_forward, patch, patched_by, summary, unpatch
 from sdkernels.patch import patchers as registered_patchers
@@ -229,7 +229,9 @@ def test_patch_twice_changes_nothing():
         out2 = run_unet(unet, inputs)
     assert summary(unet).replaced == first.replaced and summary(unet).left == first.left
     assert snapshot(unet) == snap  # nothing re-bound
-    assert step_choice.installed(unet).original.__func__ is type(unet).forward  # one StepChoice, not two
+    # one StepChoice, not two, over one Precompiler, over diffusers' forward
+    assert step_choice.installed(unet).original.owner is precompile.installed(unet)
+    assert precompile.installed(unet).original.__func__ is type(unet).forward
     for m in unet.modules():  # no double wrapping: what a patched forward falls back to is diffusers' own
         if "forward" in vars(m) and m is not unet:
             assert original_forward(m).__func__ is type(m).forward
