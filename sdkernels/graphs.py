@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from . import tuning
 from .benchmarking import as_cuda_graph
 from .dispatch import SdkernelsFallbackWarning
-from .shadow import ShadowMethod
+from .shadow import ShadowMethod, unshadow
 
 _GRAPHED = "_sdkernels_graphed"  # on a model: its GraphedCall
 _SILENT = ""                     # an eager reason the user cannot act on (they are compiling or capturing already)
@@ -307,9 +307,4 @@ class GraphedCall:
         hooks do), it stays in place and calls straight through to the original."""
         self.drop()
         self.open = False
-        d = self.model.__dict__
-        if d.get(self.target.method) is self.method:
-            if self.shadowed is None:
-                del d[self.target.method]
-            else:
-                d[self.target.method] = self.shadowed
+        unshadow(self.model, self.target.method, self.method, self.shadowed)

@@ -43,7 +43,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from . import tuning
 from ._env import getenv
-from .shadow import ShadowMethod
+from .shadow import ShadowMethod, unshadow
 
 logger = logging.getLogger("sdkernels")
 _PRECOMPILER = "_sdkernels_precompiler"  # on a model: its Precompiler
@@ -114,12 +114,7 @@ class Precompiler:
     def close(self) -> None:
         """Put the method back (if another library has wrapped ours since, it stays and calls straight through)."""
         self.open = False
-        d = self.model.__dict__
-        if d.get(self.method_name) is self.method:
-            if self.shadowed is None:
-                del d[self.method_name]
-            else:
-                d[self.method_name] = self.shadowed
+        unshadow(self.model, self.method_name, self.method, self.shadowed)
 
 
 def _clones(tree):

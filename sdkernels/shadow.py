@@ -20,3 +20,15 @@ class ShadowMethod:
 
     def __call__(self, *args, **kwargs):
         return self.owner(*args, **kwargs)
+
+
+def unshadow(model, name: str, method: ShadowMethod, shadowed) -> None:
+    """Put ``model.<name>`` back as it was before ``method`` shadowed it (``shadowed``: the instance attribute it
+    replaced, None for the class's method). If another library has wrapped ours since, that wrapper stays in place
+    and calls straight through (the owner, closed, calls the original)."""
+    d = model.__dict__
+    if d.get(name) is method:
+        if shadowed is None:
+            del d[name]
+        else:
+            d[name] = shadowed

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from . import tuning
-from .shadow import ShadowMethod
+from .shadow import ShadowMethod, unshadow
 
 _CHOICE = "_sdkernels_step_choice"  # on a model: its StepChoice
 PATCHED, ORIGINALS = "patched", "originals"
@@ -83,9 +83,4 @@ class StepChoice:
     def close(self) -> None:
         """Put the method back (if another library has wrapped ours since, it stays and calls straight through)."""
         self.open = False
-        d = self.model.__dict__
-        if d.get(self.method_name) is self.method:
-            if self.shadowed is None:
-                del d[self.method_name]
-            else:
-                d[self.method_name] = self.shadowed
+        unshadow(self.model, self.method_name, self.method, self.shadowed)
