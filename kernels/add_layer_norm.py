@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .._env import getenv
-from .utils import cdiv, interpreting, next_power_of_2
+from .utils import cdiv, interpreting, next_power_of_2, fix_cache_keys
 
 # Elements per program (ROWS x BLOCK_C), and the padded width from which a program takes one row. H200 (bench
 # --tiles, fp16, GB/s of 2 reads + 2 writes): 320 wide, 4 rows a program (2048) 2918 against 8 rows 2682 and one
@@ -91,3 +91,6 @@ def add_layer_norm_triton(x, residual, weight, bias, eps: float, total, out):
                                                     ROUND_BF16=x.dtype == torch.bfloat16 and interpreting(),
                                                     num_warps=warps)
     return total, out
+
+
+fix_cache_keys(globals())  # last: see its docstring

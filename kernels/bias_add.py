@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from .geglu import row_col_tile, tile_shape
-from .utils import cdiv
+from .utils import cdiv, fix_cache_keys
 
 
 @triton.jit
@@ -46,3 +46,6 @@ def bias_residual_triton(y, bias, residual, scale: float, channels_last: bool):
                                 HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, SCALED=scale != 1.0,
                                 BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
     return y
+
+
+fix_cache_keys(globals())  # last: see its docstring

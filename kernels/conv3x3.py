@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .group_norm import channel_partials, finalize_partials
-from .utils import cdiv, interpreting, next_power_of_2
+from .utils import cdiv, interpreting, next_power_of_2, fix_cache_keys
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Starting points for fp16/bf16 on sm_80/sm_90, NOT measured
 # yet: the GPU run of bench/bench_resnet_block.py is the place to tune them.
@@ -205,3 +205,6 @@ def conv3x3_triton(x, weight, bias, norm, add, residual, output_scale_factor, st
     if not stats_groups:
         return None
     return finalize_partials(partials, tiles_m * (Cout // G_out), stats_eps)
+
+
+fix_cache_keys(globals())  # last: see its docstring

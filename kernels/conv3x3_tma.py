@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import cdiv, interpreting, multiprocessor_count
+from .utils import cdiv, interpreting, multiprocessor_count, fix_cache_keys
 
 # Tensor descriptors (TMA) need Hopper or newer: sdkernels::conv3x3 offers this backend there only.
 MIN_COMPUTE_CAPABILITY = 90
@@ -170,3 +170,6 @@ def conv3x3_tma(x, weight, bias, residual, scale, out, config=None, split=None):
             part, bias_arg, res_arg, out, rows, H, W, Cout, float(scale), *res_strides, *out.stride(),
             SPLIT=split, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4, **flags)
     return out
+
+
+fix_cache_keys(globals())  # last: see its docstring

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import cdiv, interpreting, multiprocessor_count
+from .utils import cdiv, interpreting, multiprocessor_count, fix_cache_keys
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)  # the same, readable inside kernels
@@ -363,3 +363,6 @@ def flash_attention_triton(q, k, v, out, scale, mask, config=None):
         PRECISION=dot_precision(q.dtype), STRIDE_UNIT=unit, TAIL_MODE=tail_mode(d, Nk, block_n), num_warps=warps,
         num_stages=stages)
     return out
+
+
+fix_cache_keys(globals())  # last: see its docstring

@@ -11,7 +11,7 @@ import functools
 import triton
 import triton.language as tl
 
-from .utils import cdiv, next_power_of_2
+from .utils import cdiv, next_power_of_2, fix_cache_keys
 
 # constexpr: a kernel may read only constexpr globals (Triton 3.3+ refuses plain ones on the GPU; the interpreter
 # does not check).
@@ -107,3 +107,6 @@ def gelu_rows_triton(inp, out, rows: int, cols: int, row_sizes, in_strides, out_
                             GATED=gated, APPROXIMATE_TANH=approximate_tanh, BLOCK_R=block_r, BLOCK_C=block_c,
                             num_warps=warps)
     return out
+
+
+fix_cache_keys(globals())  # last: see its docstring

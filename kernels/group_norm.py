@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .._env import getenv
-from .utils import cdiv, multiprocessor_count, next_power_of_2
+from .utils import cdiv, multiprocessor_count, next_power_of_2, fix_cache_keys
 
 ONE_PASS_MAX = 65536     # largest group held in one program's registers; above it channels_last takes rows
 ONE_PASS_SMALL = 8192    # largest group one_pass is chosen for (larger ones ran faster split: choose_plan)
@@ -584,3 +584,6 @@ def group_norm_apply_triton(x, stats, weight, bias, silu, out, strides):
     C = x.shape[1]
     plan = "rows" if channels_last and sx[1] == 1 and so[1] == 1 and C <= ROW_TILE else "flat"
     return _apply(x, stats, stats.shape[1], w, b, x, out, sx, sx, so, plan, layout, epilogue)
+
+
+fix_cache_keys(globals())  # last: see its docstring

@@ -26,7 +26,7 @@ import triton.language as tl
 from .. import tuning
 from .._env import getenv
 from .geglu import gelu_fp32
-from .utils import cdiv, interpreting
+from .utils import cdiv, interpreting, fix_cache_keys
 
 
 def _set_block_shapes(nargs):
@@ -427,3 +427,6 @@ def tuned_plan(M: int, N: int, K: int, dtype: torch.dtype):
             if key[0] == _TUNED and tuple(key[1:4]) == (M, N, K) and dtype in key:
                 return " + ".join(f"[{config}] columns {n_begin}..{n_end}" for config, n_begin, n_end in plan)
     return None
+
+
+fix_cache_keys(globals())  # last: see its docstring

@@ -15,7 +15,7 @@ import triton.language as tl
 from .flash_attention import (HEAD_DIM_CHUNKS, LOG2E, _LOG2E, _accumulate_pv, _bh_base, _load_query, _log2_scores,
                               _program_tile, _scores, _store_output, dot_precision, launch_config, mask_kind,
                               chunk1_start, mask_strides, stride_unit, tail_mode, view_strides)
-from .utils import cdiv, multiprocessor_count
+from .utils import cdiv, multiprocessor_count, fix_cache_keys
 
 _LN2 = tl.constexpr(0.6931471805599453)
 # Row-statistics programs wanted per streaming multiprocessor; the key range is split until there are this many.
@@ -209,3 +209,6 @@ def partial_softmax_attention_triton(q, k, v, out, scale, mask, row_stats=None, 
         PRECISION=dot_precision(q.dtype), STRIDE_UNIT=unit, FOLD_TAIL=tail_mode(d, Nk, block_n) == 1,
         num_warps=warps, num_stages=stages)
     return out
+
+
+fix_cache_keys(globals())  # last: see its docstring

@@ -1,5 +1,6 @@
 """sdkernels.precompile: the dry call that records a model's Triton kernels, the workers that compile them into
 Triton's disk cache, and the patched model's first call that then finds them there."""
+import json
 import os
 import subprocess
 import sys
@@ -61,6 +62,9 @@ WORKERS_SCRIPT = textwrap.dedent("""
             knobs.runtime.jit_cache_hook = recorder.hook
             for approximate in ("none", "tanh"):
                 cc._backend_call("gelu", "triton", torch.empty(2, 64, 320, dtype=torch.float16), approximate)()
+            for d in (40, 80):  # kernels sharing helpers (their keys once depended on which came first)
+                inputs = cc._attention_inputs(d, torch.float16, 0, 256)
+                cc._backend_call("flash_attention", "partial_softmax", *inputs)()
         return recorder
 
     first = record()
@@ -73,6 +77,32 @@ WORKERS_SCRIPT = textwrap.dedent("""
 """)
 
 
+KEYS_SCRIPT = textwrap.dedent("""
+    import importlib, json, pkgutil, sys
+    import sdkernels.kernels as package
+    from triton.runtime.jit import JITFunction
+    mods = [importlib.import_module(f"sdkernels.kernels.{m.name}") for m in pkgutil.iter_modules(package.__path__)]
+    fns = [v for m in mods for v in vars(m).values() if isinstance(v, JITFunction) and v.fn.__module__ == m.__name__]
+    order = fns if sys.argv[1] == "forward" else fns[::-1]
+    print(json.dumps({f"{f.fn.__module__}.{f.fn.__qualname__}": f.cache_key for f in order}))
+""")
+
+
+def test_kernel_cache_keys_do_not_depend_on_which_was_computed_first():
+    """Triton 3.6 derived five functions' keys (_softmax_times_v, _linear_geglu_kernel, ...) from which keys a
+    process had computed before; the workers and the caller must agree (kernels.utils.fix_cache_keys computes them
+    all at import, in one order). Triton 3.9 (CI's) computes them the same either way: this fails only where the
+    Triton does not, e.g. the GPU lane's 3.6 without fix_cache_keys."""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    keys = []
+    for order in ("forward", "reverse"):
+        done = subprocess.run([sys.executable, "-c", KEYS_SCRIPT, order], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        keys.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert len(keys[0]) > 40 and keys[0] == keys[1]
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="Triton's GPU compiler")
 def test_workers_fill_the_disk_cache_the_caller_looks_up(tmp_path):
     env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "triton"), TRITON_INTERPRET="0",
@@ -80,10 +110,9 @@ def test_workers_fill_the_disk_cache_the_caller_looks_up(tmp_path):
     done = subprocess.run([sys.executable, "-c", WORKERS_SCRIPT], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    import json
     result = json.loads(done.stdout.strip().splitlines()[-1])
     kernels = result["first"][0]
-    assert kernels >= 2 and result["first"][1] == 0, result  # two specializations at least, none on disk
+    assert kernels >= 6 and result["first"][1] == 0, result  # two GELU and 2 x 2 attention at least, none on disk
     assert result["failed"] == [] and result["compiled"] == kernels and result["workers"] == 2, result
     assert result["second"] == [0, kernels], result  # every one found on disk by the caller's lookup
 
