@@ -81,7 +81,8 @@ def main():
     for report in getattr(precompile.installed(model), "reports", []):
         print(report)
         print("  sent to the workers:", _counted(report.kernels))
-    print(f"Triton compiles in this process during the first call: {len(compiled_here)}: {_counted(compiled_here)}")
+    print(f"Triton compiles in this process during the first call (precompile's own included): {len(compiled_here)}; "
+          f"not found on disk: {len(missed)}: {_counted(compiled_here)}")
     print(f"{args.model} B={args.batch} res={args.resolution} graph={not args.no_graph}: patch {patched_s:.2f} s, "
           f"patch + first call {total_s:.2f} s, second call {again_s * 1e3:.1f} ms")
     if args.specs:

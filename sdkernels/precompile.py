@@ -54,7 +54,8 @@ class Report:
     """What one precompile did."""
     recorded: int = 0         # distinct kernel specializations the dry call launched, not compiled in this process
     on_disk: int = 0          # of those, already in Triton's disk cache
-    compiled: int = 0         # compiled by the workers
+    compiled: int = 0         # compiled by the workers and this process
+    compiled_here: int = 0    # of those, by this process (after the dry call)
     failed: list = field(default_factory=list)  # "kernel: error" for each the workers could not compile
     kernels: list = field(default_factory=list)  # names of the kernels sent to the workers
     specs: list = field(default_factory=list)    # and their specializations (Triton's JSON)
@@ -65,8 +66,8 @@ class Report:
 
     def __str__(self) -> str:
         line = (f"sdkernels.precompile: {self.recorded} kernels launched by the dry call ({self.dry_s:.2f} s), "
-                f"{self.on_disk} in Triton's cache, {self.compiled} compiled in {self.workers} processes "
-                f"(done {self.compile_s:.1f} s after it)")
+                f"{self.on_disk} in Triton's cache, {self.compiled} compiled by {self.workers} workers and this process "
+                f"({self.compiled_here} here; done {self.compile_s:.1f} s after it)")
         if self.failed:
             line += f"; {len(self.failed)} left to compile on first launch ({self.failed[0]})"
         return line + (f"; stopped: {self.error}" if self.error else "")
@@ -244,10 +245,12 @@ class Workers:
     """Worker processes that compile kernels into Triton's disk cache while the dry call goes on: one more starts
     with each kernel added, up to ``jobs``, so that their start (importing torch, a few seconds) overlaps the dry
     call, and a call with one kernel to compile starts one. A task is a file the caller writes; a worker claims
-    one by creating its claim file exclusively, and writes its result next to it (see _worker)."""
+    one by creating its claim file exclusively, and writes its result next to it (see _worker). After the dry call
+    the caller claims tasks too, from the last one back: it has no start to wait for, and what it compiles is then
+    in its memory as well (the VAE's 20 kernels took longer through starting workers alone than compiled in turn)."""
 
-    def __init__(self, arch: list | None = None, jobs: int | None = None):
-        self.arch, self.jobs = arch, jobs
+    def __init__(self, arch: list | None = None, jobs: int | None = None, here: bool = True):
+        self.arch, self.jobs, self.here = arch, jobs, here
         self.dir = None
         self.procs, self.tasks = [], []
         self._stderr = None
@@ -257,8 +260,9 @@ class Workers:
             self.dir = Path(tempfile.mkdtemp(prefix="sdkernels-precompile-"))
             _write(self.dir / "arch.json", self.arch or _this_arch())
             self._stderr = open(self.dir / "stderr.txt", "wb")
-        _write(self.dir / f"task-{len(self.tasks)}.json", {"module": module, "kernel": kernel, "spec": spec})
-        self.tasks.append(kernel)
+        task = {"module": module, "kernel": kernel, "spec": spec}
+        _write(self.dir / f"task-{len(self.tasks)}.json", task)
+        self.tasks.append(task)
         if len(self.procs) < (self.jobs or _jobs()):
             # the workers import this sdkernels and this Triton, from wherever this process found them
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p and os.path.isdir(p)))
@@ -267,26 +271,44 @@ class Workers:
                                                stderr=self._stderr))
 
     def finish(self, report: Report) -> None:
-        """Wait for every task to be done; count them into the report."""
+        """Compile what no worker has taken, wait for the rest, stop the workers; count it all into the report."""
         report.workers = len(self.procs)
         if self.dir is None:
             return
         try:
             (self.dir / "end").touch()  # no more tasks: a worker that finds none left exits
-            for proc in self.procs:
+            if self.here:
+                for i in reversed(range(len(self.tasks))):
+                    if _claim(self.dir, i):
+                        report.compiled_here += 1
+                        _write(self.dir / f"{i}.json", {"error": _compile_task(self.tasks[i], launcher=False)})
+            results = [self.dir / f"{i}.json" for i in range(len(self.tasks))]
+            while not all(r.exists() for r in results) and any(p.poll() is None for p in self.procs):
+                time.sleep(WORKER_POLL_S)
+            for proc in self.procs:  # all tasks done: the rest are still starting or looking for work
+                if proc.poll() is None:
+                    proc.terminate()
                 proc.wait()
-            for i, kernel in enumerate(self.tasks):
-                result = self.dir / f"{i}.json"
+            for task, result in zip(self.tasks, results):
                 error = json.loads(result.read_text())["error"] if result.exists() else "no worker finished it"
                 if error is None:
                     report.compiled += 1
                 else:
-                    report.failed.append(f"{kernel}: {error}")
+                    report.failed.append(f"{task['kernel']}: {error}")
             if report.failed:
                 logger.debug("sdkernels.precompile workers' stderr:\n%s", (self.dir / "stderr.txt").read_text()[-4000:])
         finally:
             self._stderr.close()
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _claim(folder: Path, i: int) -> bool:
+    """Whether this process took task i (a claim is a file created exclusively)."""
+    try:
+        os.close(os.open(folder / f"{i}.claim", os.O_CREAT | os.O_EXCL))
+        return True
+    except FileExistsError:
+        return False
 
 
 def _write(path: Path, obj) -> None:
@@ -297,21 +319,23 @@ def _write(path: Path, obj) -> None:
 
 
 def compile_in_workers(kernels: dict, report: Report, arch: list | None = None) -> None:
-    """Compile {specialization data: (module, kernel name)} into Triton's disk cache in worker processes, for
+    """Compile {specialization data: (module, kernel name)} into Triton's disk cache in worker processes only, for
     ``arch`` (compile_check.Arch's fields; default: the current GPU's)."""
-    workers = Workers(arch)
+    workers = Workers(arch, here=False)
     for spec, (module, kernel) in kernels.items():
         workers.add(spec, module, kernel)
     workers.finish(report)
 
 
-def _compile_task(task: dict) -> str | None:
-    """Compile one task in a worker; None, or why it failed."""
+def _compile_task(task: dict, launcher: bool = True) -> str | None:
+    """Compile one task (and, with ``launcher``, Triton 3.6's launcher for it); None, or why it failed."""
     import importlib
     try:
         kernel = getattr(importlib.import_module(task["module"]), task["kernel"]).preload(task["spec"])
     except Exception as e:  # noqa: BLE001  (the real call compiles it again and raises there)
         return f"{type(e).__name__}: {e}"[:300]
+    if not launcher:
+        return None
     try:  # Triton 3.6 builds a C launcher per signature, cached on disk: build it here too
         from triton.backends.nvidia.driver import CudaLauncher
         CudaLauncher(kernel.src, kernel.metadata)
@@ -341,9 +365,7 @@ def _worker(directory: str) -> None:
                 return
             time.sleep(WORKER_POLL_S)
             continue
-        try:
-            os.close(os.open(folder / f"{i}.claim", os.O_CREAT | os.O_EXCL))
-        except FileExistsError:
+        if not _claim(folder, i):
             i += 1
             continue
         _write(folder / f"{i}.json", {"error": _compile_task(json.loads(task.read_text()))})

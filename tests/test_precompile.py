@@ -120,8 +120,8 @@ def test_workers_fill_the_disk_cache_the_caller_looks_up(tmp_path):
 @pytest.mark.gpu
 def test_the_first_call_compiles_in_workers_and_finds_every_kernel_on_disk(tmp_path, monkeypatch):
     """A patched UNet at a signature this process has not run (bf16, an odd resolution), with an empty Triton
-    cache: the dry call records kernels, the workers compile all of them, the real call compiles none itself, and
-    the output matches eager's within bf16 noise."""
+    cache: the dry call records kernels, the workers and this process compile all of them, the real call compiles
+    none, and the output matches eager's within bf16 noise."""
     from triton import knobs
     monkeypatch.setenv("SDKERNELS_PRECOMPILE", "1")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
@@ -142,7 +142,8 @@ def test_the_first_call_compiles_in_workers_and_finds_every_kernel_on_disk(tmp_p
     report = precompile.installed(unet).reports[-1]
     assert report.error == "" and report.failed == [], report
     assert report.compiled > 0 and report.compiled + report.on_disk == report.recorded, report
-    assert compiled_here == [], f"compiled in the calling process after precompiling: {compiled_here}; {report}"
+    # the only compiles in this process: the tasks it took itself after the dry call, none in the real call
+    assert len(compiled_here) == report.compiled_here, f"compiled in this process: {compiled_here}; {report}"
     assert relative_error(out, expected) < 3e-2
 
 
