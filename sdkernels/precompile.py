@@ -29,10 +29,12 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -264,11 +266,13 @@ class Workers:
         _write(self.dir / f"task-{len(self.tasks)}.json", task)
         self.tasks.append(task)
         if len(self.procs) < (self.jobs or _jobs()):
-            # the workers import this sdkernels and this Triton, from wherever this process found them
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p and os.path.isdir(p)))
-            self.procs.append(subprocess.Popen([sys.executable, "-m", "sdkernels.precompile", str(self.dir)],
-                                               env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                               stderr=self._stderr))
+            self.procs.append(_forked(self.dir) if _start_method() == "fork" else self._spawned())
+
+    def _spawned(self) -> subprocess.Popen:
+        # the worker imports this sdkernels and this Triton, from wherever this process found them
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p and os.path.isdir(p)))
+        return subprocess.Popen([sys.executable, "-m", "sdkernels.precompile", str(self.dir)], env=env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr)
 
     def finish(self, report: Report) -> None:
         """Compile what no worker has taken, wait for the rest, stop the workers; count it all into the report."""
@@ -283,7 +287,9 @@ class Workers:
                         report.compiled_here += 1
                         _write(self.dir / f"{i}.json", {"error": _compile_task(self.tasks[i], launcher=False)})
             results = [self.dir / f"{i}.json" for i in range(len(self.tasks))]
-            while not all(r.exists() for r in results) and any(p.poll() is None for p in self.procs):
+            deadline = time.monotonic() + WORKER_WAIT_S
+            while (not all(r.exists() for r in results) and any(p.poll() is None for p in self.procs)
+                   and time.monotonic() < deadline):
                 time.sleep(WORKER_POLL_S)
             for proc in self.procs:  # all tasks done: the rest are still starting or looking for work
                 if proc.poll() is None:
@@ -345,6 +351,55 @@ def _compile_task(task: dict, launcher: bool = True) -> str | None:
 
 
 WORKER_POLL_S = 0.005
+WORKER_WAIT_S = 300  # for the workers' last tasks after this process is done with its own; then they are stopped
+
+
+def _start_method() -> str:
+    """"fork" (default where there is one): a worker is a copy of this process, with torch and the kernels already
+    imported, started in a millisecond where a new interpreter takes seconds to import them (the VAE's 20 kernels
+    compiled no sooner through spawned workers than one after another). It never touches CUDA, which is what makes a
+    fork after CUDA's initialization unsafe. SDKERNELS_PRECOMPILE_START=spawn starts new interpreters instead."""
+    wanted = getenv("SDKERNELS_PRECOMPILE_START")
+    if wanted in ("fork", "spawn"):
+        return wanted
+    return "fork" if hasattr(os, "fork") and sys.platform == "linux" else "spawn"
+
+
+class _Forked:
+    """A forked worker, with the part of subprocess.Popen's interface Workers uses."""
+
+    def __init__(self, pid: int):
+        self.pid, self.returncode = pid, None
+
+    def poll(self):
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def terminate(self):
+        if self.poll() is None:
+            os.kill(self.pid, signal.SIGTERM)
+
+    def wait(self):
+        if self.returncode is None:
+            self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+        return self.returncode
+
+
+def _forked(directory: Path) -> _Forked:
+    with warnings.catch_warnings():  # Python 3.12 warns about forking a process with threads: see _start_method
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid:
+        return _Forked(pid)
+    try:  # the child: compile, and leave without running this process's exit handlers (CUDA's among them)
+        _worker(str(directory))
+        code = 0
+    except BaseException:  # noqa: BLE001
+        code = 1
+    os._exit(code)
 
 
 def _worker(directory: str) -> None:
