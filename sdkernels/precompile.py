@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -68,8 +69,8 @@ class Report:
 
     def __str__(self) -> str:
         line = (f"sdkernels.precompile: {self.recorded} kernels launched by the dry call ({self.dry_s:.2f} s), "
-                f"{self.on_disk} in Triton's cache, {self.compiled} compiled by {self.workers} workers and this process "
-                f"({self.compiled_here} here; done {self.compile_s:.1f} s after it)")
+                f"{self.on_disk} in Triton's cache, {self.compiled} compiled by {self.workers} workers and this "
+                f"process ({self.compiled_here} here; done {self.compile_s:.1f} s after it)")
         if self.failed:
             line += f"; {len(self.failed)} left to compile on first launch ({self.failed[0]})"
         return line + (f"; stopped: {self.error}" if self.error else "")
@@ -335,7 +336,6 @@ def compile_in_workers(kernels: dict, report: Report, arch: list | None = None) 
 
 def _compile_task(task: dict, launcher: bool = True) -> str | None:
     """Compile one task (and, with ``launcher``, Triton 3.6's launcher for it); None, or why it failed."""
-    import importlib
     try:
         kernel = getattr(importlib.import_module(task["module"]), task["kernel"]).preload(task["spec"])
     except Exception as e:  # noqa: BLE001  (the real call compiles it again and raises there)
@@ -351,7 +351,7 @@ def _compile_task(task: dict, launcher: bool = True) -> str | None:
 
 
 WORKER_POLL_S = 0.005
-WORKER_WAIT_S = 300  # for the workers' last tasks after this process is done with its own; then they are stopped
+WORKER_WAIT_S = 60  # for the workers' last tasks once this process is done with its own (one compile takes seconds)
 
 
 def _start_method() -> str:
@@ -389,6 +389,7 @@ class _Forked:
 
 
 def _forked(directory: Path) -> _Forked:
+    importlib.import_module("sdkernels.compile_check")  # here, not in the child: no import lock to inherit
     with warnings.catch_warnings():  # Python 3.12 warns about forking a process with threads: see _start_method
         warnings.simplefilter("ignore", DeprecationWarning)
         pid = os.fork()
