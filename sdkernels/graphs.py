@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from . import tuning
 from .benchmarking import as_cuda_graph
 from .dispatch import SdkernelsFallbackWarning
-from .shadow import ShadowMethod, unshadow
+from .shadow import ShadowMethod, attach, detach, unshadow
 
 _GRAPHED = "_sdkernels_graphed"  # on a model: its GraphedCall
 _SILENT = ""                     # an eager reason the user cannot act on (they are compiling or capturing already)
@@ -65,16 +65,13 @@ def install(model: nn.Module, label: str = "") -> bool:
     t = target(model)
     if t is None:
         return False
-    if _GRAPHED not in model.__dict__:
-        model.__dict__[_GRAPHED] = GraphedCall(model, t, label or type(model).__name__)
+    attach(model, _GRAPHED, lambda: GraphedCall(model, t, label or type(model).__name__))
     return True
 
 
 def uninstall(model: nn.Module) -> None:
     """Take the GraphedCall off the model and free its graphs."""
-    graphed = model.__dict__.pop(_GRAPHED, None)
-    if graphed is not None:
-        graphed.close()
+    detach(model, _GRAPHED)
 
 
 def graphed(model: nn.Module) -> Optional["GraphedCall"]:

@@ -46,7 +46,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from . import tuning
 from ._env import getenv
-from .shadow import ShadowMethod, unshadow
+from .shadow import Shadowing, attach, detach
 
 logger = logging.getLogger("sdkernels")
 _PRECOMPILER = "_sdkernels_precompiler"  # on a model: its Precompiler
@@ -80,31 +80,24 @@ class Report:
 
 def install(model: nn.Module, method: str) -> None:
     """Precompile before the first call of each input signature of ``model.<method>`` (nothing if installed)."""
-    if _PRECOMPILER not in model.__dict__:
-        model.__dict__[_PRECOMPILER] = Precompiler(model, method)
+    attach(model, _PRECOMPILER, lambda: Precompiler(model, method))
 
 
 def uninstall(model: nn.Module) -> None:
-    precompiler = model.__dict__.pop(_PRECOMPILER, None)
-    if precompiler is not None:
-        precompiler.close()
+    detach(model, _PRECOMPILER)
 
 
 def installed(model: nn.Module):
     return model.__dict__.get(_PRECOMPILER)
 
 
-class Precompiler:
+class Precompiler(Shadowing):
     """A model method shadowed on the instance by one that precompiles before each new input signature."""
 
     def __init__(self, model: nn.Module, method: str):
-        self.model, self.method_name = model, method
-        self.shadowed = model.__dict__.get(method)  # an instance attribute we shadow (None: the class method)
-        self.original = getattr(model, method)
         self.seen = set()     # input signatures precompiled for (or skipped)
         self.reports = []
-        self.open = True
-        self.method = model.__dict__[method] = ShadowMethod(self, self.original)
+        super().__init__(model, method)
 
     def __call__(self, *args, **kwargs):
         if self.open:
@@ -114,11 +107,6 @@ class Precompiler:
                 self.seen.add(key)
                 self.reports.append(precompile(lambda: self.original(*_clones(args), **_clones(kwargs))))
         return self.original(*args, **kwargs)
-
-    def close(self) -> None:
-        """Put the method back (if another library has wrapped ours since, it stays and calls straight through)."""
-        self.open = False
-        unshadow(self.model, self.method_name, self.method, self.shadowed)
 
 
 def _clones(tree):

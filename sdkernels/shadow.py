@@ -1,4 +1,5 @@
-"""The instance attribute that shadows a model's method (CUDA graphs' ``GraphedCall``, ``StepChoice``).
+"""The instance attribute that shadows a model's method (CUDA graphs' ``GraphedCall``, ``StepChoice``,
+``Precompiler``).
 
 A plain closure there would survive ``copy.deepcopy(model)`` as the very same function (deepcopy does not copy
 functions), so the copy would keep calling the original model's wrapper, and through it the original model. A
@@ -32,3 +33,33 @@ def unshadow(model, name: str, method: ShadowMethod, shadowed) -> None:
             del d[name]
         else:
             d[name] = shadowed
+
+
+class Shadowing:
+    """Base of an owner that shadows ``model.<method>`` from construction until ``close()``; ``self.original`` is
+    what it shadows (the bound method, or an inner owner's ShadowMethod)."""
+
+    def __init__(self, model, method: str):
+        self.model, self.method_name = model, method
+        self.shadowed = model.__dict__.get(method)  # an instance attribute we shadow (None: the class method)
+        self.original = getattr(model, method)
+        self.open = True
+        self.method = model.__dict__[method] = ShadowMethod(self, self.original)
+
+    def close(self) -> None:
+        """Put the method back (if another library has wrapped ours since, it stays and calls straight through)."""
+        self.open = False
+        unshadow(self.model, self.method_name, self.method, self.shadowed)
+
+
+def attach(model, attr: str, make: Callable[[], object]) -> None:
+    """Keep ``make()`` on the model under ``attr``, unless one is there already."""
+    if attr not in model.__dict__:
+        model.__dict__[attr] = make()
+
+
+def detach(model, attr: str) -> None:
+    """Take the owner kept under ``attr`` off the model and close it."""
+    owner = model.__dict__.pop(attr, None)
+    if owner is not None:
+        owner.close()

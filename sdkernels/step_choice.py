@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from . import tuning
-from .shadow import ShadowMethod, unshadow
+from .shadow import Shadowing, attach, detach
 
 _CHOICE = "_sdkernels_step_choice"  # on a model: its StepChoice
 PATCHED, ORIGINALS = "patched", "originals"
@@ -38,32 +38,24 @@ def install(model: nn.Module) -> bool:
     from diffusers import UNet2DConditionModel
     if not isinstance(model, UNet2DConditionModel):
         return False
-    if _CHOICE not in model.__dict__:
-        model.__dict__[_CHOICE] = StepChoice(model, "forward")
+    attach(model, _CHOICE, lambda: StepChoice(model, "forward"))
     return True
 
 
 def uninstall(model: nn.Module) -> None:
-    choice = model.__dict__.pop(_CHOICE, None)
-    if choice is not None:
-        choice.close()
+    detach(model, _CHOICE)
 
 
 def installed(model: nn.Module) -> Optional["StepChoice"]:
     return model.__dict__.get(_CHOICE)
 
 
-class StepChoice:
+class StepChoice(Shadowing):
     """A model method shadowed on the instance by one that runs it with the patched or the original modules."""
 
     def __init__(self, model: nn.Module, method: str):
-        self.model, self.method_name = model, method
-        self.shadowed = model.__dict__.get(method)  # an instance attribute we shadow (None: the class method)
-        self.original = getattr(model, method)
         self.choices = tuning.MeasuredChoice(f"step_{type(model).__name__}_{method}")
-        self.open = True
-
-        self.method = model.__dict__[method] = ShadowMethod(self, self.original)
+        super().__init__(model, method)
 
     def __call__(self, *args, **kwargs):
         if not self.open or torch.compiler.is_compiling() or torch.is_grad_enabled():
@@ -79,8 +71,3 @@ class StepChoice:
         from .patch import running_originals
         with running_originals():
             return self.original(*args, **kwargs)
-
-    def close(self) -> None:
-        """Put the method back (if another library has wrapped ours since, it stays and calls straight through)."""
-        self.open = False
-        unshadow(self.model, self.method_name, self.method, self.shadowed)
