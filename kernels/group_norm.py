@@ -156,12 +156,21 @@ def _per_channel(v, CHANNELS_FAST: tl.constexpr):
     return v2
 
 
+# The tile kernel's reductions (_tile_variant); constexpr objects, which a kernel may read as globals.
+SUMS_PER_STATISTIC, SUMS_PER_AXIS, SUMS_PIVOTED = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+
+
+@triton.jit
+def _add_pairs(a1, a2, b1, b2):
+    return a1 + b1, a2 + b2
+
+
 @triton.jit
 def _tile_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, sh_ptr, G, S, eps,
                  sxN, sxC, sxS, srN, srC, srS, soN, soC, soS, shN, shC,
                  CG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, CHANNELS_FAST: tl.constexpr,
                  HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-                 HAS_RESIDUAL: tl.constexpr, HAS_SHIFT: tl.constexpr, AXIS_SUMS: tl.constexpr = False):
+                 HAS_RESIDUAL: tl.constexpr, HAS_SHIFT: tl.constexpr, SUMS: tl.constexpr = 0):
     """one_pass with the group as a 2-D tile of channels and positions: no per-element division, per-channel values
     (weights, shift) loaded once per channel and folded into one scale and offset, and the contiguous axis read as
     vectors (channels with CHANNELS_FAST, where x, residual and out have channel stride 1; else positions, as in
@@ -182,10 +191,20 @@ def _tile_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, sh_ptr, G, S, eps,
     shift = _shifted(tl.zeros([BLOCK_C], dtype=tl.float32), n, ch, c_ok, sh_ptr, shN, shC, HAS_SHIFT)
     x = tl.where(mask, x.to(tl.float32) + _per_channel(shift, CHANNELS_FAST), 0.0)
     size = CG * S
-    if AXIS_SUMS:  # one reduction per axis (a probe variant, _tile_variant): slower by up to 15% on an H200
+    if SUMS == SUMS_PER_AXIS:  # one reduction per axis (a probe variant, _tile_variant): slower by up to 15%
         mean = tl.sum(tl.sum(x, axis=1), axis=0) / size
         d = tl.where(mask, x - mean, 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(d * d, axis=1), axis=0) / size + eps)
+    elif SUMS == SUMS_PIVOTED:  # a probe variant: both sums in one reduction, of x less one of the group's values
+        # Any value of the group keeps E[(x - k)^2] - E[x - k]^2 from cancelling, as the mean itself would.
+        k = tl.load(x_ptr + n64 * sxN + (g * CG) * sxC).to(tl.float32)
+        if HAS_SHIFT:
+            k += tl.load(sh_ptr + n * shN + (g * CG) * shC).to(tl.float32)
+        e = tl.reshape(tl.where(mask, x - k, 0.0), [BLOCK_C * BLOCK_S], can_reorder=True)  # order is free: sums
+        s1, s2 = tl.reduce((e, e * e), 0, _add_pairs)
+        mean = k + s1 / size
+        d = tl.where(mask, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.maximum(s2 / size - (s1 / size) * (s1 / size), 0.0) + eps)
     else:  # one reduction over the whole tile per statistic
         mean = tl.sum(x) / size
         d = tl.where(mask, x - mean, 0.0)
@@ -381,15 +400,18 @@ def _warps(block: int, most: int = 16) -> int:
     return max(4, min(most, block // 256))
 
 
+TILE_SUMS = {"axes": SUMS_PER_AXIS.value, "pivot": SUMS_PIVOTED.value}
+
+
 def _tile_variant(block: int) -> dict:
-    """The tile kernel's warps and reductions. Probe knobs (scripts/probe_gn_plans.py --tile-warps, --tile-axis-sums):
-    SDKERNELS_GN_TILE_WARPS=n and SDKERNELS_GN_TILE_SUMS=axes; the small SD1.5 groups are latency-bound, where fewer
-    warps or fewer reductions shorten the chain between the load and the store (one reduction over the tile per
+    """The tile kernel's warps and reductions. Probe knobs (scripts/probe_gn_plans.py --tile-warps, --tile-sums):
+    SDKERNELS_GN_TILE_WARPS=n and SDKERNELS_GN_TILE_SUMS=axes|pivot; the small SD1.5 groups are latency-bound, where
+    fewer warps or fewer reductions shorten the chain between the load and the store (one reduction over the tile per
     statistic, the default, against one per axis: 7.3 against 7.7 us at channels_last 2x320x32x32, 14.7 against 16.4
-    at 2x1920x32x32, H200, session 16)."""
+    at 2x1920x32x32, H200, session 16; "pivot", both sums in one reduction, is not timed yet)."""
     warps = getenv("SDKERNELS_GN_TILE_WARPS")
     return dict(num_warps=int(warps) if warps else _warps(block, 32),
-                AXIS_SUMS=getenv("SDKERNELS_GN_TILE_SUMS") == "axes")
+                SUMS=TILE_SUMS.get(getenv("SDKERNELS_GN_TILE_SUMS") or "", SUMS_PER_STATISTIC.value))
 
 
 def _tile_block(Cg: int, S: int) -> tuple:

@@ -24,7 +24,8 @@ PLANS = ["tile", "one_pass", "flat", "flat+finalize", "rows"]
 
 def with_plan(plan, fn):
     """fn under a forced Triton plan: "flat+finalize" keeps the separate finalize kernel, "tile@8" sets the warps,
-    "tile@8:axes" (or "tile@:axes") also one reduction per axis instead of one per statistic."""
+    "tile@8:axes" (or "tile@:axes") also one reduction per axis instead of one per statistic, ":pivot" both
+    statistics in one reduction."""
     plan, _, variant = plan.partition("@")
     warps, _, sums = variant.partition(":")
     name, _, finalize = plan.partition("+")
@@ -51,13 +52,15 @@ def main():
     p.add_argument("--layouts", default="cl,nchw")
     p.add_argument("--plans", default=",".join(PLANS), help="the Triton plans to force")
     p.add_argument("--tile-warps", default="", help="also the tile plan with each of these warp counts, e.g. 4,8,16")
-    p.add_argument("--tile-axis-sums", action="store_true",
-                   help="also each tile column with one reduction per axis instead of one over the whole tile")
+    p.add_argument("--tile-sums", default="",
+                   help="also each tile column with these reductions (comma-separated): axes (one per axis instead of "
+                        "one over the whole tile), pivot (both statistics in one reduction)")
     args = p.parse_args()
     dtype = DTYPES[args.dtype]
     plans = args.plans.split(",") + [f"tile@{w}" for w in args.tile_warps.split(",") if w]
-    if args.tile_axis_sums:
-        plans += [f"{p}{'' if '@' in p else '@'}:axes" for p in plans if p.startswith("tile")]
+    tiles = [p for p in plans if p.startswith("tile")]
+    for sums in filter(None, args.tile_sums.split(",")):
+        plans += [f"{p}{'' if '@' in p else '@'}:{sums}" for p in tiles]
     cols = plans + ["cuda", "default", "eager", "copy"]
     print(f"{'case':44s}" + "".join(f"{c:>14s}" for c in cols) + "   eager/default")
     for case in collect_cases(args.models.split(",")):
