@@ -81,6 +81,18 @@ def test_f2x2_3x3_is_a_two_dimensional_correlation(seed):
     torch.testing.assert_close(y, expected, rtol=1e-13, atol=1e-13)
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_f4x4_3x3_is_a_two_dimensional_correlation(seed):
+    """F(4x4, 3x3) (issue 6's stretch, a reference only): 4 outputs per side from 6x6 patches."""
+    torch.manual_seed(seed)
+    v = wg.F4X4
+    g_, d = torch.randn(3, 3, dtype=torch.float64), torch.randn(6, 6, dtype=torch.float64)
+    bt, gm, at = _f64(v.B_T), _f64(v.G), _f64(v.A_T)
+    y = at @ ((gm @ g_ @ gm.T) * (bt @ d @ bt.T)) @ at.T
+    torch.testing.assert_close(y, F.conv2d(d[None, None], g_[None, None])[0, 0], rtol=1e-12, atol=1e-12)
+    assert (v.m, v.a, wg.F2X2.m, wg.F2X2.a) == (4, 6, 2, 4)
+
+
 def test_transforms_lay_out_positions_tiles_and_channels_as_the_kernel_reads_them():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 5, 7, dtype=torch.float64)
@@ -122,6 +134,32 @@ def test_reference_is_within_the_error_bound(batch, C, K, H, W, dtype, bias, res
     x, w, b, r = make_case(batch, C, K, H, W, dtype, bias, residual, layout, device="cpu")
     note(f"x {tuple(x.shape)} {dtype} {layout}, K={K}, bias={bias}, residual={residual}, scale={scale}")
     check_within_bound(winograd_conv3x3_reference(x, w, b, r, scale), x, w, b, r, scale, "reference")
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 1), (2, 3, 4, 2, 3), (1, 5, 3, 5, 7), (2, 8, 5, 13, 6),
+                                   (1, 4, 2, 9, 4)])
+def test_f4x4_reference_in_float64_is_the_convolution(shape):
+    N, C, K, H, W = shape
+    x, w, b, r = make_case(N, C, K, H, W, torch.float64, True, True, layout="contiguous", device="cpu")
+    expected = (F.conv2d(x, w, b, padding=1) + r) * 0.5
+    out = winograd_conv3x3_reference(x, w, b, r, 0.5, variant=wg.F4X4)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_f4x4_amplifies_rounding_six_times_more_than_f2x2(dtype):
+    """Issue 6's stretch, measured (scripts/winograd_error_study.py): rounding F(4x4)'s transformed operands (entries
+    up to 8 in A, 5 in B, 1/24 in G) gives an rms error ~15x a direct convolution's where F(2x2) gives ~2.5x; both
+    stay inside their error bounds."""
+    x, w, _, _ = make_case(1, 128, 32, 32, 32, dtype, bias=False, residual=False, device="cpu")
+    ratios = {}
+    for variant in (wg.F2X2, wg.F4X4):
+        exact, bound = wg.error_bound(x, w, variant=variant)
+        err = winograd_conv3x3_reference(x, w, variant=variant).double() - exact
+        direct = exact.to(dtype).double() - exact
+        ratios[variant.m] = (err.square().mean() / direct.square().mean()).sqrt().item()
+        assert (err.abs() / bound).max().item() < 0.25, variant.name
+    assert 1.5 < ratios[2] < 4.0 and 10.0 < ratios[4] < 20.0, ratios
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

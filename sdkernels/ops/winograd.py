@@ -14,6 +14,7 @@ past H, W are cropped. Tiles are numbered (n, tile row, tile column), as the ker
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -27,6 +28,35 @@ from .group_norm import compute_dtype
 B_T = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
 G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))
 A_T = ((1, 1, 1, 0), (0, 1, -1, -1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A Winograd F(m x m, 3 x 3): m x m output tiles from (m + 2) x (m + 2) input patches, (m + 2)^2 GEMMs."""
+    name: str
+    B_T: tuple
+    G: tuple
+    A_T: tuple
+
+    @property
+    def m(self) -> int:  # outputs per tile side
+        return len(self.A_T)
+
+    @property
+    def a(self) -> int:  # input patch side
+        return len(self.B_T)
+
+
+F2X2 = Variant("F(2x2,3x3)", B_T, G, A_T)  # what the CUDA kernel computes
+# F(4x4, 3x3) on 6x6 patches (the same paper; what mobile GPU delegates use): 36 products per 16 outputs where
+# direct takes 144 (4x fewer against F(2x2)'s 2.25x), but transform entries up to 8 and 5 amplify the operands'
+# rounding more (issue 6's stretch: its error is measured against F(2x2)'s, no kernel computes it).
+F4X4 = Variant("F(4x4,3x3)",
+               ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0), (0, -2, -1, 2, 1, 0),
+                (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1)),
+               ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6), (1 / 24, 1 / 12, 1 / 6),
+                (1 / 24, -1 / 12, 1 / 6), (0, 0, 1)),
+               ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1)))
 
 
 def apply_along(rows, t: torch.Tensor, dim: int, absolute: bool = False) -> torch.Tensor:
@@ -43,43 +73,47 @@ def apply_along(rows, t: torch.Tensor, dim: int, absolute: bool = False) -> torc
     return torch.stack(out, dim)
 
 
-def filter_transform(weight: torch.Tensor, absolute: bool = False) -> torch.Tensor:
-    """U (16, C, K) = G g G^T for each filter g = weight[k, c] of a (K, C, 3, 3) weight, in compute_dtype (fp32,
-    fp64 for fp64). ``absolute`` uses |G| (for the error bound)."""
+def filter_transform(weight: torch.Tensor, absolute: bool = False, variant: Variant = F2X2) -> torch.Tensor:
+    """U (a^2, C, K) = G g G^T for each filter g = weight[k, c] of a (K, C, 3, 3) weight (a = 4 for F(2x2)), in
+    compute_dtype (fp32, fp64 for fp64). ``absolute`` uses |G| (for the error bound)."""
     g = weight.to(compute_dtype(weight))
-    u = apply_along(G, apply_along(G, g, 2, absolute), 3, absolute)  # (K, C, 4, 4)
+    u = apply_along(variant.G, apply_along(variant.G, g, 2, absolute), 3, absolute)  # (K, C, a, a)
     K, C = weight.shape[:2]
-    return u.reshape(K, C, 16).permute(2, 1, 0).contiguous()
+    return u.reshape(K, C, variant.a**2).permute(2, 1, 0).contiguous()
 
 
-def tile_grid(H: int, W: int) -> tuple:
-    """(tile rows, tile columns): 2x2 output tiles covering H x W."""
-    return (H + 1) // 2, (W + 1) // 2
+def tile_grid(H: int, W: int, m: int = 2) -> tuple:
+    """(tile rows, tile columns): m x m output tiles covering H x W."""
+    return -(-H // m), -(-W // m)
 
 
-def input_tiles(x: torch.Tensor) -> torch.Tensor:
-    """(N, C, tiles_h, tiles_w, 4, 4): the overlapping 4x4 patches of x, zero outside the image."""
+def input_tiles(x: torch.Tensor, variant: Variant = F2X2) -> torch.Tensor:
+    """(N, C, tiles_h, tiles_w, a, a): the a x a patches of x (a = m + 2, neighbours overlapping by 2), zero outside
+    the image."""
     H, W = x.shape[2:]
-    th, tw = tile_grid(H, W)
-    padded = F.pad(x, (1, 2 * tw + 1 - W, 1, 2 * th + 1 - H))  # 2 * tiles + 2 rows and columns
-    return padded.unfold(2, 4, 2).unfold(3, 4, 2)
+    m = variant.m
+    th, tw = tile_grid(H, W, m)
+    padded = F.pad(x, (1, m * tw + 1 - W, 1, m * th + 1 - H))  # m * tiles + 2 rows and columns
+    return padded.unfold(2, variant.a, m).unfold(3, variant.a, m)
 
 
-def input_transform(tiles: torch.Tensor, absolute: bool = False) -> torch.Tensor:
-    """V (16, N * tiles_h * tiles_w, C) = B^T d B of every patch and channel (|B^T| |d| |B| with ``absolute``):
+def input_transform(tiles: torch.Tensor, absolute: bool = False, variant: Variant = F2X2) -> torch.Tensor:
+    """V (a^2, N * tiles_h * tiles_w, C) = B^T d B of every patch and channel (|B^T| |d| |B| with ``absolute``):
     rows first, then columns, as the kernel."""
-    v = apply_along(B_T, apply_along(B_T, tiles, -2, absolute), -1, absolute)
-    return v.permute(4, 5, 0, 2, 3, 1).reshape(16, -1, tiles.shape[1])
+    v = apply_along(variant.B_T, apply_along(variant.B_T, tiles, -2, absolute), -1, absolute)
+    return v.permute(4, 5, 0, 2, 3, 1).reshape(variant.a**2, -1, tiles.shape[1])
 
 
-def output_transform(m: torch.Tensor, N: int, H: int, W: int, absolute: bool = False) -> torch.Tensor:
-    """(N, K, H, W) from the GEMM results M (16, tiles, K): A^T M A per tile and channel, cropped to H x W
+def output_transform(m: torch.Tensor, N: int, H: int, W: int, absolute: bool = False,
+                     variant: Variant = F2X2) -> torch.Tensor:
+    """(N, K, H, W) from the GEMM results M (a^2, tiles, K): A^T M A per tile and channel, cropped to H x W
     (|A^T| M |A| with ``absolute``)."""
-    th, tw = tile_grid(H, W)
+    a, side = variant.a, variant.m
+    th, tw = tile_grid(H, W, side)
     K = m.shape[-1]
-    per_tile = m.reshape(4, 4, N, th, tw, K).permute(2, 5, 3, 4, 0, 1)       # (N, K, th, tw, 4, 4)
-    y = apply_along(A_T, apply_along(A_T, per_tile, -2, absolute), -1, absolute)  # (N, K, th, tw, 2, 2)
-    return y.permute(0, 1, 2, 4, 3, 5).reshape(N, K, 2 * th, 2 * tw)[:, :, :H, :W]
+    per_tile = m.reshape(a, a, N, th, tw, K).permute(2, 5, 3, 4, 0, 1)       # (N, K, th, tw, a, a)
+    y = apply_along(variant.A_T, apply_along(variant.A_T, per_tile, -2, absolute), -1, absolute)  # (.., m, m)
+    return y.permute(0, 1, 2, 4, 3, 5).reshape(N, K, side * th, side * tw)[:, :, :H, :W]
 
 
 def operand_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -88,17 +122,17 @@ def operand_dtype(dtype: torch.dtype) -> torch.dtype:
                                                                     else torch.float32)
 
 
-def winograd_conv3x3_reference(x, weight, bias=None, residual=None, scale=1.0, u=None):
+def winograd_conv3x3_reference(x, weight, bias=None, residual=None, scale=1.0, u=None, variant: Variant = F2X2):
     """(conv3x3(x) + bias + residual) * scale the way the CUDA kernel computes it: the transforms in compute_dtype
     (fp32; fp64 for fp64) with the kernel's operations in its order, V and U rounded to the operand dtype, the GEMMs
     summed in float64 and rounded to compute_dtype (the kernel's fp32 sums differ from that by their own rounding),
     output transform and epilogue in compute_dtype, one rounding to x's dtype at the end. ``u``: a precomputed
-    filter_transform(weight). Contiguous NCHW out."""
+    filter_transform(weight). ``variant``: F2X2 (the kernel's) or F4X4. Contiguous NCHW out."""
     compute, operands = compute_dtype(x), operand_dtype(x.dtype)
     N, _, H, W = x.shape
-    v = input_transform(input_tiles(x.to(compute))).to(operands).double()
-    u = (filter_transform(weight) if u is None else u).to(operands).double()
-    y = output_transform(torch.bmm(v, u).to(compute), N, H, W)
+    v = input_transform(input_tiles(x.to(compute), variant), variant=variant).to(operands).double()
+    u = (filter_transform(weight, variant=variant) if u is None else u).to(operands).double()
+    y = output_transform(torch.bmm(v, u).to(compute), N, H, W, variant=variant)
     if bias is not None:
         y = y + bias.to(compute)[:, None, None]
     if residual is not None:
@@ -148,7 +182,8 @@ TAIL_Z = 8.0
 TINY = 1e-30  # keeps a bound of exact zeros (all-zero inputs) from being 0 where rounding of 0 is exact anyway
 
 
-def error_bound(x, weight, bias=None, residual=None, scale=1.0, operands_rounded=True, output_roundings=1):
+def error_bound(x, weight, bias=None, residual=None, scale=1.0, operands_rounded=True, output_roundings=1,
+                variant: Variant = F2X2):
     """(exact, bound): the float64 result (contiguous NCHW, on x's device) and the per-element bound above for a
     Winograd result in x's dtype. ``operands_rounded=False`` leaves out the operand rounding (two results that
     share the same rounded V and U: the kernel against winograd_conv3x3_reference); ``output_roundings`` counts
@@ -166,9 +201,12 @@ def error_bound(x, weight, bias=None, residual=None, scale=1.0, operands_rounded
         exact = exact + residual.double()
         magnitude = magnitude + residual.double().abs()
     exact = exact * scale
-    v2 = input_transform(input_tiles(xd.abs()), absolute=True).square()
-    u2 = filter_transform(wd.abs(), absolute=True).square()
-    size = output_transform(torch.bmm(v2, u2), N, H, W, absolute=True).sqrt() * abs(scale)
+    v2 = input_transform(input_tiles(xd.abs(), variant), absolute=True, variant=variant).square()
+    u2 = filter_transform(wd.abs(), absolute=True, variant=variant).square()
+    # The output transform sums independent errors: their variances add with the squares of A's entries (for
+    # F(2x2) these are its absolute values, 0 and 1).
+    squared = dataclasses.replace(variant, A_T=tuple(tuple(c * c for c in row) for row in variant.A_T))
+    size = output_transform(torch.bmm(v2, u2), N, H, W, absolute=True, variant=squared).sqrt() * abs(scale)
     per_product = (math.sqrt(2) * u_operand if operands_rounded else 0.0) + math.sqrt(C) * u_accumulate
     bound = (TAIL_Z * per_product * size + output_roundings * u_output * exact.abs()
              + 3 * u_accumulate * abs(scale) * magnitude + TINY)
