@@ -61,7 +61,7 @@ def _compiler_env() -> None:
     os.environ["TRITON_INTERPRET"] = "0"
     os.environ["TRITON_DEFAULT_FP_FUSION"] = "1"
     for knob in ("SDKERNELS_AUTOTUNE", "SDKERNELS_GN_PLAN", "SDKERNELS_GN_TILE_WARPS", "SDKERNELS_GN_TILE_SUMS",
-                 "SDKERNELS_POISON_OUTPUTS", "SDKERNELS_ADD_LN_TILE"):
+                 "SDKERNELS_POISON_OUTPUTS", "SDKERNELS_ADD_LN_TILE", "SDKERNELS_FLASH_WARP_SPECIALIZE"):
         os.environ.pop(knob, None)
 
 
@@ -312,6 +312,11 @@ def attention_scenarios():
                                                               _dtypes().items(), (0, 1, 2), ATTENTION_TOKENS):
         yield Scenario(f"{backend} d={d} {dt} mask={mask} N={n}",
                        _backend_call("flash_attention", backend, *_attention_inputs(d, dtype, mask, n)))
+    for d in ATTENTION_HEAD_DIMS:  # the warp-specialized key loop (a probe knob) at the self-attention length
+        yield Scenario(f"flash d={d} fp16 N=4096 warp-specialized",
+                       _with_settings(_backend_call("flash_attention", "flash",
+                                                    *_attention_inputs(d, _dtypes()["fp16"], 0, 4096)),
+                                      env={"SDKERNELS_FLASH_WARP_SPECIALIZE": "1"}))
     for backend, d, mask in itertools.product(("flash", "partial_softmax"), ATTENTION_HEAD_DIMS, (0, 1, 2)):
         nk = CROSS_ATTENTION_KEYS
         yield Scenario(f"{backend} d={d} fp16 mask={mask} N=4096 Nk={nk}",
