@@ -15,12 +15,11 @@ mask the scale is applied late (to the row max, and inside exp2's argument as on
 the end of the last block are read clamped to the last key and masked to -inf, and query rows past the end are
 read clamped and not stored, so no load needs a row mask.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from .._env import getenv
 from .utils import cdiv, interpreting, multiprocessor_count, fix_cache_keys
 
 LOG2E = 1.4426950408889634
@@ -371,7 +370,7 @@ def warp_specialization() -> dict:
     """SDKERNELS_FLASH_WARP_SPECIALIZE=1 asks Triton to split the main key loop into producer and consumer warps
     (tl.range's warp_specialize; Triton 3.6 documents it for Blackwell, and runs a Hopper pass of that name): a probe
     knob, not timed yet, for the d = 40 kernel whose MMAs and exponentials do not overlap (bench/NOTES.md)."""
-    return {"WARP_SPECIALIZE": True} if os.environ.get("SDKERNELS_FLASH_WARP_SPECIALIZE") == "1" else {}
+    return {"WARP_SPECIALIZE": True} if getenv("SDKERNELS_FLASH_WARP_SPECIALIZE") == "1" else {}
 
 
 fix_cache_keys(globals())  # last: see its docstring

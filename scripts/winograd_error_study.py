@@ -30,9 +30,8 @@ def study(C: int, dtype: torch.dtype, variant, K: int = 32, side: int = 32, seed
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, C, side, side, generator=g).to(dtype)
     w = (torch.randn(K, C, 3, 3, generator=g) / math.sqrt(9 * C)).to(dtype)
-    exact, bound = wg.error_bound(x, w, variant=variant)
-    err = wg.winograd_conv3x3_reference(x, w, variant=variant).double() - exact
-    direct = exact.to(dtype).double() - exact
+    e = wg.rounding_errors(x, w, variant)
+    exact, bound, err, direct = e["exact"], e["bound"], e["winograd"], e["direct"]
     rms = exact.square().mean().sqrt().item()
     return dict(variant=variant.name, C=C, dtype=str(dtype).removeprefix("torch."),
                 rms_rel=err.square().mean().sqrt().item() / rms, max_rel=err.abs().max().item() / rms,

@@ -13,9 +13,11 @@ signature of a patched model goes in three steps:
    are recorded. The dry call's results are garbage and dropped. Working on clones keeps caches keyed on the
    caller's tensors clean.
 2. Meanwhile the recorded kernels compile into Triton's disk cache in worker processes, one per core at most,
-   started as kernels are recorded (class Workers). The workers answer Triton's device queries with a stand-in
-   driver for this GPU's target (sdkernels.compile_check), so they never touch the GPU. They are plain
-   subprocesses, not multiprocessing's spawn, which would re-run a caller's script that has no ``__main__`` guard.
+   started as kernels are recorded (class Workers), and, after the dry call, in this process too. The workers
+   answer Triton's device queries with a stand-in driver for this GPU's target (sdkernels.compile_check), so they
+   never touch the GPU. They are forks of this process (os.fork, see _start_method) or, with
+   SDKERNELS_PRECOMPILE_START=spawn, plain subprocesses; never multiprocessing's spawn, which would re-run a
+   caller's script that has no ``__main__`` guard.
 3. The real call, in which each kernel loads from the disk cache.
 
 Anything that goes wrong in steps 1 and 2 is logged and left to step 3, which compiles what is missing on first

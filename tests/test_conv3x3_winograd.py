@@ -154,11 +154,9 @@ def test_f4x4_amplifies_rounding_six_times_more_than_f2x2(dtype):
     x, w, _, _ = make_case(1, 128, 32, 32, 32, dtype, bias=False, residual=False, device="cpu")
     ratios = {}
     for variant in (wg.F2X2, wg.F4X4):
-        exact, bound = wg.error_bound(x, w, variant=variant)
-        err = winograd_conv3x3_reference(x, w, variant=variant).double() - exact
-        direct = exact.to(dtype).double() - exact
-        ratios[variant.m] = (err.square().mean() / direct.square().mean()).sqrt().item()
-        assert (err.abs() / bound).max().item() < 0.25, variant.name
+        e = wg.rounding_errors(x, w, variant)
+        ratios[variant.m] = (e["winograd"].square().mean() / e["direct"].square().mean()).sqrt().item()
+        assert (e["winograd"].abs() / e["bound"]).max().item() < 0.25, variant.name
     assert 1.5 < ratios[2] < 4.0 and 10.0 < ratios[4] < 20.0, ratios
 
 
@@ -168,9 +166,8 @@ def test_winograd_amplifies_operand_rounding_as_derived(dtype):
     rounding error, where a direct convolution with exact products has only its output rounding; the bound of one
     element stays near 60 u_operand (its tail factor, the absolute transforms and |delta| <= u all count)."""
     x, w, _, _ = make_case(1, 128, 32, 32, 32, dtype, bias=False, residual=False, device="cpu")
-    exact, bound = wg.error_bound(x, w)
-    winograd = winograd_conv3x3_reference(x, w).double() - exact
-    direct = exact.to(dtype).double() - exact  # exact products and sums: one rounding of the output
+    e = wg.rounding_errors(x, w)
+    exact, bound, winograd, direct = e["exact"], e["bound"], e["winograd"], e["direct"]
     ratio = (winograd.square().mean() / direct.square().mean()).sqrt().item()
     u = wg.ROUNDING[dtype][0]
     rms = exact.square().mean().sqrt().item()

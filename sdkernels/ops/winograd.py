@@ -213,6 +213,15 @@ def error_bound(x, weight, bias=None, residual=None, scale=1.0, operands_rounded
     return exact.contiguous(), bound.contiguous()
 
 
+def rounding_errors(x, weight, variant: Variant = F2X2) -> dict:
+    """For inputs x, weight (no bias): the float64 convolution ``exact``, the errors against it of the Winograd
+    reference (``winograd``) and of a direct convolution with exact products and sums rounded once to x's dtype
+    (``direct``), and the per-element ``bound`` (error_bound), all float64."""
+    exact, bound = error_bound(x, weight, variant=variant)
+    return dict(exact=exact, bound=bound, direct=exact.to(x.dtype).double() - exact,
+                winograd=winograd_conv3x3_reference(x, weight, variant=variant).double() - exact)
+
+
 # ---- transformed filters, cached per weight ------------------------------------------------------------------
 
 class _Entry:
