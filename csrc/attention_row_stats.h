@@ -7,6 +7,7 @@
 // read in place); mask is null or additive with q's dtype, seen as (B, H, N, Nk) through strides (0 where it
 // broadcasts). The key range of every row is split into `splits` parts, each reduced by its own blocks into
 // partials[split, b*H + h, i] so that short N still fills the GPU; a second kernel merges the parts into stats.
+// fp16 and bf16 on sm_80+ compute the scores on tensor cores (64 query rows per block), fp32 on CUDA cores (8).
 // A row whose scores are all -inf gets (-inf, 0), like the max and sum of its scores.
 #pragma once
 

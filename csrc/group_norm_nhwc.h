@@ -18,6 +18,17 @@
 
 enum SdkDtype : int { SDK_FLOAT32 = 0, SDK_FLOAT16 = 1, SDK_BFLOAT16 = 2, SDK_FLOAT64 = 3 };
 
+// The current device's compute capability major (0 where it cannot be read); shared by every kernel file.
+inline int sdk_device_major() {
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) !=
+                                                  cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return major;
+}
+
 struct SdkGroupNormArgs {
   const void* x;             // dtype: SDK_FLOAT32, SDK_FLOAT16 or SDK_BFLOAT16
   const void* weight;        // (C,) or null (= ones)

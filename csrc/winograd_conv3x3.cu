@@ -452,16 +452,6 @@ bool offsets_fit(const long long* strides, int N, int H, int W, int C) {
   return strides[0] >= 0 && strides[1] >= 0 && strides[2] >= 0 && last < INT_MAX;
 }
 
-int device_major() {
-  int dev = 0, major = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) !=
-                                                  cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
-  return major;
-}
-
 template <typename T>
 cudaError_t launch(const SdkWinogradConv3x3Args& a, cudaStream_t stream) {
   const long long tiles = (long long)a.N * ((a.H + 1) / 2) * ((a.W + 1) / 2);
@@ -490,7 +480,7 @@ cudaError_t sdk_winograd_conv3x3(const SdkWinogradConv3x3Args& a, cudaStream_t s
       (a.residual != nullptr && !offsets_fit(a.residual_strides, a.N, a.H, a.W, a.K))) {
     return cudaErrorInvalidValue;
   }
-  if (device_major() < 8) return cudaErrorNotSupported;
+  if (sdk_device_major() < 8) return cudaErrorNotSupported;
   switch (a.dtype) {
     case SDK_FLOAT16: return launch<__half>(a, stream);
     case SDK_BFLOAT16: return launch<__nv_bfloat16>(a, stream);

@@ -19,7 +19,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .._env import getenv
 from .utils import cdiv, interpreting, multiprocessor_count, fix_cache_keys
 
 LOG2E = 1.4426950408889634
@@ -232,7 +231,7 @@ def _flash_attention_fwd(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, H, N, Nk, qk_scal
                          D0: tl.constexpr, D1: tl.constexpr, C1: tl.constexpr,
                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr,
-                         STRIDE_UNIT: tl.constexpr, TAIL_MODE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr = False):
+                         STRIDE_UNIT: tl.constexpr, TAIL_MODE: tl.constexpr):
     bh, q_base, k_base, v_base, mask_base, offs_m, rows_m = _program_tile(
         q_ptr, k_ptr, v_ptr, mask_ptr, H, N, sqb, sqh, skb, skh, svb, svh, smb, smh, BLOCK_M, STRIDE_UNIT)
     sqn *= STRIDE_UNIT
@@ -259,7 +258,7 @@ def _flash_attention_fwd(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, H, N, Nk, qk_scal
                 acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, mask_base, rows_m, start_n, Nk, skn, skd, svn, svd,
                 smm, smn, qk_scale, D0, D1, C1, HEAD_DIM, BLOCK_N, True, MASK, PRECISION)
     else:
-        for start_n in tl.range(0, full_end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+        for start_n in range(0, full_end, BLOCK_N):
             acc0, acc1, m_i, l_i = _online_softmax_block(
                 acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, mask_base, rows_m, start_n, Nk, skn, skd, svn, svd,
                 smm, smn, qk_scale, D0, D1, C1, HEAD_DIM, BLOCK_N, False, MASK, PRECISION)
@@ -362,15 +361,8 @@ def flash_attention_triton(q, k, v, out, scale, mask, config=None):
         *mask_strides(mask),
         D0=D0, D1=D1, C1=chunk1_start(d), HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, MASK=mask_kind(mask, d),
         PRECISION=dot_precision(q.dtype), STRIDE_UNIT=unit, TAIL_MODE=tail_mode(d, Nk, block_n), num_warps=warps,
-        num_stages=stages, **warp_specialization())
+        num_stages=stages)
     return out
-
-
-def warp_specialization() -> dict:
-    """SDKERNELS_FLASH_WARP_SPECIALIZE=1 asks Triton to split the main key loop into producer and consumer warps
-    (tl.range's warp_specialize; Triton 3.6 documents it for Blackwell, and runs a Hopper pass of that name): a probe
-    knob, not timed yet, for the d = 40 kernel whose MMAs and exponentials do not overlap (bench/NOTES.md)."""
-    return {"WARP_SPECIALIZE": True} if getenv("SDKERNELS_FLASH_WARP_SPECIALIZE") == "1" else {}
 
 
 fix_cache_keys(globals())  # last: see its docstring

@@ -3,7 +3,8 @@
 Two passes over the keys instead of one online-softmax pass:
   1. row statistics: for each query row of S = scale * q k^T + mask, its max L and the sum of exp(S - L), stored as
      a (B*H, N, 2) fp32 tensor. The key range is split across SPLIT programs per row block (each writes a partial
-     (L, sum)) and a merge kernel combines them, so that short N (few row blocks) still fills the GPU;
+     (L, sum)), so that short N (few row blocks) still fills the GPU; pass 2 merges the partials as it loads them
+     (attention_row_stats_triton merges them in a kernel of its own where the statistics themselves are wanted);
   2. softmax . V: S is recomputed blockwise, exp(S - L) is multiplied by V on the tensor cores and the sum divides
      the result once at the end (dividing each p first would push small fp16 p into subnormals).
 Neither pass writes the N x Nk matrix. The tiles, head-dim chunks and score computation are the flash kernel's.
@@ -77,20 +78,28 @@ def _attention_row_stats(q_ptr, k_ptr, mask_ptr, out_ptr, H, N, Nk, qk_scale, bl
 
 
 @triton.jit
-def _merge_row_stats(part_ptr, stats_ptr, rows, splits, BLOCK: tl.constexpr):
-    """stats[r] = (L, sum) of partials part[0..splits-1, r]: L = max L_s, sum = sum_s sum_s * exp(L_s - L)."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < rows
-    big_l = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-    for s in range(splits):
-        big_l = tl.maximum(big_l, tl.load(part_ptr + (s * rows + offs).to(tl.int64) * 2, mask=ok, other=0.0))
+def _merged_row_stats(part_ptr, rows_idx, rows, splits, ok):
+    """(L, sum) of rows rows_idx from their partials part[0..splits-1, row]: L = max L_s, sum = sum_s sum_s *
+    exp(L_s - L). With one split the partial is the statistic."""
+    big_l = tl.load(part_ptr + rows_idx.to(tl.int64) * 2, mask=ok, other=0.0)
+    for s in range(1, splits):
+        big_l = tl.maximum(big_l, tl.load(part_ptr + (s * rows + rows_idx).to(tl.int64) * 2, mask=ok, other=0.0))
     l_sub = tl.where(big_l == float("-inf"), 0.0, big_l)
-    total = tl.zeros([BLOCK], dtype=tl.float32)
+    total = tl.zeros_like(big_l)
     for s in range(splits):
-        base = part_ptr + (s * rows + offs).to(tl.int64) * 2
+        base = part_ptr + (s * rows + rows_idx).to(tl.int64) * 2
         part_l = tl.load(base, mask=ok, other=0.0)
         part_sum = tl.load(base + 1, mask=ok, other=0.0)
         total += part_sum * tl.math.exp2((part_l - l_sub) * _LOG2E)
+    return big_l, total
+
+
+@triton.jit
+def _merge_row_stats(part_ptr, stats_ptr, rows, splits, BLOCK: tl.constexpr):
+    """stats[r] = the merged (L, sum) of partials part[0..splits-1, r]."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < rows
+    big_l, total = _merged_row_stats(part_ptr, offs, rows, splits, ok)
     tl.store(stats_ptr + offs.to(tl.int64) * 2, big_l, mask=ok)
     tl.store(stats_ptr + offs.to(tl.int64) * 2 + 1, total, mask=ok)
 
@@ -109,7 +118,7 @@ def _softmax_pv_block(acc0, acc1, l2, q0, q1, k_base, v_base, mask_base, rows_m,
 
 
 @triton.jit
-def _softmax_times_v(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, stats_ptr, H, N, Nk, qk_scale,
+def _softmax_times_v(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, part_ptr, splits, H, N, Nk, qk_scale,
                      sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
                      smb, smh, smm, smn,
                      D0: tl.constexpr, D1: tl.constexpr, C1: tl.constexpr,
@@ -123,10 +132,11 @@ def _softmax_times_v(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, stats_ptr, H, N, Nk, 
     svn *= STRIDE_UNIT
     son *= STRIDE_UNIT
     q0, q1 = _load_query(q_base, rows_m, sqn, sqd, D0, D1, C1, HEAD_DIM)
-    stats = stats_ptr + (bh.to(tl.int64) * N + rows_m) * 2
-    l2 = tl.load(stats) * _LOG2E
+    # The statistics' partials are merged here, not by a kernel of their own: one launch fewer (rows_m repeats the
+    # last row past N, so every load is in bounds).
+    big_l, row_sum = _merged_row_stats(part_ptr, bh * N + rows_m, tl.num_programs(1) * N, splits, rows_m >= 0)
+    l2 = big_l * _LOG2E
     l2 = tl.where(l2 == float("-inf"), 0.0, l2)  # fully masked rows: no NaN from -inf - -inf
-    row_sum = tl.load(stats + 1)
 
     acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     if D1 > 0:
@@ -160,9 +170,9 @@ def choose_splits(n_row_programs: int, n_key_blocks: int, device) -> int:
     return max(1, min(want, n_key_blocks))
 
 
-def attention_row_stats_triton(q, k, scale, mask, splits=None, config=None):
-    """(B*H, N, 2) fp32: per row of S = scale * q k^T + mask its max L and its sum of exp(S - L). q, k are
-    (B, H, tokens, d) views; mask None or broadcast to (B, H, N, Nk)."""
+def _row_stat_partials(q, k, scale, mask, splits=None, config=None):
+    """(partials, splits): partials is (splits, B*H, N, 2) fp32, each split's (max, sum) over its part of the keys
+    (_attention_row_stats); with one split it is the statistics themselves."""
     B, H, N, d = q.shape
     Nk = k.shape[2]
     D0, D1 = HEAD_DIM_CHUNKS[d]
@@ -173,36 +183,44 @@ def attention_row_stats_triton(q, k, scale, mask, splits=None, config=None):
     splits = min(splits, n_key_blocks)
     fold_tail = tail_mode(d, Nk, block_n) == 1
     blocks_per_split = cdiv(n_key_blocks if fold_tail else Nk // block_n, splits)
-    stats = torch.empty((B * H, N, 2), device=q.device, dtype=torch.float32)
-    out = stats if splits == 1 else torch.empty((splits, B * H, N, 2), device=q.device, dtype=torch.float32)
+    partials = torch.empty((splits, B * H, N, 2), device=q.device, dtype=torch.float32)
     unit = stride_unit(q, k)
     _attention_row_stats[(cdiv(N, block_m), B * H, splits)](
-        q, k, mask if mask is not None else q, out, H, N, Nk, float(scale) * LOG2E, blocks_per_split,
+        q, k, mask if mask is not None else q, partials, H, N, Nk, float(scale) * LOG2E, blocks_per_split,
         *view_strides(q, unit), *view_strides(k, unit), *mask_strides(mask),
         D0=D0, D1=D1, C1=chunk1_start(d), HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, MASK=mask_kind(mask, d),
         PRECISION=dot_precision(q.dtype), STRIDE_UNIT=unit, FOLD_TAIL=fold_tail, num_warps=warps,
         num_stages=stages)
-    if splits > 1:
-        rows = B * H * N
-        _merge_row_stats[(cdiv(rows, MERGE_BLOCK),)](out, stats, rows, splits, BLOCK=MERGE_BLOCK,
-                                                            num_warps=4)
+    return partials, splits
+
+
+def attention_row_stats_triton(q, k, scale, mask, splits=None, config=None):
+    """(B*H, N, 2) fp32: per row of S = scale * q k^T + mask its max L and its sum of exp(S - L). q, k are
+    (B, H, tokens, d) views; mask None or broadcast to (B, H, N, Nk)."""
+    partials, splits = _row_stat_partials(q, k, scale, mask, splits, config)
+    if splits == 1:
+        return partials[0]
+    rows = partials[0].numel() // 2
+    stats = torch.empty_like(partials[0])
+    _merge_row_stats[(cdiv(rows, MERGE_BLOCK),)](partials, stats, rows, splits, BLOCK=MERGE_BLOCK, num_warps=4)
     return stats
 
 
 def partial_softmax_attention_triton(q, k, v, out, scale, mask, row_stats=None, config=None):
     """out = softmax(scale * q k^T + mask) v through row statistics, then softmax . V. ``row_stats(q, k, scale,
-    mask)`` computes the statistics (default: attention_row_stats_triton); the caller checked inputs."""
+    mask)`` computes the (B*H, N, 2) statistics (default: the Triton statistics' per-split partials, which the
+    softmax . V kernel merges as it loads them); the caller checked inputs."""
     B, H, N, d = q.shape
     Nk = k.shape[2]
     D0, D1 = HEAD_DIM_CHUNKS[d]
     block_m, block_n, warps, stages = config or launch_config(d, q.dtype, N, B * H, mask_kind(mask, d), q.device, Nk)
     if row_stats is None:
-        stats = attention_row_stats_triton(q, k, scale, mask, config=config)
+        partials, splits = _row_stat_partials(q, k, scale, mask, config=config)
     else:
-        stats = row_stats(q, k, scale, mask)
+        partials, splits = row_stats(q, k, scale, mask), 1
     unit = stride_unit(q, k, v, out)
     _softmax_times_v[(cdiv(N, block_m), B * H)](
-        q, k, v, out, mask if mask is not None else q, stats, H, N, Nk, float(scale) * LOG2E,
+        q, k, v, out, mask if mask is not None else q, partials, splits, H, N, Nk, float(scale) * LOG2E,
         *view_strides(q, unit), *view_strides(k, unit), *view_strides(v, unit), *view_strides(out, unit),
         *mask_strides(mask),
         D0=D0, D1=D1, C1=chunk1_start(d), HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, MASK=mask_kind(mask, d),

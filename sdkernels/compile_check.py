@@ -61,7 +61,7 @@ def _compiler_env() -> None:
     os.environ["TRITON_INTERPRET"] = "0"
     os.environ["TRITON_DEFAULT_FP_FUSION"] = "1"
     for knob in ("SDKERNELS_AUTOTUNE", "SDKERNELS_GN_PLAN", "SDKERNELS_GN_TILE_WARPS", "SDKERNELS_GN_TILE_SUMS",
-                 "SDKERNELS_POISON_OUTPUTS", "SDKERNELS_ADD_LN_TILE", "SDKERNELS_FLASH_WARP_SPECIALIZE"):
+                 "SDKERNELS_POISON_OUTPUTS", "SDKERNELS_ADD_LN_TILE"):
         os.environ.pop(knob, None)
 
 
@@ -312,16 +312,21 @@ def attention_scenarios():
                                                               _dtypes().items(), (0, 1, 2), ATTENTION_TOKENS):
         yield Scenario(f"{backend} d={d} {dt} mask={mask} N={n}",
                        _backend_call("flash_attention", backend, *_attention_inputs(d, dtype, mask, n)))
-    for d in ATTENTION_HEAD_DIMS:  # the warp-specialized key loop (a probe knob) at the self-attention length
-        yield Scenario(f"flash d={d} fp16 N=4096 warp-specialized",
-                       _with_settings(_backend_call("flash_attention", "flash",
-                                                    *_attention_inputs(d, _dtypes()["fp16"], 0, 4096)),
-                                      env={"SDKERNELS_FLASH_WARP_SPECIALIZE": "1"}))
     for backend, d, mask in itertools.product(("flash", "partial_softmax"), ATTENTION_HEAD_DIMS, (0, 1, 2)):
         nk = CROSS_ATTENTION_KEYS
         yield Scenario(f"{backend} d={d} fp16 mask={mask} N=4096 Nk={nk}",
                        _backend_call("flash_attention", backend,
                                      *_attention_inputs(d, _dtypes()["fp16"], mask, 4096, nk=nk)))
+    yield Scenario("partial_softmax row statistics, merged by their own kernel", _merged_row_stats)
+
+
+def _merged_row_stats():
+    """attention_row_stats_triton with split key ranges: the statistics' merge kernel (the attention op merges the
+    splits inside its softmax . V kernel instead)."""
+    from sdkernels.kernels.partial_softmax import attention_row_stats_triton
+    from sdkernels.ops.attention import as_bhnd
+    q, k, _v, scale, _mask, heads = _attention_inputs(64, _dtypes()["fp16"], 0, 256)
+    attention_row_stats_triton(as_bhnd(q, heads), as_bhnd(k, heads), scale, None, splits=4)
 
 
 # (N, C, H, W): groups of 2560 (one pass, BLOCK 4096), 40960 (one pass, BLOCK 65536) and 131072 elements (split).

@@ -243,19 +243,23 @@ def test_row_stats_match_max_and_sum(splits):
 
 
 @pytest.mark.gpu
-def test_cuda_row_stats_are_available_and_match_triton():
+@pytest.mark.parametrize("dtype, mask_kind, splits, d, layout", [
+    (torch.float16, None, 1, 40, "bnhd"), (torch.bfloat16, "full", 7, 40, "bnhd"),
+    (torch.float32, "keys", 3, 40, "bnhd"),
+    (torch.float16, "key_bias", 2, 80, "head_dim_strided"),  # d stride 2: the tensor-core plan's scalar loads
+    (torch.bfloat16, None, 3, 160, "bhnd_transposed"), (torch.float16, "full", 1, 64, "fused_qkv")])
+def test_cuda_row_stats_are_available_and_match_triton(dtype, mask_kind, splits, d, layout):
     reason = attn_ops._cuda_stats_available()
     assert reason is None, f"partial_softmax_cuda unavailable on this GPU: {reason}"
     from sdkernels.kernels.partial_softmax import attention_row_stats_triton
-    for dtype, mask_kind, splits in [(torch.float16, None, 1), (torch.bfloat16, "full", 7), (torch.float32, "keys", 3)]:
-        B, H, N, Nk, d = 2, 3, 300, 333, 40
-        q, k, _, h = make_qkv(B, H, N, Nk, d, dtype, "bnhd")
-        mask = make_mask(mask_kind, B, H, N, Nk, dtype)
-        q4, k4 = as_bhnd(q, h), as_bhnd(k, h)
-        mask4 = attn_ops.broadcast_mask(mask, q4, k4)
-        ours = attn_ops.cuda_row_stats(q4, k4, d ** -0.5, mask4, splits)
-        triton_stats = attention_row_stats_triton(q4, k4, d ** -0.5, mask4, splits=splits)
-        torch.testing.assert_close(ours, triton_stats, atol=2e-4, rtol=2e-4)
+    B, H, N, Nk = 2, 3, 300, 333
+    q, k, _, h = make_qkv(B, H, N, Nk, d, dtype, layout)
+    mask = make_mask(mask_kind, B, H, N, Nk, dtype)
+    q4, k4 = as_bhnd(q, h), as_bhnd(k, h)
+    mask4 = attn_ops.broadcast_mask(mask, q4, k4)
+    ours = attn_ops.cuda_row_stats(q4, k4, d ** -0.5, mask4, splits)
+    triton_stats = attention_row_stats_triton(q4, k4, d ** -0.5, mask4, splits=splits)
+    torch.testing.assert_close(ours, triton_stats, atol=2e-4, rtol=2e-4)
 
 
 def test_output_layouts():

@@ -242,7 +242,8 @@ def _cuda_stats_why_not(q, k, v, scale, attn_mask, heads):
     return _kernel_why_not(q, k, v, scale, attn_mask, heads)
 
 
-CUDA_STATS_ROWS_PER_BLOCK = 8  # kRows of csrc/attention_row_stats.cu
+# Query rows per block of csrc/attention_row_stats.cu: kMmaRows (fp16, bf16 on sm_80+), kRows (fp32).
+CUDA_STATS_ROWS_PER_BLOCK = {torch.float16: 64, torch.bfloat16: 64, torch.float32: 8}
 CUDA_STATS_KEYS_PER_SPLIT = 64  # fewest keys worth a split of their own
 
 
@@ -252,7 +253,7 @@ def cuda_row_stats(q4, k4, scale, mask4, splits=None):
     B, H, N, _ = q4.shape
     Nk = k4.shape[2]
     if splits is None:
-        blocks = -(-N // CUDA_STATS_ROWS_PER_BLOCK) * B * H
+        blocks = -(-N // CUDA_STATS_ROWS_PER_BLOCK[q4.dtype]) * B * H
         splits = kernels("partial_softmax").choose_splits(blocks, -(-Nk // CUDA_STATS_KEYS_PER_SPLIT), q4.device)
     partials = torch.empty((splits, B * H, N, 2), device=q4.device, dtype=torch.float32)
     stats = torch.empty((B * H, N, 2), device=q4.device, dtype=torch.float32)
