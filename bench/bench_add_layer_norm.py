@@ -38,7 +38,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import sdkernels  # noqa: E402
 from bench.common import (DTYPES, Abort, bench_parser, gpu_timing, measure_cases, results_path, Results,  # noqa: E402
-                          bench_rotating_ms, copy_bandwidth_gbps, input_sets, on_gpu, run_poisoned)
+                          bench_rotating_ms, copy_bandwidth_gbps, input_sets, on_gpu, run_poisoned, timing_note)
 from sdkernels.dispatch import last_backend, use_backend  # noqa: E402
 from sdkernels.ops.add_layer_norm import OP, add_layer_norm, layer_norm_reference  # noqa: E402
 from sdkernels.testing import assert_close, tolerance  # noqa: E402
@@ -215,10 +215,7 @@ def main(argv=None) -> int:
     if measured is None:
         return 2
     results = Results(BENCH)
-    results.meta["timing"] = ("per call: median CUDA-graph replay (do_bench) of back-to-back calls over input sets "
-                              "that overflow L2 3x" if on_gpu() and args.graph
-                              else "per call: median of plain calls over rotating input sets"
-                              + ("" if on_gpu() else " (CPU interpreter: not speed)"))
+    results.meta["timing"] = timing_note(args.graph)
     results.meta["bytes"] = "2 reads (x, residual) + 2 writes (total, normed) of rows x C; weight and bias left out"
     for case, m in measured.items():
         add_rows(results, case, dtype, m, copy_gbps)

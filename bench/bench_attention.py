@@ -11,7 +11,11 @@ Benches (TFLOP/s counts 4*B*H*N*Nk*d, the two matmuls):
                              "flash"; peak memory (max_memory_allocated over the call) of ours and of math
   partial_softmax_attention_cuda_stats   the same with the row statistics in CUDA C++, where the extension has them
 Every output is checked against an fp32 reference (our error at most 2x SDPA's) before anything is timed; a
-mismatch aborts the run before any row is written. Times are medians of CUDA-graph replays (--no-graph: calls).
+mismatch aborts the run before any row is written. Times are medians of CUDA-graph replays (--no-graph: calls), as
+the other benches take them (bench_rotating_ms): one graph holds one call per input set, back to back as a captured
+model runs its layers, over enough sets to overflow the L2 cache, and its time is divided by the calls; so no
+provider's time carries a lone graph launch (~5 us, most of a call at N = 256; up to session 17 this bench timed
+one call per replay).
 
 Without a GPU it is a correctness smoke run: the kernels run in Triton's interpreter at tiny shapes, the times mean
 nothing, and results go to bench/results/cpu_smoke/attention.json (not committed).
@@ -33,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch.nn.functional as F  # noqa: E402
 
 from bench.common import (DTYPES, Abort, bench_parser, gpu_timing, measure_cases, results_path, Results,  # noqa: E402
-                          bench_ms, on_gpu)
+                          bench_rotating_ms, input_sets, on_gpu, timing_note)
 from sdkernels.dispatch import last_backend, use_backend  # noqa: E402
 from sdkernels.ops import attention as attn_ops  # noqa: E402
 from sdkernels.ops.attention import as_bhnd, flash_attention, from_bhnd  # noqa: E402
@@ -150,18 +154,20 @@ def bench_case(B, H, N, Nk, d, dtype, device, timing):
         out = ours(backend, q, k, v, heads)
         ran[backend] = last_backend(OP)
         errors[backend] = check(f"{label} {backend}", out, ref, sdpa_out, dtype)
-        providers[backend] = lambda b=backend: ours(b, q, k, v, heads)
+        providers[backend] = lambda q, k, v, b=backend: ours(b, q, k, v, heads)
         del out
     del ref
-    providers["sdpa"] = lambda: sdpa(q, k, v, heads)
+    providers["sdpa"] = lambda q, k, v: sdpa(q, k, v, heads)
     skipped = {}
     fits, why = math_fits(B, H, N, Nk, dtype)
     if fits:
-        providers["math"] = lambda: math_attention(q, k, v, heads)
+        providers["math"] = lambda q, k, v: math_attention(q, k, v, heads)
     else:
         skipped["math"] = why
-    ms = {name: bench_ms(fn, **timing) for name, fn in providers.items()}
-    memory = {name: peak_mib(fn) for name, fn in providers.items()}
+    sets = [(q, k, v)] + input_sets(lambda: make_inputs(B, H, N, Nk, d, dtype, device)[:3],
+                                    sum(t.numel() * t.element_size() for t in (q, k, v)))[1:]
+    ms = {name: bench_rotating_ms(fn, sets, **timing) for name, fn in providers.items()}
+    memory = {name: peak_mib(lambda fn=fn: fn(q, k, v)) for name, fn in providers.items()}
     return dict(ms=ms, errors=errors, memory=memory, skipped=skipped, ran=ran, flops=4.0 * B * H * N * Nk * d)
 
 
@@ -228,6 +234,9 @@ def sweep(dtype, timing, dims, nk=None) -> None:
         q4, k4, v4 = (as_bhnd(t, heads) for t in (q, k, v))
         expected = F.scaled_dot_product_attention(q4, k4, v4)
         flops = 4.0 * B * H * N * Nk * d
+        sets = [(q4, k4, v4)] + input_sets(
+            lambda: tuple(as_bhnd(t, heads) for t in make_inputs(B, H, N, Nk, d, dtype, "cuda")[:3]),
+            3 * q.numel() * q.element_size())[1:]
         timings = []
         padded = sum(fa.HEAD_DIM_CHUNKS[d]) > d and fa.HEAD_DIM_CHUNKS[d][1] > 0
         for overlap in ((False, True) if padded else (False,)):
@@ -243,12 +252,12 @@ def sweep(dtype, timing, dims, nk=None) -> None:
                 if not torch.allclose(out, expected, atol=2e-2, rtol=2e-2):
                     print(f"{label}: WRONG OUTPUT")
                     continue
-                ms = bench_ms(lambda c=config, o=out: fa.flash_attention_triton(q4, k4, v4, o, d ** -0.5, None,
-                                                                                 config=c), **timing)
+                ms = bench_rotating_ms(lambda q4, k4, v4, c=config, o=out: fa.flash_attention_triton(
+                    q4, k4, v4, o, d ** -0.5, None, config=c), sets, **timing)
                 timings.append((ms, config, overlap))
                 print(f"{label}: {ms:.4f} ms, {flops / ms / 1e9:.0f} TFLOP/s", flush=True)
         fa.OVERLAP_LAST_CHUNK = default_overlap
-        sdpa_ms = bench_ms(lambda: F.scaled_dot_product_attention(q4, k4, v4), **timing)
+        sdpa_ms = bench_rotating_ms(F.scaled_dot_product_attention, sets, **timing)
         ms, config, overlap = min(timings)
         best[d] = config
         print(f"== d={d}: best {config}{' with overlapping chunks' if overlap else ''} {ms:.4f} ms "
@@ -281,8 +290,7 @@ def main(argv=None) -> int:
         device, cases, timing = "cpu", SMOKE_CASES, {}
 
     results = Results("attention")
-    results.meta["timing"] = ("median of CUDA-graph replays (do_bench)" if on_gpu() and args.graph
-                              else "median of plain calls" + ("" if on_gpu() else " (CPU interpreter: not speed)"))
+    results.meta["timing"] = timing_note(args.graph)
     results.meta["case_names"] = "B batch, H heads, N queries, Nk keys, d head dim; (B, tokens, H*d) layout"
     results.meta["flops"] = "4*B*H*N*Nk*d"
     measured = measure_cases(cases, lambda case: bench_case(*case[:5], dtype, device, timing), key=lambda case: case)

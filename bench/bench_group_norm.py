@@ -31,7 +31,7 @@ import torch.nn.functional as F  # noqa: E402
 import sdkernels  # noqa: E402
 from bench.common import (DTYPES, Abort, add_models_option, bench_parser, gpu_timing, measure_cases,  # noqa: E402
                           results_path, Results, bench_rotating_ms, copy_bandwidth_gbps, input_sets, on_gpu,
-                          run_poisoned)
+                          run_poisoned, timing_note)
 from bench.shapes import WORKLOADS, group_norm_case, group_norm_shapes  # noqa: E402
 from sdkernels.dispatch import last_backend, use_backend  # noqa: E402
 from sdkernels.ops.group_norm import OP, group_norm_dispatch, group_norm_reference  # noqa: E402
@@ -325,9 +325,7 @@ def main(argv=None) -> int:
     order = {c.name: i for i, c in enumerate(model_cases)} if on_gpu() else {c.name: i for i, c in enumerate(cases)}
     cases.sort(key=lambda c: order[c.name])
     results = Results("group_norm")
-    results.meta["timing"] = ("per call: median CUDA-graph replay (do_bench) of back-to-back calls over input sets "
-                              "that overflow L2 3x" if on_gpu() and args.graph
-                              else "per call: median of plain calls (do_bench) over input sets that overflow L2 3x")
+    results.meta["timing"] = timing_note(args.graph)
     for case in cases:
         add_rows(results, case, dtype, measured[case.name], copy_gbps)
     print(results.table())

@@ -34,7 +34,8 @@ if not torch.cuda.is_available():
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import (DTYPES, Abort, add_models_option, bench_parser, gpu_timing, measure_cases,  # noqa: E402
-                          results_path, Results, bench_rotating_ms, copy_bandwidth_gbps, input_sets, on_gpu)
+                          results_path, Results, bench_rotating_ms, copy_bandwidth_gbps, input_sets, on_gpu,
+                          timing_note)
 from bench.shapes import WORKLOADS, workload_calls  # noqa: E402
 from sdkernels.models import rescale_to_unit_gain  # noqa: E402
 from sdkernels.patch import patch, patchers  # noqa: E402
@@ -219,13 +220,6 @@ def summary(cases, measured) -> str:
         lines.append(f"{model}: ResNet blocks per forward: " + ", ".join(f"{p} {v:.3f} ms"
                                                                          for p, v in per_forward.items()))
     return "\n".join(lines)
-
-
-def timing_note(graph: bool) -> str:
-    if not on_gpu():
-        return "no GPU: wall-clock of the Triton interpreter, not speed"
-    how = "CUDA-graph replays of back-to-back calls" if graph else "plain calls"
-    return f"per call: median (do_bench) of {how} over input sets that overflow L2 3x"
 
 
 def main(argv=None) -> int:

@@ -39,7 +39,7 @@ from torch import nn  # noqa: E402
 import sdkernels  # noqa: E402
 from bench.common import (DTYPES, results_path, Abort, Results, add_models_option, bench_ms,  # noqa: E402
                           bench_parser, bench_rotating_ms, copy_bandwidth_gbps, gpu_timing, input_sets,
-                          measure_cases, on_gpu, run_poisoned)
+                          measure_cases, on_gpu, run_poisoned, timing_note)
 from bench.shapes import WORKLOADS, workload_calls  # noqa: E402
 from sdkernels.dispatch import use_backend  # noqa: E402
 from sdkernels.ops.conv3x3_plain import OP, conv3x3_dispatch  # noqa: E402
@@ -283,9 +283,7 @@ def main(argv=None) -> int:
             measured[case.name]["stages"] = measure_stages(case, dtype, device, timing)
 
     results = Results(BENCH)
-    results.meta["timing"] = ("per call: median CUDA-graph replay (do_bench) of back-to-back calls over input sets "
-                              "that overflow L2 3x" if on_gpu() and args.graph
-                              else "per call: median of plain calls over input sets that overflow L2 3x")
+    results.meta["timing"] = timing_note(args.graph)
     results.meta["tflops"] = "direct-convolution equivalent: 2 N H W K 9 C / time"
     results.meta["cudnn_benchmark"] = args.cudnn_benchmark
     for case in cases:

@@ -53,6 +53,14 @@ def gpu_timing(args) -> dict:
     return timing
 
 
+def timing_note(graph: bool) -> str:
+    """results.meta["timing"] for a bench that times bench_rotating_ms."""
+    if not on_gpu():
+        return "no GPU: wall-clock of the Triton interpreter, not speed"
+    how = "CUDA-graph replays of back-to-back calls" if graph else "plain calls"
+    return f"per call: median (do_bench) of {how} over input sets that overflow L2 3x"
+
+
 def add_models_option(p: argparse.ArgumentParser, default: str, known) -> None:
     """--models: comma-separated names from known (bench/shapes.py's WORKLOADS), parsed into a list; an unknown
     name is a usage error before anything is built."""

@@ -206,16 +206,18 @@ def attention_row_stats_triton(q, k, scale, mask, splits=None, config=None):
     return stats
 
 
-def partial_softmax_attention_triton(q, k, v, out, scale, mask, row_stats=None, config=None):
+def partial_softmax_attention_triton(q, k, v, out, scale, mask, row_stats=None, config=None, stats_config=None):
     """out = softmax(scale * q k^T + mask) v through row statistics, then softmax . V. ``row_stats(q, k, scale,
     mask)`` computes the (B*H, N, 2) statistics (default: the Triton statistics' per-split partials, which the
-    softmax . V kernel merges as it loads them); the caller checked inputs."""
+    softmax . V kernel merges as it loads them); the caller checked inputs. ``config`` and ``stats_config``: the
+    softmax . V and the statistics kernels' (BLOCK_M, BLOCK_N, warps, stages) (default: launch_config; the
+    statistics take ``config`` where only it is given)."""
     B, H, N, d = q.shape
     Nk = k.shape[2]
     D0, D1 = HEAD_DIM_CHUNKS[d]
     block_m, block_n, warps, stages = config or launch_config(d, q.dtype, N, B * H, mask_kind(mask, d), q.device, Nk)
     if row_stats is None:
-        partials, splits = _row_stat_partials(q, k, scale, mask, config=config)
+        partials, splits = _row_stat_partials(q, k, scale, mask, config=stats_config or config)
     else:
         partials, splits = row_stats(q, k, scale, mask), 1
     unit = stride_unit(q, k, v, out)
