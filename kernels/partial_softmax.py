@@ -12,11 +12,13 @@ Neither pass writes the N x Nk matrix. The tiles, head-dim chunks and score comp
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from .._env import getenv
 from .flash_attention import (HEAD_DIM_CHUNKS, LOG2E, _LOG2E, _accumulate_pv, _bh_base, _load_query, _log2_scores,
                               _program_tile, _scores, _store_output, dot_precision, launch_config, mask_kind,
                               chunk1_start, mask_strides, stride_unit, tail_mode, view_strides)
-from .utils import cdiv, multiprocessor_count, fix_cache_keys
+from .utils import cdiv, interpreting, multiprocessor_count, fix_cache_keys
 
 _LN2 = tl.constexpr(0.6931471805599453)
 # Row-statistics programs wanted per streaming multiprocessor; the key range is split until there are this many.
@@ -39,7 +41,7 @@ def _attention_row_stats(q_ptr, k_ptr, mask_ptr, out_ptr, H, N, Nk, qk_scale, bl
                          D0: tl.constexpr, D1: tl.constexpr, C1: tl.constexpr,
                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr,
-                         STRIDE_UNIT: tl.constexpr, FOLD_TAIL: tl.constexpr):
+                         STRIDE_UNIT: tl.constexpr, FOLD_TAIL: tl.constexpr, PDL: tl.constexpr = False):
     """Program (row block, b*H + h, split) writes (max, sum) in natural units of its rows over its key blocks to
     out[split, b*H + h, row, :]; the last split also takes the partial tail block (FOLD_TAIL: as one of its loop's
     blocks, every block masked; see flash_attention.TAIL_MODE)."""
@@ -48,6 +50,8 @@ def _attention_row_stats(q_ptr, k_ptr, mask_ptr, out_ptr, H, N, Nk, qk_scale, bl
         q_ptr, k_ptr, k_ptr, mask_ptr, H, N, sqb, sqh, skb, skh, skb, skh, smb, smh, BLOCK_M, STRIDE_UNIT)
     sqn *= STRIDE_UNIT
     skn *= STRIDE_UNIT
+    if PDL:  # the softmax . V grid may start now: it loads its query tile, then waits for this grid's statistics
+        gdc_launch_dependents()
     q0, q1 = _load_query(q_base, rows_m, sqn, sqd, D0, D1, C1, HEAD_DIM)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -124,7 +128,7 @@ def _softmax_times_v(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, part_ptr, splits, H, 
                      D0: tl.constexpr, D1: tl.constexpr, C1: tl.constexpr,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr,
-                     STRIDE_UNIT: tl.constexpr, FOLD_TAIL: tl.constexpr):
+                     STRIDE_UNIT: tl.constexpr, FOLD_TAIL: tl.constexpr, PDL: tl.constexpr = False):
     bh, q_base, k_base, v_base, mask_base, offs_m, rows_m = _program_tile(
         q_ptr, k_ptr, v_ptr, mask_ptr, H, N, sqb, sqh, skb, skh, svb, svh, smb, smh, BLOCK_M, STRIDE_UNIT)
     sqn *= STRIDE_UNIT
@@ -132,6 +136,8 @@ def _softmax_times_v(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, part_ptr, splits, H, 
     svn *= STRIDE_UNIT
     son *= STRIDE_UNIT
     q0, q1 = _load_query(q_base, rows_m, sqn, sqd, D0, D1, C1, HEAD_DIM)
+    if PDL:  # launched as a programmatic dependent of the statistics: wait for them (q, k, v were ready before)
+        gdc_wait()
     # The statistics' partials are merged here, not by a kernel of their own: one launch fewer (rows_m repeats the
     # last row past N, so every load is in bounds).
     big_l, row_sum = _merged_row_stats(part_ptr, bh * N + rows_m, tl.num_programs(1) * N, splits, rows_m >= 0)
@@ -164,15 +170,27 @@ def _softmax_times_v(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, part_ptr, splits, H, 
                   HEAD_DIM)
 
 
+def programmatic_launch(q) -> bool:
+    """Whether softmax . V launches as a programmatic dependent of the statistics kernel (Hopper's griddepcontrol,
+    sm_90+; not in the interpreter): its launch and query loads then overlap the statistics' last programs, where a
+    short call (N = 256) spends a few us of its ~12 between the two kernels. SDKERNELS_PARTIAL_PDL=0 turns it off,
+    =1 on for any device (compile_check's sm_90 scenario)."""
+    knob = getenv("SDKERNELS_PARTIAL_PDL")
+    if interpreting() or knob == "0":
+        return False
+    return knob == "1" or (q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] >= 9)
+
+
 def choose_splits(n_row_programs: int, n_key_blocks: int, device) -> int:
     """How many programs share each row block's key range: enough to fill the GPU, at most one per key block."""
     want = cdiv(PROGRAMS_PER_SM * multiprocessor_count(device), max(n_row_programs, 1))
     return max(1, min(want, n_key_blocks))
 
 
-def _row_stat_partials(q, k, scale, mask, splits=None, config=None):
+def _row_stat_partials(q, k, scale, mask, splits=None, config=None, pdl=False):
     """(partials, splits): partials is (splits, B*H, N, 2) fp32, each split's (max, sum) over its part of the keys
-    (_attention_row_stats); with one split it is the statistics themselves."""
+    (_attention_row_stats); with one split it is the statistics themselves. ``pdl``: the next kernel is a
+    programmatic dependent (programmatic_launch)."""
     B, H, N, d = q.shape
     Nk = k.shape[2]
     D0, D1 = HEAD_DIM_CHUNKS[d]
@@ -189,7 +207,7 @@ def _row_stat_partials(q, k, scale, mask, splits=None, config=None):
         q, k, mask if mask is not None else q, partials, H, N, Nk, float(scale) * LOG2E, blocks_per_split,
         *view_strides(q, unit), *view_strides(k, unit), *mask_strides(mask),
         D0=D0, D1=D1, C1=chunk1_start(d), HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, MASK=mask_kind(mask, d),
-        PRECISION=dot_precision(q.dtype), STRIDE_UNIT=unit, FOLD_TAIL=fold_tail, num_warps=warps,
+        PRECISION=dot_precision(q.dtype), STRIDE_UNIT=unit, FOLD_TAIL=fold_tail, PDL=pdl, num_warps=warps,
         num_stages=stages)
     return partials, splits
 
@@ -216,8 +234,9 @@ def partial_softmax_attention_triton(q, k, v, out, scale, mask, row_stats=None, 
     Nk = k.shape[2]
     D0, D1 = HEAD_DIM_CHUNKS[d]
     block_m, block_n, warps, stages = config or launch_config(d, q.dtype, N, B * H, mask_kind(mask, d), q.device, Nk)
+    pdl = programmatic_launch(q)
     if row_stats is None:
-        partials, splits = _row_stat_partials(q, k, scale, mask, config=stats_config or config)
+        partials, splits = _row_stat_partials(q, k, scale, mask, config=stats_config or config, pdl=pdl)
     else:
         partials, splits = row_stats(q, k, scale, mask), 1
     unit = stride_unit(q, k, v, out)
@@ -226,8 +245,8 @@ def partial_softmax_attention_triton(q, k, v, out, scale, mask, row_stats=None, 
         *view_strides(q, unit), *view_strides(k, unit), *view_strides(v, unit), *view_strides(out, unit),
         *mask_strides(mask),
         D0=D0, D1=D1, C1=chunk1_start(d), HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, MASK=mask_kind(mask, d),
-        PRECISION=dot_precision(q.dtype), STRIDE_UNIT=unit, FOLD_TAIL=tail_mode(d, Nk, block_n) == 1,
-        num_warps=warps, num_stages=stages)
+        PRECISION=dot_precision(q.dtype), STRIDE_UNIT=unit, FOLD_TAIL=tail_mode(d, Nk, block_n) == 1, PDL=pdl,
+        num_warps=warps, num_stages=stages, launch_pdl=pdl)
     return out
 
 

@@ -61,7 +61,7 @@ def _compiler_env() -> None:
     os.environ["TRITON_INTERPRET"] = "0"
     os.environ["TRITON_DEFAULT_FP_FUSION"] = "1"
     for knob in ("SDKERNELS_AUTOTUNE", "SDKERNELS_GN_PLAN", "SDKERNELS_GN_TILE_WARPS", "SDKERNELS_GN_TILE_SUMS",
-                 "SDKERNELS_POISON_OUTPUTS", "SDKERNELS_ADD_LN_TILE"):
+                 "SDKERNELS_POISON_OUTPUTS", "SDKERNELS_ADD_LN_TILE", "SDKERNELS_PARTIAL_PDL"):
         os.environ.pop(knob, None)
 
 
@@ -318,6 +318,11 @@ def attention_scenarios():
                        _backend_call("flash_attention", backend,
                                      *_attention_inputs(d, _dtypes()["fp16"], mask, 4096, nk=nk)))
     yield Scenario("partial_softmax row statistics, merged by their own kernel", _merged_row_stats)
+    for d, mask in itertools.product(ATTENTION_HEAD_DIMS, (0, 1, 2)):  # what an sm_90 GPU runs: griddepcontrol
+        yield Scenario(f"partial_softmax d={d} fp16 mask={mask} N=256 programmatic launch",
+                       _with_settings(_backend_call("flash_attention", "partial_softmax",
+                                                    *_attention_inputs(d, _dtypes()["fp16"], mask, 256)),
+                                      env={"SDKERNELS_PARTIAL_PDL": "1"}), min_cc=90)
 
 
 def _merged_row_stats():
