@@ -170,15 +170,22 @@ def _softmax_times_v(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, part_ptr, splits, H, 
                   HEAD_DIM)
 
 
-def programmatic_launch(q) -> bool:
+# Programmatic launch pays at short key lengths and costs at long ones (H200, bench_attention, same call, PDL on
+# against off: Nk = 77 and 256 8-12% faster, N = 256 d = 160 12.2 -> 11.0 us; N = Nk = 1024 d = 80 27.5 -> 30.2 us;
+# Nk = 4096 and 16384 within 1-3% either way).
+PDL_MAX_KEYS = 256
+
+
+def programmatic_launch(q, Nk: int) -> bool:
     """Whether softmax . V launches as a programmatic dependent of the statistics kernel (Hopper's griddepcontrol,
     sm_90+; not in the interpreter): its launch and query loads then overlap the statistics' last programs, where a
-    short call (N = 256) spends a few us of its ~12 between the two kernels. SDKERNELS_PARTIAL_PDL=0 turns it off,
-    =1 on for any device (compile_check's sm_90 scenario)."""
+    short call spends a few us between the two kernels. Auto: at Nk <= PDL_MAX_KEYS. SDKERNELS_PARTIAL_PDL=0 turns it
+    off, =1 on at every length and device (compile_check's sm_90 scenario)."""
     knob = getenv("SDKERNELS_PARTIAL_PDL")
     if interpreting() or knob == "0":
         return False
-    return knob == "1" or (q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] >= 9)
+    return knob == "1" or (Nk <= PDL_MAX_KEYS and q.device.type == "cuda"
+                           and torch.cuda.get_device_capability(q.device)[0] >= 9)
 
 
 def choose_splits(n_row_programs: int, n_key_blocks: int, device) -> int:
@@ -234,7 +241,7 @@ def partial_softmax_attention_triton(q, k, v, out, scale, mask, row_stats=None, 
     Nk = k.shape[2]
     D0, D1 = HEAD_DIM_CHUNKS[d]
     block_m, block_n, warps, stages = config or launch_config(d, q.dtype, N, B * H, mask_kind(mask, d), q.device, Nk)
-    pdl = programmatic_launch(q)
+    pdl = programmatic_launch(q, Nk)
     if row_stats is None:
         partials, splits = _row_stat_partials(q, k, scale, mask, config=stats_config or config, pdl=pdl)
     else:

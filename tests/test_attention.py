@@ -262,6 +262,19 @@ def test_cuda_row_stats_are_available_and_match_triton(dtype, mask_kind, splits,
     torch.testing.assert_close(ours, triton_stats, atol=2e-4, rtol=2e-4)
 
 
+@pytest.mark.gpu
+def test_programmatic_launch_rule(monkeypatch):
+    """softmax . V launches as a programmatic dependent at short key lengths on sm_90+ only, and the knob turns it
+    off (its correctness is every partial_softmax test on such a GPU)."""
+    from sdkernels.kernels.partial_softmax import PDL_MAX_KEYS, programmatic_launch
+    q = torch.empty(1, 1, 8, 64, device=DEVICE, dtype=torch.float16)
+    hopper = torch.cuda.get_device_capability()[0] >= 9
+    assert programmatic_launch(q, PDL_MAX_KEYS) == hopper
+    assert not programmatic_launch(q, PDL_MAX_KEYS + 1)
+    monkeypatch.setenv("SDKERNELS_PARTIAL_PDL", "0")
+    assert not programmatic_launch(q, 77)
+
+
 def test_output_layouts():
     for layout in ("bnhd", "fused_qkv"):
         q, k, v, h = make_qkv(2, 2, 9, 12, SMALL_D, torch.float16, layout)
