@@ -158,6 +158,9 @@ def _per_channel(v, CHANNELS_FAST: tl.constexpr):
 
 # The tile kernel's reductions (_tile_variant); constexpr objects, which a kernel may read as globals.
 SUMS_PER_STATISTIC, SUMS_PER_AXIS, SUMS_PIVOTED = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+# How far (squared, in variances) the pivot may sit from the mean before the pivoted sums are not trusted: within it,
+# fp32 keeps the variance to ~16 * 2^-24 * log2(group size) and the mean to a quarter of that in standard deviations.
+PIVOT_REACH = tl.constexpr(16.0)
 
 
 @triton.jit
@@ -196,15 +199,23 @@ def _tile_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, sh_ptr, G, S, eps,
         d = tl.where(mask, x - mean, 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(d * d, axis=1), axis=0) / size + eps)
     elif SUMS == SUMS_PIVOTED:  # a probe variant: both sums in one reduction, of x less one of the group's values
-        # Any value of the group keeps E[(x - k)^2] - E[x - k]^2 from cancelling, as the mean itself would.
+        # E[(x - k)^2] - E[x - k]^2 with k a value of the group: no cancellation while k lies within a few standard
+        # deviations of the mean (fp32 loses (mean - k)^2 / var of the variance's digits, and |mean - k| / std of
+        # the mean's). A k further out (an outlier of the group) takes the default's two reductions instead.
         k = tl.load(x_ptr + n64 * sxN + (g * CG) * sxC).to(tl.float32)
         if HAS_SHIFT:
             k += tl.load(sh_ptr + n * shN + (g * CG) * shC).to(tl.float32)
         e = tl.reshape(tl.where(mask, x - k, 0.0), [BLOCK_C * BLOCK_S], can_reorder=True)  # order is free: sums
         s1, s2 = tl.reduce((e, e * e), 0, _add_pairs)
-        mean = k + s1 / size
+        offset_mean = s1 / size
+        var = tl.maximum(s2 / size - offset_mean * offset_mean, 0.0)
+        mean = k + offset_mean
         d = tl.where(mask, x - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.maximum(s2 / size - (s1 / size) * (s1 / size), 0.0) + eps)
+        if offset_mean * offset_mean > PIVOT_REACH * var:
+            mean = tl.sum(x) / size
+            d = tl.where(mask, x - mean, 0.0)
+            var = tl.sum(d * d) / size
+        rstd = 1.0 / tl.sqrt(var + eps)
     else:  # one reduction over the whole tile per statistic
         mean = tl.sum(x) / size
         d = tl.where(mask, x - mean, 0.0)
@@ -408,7 +419,9 @@ def _tile_variant(block: int) -> dict:
     SDKERNELS_GN_TILE_WARPS=n and SDKERNELS_GN_TILE_SUMS=axes|pivot; the small SD1.5 groups are latency-bound, where
     fewer warps or fewer reductions shorten the chain between the load and the store (one reduction over the tile per
     statistic, the default, against one per axis: 7.3 against 7.7 us at channels_last 2x320x32x32, 14.7 against 16.4
-    at 2x1920x32x32, H200, session 16; "pivot", both sums in one reduction, is not timed yet)."""
+    at 2x1920x32x32, H200, session 16). "pivot", both sums in one reduction, took 3-10% less at every SD1.5 shape
+    (2x1280x8x8 3.31 -> 3.07 us, 2x1920x32x32 14.49 -> 13.10, H200, session 18) before its outlier guard; the guarded
+    version is not timed yet: time it, then make it the default."""
     warps = getenv("SDKERNELS_GN_TILE_WARPS")
     return dict(num_warps=int(warps) if warps else _warps(block, 32),
                 SUMS=TILE_SUMS.get(getenv("SDKERNELS_GN_TILE_SUMS") or "", SUMS_PER_STATISTIC.value))

@@ -144,6 +144,14 @@ def test_each_plan_large_mean(forced_plan):
     check("triton", x, 2, None, None, 1e-6, False, None)
 
 
+def test_each_plan_outlier_first_value(forced_plan):
+    """Each group's first value (the pivot of the tile kernel's pivoted sums) a lone outlier: it sits sqrt(group
+    size) standard deviations from the mean, where pivoted sums of squares would cancel to a few digits."""
+    x = torch.randn(1, 4, 48, 48, device=DEVICE).to(memory_format=torch.channels_last)
+    x[:, ::2, 0, 0] = 3.0e4  # the first channel of both groups, first position
+    check("triton", x, 2, None, None, 1e-6, False, None)
+
+
 # ---- errors and fallbacks -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bad, match", [
