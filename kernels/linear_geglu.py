@@ -26,7 +26,7 @@ import triton.language as tl
 from .. import tuning
 from .._env import getenv
 from .geglu import gelu_fp32
-from .utils import cdiv, interpreting, fix_cache_keys
+from .utils import capability_major, cdiv, interpreting, fix_cache_keys
 
 
 def _set_block_shapes(nargs):
@@ -247,7 +247,7 @@ def _grid(meta, M, columns):
 def tma_ok(x2d, weight) -> bool:
     """Whether the TMA configs can load x2d and weight: a Hopper-or-newer GPU (not the interpreter), 16-bit
     dtypes, unit column stride, 16-byte aligned base and row stride."""
-    if interpreting() or x2d.device.type != "cuda" or torch.cuda.get_device_capability(x2d.device)[0] < 9:
+    if interpreting() or capability_major(x2d.device) < 9:
         return False
     return all(t.dtype in (torch.float16, torch.bfloat16) and t.stride(1) == 1 and t.data_ptr() % 16 == 0
                and (t.stride(0) * t.element_size()) % 16 == 0 for t in (x2d, weight))

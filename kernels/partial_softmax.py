@@ -18,7 +18,7 @@ from .._env import getenv
 from .flash_attention import (HEAD_DIM_CHUNKS, LOG2E, _LOG2E, _accumulate_pv, _bh_base, _load_query, _log2_scores,
                               _program_tile, _scores, _store_output, dot_precision, launch_config, mask_kind,
                               chunk1_start, mask_strides, stride_unit, tail_mode, view_strides)
-from .utils import cdiv, interpreting, multiprocessor_count, fix_cache_keys
+from .utils import capability_major, cdiv, interpreting, multiprocessor_count, fix_cache_keys
 
 _LN2 = tl.constexpr(0.6931471805599453)
 # Row-statistics programs wanted per streaming multiprocessor; the key range is split until there are this many.
@@ -171,7 +171,7 @@ def _softmax_times_v(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, part_ptr, splits, H, 
 
 
 # Programmatic launch pays at short key lengths and costs at long ones (H200, bench_attention, same call, PDL on
-# against off: Nk = 77 and 256 8-12% faster, N = 256 d = 160 12.2 -> 11.0 us; N = Nk = 1024 d = 80 27.5 -> 30.2 us;
+# against off: Nk = 77 and 256 4-12% faster, N = 256 d = 160 12.2 -> 11.0 us; N = Nk = 1024 d = 80 27.5 -> 30.2 us;
 # Nk = 4096 and 16384 within 1-3% either way).
 PDL_MAX_KEYS = 256
 
@@ -184,8 +184,7 @@ def programmatic_launch(q, Nk: int) -> bool:
     knob = getenv("SDKERNELS_PARTIAL_PDL")
     if interpreting() or knob == "0":
         return False
-    return knob == "1" or (Nk <= PDL_MAX_KEYS and q.device.type == "cuda"
-                           and torch.cuda.get_device_capability(q.device)[0] >= 9)
+    return knob == "1" or (Nk <= PDL_MAX_KEYS and capability_major(q.device) >= 9)
 
 
 def choose_splits(n_row_programs: int, n_key_blocks: int, device) -> int:

@@ -31,6 +31,18 @@ def _cuda_multiprocessor_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def capability_major(device: torch.device) -> int:
+    """The CUDA device's compute capability major (9: Hopper), 0 for other devices; cached like the SM count."""
+    if device.type != "cuda":
+        return 0
+    return _cuda_capability_major(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
