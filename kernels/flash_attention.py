@@ -205,6 +205,18 @@ def _store_output(o_base, acc0, acc1, offs_m, N, stride_on, stride_od, D0: tl.co
 
 
 @triton.jit
+def _zero_accumulators(BLOCK_M: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr):
+    """fp32 output accumulators for both head-dim chunks; with one chunk the second is the first (unused, carried
+    unchanged through the key loop)."""
+    acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    if D1 > 0:
+        acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+    else:
+        acc1 = acc0
+    return acc0, acc1
+
+
+@triton.jit
 def _bh_base(ptr, b, h, stride_b, stride_h, STRIDE_UNIT: tl.constexpr):
     """Start of the (b, h) slice; strides in units of STRIDE_UNIT elements, 64-bit (the tensor may be large)."""
     return ptr + (b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h) * STRIDE_UNIT
@@ -242,11 +254,7 @@ def _flash_attention_fwd(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, H, N, Nk, qk_scal
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
-    if D1 > 0:
-        acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
-    else:
-        acc1 = acc0  # unused; carried unchanged through the loop
+    acc0, acc1 = _zero_accumulators(BLOCK_M, D0, D1)
     full_end = (Nk // BLOCK_N) * BLOCK_N
     if TAIL_MODE == 2 and full_end < Nk:  # the partial block first, so nothing follows the pipelined loop
         acc0, acc1, m_i, l_i = _online_softmax_block(
@@ -348,7 +356,11 @@ def mask_kind(mask, head_dim) -> int:
 
 def flash_attention_triton(q, k, v, out, scale, mask, config=None):
     """out = softmax(scale * q k^T + mask) v on (B, H, tokens, d) views (any strides). ``mask`` is None or a view
-    broadcast to (B, H, N, Nk) (zero strides where it broadcasts). The caller checked shapes, dtypes and head dim."""
+    broadcast to (B, H, N, Nk) (zero strides where it broadcasts). The caller checked shapes, dtypes and head dim.
+    Where the copy engine can load the views (kernels/flash_attention_tma.py) it does."""
+    from .flash_attention_tma import flash_attention_tma, use_tma  # imports this module: not at the top
+    if use_tma(q, k, v, out, mask):
+        return flash_attention_tma(q, k, v, out, scale, config)
     B, H, N, d = q.shape
     Nk = k.shape[2]
     D0, D1 = HEAD_DIM_CHUNKS[d]

@@ -17,7 +17,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from .._env import getenv
 from .flash_attention import (HEAD_DIM_CHUNKS, LOG2E, _LOG2E, _accumulate_pv, _bh_base, _load_query, _log2_scores,
                               _program_tile, _scores, _store_output, dot_precision, launch_config, mask_kind,
-                              chunk1_start, mask_strides, stride_unit, tail_mode, view_strides)
+                              chunk1_start, mask_strides, stride_unit, tail_mode, view_strides, _zero_accumulators)
 from .utils import capability_major, cdiv, interpreting, multiprocessor_count, fix_cache_keys
 
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -144,11 +144,7 @@ def _softmax_times_v(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, part_ptr, splits, H, 
     l2 = big_l * _LOG2E
     l2 = tl.where(l2 == float("-inf"), 0.0, l2)  # fully masked rows: no NaN from -inf - -inf
 
-    acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
-    if D1 > 0:
-        acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
-    else:
-        acc1 = acc0  # unused; carried unchanged through the loop
+    acc0, acc1 = _zero_accumulators(BLOCK_M, D0, D1)
     full_end = (Nk // BLOCK_N) * BLOCK_N
     if FOLD_TAIL:  # the partial block inside the loop (see flash_attention.TAIL_MODE)
         for start_n in range(0, Nk, BLOCK_N):

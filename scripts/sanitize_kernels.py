@@ -87,6 +87,8 @@ def attention_cases():
                 yield backend, (q, k, v, d ** -0.5, mask, H)
                 yield backend, (q.unflatten(-1, (H, d)).transpose(1, 2), k.unflatten(-1, (H, d)).transpose(1, 2),
                                 v.unflatten(-1, (H, d)).transpose(1, 2), d ** -0.5, None, 0)
+                if backend == "flash":  # unmasked, diffusers' layout: the descriptor (TMA) kernel, forced
+                    yield "flash tma", (q, k, v, d ** -0.5, None, H)
                 if backend == "partial_softmax_cuda":  # head-dim stride 2: the CUDA statistics' scalar loads
                     q2, k2, v2 = (torch.randn(B, H, n, 2 * d, device="cuda", dtype=dtype)[..., ::2]
                                   for n in (N, Nk, Nk))
@@ -161,11 +163,25 @@ def describe_args(args) -> str:
     return " ".join(f"{tuple(a.shape)}:{str(a.dtype)[6:]}" if isinstance(a, torch.Tensor) else repr(a) for a in args)
 
 
+def _with_flash_tma(tma, run):
+    """run() with SDKERNELS_FLASH_TMA=1 where ``tma`` is set (the flash backend's descriptor kernel wherever it can
+    run), else under the default rule."""
+    if not tma:
+        return run()
+    os.environ["SDKERNELS_FLASH_TMA"] = "1"
+    try:
+        return run()
+    finally:
+        del os.environ["SDKERNELS_FLASH_TMA"]
+
+
 def cases():
     """(label, run, reference, relative-error bound or None for group_norm's elementwise tolerance)."""
-    for backend, args in attention_cases():
-        yield (f"flash_attention[{backend}]", backend,
-               lambda a=args: sdkernels.flash_attention(*a[:3], scale=a[3], attn_mask=a[4], heads=a[5]),
+    for label, args in attention_cases():
+        backend, _, tma = label.partition(" ")
+        yield (f"flash_attention[{label}]", backend,
+               lambda a=args, t=tma: _with_flash_tma(t, lambda: sdkernels.flash_attention(
+                   *a[:3], scale=a[3], attn_mask=a[4], heads=a[5])),
                lambda a=args: attention_reference(*a), args, 2e-2)
     for backend, args in group_norm_cases():
         yield (f"group_norm[{backend}]", backend, lambda a=args: sdkernels.group_norm(*a),

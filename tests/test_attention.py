@@ -275,6 +275,81 @@ def test_programmatic_launch_rule(monkeypatch):
     assert not programmatic_launch(q, 77)
 
 
+# ---- the descriptor (TMA) flash kernel ------------------------------------------------------------------------
+
+@pytest.fixture
+def tma_runs(monkeypatch):
+    """Force the flash backend's descriptor kernel wherever it can run (SDKERNELS_FLASH_TMA=1; on the CPU the
+    interpreter runs it) and count its launches."""
+    from sdkernels.kernels import flash_attention_tma as ft
+    monkeypatch.setenv("SDKERNELS_FLASH_TMA", "1")
+    launches = []
+    launch = ft.flash_attention_tma
+    monkeypatch.setattr(ft, "flash_attention_tma", lambda *a, **kw: launches.append(1) or launch(*a, **kw))
+    return launches
+
+
+TMA_HEAD_DIMS = [40, 64, 80, 160]
+# Key lengths: a partial block only, full blocks and a tail, and on the GPU 4 full blocks of 128 and a tail (the
+# pattern that broke the pointer kernel's two-chunk head dims on an H100).
+TMA_KEYS = [13, 200] + ([532] if GPU else [])
+
+
+@pytest.mark.parametrize("layout", ["bnhd", "fused_qkv", "bhnd_transposed"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", TMA_HEAD_DIMS)
+def test_flash_descriptor_kernel(tma_runs, d, dtype, layout):
+    """Padded head-dim chunks (40 reads columns 32..47), query rows past N and keys past Nk come from the copy
+    engine's zero fill; the store drops what lies outside the output."""
+    for nk in TMA_KEYS:
+        q, k, v, h = make_qkv(2, 3, 45, nk, d, dtype, layout)
+        runs = len(tma_runs)
+        check("flash", q, k, v, None, h, what=f"tma d={d} Nk={nk} {dtype} {layout}")
+        assert len(tma_runs) == runs + 1, "the descriptor kernel did not run"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [40, 80])
+def test_flash_descriptor_kernel_one_padded_chunk(tma_runs, monkeypatch, d, dtype):
+    """SDKERNELS_FLASH_TMA_ONE_CHUNK: the head dim as one chunk zero-filled to a power of two (40 as 64)."""
+    from sdkernels.kernels.flash_attention_tma import tma_chunks
+    monkeypatch.setenv("SDKERNELS_FLASH_TMA_ONE_CHUNK", "40,80")
+    assert tma_chunks(d) == (64 if d == 40 else 128, 0)
+    for nk in TMA_KEYS:
+        q, k, v, h = make_qkv(2, 3, 45, nk, d, dtype, "bnhd")
+        check("flash", q, k, v, None, h, what=f"tma one chunk d={d} Nk={nk} {dtype}")
+    assert len(tma_runs) == len(TMA_KEYS)
+
+
+def test_flash_descriptor_rules(monkeypatch):
+    """What the descriptor kernel refuses goes to the pointer kernel: masks, head-dim strides, starts or strides off
+    16 bytes, fp32, head dims without a config; by default only sm_90+ and more than SHORT_KEYS keys take it."""
+    from sdkernels.kernels import flash_attention_tma as ft
+    from sdkernels.kernels.flash_attention import SHORT_KEYS
+
+    def views(*args, **kwargs):
+        q, k, v, h = make_qkv(*args, **kwargs)
+        q4, k4, v4 = (as_bhnd(t, h) for t in (q, k, v))
+        return q4, k4, v4, torch.empty_like(q4)
+
+    q, k, v, out = views(1, 2, 16, SHORT_KEYS + 1, 64, torch.float16, "bnhd")
+    assert ft.tma_why_not(q, k, v, out, None) is None
+    mask = torch.zeros(1, 1, 1, k.shape[2], dtype=q.dtype, device=q.device)
+    assert "mask" in ft.tma_why_not(q, k, v, out, mask)
+    assert "head-dim stride" in ft.tma_why_not(*views(1, 2, 16, 16, 64, torch.float16, "head_dim_strided"), None)
+    assert "dtype" in ft.tma_why_not(*views(1, 2, 16, 16, 64, torch.float32, "bnhd"), None)
+    assert "head dim 128" in ft.tma_why_not(*views(1, 2, 16, 16, 128, torch.float16, "bnhd"), None)
+    wide = torch.randn(1, 16, 2 * 64 + 1, device=DEVICE).half()
+    q_off = as_bhnd(wide[..., 1:2 * 64 + 1], 2)  # starts 2 bytes past an aligned address
+    assert "16 bytes" in ft.tma_why_not(q_off, k[:, :, :16], v[:, :, :16], out, None)
+    monkeypatch.setenv("SDKERNELS_FLASH_TMA", "0")
+    assert not ft.use_tma(q, k, v, out, None)
+    monkeypatch.setenv("SDKERNELS_FLASH_TMA", "")
+    hopper = GPU and torch.cuda.get_device_capability()[0] >= 9
+    assert ft.use_tma(q, k, v, out, None) == hopper
+    assert not ft.use_tma(q, k[:, :, :SHORT_KEYS], v[:, :, :SHORT_KEYS], out, None)
+
+
 def test_output_layouts():
     for layout in ("bnhd", "fused_qkv"):
         q, k, v, h = make_qkv(2, 2, 9, 12, SMALL_D, torch.float16, layout)
@@ -403,9 +478,12 @@ def test_torch_compile_fullgraph():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_cuda_graph_capture_and_replay(backend):
-    q, k, v, scale, mask, h = small_args(torch.float16)
+@pytest.mark.parametrize("backend", BACKENDS + ["flash:tma"])
+def test_cuda_graph_capture_and_replay(monkeypatch, backend):
+    backend, _, tma = backend.partition(":")
+    if tma:  # the descriptor kernel: no mask, and SDKERNELS_FLASH_TMA=1
+        monkeypatch.setenv("SDKERNELS_FLASH_TMA", "1")
+    q, k, v, scale, mask, h = small_args(torch.float16, mask=not tma)
     with sdkernels.use_backend(backend, op=OP, strict=True):
         flash_attention(q, k, v, scale, mask, h)  # compile outside the capture
         torch.cuda.synchronize()
@@ -454,3 +532,13 @@ def test_sd_cross_attention_with_key_padding_mask(backend):
     B, H, N, Nk, d = 2, 8, 4096, 77, 40
     q, k, v, h = make_qkv(B, H, N, Nk, d, torch.float16, "bnhd")
     check(backend, q, k, v, make_mask("keys", B, H, N, Nk, torch.float16), h, what="cross-attn mask")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", SD_CASES, ids=lambda c: "B={},H={},N={},Nk={},d={}".format(*c))
+def test_sd_sizes_pointer_kernel(monkeypatch, case):
+    """The pointer kernel at SD sizes, where an sm_90 GPU runs the descriptor kernel by default."""
+    monkeypatch.setenv("SDKERNELS_FLASH_TMA", "0")
+    B, H, N, Nk, d = case
+    q, k, v, h = make_qkv(B, H, N, Nk, d, torch.float16, "bnhd")
+    check("flash", q, k, v, None, h, what=str(case))
