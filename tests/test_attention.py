@@ -2,7 +2,9 @@
 
 The accuracy criterion is the flash-attention repo's: our max error against the high-precision reference is at most
 twice eager PyTorch's (math attention in the input dtype) plus a small slack."""
+import os
 import warnings
+from unittest import mock
 
 import pytest
 import torch
@@ -142,19 +144,23 @@ MAX_TOKENS = 300 if GPU else 80
 MAX_BATCH_HEADS = 40 if GPU else 6
 
 
-@hsettings(max_examples=40 if GPU else 16)
+@hsettings(max_examples=40 if GPU else 20)
 @given(batch=st.integers(1, 4 if GPU else 2), heads=st.integers(1, 10),
        n=st.one_of(st.integers(1, MAX_TOKENS), st.just(77)), nk=st.one_of(st.integers(1, MAX_TOKENS), st.just(77)),
        d=st.sampled_from(KERNEL_HEAD_DIMS + FALLBACK_HEAD_DIMS), dtype=st.sampled_from(DTYPES),
        layout=st.sampled_from(LAYOUTS), mask=st.sampled_from(MASKS), mask_fp32=st.booleans(),
-       amplitude=st.sampled_from([1.0, 3.0]), backend=st.sampled_from(BACKENDS))
-def test_matches_reference(batch, heads, n, nk, d, dtype, layout, mask, mask_fp32, amplitude, backend):
+       amplitude=st.sampled_from([1.0, 3.0]), backend=st.sampled_from(BACKENDS),
+       flash_tma=st.sampled_from(["", "1"]))
+def test_matches_reference(batch, heads, n, nk, d, dtype, layout, mask, mask_fp32, amplitude, backend, flash_tma):
+    """flash_tma "1": the flash backend's descriptor kernel wherever it can run (else its default rule)."""
     if batch * heads > MAX_BATCH_HEADS:
         heads = max(1, MAX_BATCH_HEADS // batch)
-    note(f"B={batch} H={heads} N={n} Nk={nk} d={d} {dtype} {layout} mask={mask} x{amplitude} {backend}")
+    what = f"B={batch} H={heads} N={n} Nk={nk} d={d} {dtype} {layout} mask={mask} x{amplitude} {backend} {flash_tma}"
+    note(what)
     q, k, v, h = make_qkv(batch, heads, n, nk, d, dtype, layout, amplitude)
     m = make_mask(mask, batch, heads, n, nk, torch.float32 if mask_fp32 else dtype)
-    check(backend, q, k, v, m, h, what=f"B={batch} H={heads} N={n} Nk={nk} d={d} {dtype} {layout} mask={mask}")
+    with mock.patch.dict(os.environ, {"SDKERNELS_FLASH_TMA": flash_tma}):
+        check(backend, q, k, v, m, h, what=what)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -306,6 +312,23 @@ def test_flash_descriptor_kernel(tma_runs, d, dtype, layout):
         runs = len(tma_runs)
         check("flash", q, k, v, None, h, what=f"tma d={d} Nk={nk} {dtype} {layout}")
         assert len(tma_runs) == runs + 1, "the descriptor kernel did not run"
+
+
+@hsettings(max_examples=30 if GPU else 12)
+@given(batch=st.integers(1, 3), heads=st.integers(1, 6), n=st.integers(1, MAX_TOKENS),
+       nk=st.one_of(st.integers(1, MAX_TOKENS), st.just(77)), d=st.sampled_from(TMA_HEAD_DIMS),
+       dtype=st.sampled_from([torch.float16, torch.bfloat16]),
+       layout=st.sampled_from(["bnhd", "fused_qkv", "bhnd", "bhnd_transposed"]))
+def test_flash_descriptor_kernel_properties(batch, heads, n, nk, d, dtype, layout):
+    """The descriptor kernel (forced) at any token counts: every query/key tail the zero fill and the store clip."""
+    what = f"tma B={batch} H={heads} N={n} Nk={nk} d={d} {dtype} {layout}"
+    note(what)
+    from sdkernels.kernels.flash_attention_tma import use_tma
+    q, k, v, h = make_qkv(batch, heads, n, nk, d, dtype, layout)
+    with mock.patch.dict(os.environ, {"SDKERNELS_FLASH_TMA": "1"}):
+        q4, k4, v4 = (as_bhnd(t, h) for t in (q, k, v))
+        assert use_tma(q4, k4, v4, torch.empty_like(q4), None), what
+        check("flash", q, k, v, None, h, what=what)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
