@@ -537,7 +537,19 @@ def conv3x3_tma_scenarios():
                        _backend_call("conv3x3", "triton_tma", x, weight, bias, residual, 1.0), min_cc=90)
 
 
+def winograd_scenarios():
+    """sdkernels::conv3x3's triton_winograd backend, with and without bias and residual, fp16, bf16 and fp32."""
+    import torch
+    for (dt, dtype), epilogue in itertools.product(_dtypes().items(), (True, False)):
+        x = torch.empty(2, 64, 16, 16, dtype=dtype).to(memory_format=torch.channels_last)
+        weight = torch.empty(64, 64, 3, 3, dtype=dtype)
+        bias, residual = (torch.empty(64, dtype=dtype), torch.empty_like(x)) if epilogue else (None, None)
+        yield Scenario(f"conv3x3 triton_winograd {dt} epilogue={epilogue}",
+                       _backend_call("conv3x3", "triton_winograd", x, weight, bias, residual, 1.0))
+
+
 SCENARIO_FAMILIES = (attention_scenarios, linear_geglu_scenarios, conv3x3_scenarios, conv3x3_tma_scenarios,
+                     winograd_scenarios,
                      group_norm_scenarios, gelu_scenarios, bias_add_scenarios, layer_norm_scenarios,
                      add_layer_norm_scenarios)
 

@@ -2,7 +2,8 @@
 
 CPU lane: the transform matrices on their own; the PyTorch reference of what the CUDA kernel computes against a
 float64 direct convolution, within the bound of sdkernels.ops.winograd (one rounding table per dtype); the op's
-dispatch, errors, fake and opcheck; the filter cache; the Triton implicit-GEMM backend in the interpreter.
+dispatch, errors, fake and opcheck; the filter cache; the Triton implicit-GEMM and Winograd backends in the
+interpreter.
 GPU lane: the CUDA kernel at SD shapes and odd ones against float64 and against the reference that rounds as it
 does, NCHW and strided inputs, CUDA-graph capture and replay, the filter cache after in-place weight changes; every
 output is NaN-poisoned before a kernel writes it (conftest sets SDKERNELS_POISON_OUTPUTS=1).
@@ -350,6 +351,25 @@ def test_triton_igemm_backend(batch, C, K, H, W, dtype, bias, residual, scale, l
     assert_close(out, exact, dtype, 9 * C, what=f"triton_igemm {tuple(x.shape)} K={K} {dtype}")
 
 
+# ---- triton_winograd (the interpreter on the CPU; the GPU lane at SD sizes below) --------------------------------
+
+@settings(max_examples=10)
+@given(batch=st.integers(1, 2), C=st.sampled_from([3, 8, 20]), K=st.sampled_from([1, 8, 24]),
+       H=st.sampled_from(SIDES), W=st.sampled_from(SIDES), dtype=st.sampled_from(DTYPES),
+       bias=st.booleans(), residual=st.booleans(), scale=st.sampled_from([1.0, 0.5, -2.0]),
+       layout=st.sampled_from(["channels_last", "contiguous"]))
+def test_triton_winograd_backend(batch, C, K, H, W, dtype, bias, residual, scale, layout):
+    """Any C and K (masked channel tails), cropped tile rows and columns, NCHW converted: within the Winograd
+    bound of sdkernels.ops.winograd, as the CUDA kernel."""
+    x, w, b, r = make_case(batch, C, K, H, W, dtype, bias, residual, layout)
+    note(f"x {tuple(x.shape)} {dtype} {layout}, K={K}, bias={bias}, residual={residual}, scale={scale}")
+    with tf32_off():
+        out = run_op("triton_winograd", x, w, b, r, scale)
+    check_within_bound(out, x, w, b, r, scale, f"triton_winograd {tuple(x.shape)} K={K} {dtype}")
+    assert out.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else
+                             torch.contiguous_format)
+
+
 # ---- GPU lane: the CUDA kernel -----------------------------------------------------------------------------------
 
 SD_SHAPES = [(1, 128, 128, 256, 256), (2, 320, 320, 64, 64), (2, 640, 640, 32, 32), (2, 1280, 1280, 8, 8)]
@@ -357,15 +377,15 @@ ODD_SHAPES = [(1, 8, 8, 1, 1), (1, 16, 8, 1, 5), (3, 24, 40, 7, 9), (2, 16, 8, 3
               (2, 56, 16, 2, 3)]  # tiles and output channels that fill no block, a single row, a single pixel
 
 
-def check_winograd(x, w, b, r, scale, what):
+def check_winograd(x, w, b, r, scale, what, backend="winograd"):
     """The kernel against float64 (the bound) and against the reference that rounds its operands as it does (the
     bound without operand rounding: only fp32 sums in another order and two roundings of the output differ)."""
-    out = run_op("winograd", x, w, b, r, scale)
+    out = run_op(backend, x, w, b, r, scale)
     check_within_bound(out, x, w, b, r, scale, what + " vs float64")
     emulated = winograd_conv3x3_reference(x, w, b, r, scale)
     exact, bound = wg.error_bound(x, w, b, r, scale, operands_rounded=False, output_roundings=2)
     err = (out.double() - emulated.double()).nan_to_num(float("inf")).abs()
-    # The kernel's fp32 transforms add in another order than the reference's: a V or U element within one fp32 ulp
+    # The kernels' fp32 transforms add in another order than the reference's: a V or U element within one fp32 ulp
     # of a rounding boundary of the operand dtype then rounds the other way (2^-16 of them in bf16, 2^-13 in fp16),
     # one operand ulp apart. So a few elements per million may leave the tight bound (never the float64 one above).
     outside = int((err > bound).sum())
@@ -387,6 +407,14 @@ def test_every_backend_available():
 def test_winograd_at_sd_shapes(shape, dtype):
     x, w, b, r = make_case(*shape, dtype, bias=True, residual=shape[1] == shape[2])
     check_winograd(x, w, b, r, 1 / 1.4142 if r is not None else 1.0, f"winograd {shape} {dtype}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SD_SHAPES + ODD_SHAPES, ids=lambda s: "B=%d,C=%d,K=%d,H=%d,W=%d" % s)
+def test_triton_winograd_on_the_gpu(shape, dtype, no_tf32):
+    x, w, b, r = make_case(*shape, dtype, bias=True, residual=shape[1] == shape[2])
+    check_winograd(x, w, b, r, 0.5, f"triton_winograd {shape} {dtype}", backend="triton_winograd")
 
 
 @pytest.mark.gpu

@@ -20,6 +20,8 @@ otherwise):
                 on small images: channels_last fp16/bf16 x and weight, C a multiple of 8, sm_90 or newer. On an
                 H100 it ran the VAE decoder's 128- and 256-channel layers 1.1x-1.4x faster than cuDNN
                 (scripts/sweep_conv3x3_tma.py); measured dispatch (sdkernels.tuning) takes it where it wins.
+  triton_winograd  Winograd F(2x2, 3x3) in Triton (kernels/winograd_conv3x3.py): the CUDA kernel's math with the
+                transformed input in registers instead of shared memory; any C and K; forced only until measured.
 """
 from __future__ import annotations
 
@@ -152,21 +154,44 @@ def _kernel_input(x: torch.Tensor) -> torch.Tensor:
     return x.clone(memory_format=torch.channels_last)
 
 
-def _winograd_run(x, weight, bias, residual, scale):
+def _run_winograd_kernel(launch, x, weight, bias, residual, scale):
+    """launch(x, u, bias, residual, out, scale), the Winograd kernels' convention: channel stride 1 for x, residual
+    and out (other layouts are converted), the transformed filter u (16, C, K) cached per weight."""
     K = weight.shape[0]
     out = output_like(x, K)
     # NCHW in: the kernel writes channels_last, copied into x's format at the end.
     nhwc_out = out if out.stride(1) == 1 else output_like(x, K, torch.channels_last)
     if residual is not None and residual.stride(1) != 1:
         residual = residual.contiguous(memory_format=torch.channels_last)
-    _ext.load().winograd_conv3x3(_kernel_input(x), transformed_filter(weight),
-                                 None if bias is None else bias.contiguous(), residual, nhwc_out, float(scale))
+    launch(_kernel_input(x), transformed_filter(weight), None if bias is None else bias.contiguous(), residual,
+           nhwc_out, float(scale))
     return out if nhwc_out is out else out.copy_(nhwc_out)
+
+
+def _winograd_run(x, weight, bias, residual, scale):
+    return _run_winograd_kernel(_ext.load().winograd_conv3x3, x, weight, bias, residual, scale)
+
+
+# ---- triton_winograd backend (kernels/winograd_conv3x3.py) ------------------------------------------------------
+
+def _triton_winograd_why_not(x, weight, bias, residual, scale):
+    reason = _triton_kernel_why_not(x, weight, bias, residual)
+    if reason:
+        return reason
+    if 16 * x.shape[1] * weight.shape[0] > INT32_MAX:
+        return "a transformed filter of 2**31 elements or more (the kernel's filter offsets are 32-bit)"
+    return None
+
+
+def _triton_winograd_run(x, weight, bias, residual, scale):
+    launch = kernels("winograd_conv3x3").winograd_conv3x3_triton
+    return _run_winograd_kernel(launch, x, weight, bias, residual, scale)
 
 
 # ---- triton_igemm backend (kernels/conv3x3.py without its prologue) --------------------------------------------
 
-def _triton_why_not(x, weight, bias, residual, scale):
+def _triton_kernel_why_not(x, weight, bias, residual):
+    """What every Triton backend of the op needs: a device Triton runs on, a kernel dtype, a non-empty problem."""
     reason = triton_device_why_not(*(t for t in (x, weight, bias, residual) if t is not None))
     if reason:
         return reason
@@ -174,6 +199,13 @@ def _triton_why_not(x, weight, bias, residual, scale):
         return f"dtype {x.dtype} is not one of fp16, bf16, fp32"
     if _empty(x, weight):
         return "empty tensor"
+    return None
+
+
+def _triton_why_not(x, weight, bias, residual, scale):
+    reason = _triton_kernel_why_not(x, weight, bias, residual)
+    if reason:
+        return reason
     if scale == 0:
         return "scale 0 (the kernel divides by 1 / scale)"
     out_numel = x.shape[0] * weight.shape[0] * x.shape[2] * x.shape[3]
@@ -223,6 +255,9 @@ conv3x3_dispatch.register(dispatch.Backend("winograd", _winograd_run, _winograd_
                                            available=_winograd_available, measured=False))
 conv3x3_dispatch.register(dispatch.Backend("triton_igemm", _triton_run, _triton_why_not, available=triton_available))
 conv3x3_dispatch.register(dispatch.Backend("triton_tma", _tma_run, _tma_why_not, available=triton_available))
+# Not measured yet (written after session 19's device time): forced only, like winograd.
+conv3x3_dispatch.register(dispatch.Backend("triton_winograd", _triton_winograd_run, _triton_winograd_why_not,
+                                           available=triton_available, measured=False))
 
 
 # ---- the torch op ---------------------------------------------------------------------------------------------
