@@ -110,8 +110,11 @@ def tma_chunks(head_dim):
 def _box_strides(t):
     """t's strides with those of size-1 dims replaced by one the copy engine accepts (torch may give a size-1 dim
     any stride; it is never stepped along)."""
-    span = max(s * n for s, n in zip(t.stride(), t.shape))
-    return [span if n == 1 else s for s, n in zip(t.stride(), t.shape)]
+    strides, shape = t.stride(), t.shape
+    if 1 not in shape:
+        return list(strides)
+    span = max(s * n for s, n in zip(strides, shape))
+    return [span if n == 1 else s for s, n in zip(strides, shape)]
 
 
 def tma_why_not(q, k, v, out, mask):
@@ -164,8 +167,9 @@ def flash_attention_tma(q, k, v, out, scale, config=None):
     block_m, block_n, warps, stages = config or tma_launch_config(d, N, B * H, q.device)
 
     def descriptors(t, rows):
-        first = TensorDescriptor(t, list(t.shape), _box_strides(t), [1, 1, rows, D0])
-        return first, (TensorDescriptor(t, list(t.shape), _box_strides(t), [1, 1, rows, D1]) if D1 else first)
+        shape, strides = list(t.shape), _box_strides(t)
+        first = TensorDescriptor(t, shape, strides, [1, 1, rows, D0])
+        return first, (TensorDescriptor(t, shape, strides, [1, 1, rows, D1]) if D1 else first)
 
     _flash_attention_tma_fwd[(cdiv(N, block_m), B * H)](
         *descriptors(q, block_m), *descriptors(k, block_n), *descriptors(v, block_n), *descriptors(out, block_m),
