@@ -4,19 +4,20 @@ the SD models, Winograd F(2x2, 3x3) against cuDNN.
     python bench/bench_winograd_conv3x3.py [--models sd15,sdxl,vae512,vae1024] [--dtype fp16] [--residual]
                                            [--cudnn-benchmark] [--quick] [--out PATH]
 
-The shapes are read off the diffusers models on the meta device (bench/shapes.py): the SD1.5 UNet (batch 2,
-512 px), the SDXL UNet (batch 2, 1024 px) and the VAE decoder (512 and 1024 px), every Conv2d with a 3x3 kernel,
-stride 1, padding 1 and one group (the stride-2 downsamplers and 1x1 convolutions are not this op), deduplicated,
-with their calls per forward. For each case, channels_last inputs with unit-gain weights, every backend of the op
-is forced in turn (cudnn: F.conv2d in the input dtype + the eager epilogue, the baseline; winograd; triton_igemm)
-and its output checked first against float64 within the Winograd error bound (sdkernels/ops/winograd.py; on a
-256x256 crop for the largest VAE shapes, whose float64 check would take tens of GB); a wrong output aborts the run
-before any row is written. Rows report the direct-convolution-equivalent TFLOP/s, 2 N H W K 9 C / time, for every
-provider, so Winograd's 2.25x fewer multiplies show as a higher rate. Per case also the Winograd call split into
-stages (measure_stages): cuBLAS's time for the same 16 GEMMs, and each stage's bytes at copy bandwidth. --quick times shorter and keeps, per model,
-the three cases that take most of its convolution time (FLOPs x calls).
+The shapes are read off the diffusers models on the meta device (bench/shapes.py): the SD1.5 UNet (batch 2, 512 px),
+the SDXL UNet (batch 2, 1024 px) and the VAE decoder (512 and 1024 px), every Conv2d with a 3x3 kernel, stride 1,
+padding 1 and one group (the stride-2 downsamplers and 1x1 convolutions are not this op), deduplicated, with their
+calls per forward. For each case, channels_last inputs with unit-gain weights, every backend of the op is forced in
+turn (cudnn: F.conv2d in the input dtype + the eager epilogue, the baseline; winograd; triton_winograd;
+triton_igemm; triton_tma) and its output checked first against float64 within the Winograd error bound
+(sdkernels/ops/winograd.py; on a 256x256 crop for the largest VAE shapes, whose float64 check would take tens of
+GB); a wrong output aborts the run before any row is written. Rows report the direct-convolution-equivalent TFLOP/s,
+2 N H W K 9 C / time, for every provider, so Winograd's 2.25x fewer multiplies show as a higher rate. Per case also
+the Winograd call split into stages (measure_stages): cuBLAS's time for the same 16 GEMMs, and each stage's bytes at
+copy bandwidth. --quick times shorter and keeps, per model, the three cases that take most of its convolution time
+(FLOPs x calls).
 
-Without a GPU it is a correctness smoke run on tiny shapes (cudnn is eager CPU, triton_igemm the interpreter,
+Without a GPU it is a correctness smoke run on tiny shapes (cudnn is eager CPU, the Triton backends the interpreter,
 winograd unavailable); results go to bench/results/cpu_smoke/winograd_conv3x3.json (or --out).
 """
 from __future__ import annotations
@@ -47,7 +48,7 @@ from sdkernels.ops.winograd import error_bound, operand_dtype  # noqa: E402
 
 BENCH = "winograd_conv3x3"
 BASELINE = "cudnn"
-OURS = ("winograd", "triton_igemm", "triton_tma")  # the first of these that ran is "ours" in the rows
+OURS = ("winograd", "triton_winograd", "triton_igemm", "triton_tma")  # the first that ran is "ours" in the rows
 QUICK_CASES_PER_MODEL = 3
 FULL_CHECK_ELEMENTS = 2**25             # above this, the float64 check runs on a crop
 CHECK_CROP = 256
