@@ -13,7 +13,7 @@ import triton
 from sdkernels.kernels import flash_attention as fa
 from sdkernels.kernels import flash_attention_tma as ft
 from sdkernels.ops.attention import as_bhnd
-from sdkernels.testing import relative_error
+from probe_sweep import checked_us, sweep  # scripts/
 
 CASES = ("2,8,4096,4096,40;2,8,1024,1024,80;2,8,256,256,160;2,10,16384,16384,64;2,8,4096,77,40;2,10,4096,77,64;"
          "2,8,4096,4096,128")
@@ -44,12 +44,7 @@ def main():
         sdpa_us = graph_us(lambda: F.scaled_dot_product_attention(q, k, v))
 
         def timed(fn):
-            out.fill_(float("nan"))
-            fn()
-            err = relative_error(out, expected)
-            if not err < 1e-2:
-                return float("inf"), f"WRONG {err:.2g}"
-            return graph_us(fn), ""
+            return checked_us(fn, out, expected, graph_us)
 
         os.environ["SDKERNELS_FLASH_TMA"] = "0"
         pointer_us, note = timed(lambda: fa.flash_attention_triton(q, k, v, out, d ** -0.5, None))
@@ -63,14 +58,9 @@ def main():
             continue
         for kernel in args.kernels.split(","):
             os.environ["SDKERNELS_FLASH_TMA"] = "1" if kernel == "tma" else "0"
-            results = []
-            for config in SWEEP:
-                try:
-                    us, note = timed(lambda c=config: fa.flash_attention_triton(q, k, v, out, d ** -0.5, None, c))
-                except Exception as e:  # noqa: BLE001  (a config the compiler refuses)
-                    us, note = float("inf"), type(e).__name__
-                results.append((us, config, note))
-            for us, config, note in sorted(results)[:4]:
+            results = sweep(SWEEP, lambda c: fa.flash_attention_triton(q, k, v, out, d ** -0.5, None, c), out,
+                            expected, graph_us)
+            for us, config, note in results[:4]:
                 print(f"  {kernel} {config}: {us:.1f} us ({sdpa_us / us:.3f}x sdpa, {flops / us * 1e-6:.0f} TFLOP/s)"
                       f" {note}", flush=True)
         os.environ["SDKERNELS_FLASH_TMA"] = ""

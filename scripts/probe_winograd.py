@@ -14,6 +14,7 @@ from sdkernels.kernels import winograd_conv3x3 as wk
 from sdkernels.ops import conv3x3_eager
 from sdkernels.ops.winograd import transformed_filter
 from sdkernels.testing import relative_error
+from probe_sweep import sweep  # scripts/
 
 CASES = "1,128,128,1024,1024;1,128,128,512,512;1,256,256,512,512;1,256,256,256,256;1,512,512,256,256;2,320,320,64,64"
 # (TH, TW, BLOCK_K, BLOCK_C, num_warps, num_stages): the configs ptxas compiled with little or no spilling (sm_90,
@@ -57,20 +58,9 @@ def main():
         print(" ".join(line), flush=True)
         if not args.sweep:
             continue
-        results = []
-        for config in SWEEP:
-            def call(c=config):
-                wk.winograd_conv3x3_triton(x, u, b, None, out, 1.0, config=c)
-            try:
-                out.fill_(float("nan"))
-                call()
-                err = relative_error(out, expected)
-                t = us(call) if err < 1e-2 else float("inf")
-                note = "" if err < 1e-2 else f"WRONG {err:.2g}"
-            except Exception as e:  # noqa: BLE001  (a config the compiler refuses)
-                t, note = float("inf"), type(e).__name__
-            results.append((t, config, note))
-        for t, config, note in sorted(results)[:5]:
+        results = sweep(SWEEP, lambda c: wk.winograd_conv3x3_triton(x, u, b, None, out, 1.0, config=c), out,
+                        expected, us)
+        for t, config, note in results[:5]:
             print(f"  triton_winograd {config}: {t:.1f} us ({base / t:.2f}x cudnn, {flops / t * 1e-6:.0f} TFLOP/s) "
                   f"{note}", flush=True)
 
