@@ -449,9 +449,10 @@ def test_default_and_other_backends_on_the_gpu(no_tf32):
 
 
 @pytest.mark.gpu
-def test_cuda_graph_capture_and_replay():
+@pytest.mark.parametrize("backend", ["winograd", "triton_winograd"])
+def test_cuda_graph_capture_and_replay(backend):
     x, w, b, r = make_case(2, 64, 64, 32, 32, torch.float16)
-    step = lambda: run_op("winograd", x, w, b, r, 0.5)  # noqa: E731
+    step = lambda: run_op(backend, x, w, b, r, 0.5)  # noqa: E731
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -466,7 +467,7 @@ def test_cuda_graph_capture_and_replay():
         r.copy_(new_r)
         graph.replay()
         torch.cuda.synchronize()
-        check_within_bound(static_out, x, w, b, r, 0.5, f"graph replay {seed}")
+        check_within_bound(static_out, x, w, b, r, 0.5, f"{backend} graph replay {seed}")
 
 
 @pytest.mark.gpu
