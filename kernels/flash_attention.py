@@ -63,12 +63,16 @@ def launch_config(head_dim, dtype, N, batch_heads, mask_kind, device, Nk=None):
         block_m, block_n, warps, stages = SHORT_KEY_CONFIGS[head_dim]
     else:
         block_m, block_n, warps, stages = HALF_CONFIGS[head_dim]
-        # Too few 128-row tiles to fill the GPU (short N): halve the tile to double the programs.
-        if cdiv(N, 128) * batch_heads < multiprocessor_count(device):
+        if too_few_tiles(N, 128, batch_heads, device):
             block_m, warps = 64, 4
     if mask_kind == 2:  # a full mask tile's 64-bit addresses cost registers: narrower key blocks
         block_n = min(block_n, 64)
     return block_m, block_n, warps, stages
+
+
+def too_few_tiles(N, block_m, batch_heads, device) -> bool:
+    """Whether block_m-row tiles leave SMs idle (short N): the launchers then halve the tile to double the programs."""
+    return cdiv(N, block_m) * batch_heads < multiprocessor_count(device)
 
 
 @triton.jit

@@ -10,21 +10,20 @@ Nk still score -inf in the last block (a zero key would score 0).
 A descriptor has one box shape, so a head dim of two chunks (40 = 32 + 16, 80 = 64 + 16, 160 = 128 + 32) has two
 descriptors per tensor, one per chunk width. No attention mask: masked calls take the pointer kernel.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from .._env import getenv
 from .flash_attention import (HEAD_DIM_CHUNKS, INTERPRETER_CONFIG, LOG2E, SHORT_KEYS, _dot, dot_precision,
-                              tail_mode, _zero_accumulators)
-from .utils import capability_major, cdiv, interpreting, multiprocessor_count, next_power_of_2, fix_cache_keys
+                              tail_mode, too_few_tiles, _zero_accumulators)
+from .utils import capability_major, cdiv, interpreting, next_power_of_2, fix_cache_keys
 
 # Descriptors (TMA) need Hopper or newer (compute capability 90; sdkernels.compile_check reads it too).
 MIN_COMPUTE_CAPABILITY = 90
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim, from scripts/probe_flash_tma.py on an H200 (Triton 3.6),
 # against the pointer kernel's best config in the same run: d = 80, N = 1024: 16.2 against 18.2 us (1.12x SDPA);
-# d = 64, N = 16384: 3141 against 3234 us; d = 40, N = 4096: 174.9 against 181.8 us; d = 160, N = 256: 6.7 against
+# d = 64, N = 16384: 3141 against 3234 us; d = 40, N = 4096: 174.9 against 181.3 us; d = 160, N = 256: 6.7 against
 # 6.9 us. Head dim 128 (295.7 against 294.0 us) and short key lengths (Nk <= SHORT_KEYS: 11.5 against 10.0 us at
 # d = 40, Nk = 77) keep the pointer kernel.
 TMA_CONFIGS = {
@@ -102,7 +101,7 @@ def tma_chunks(head_dim):
     """(D0, D1): HEAD_DIM_CHUNKS, or for the head dims listed in SDKERNELS_FLASH_TMA_ONE_CHUNK (e.g. "40") one chunk
     padded to a power of two by the zero fill (40 as 64: one dot of each kind instead of two narrower ones, for 33%
     more multiplies than 32 + 16; a probe's choice, not measured yet)."""
-    if str(head_dim) in os.environ.get("SDKERNELS_FLASH_TMA_ONE_CHUNK", "").split(","):
+    if str(head_dim) in getenv("SDKERNELS_FLASH_TMA_ONE_CHUNK", "").split(","):
         return next_power_of_2(head_dim), 0
     return HEAD_DIM_CHUNKS[head_dim]
 
@@ -139,7 +138,7 @@ def use_tma(q, k, v, out, mask) -> bool:
     """Whether flash_attention_triton takes the descriptor kernel: on sm_90+ where it can (tma_why_not) and the
     keys are more than SHORT_KEYS; SDKERNELS_FLASH_TMA=0 never, =1 wherever it can (also under the interpreter).
     The cheap tests first: this runs on every call."""
-    knob = os.environ.get("SDKERNELS_FLASH_TMA", "")
+    knob = getenv("SDKERNELS_FLASH_TMA", "")
     if knob == "0":
         return False
     if knob != "1" and (k.shape[2] <= SHORT_KEYS or interpreting()
@@ -153,8 +152,8 @@ def tma_launch_config(head_dim, N, batch_heads, device):
     if interpreting():
         return INTERPRETER_CONFIG
     block_m, block_n, warps, stages = TMA_CONFIGS[head_dim]
-    if block_m > 64 and cdiv(N, block_m) * batch_heads < multiprocessor_count(device):
-        block_m = 64  # too few tiles to fill the GPU (short N): halve them
+    if block_m > 64 and too_few_tiles(N, block_m, batch_heads, device):
+        block_m = 64
     return block_m, block_n, warps, stages
 
 
