@@ -25,7 +25,10 @@ MIN_COMPUTE_CAPABILITY = 90
 # against the pointer kernel's best config in the same run: d = 80, N = 1024: 16.2 against 18.2 us (1.12x SDPA);
 # d = 64, N = 16384: 3141 against 3234 us; d = 40, N = 4096: 174.9 against 181.3 us; d = 160, N = 256: 6.7 against
 # 6.9 us. Head dim 128 (295.7 against 294.0 us) and short key lengths (Nk <= SHORT_KEYS: 11.5 against 10.0 us at
-# d = 40, Nk = 77) keep the pointer kernel.
+# d = 40, Nk = 77) keep the pointer kernel. Head dim 40 runs as one chunk zero-filled to 64 (ONE_CHUNK_HEAD_DIMS):
+# 167.0 us (0.96x SDPA) against 174.9 us as 32 + 16 in session 20's probe (H200): one dot of each kind beat two
+# narrower ones despite the 33% more multiplies.
+ONE_CHUNK_HEAD_DIMS = "40"
 TMA_CONFIGS = {
     40: (128, 64, 4, 3),
     64: (64, 128, 4, 2),
@@ -98,10 +101,9 @@ def _flash_attention_tma_fwd(q0_desc, q1_desc, k0_desc, k1_desc, v0_desc, v1_des
 
 
 def tma_chunks(head_dim):
-    """(D0, D1): HEAD_DIM_CHUNKS, or for the head dims listed in SDKERNELS_FLASH_TMA_ONE_CHUNK (e.g. "40") one chunk
-    padded to a power of two by the zero fill (40 as 64: one dot of each kind instead of two narrower ones, for 33%
-    more multiplies than 32 + 16; a probe's choice, not measured yet)."""
-    if str(head_dim) in getenv("SDKERNELS_FLASH_TMA_ONE_CHUNK", "").split(","):
+    """(D0, D1): for the head dims listed in SDKERNELS_FLASH_TMA_ONE_CHUNK (default ONE_CHUNK_HEAD_DIMS; "" for
+    none) one chunk padded to a power of two by the zero fill (40 as 64), else HEAD_DIM_CHUNKS (40 as 32 + 16)."""
+    if str(head_dim) in getenv("SDKERNELS_FLASH_TMA_ONE_CHUNK", ONE_CHUNK_HEAD_DIMS).split(","):
         return next_power_of_2(head_dim), 0
     return HEAD_DIM_CHUNKS[head_dim]
 

@@ -19,11 +19,11 @@ import triton.language as tl
 
 from .utils import cdiv, interpreting, fix_cache_keys
 
-# (TH, TW, BLOCK_K, BLOCK_C, num_warps, num_stages): not timed yet (scripts/probe_winograd.py sweeps them on a
-# GPU). Registers decide: 16 accumulators of T x BLOCK_K fp32 plus the patch rows, their addresses and masks. ptxas
-# (sm_90, Triton 3.9 on the CPU) spills nothing for this config (239 registers); (4, 8, 32, 32, 4, 2) spilled 11 KB
-# a thread, and at some configs ptxas falls back to 32 registers with everything spilled.
-CONFIG = (8, 8, 16, 16, 8, 1)
+# (TH, TW, BLOCK_K, BLOCK_C, num_warps, num_stages): the best of scripts/probe_winograd.py's sweep on an H200
+# (Triton 3.6, session 20): 0.19x-0.24x cuDNN at the VAE and SD1.5 shapes (86-92 direct-conv-equivalent TFLOP/s),
+# below the CUDA kernel's 0.21x-0.31x; the 16 accumulators and the transformed patch leave too few registers for
+# wider tiles. (8, 8, 16, 16, 8, 1), which ptxas compiled without spilling for Triton 3.9, ran 4x slower.
+CONFIG = (8, 8, 32, 16, 8, 2)
 FP32_CONFIG = (4, 8, 32, 16, 4, 1)  # exact fp32 dots: operands in shared memory at twice the bytes, one stage
 INTERPRETER_CONFIG = (4, 4, 16, 16, 1, 1)  # tl.dot needs 16 rows and columns
 

@@ -28,7 +28,7 @@ fi
 if [[ $steps == *sanitize* ]]; then
   # First: a memory error found here names its kernel and case, where in the tests it would poison every later test.
   step sanitize
-  timeout ${SANITIZE_TIMEOUT_S:-420} compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \
+  CUDA_VISIBLE_DEVICES=${SANITIZE_GPU:-${CUDA_VISIBLE_DEVICES:-0}} timeout ${SANITIZE_TIMEOUT_S:-420} compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \
     python3 scripts/sanitize_kernels.py > "$OUT/sanitize.log" 2>&1
   rc=$?; grep -v "^=========     " "$OUT/sanitize.log" | tail -40
   [ "$rc" = 0 ] || { echo "SANITIZER FAILED rc=$rc"; status=1; }
@@ -41,13 +41,17 @@ if [[ $steps == *test* ]]; then
   # it runs, so a call cut off by its time limit still returns the files that finished; all end up in
   # $OUT/tests.log.
   LOGS="$OUT/tests"; mkdir -p "$LOGS"; : > "$OUT/tests.log"
+  # On a machine of several GPUs each job slot takes one of TEST_GPUS (default: all of them) in turn.
+  TEST_GPUS=${TEST_GPUS:-$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | paste -sd, -)}
   run_file() {
     log="$LOGS/$(basename "$1" .py).log"
-    timeout ${TEST_TIMEOUT_S:-300} python3 -m pytest -q -rs -p no:cacheprovider --durations=5 "$1" > "$log" 2>&1
+    IFS=, read -ra gpus <<< "${TEST_GPUS:-0}"
+    CUDA_VISIBLE_DEVICES=${gpus[$(( ${SLOT:-0} % ${#gpus[@]} ))]} \
+      timeout ${TEST_TIMEOUT_S:-300} python3 -m pytest -q -rs -p no:cacheprovider --durations=5 "$1" > "$log" 2>&1
     echo "rc=$?" >> "$log"
   }
-  export -f run_file; export LOGS TEST_TIMEOUT_S
-  ls ${PYTEST_ARGS:-tests/test_*.py} | xargs -P ${TEST_JOBS:-6} -I{} bash -c 'run_file {}'
+  export -f run_file; export LOGS TEST_TIMEOUT_S TEST_GPUS
+  ls ${PYTEST_ARGS:-tests/test_*.py} | xargs -P ${TEST_JOBS:-6} --process-slot-var=SLOT -I{} bash -c 'run_file {}'
   for file in ${PYTEST_ARGS:-tests/test_*.py}; do
     log="$LOGS/$(basename "$file" .py).log"
     { echo "== $file"; cat "$log"; } >> "$OUT/tests.log"
