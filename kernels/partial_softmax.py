@@ -8,6 +8,8 @@ Two passes over the keys instead of one online-softmax pass:
   2. softmax . V: S is recomputed blockwise, exp(S - L) is multiplied by V on the tensor cores and the sum divides
      the result once at the end (dividing each p first would push small fp16 p into subnormals).
 Neither pass writes the N x Nk matrix. The tiles, head-dim chunks and score computation are the flash kernel's.
+Where one_launch() says so, the softmax . V kernel runs pass 1 itself over its rows (one launch; the statistics stay
+in registers and are not split across programs).
 """
 import torch
 import triton
@@ -36,6 +38,33 @@ def _fold_block_stats(m_i, l_i, s, qk_scale, MASK: tl.constexpr):
 
 
 @triton.jit
+def _key_range_stats(q0, q1, k_base, mask_base, rows_m, first, count, is_last, Nk, skn, skd, smm, smn, qk_scale,
+                     D0: tl.constexpr, D1: tl.constexpr, C1: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr, FOLD_TAIL: tl.constexpr):
+    """(max, sum of exp2(s - max)) in the log2 domain of the query rows over key blocks first .. first + count - 1;
+    ``is_last`` (the last range) also takes the partial tail block (FOLD_TAIL: as one of the loop's blocks, every
+    block masked; see flash_attention.TAIL_MODE)."""
+    m_i = tl.full([q0.shape[0]], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([q0.shape[0]], dtype=tl.float32)
+    n_full = Nk // BLOCK_N
+    if FOLD_TAIL:
+        for blk in range(first, tl.minimum(first + count, tl.cdiv(Nk, BLOCK_N))):
+            s, _rows_n = _scores(q0, q1, k_base, mask_base, rows_m, blk * BLOCK_N, Nk, skn, skd, smm, smn,
+                                 qk_scale, D0, D1, C1, HEAD_DIM, BLOCK_N, True, MASK, PRECISION)
+            m_i, l_i = _fold_block_stats(m_i, l_i, s, qk_scale, MASK)
+    else:
+        for blk in range(first, tl.minimum(first + count, n_full)):
+            s, _rows_n = _scores(q0, q1, k_base, mask_base, rows_m, blk * BLOCK_N, Nk, skn, skd, smm, smn,
+                                 qk_scale, D0, D1, C1, HEAD_DIM, BLOCK_N, False, MASK, PRECISION)
+            m_i, l_i = _fold_block_stats(m_i, l_i, s, qk_scale, MASK)
+        if is_last & (n_full * BLOCK_N < Nk):
+            s, _rows_n = _scores(q0, q1, k_base, mask_base, rows_m, n_full * BLOCK_N, Nk, skn, skd, smm, smn,
+                                 qk_scale, D0, D1, C1, HEAD_DIM, BLOCK_N, True, MASK, PRECISION)
+            m_i, l_i = _fold_block_stats(m_i, l_i, s, qk_scale, MASK)
+    return m_i, l_i
+
+
+@triton.jit
 def _attention_row_stats(q_ptr, k_ptr, mask_ptr, out_ptr, H, N, Nk, qk_scale, blocks_per_split,
                          sqb, sqh, sqn, sqd, skb, skh, skn, skd, smb, smh, smm, smn,
                          D0: tl.constexpr, D1: tl.constexpr, C1: tl.constexpr,
@@ -43,8 +72,7 @@ def _attention_row_stats(q_ptr, k_ptr, mask_ptr, out_ptr, H, N, Nk, qk_scale, bl
                          BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr,
                          STRIDE_UNIT: tl.constexpr, FOLD_TAIL: tl.constexpr, PDL: tl.constexpr = False):
     """Program (row block, b*H + h, split) writes (max, sum) in natural units of its rows over its key blocks to
-    out[split, b*H + h, row, :]; the last split also takes the partial tail block (FOLD_TAIL: as one of its loop's
-    blocks, every block masked; see flash_attention.TAIL_MODE)."""
+    out[split, b*H + h, row, :]; the last split also takes the partial tail block."""
     split = tl.program_id(2)
     bh, q_base, k_base, _v_base, mask_base, offs_m, rows_m = _program_tile(
         q_ptr, k_ptr, k_ptr, mask_ptr, H, N, sqb, sqh, skb, skh, skb, skh, smb, smh, BLOCK_M, STRIDE_UNIT)
@@ -54,26 +82,9 @@ def _attention_row_stats(q_ptr, k_ptr, mask_ptr, out_ptr, H, N, Nk, qk_scale, bl
         gdc_launch_dependents()
     q0, q1 = _load_query(q_base, rows_m, sqn, sqd, D0, D1, C1, HEAD_DIM)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    n_full = Nk // BLOCK_N
-    first = split * blocks_per_split
-    if FOLD_TAIL:
-        last = tl.minimum(first + blocks_per_split, tl.cdiv(Nk, BLOCK_N))
-        for blk in range(first, last):
-            s, _rows_n = _scores(q0, q1, k_base, mask_base, rows_m, blk * BLOCK_N, Nk, skn, skd, smm, smn,
-                                 qk_scale, D0, D1, C1, HEAD_DIM, BLOCK_N, True, MASK, PRECISION)
-            m_i, l_i = _fold_block_stats(m_i, l_i, s, qk_scale, MASK)
-    else:
-        last = tl.minimum(first + blocks_per_split, n_full)
-        for blk in range(first, last):
-            s, _rows_n = _scores(q0, q1, k_base, mask_base, rows_m, blk * BLOCK_N, Nk, skn, skd, smm, smn,
-                                 qk_scale, D0, D1, C1, HEAD_DIM, BLOCK_N, False, MASK, PRECISION)
-            m_i, l_i = _fold_block_stats(m_i, l_i, s, qk_scale, MASK)
-        if (split == tl.num_programs(2) - 1) & (n_full * BLOCK_N < Nk):
-            s, _rows_n = _scores(q0, q1, k_base, mask_base, rows_m, n_full * BLOCK_N, Nk, skn, skd, smm, smn,
-                                 qk_scale, D0, D1, C1, HEAD_DIM, BLOCK_N, True, MASK, PRECISION)
-            m_i, l_i = _fold_block_stats(m_i, l_i, s, qk_scale, MASK)
+    m_i, l_i = _key_range_stats(q0, q1, k_base, mask_base, rows_m, split * blocks_per_split, blocks_per_split,
+                                split == tl.num_programs(2) - 1, Nk, skn, skd, smm, smn, qk_scale, D0, D1, C1,
+                                HEAD_DIM, BLOCK_N, MASK, PRECISION, FOLD_TAIL)
 
     out = out_ptr + ((split * tl.num_programs(1) + bh).to(tl.int64) * N + offs_m) * 2
     row_ok = offs_m < N
@@ -128,7 +139,10 @@ def _softmax_times_v(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, part_ptr, splits, H, 
                      D0: tl.constexpr, D1: tl.constexpr, C1: tl.constexpr,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr,
-                     STRIDE_UNIT: tl.constexpr, FOLD_TAIL: tl.constexpr, PDL: tl.constexpr = False):
+                     STRIDE_UNIT: tl.constexpr, FOLD_TAIL: tl.constexpr, PDL: tl.constexpr = False,
+                     OWN_STATS: tl.constexpr = False):
+    """OWN_STATS: the program computes its rows' statistics itself, a first pass over the keys (one launch, the
+    statistics in registers); else it merges the statistics kernel's partials part[0..splits-1]."""
     bh, q_base, k_base, v_base, mask_base, offs_m, rows_m = _program_tile(
         q_ptr, k_ptr, v_ptr, mask_ptr, H, N, sqb, sqh, skb, skh, svb, svh, smb, smh, BLOCK_M, STRIDE_UNIT)
     sqn *= STRIDE_UNIT
@@ -136,12 +150,17 @@ def _softmax_times_v(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, part_ptr, splits, H, 
     svn *= STRIDE_UNIT
     son *= STRIDE_UNIT
     q0, q1 = _load_query(q_base, rows_m, sqn, sqd, D0, D1, C1, HEAD_DIM)
-    if PDL:  # launched as a programmatic dependent of the statistics: wait for them (q, k, v were ready before)
-        gdc_wait()
-    # The statistics' partials are merged here, not by a kernel of their own: one launch fewer (rows_m repeats the
-    # last row past N, so every load is in bounds).
-    big_l, row_sum = _merged_row_stats(part_ptr, bh * N + rows_m, tl.num_programs(1) * N, splits, rows_m >= 0)
-    l2 = big_l * _LOG2E
+    if OWN_STATS:
+        l2, row_sum = _key_range_stats(q0, q1, k_base, mask_base, rows_m, 0, tl.cdiv(Nk, BLOCK_N), True, Nk, skn,
+                                       skd, smm, smn, qk_scale, D0, D1, C1, HEAD_DIM, BLOCK_N, MASK, PRECISION,
+                                       FOLD_TAIL)
+    else:
+        if PDL:  # launched as a programmatic dependent of the statistics: wait for them (q, k, v were ready before)
+            gdc_wait()
+        # The statistics' partials are merged here, not by a kernel of their own: one launch fewer (rows_m repeats
+        # the last row past N, so every load is in bounds).
+        big_l, row_sum = _merged_row_stats(part_ptr, bh * N + rows_m, tl.num_programs(1) * N, splits, rows_m >= 0)
+        l2 = big_l * _LOG2E
     l2 = tl.where(l2 == float("-inf"), 0.0, l2)  # fully masked rows: no NaN from -inf - -inf
 
     acc0, acc1 = _zero_accumulators(BLOCK_M, D0, D1)
@@ -181,6 +200,21 @@ def programmatic_launch(q, Nk: int) -> bool:
     if interpreting() or knob == "0":
         return False
     return knob == "1" or (Nk <= PDL_MAX_KEYS and capability_major(q.device) >= 9)
+
+
+# One launch (the softmax . V kernel computes its rows' statistics itself, a first pass over the keys) where the
+# second launch and its wait cost more than splitting the statistics across programs gains: short key lengths.
+# Not measured yet: off unless SDKERNELS_PARTIAL_ONE_LAUNCH=1 (auto when ONE_LAUNCH_MAX_KEYS > 0).
+ONE_LAUNCH_MAX_KEYS = 0
+
+
+def one_launch(Nk: int) -> bool:
+    """Whether partial_softmax_attention_triton runs both passes in one kernel: at Nk <= ONE_LAUNCH_MAX_KEYS;
+    SDKERNELS_PARTIAL_ONE_LAUNCH=0 never, =1 always."""
+    knob = getenv("SDKERNELS_PARTIAL_ONE_LAUNCH")
+    if knob in ("0", "1"):
+        return knob == "1"
+    return Nk <= ONE_LAUNCH_MAX_KEYS
 
 
 def choose_splits(n_row_programs: int, n_key_blocks: int, device) -> int:
@@ -229,15 +263,19 @@ def attention_row_stats_triton(q, k, scale, mask, splits=None, config=None):
 def partial_softmax_attention_triton(q, k, v, out, scale, mask, row_stats=None, config=None, stats_config=None):
     """out = softmax(scale * q k^T + mask) v through row statistics, then softmax . V. ``row_stats(q, k, scale,
     mask)`` computes the (B*H, N, 2) statistics (default: the Triton statistics' per-split partials, which the
-    softmax . V kernel merges as it loads them); the caller checked inputs. ``config`` and ``stats_config``: the
+    softmax . V kernel merges as it loads them, or where one_launch(Nk) both passes in the softmax . V kernel);
+    the caller checked inputs. ``config`` and ``stats_config``: the
     softmax . V and the statistics kernels' (BLOCK_M, BLOCK_N, warps, stages) (default: launch_config; the
     statistics take ``config`` where only it is given)."""
     B, H, N, d = q.shape
     Nk = k.shape[2]
     D0, D1 = HEAD_DIM_CHUNKS[d]
     block_m, block_n, warps, stages = config or launch_config(d, q.dtype, N, B * H, mask_kind(mask, d), q.device, Nk)
-    pdl = programmatic_launch(q, Nk)
-    if row_stats is None:
+    own_stats = row_stats is None and one_launch(Nk)
+    pdl = not own_stats and programmatic_launch(q, Nk)
+    if own_stats:
+        partials, splits = q, 1  # (not read)
+    elif row_stats is None:
         partials, splits = _row_stat_partials(q, k, scale, mask, config=stats_config or config, pdl=pdl)
     else:
         partials, splits = row_stats(q, k, scale, mask), 1
@@ -248,7 +286,7 @@ def partial_softmax_attention_triton(q, k, v, out, scale, mask, row_stats=None, 
         *mask_strides(mask),
         D0=D0, D1=D1, C1=chunk1_start(d), HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, MASK=mask_kind(mask, d),
         PRECISION=dot_precision(q.dtype), STRIDE_UNIT=unit, FOLD_TAIL=tail_mode(d, Nk, block_n) == 1, PDL=pdl,
-        num_warps=warps, num_stages=stages, launch_pdl=pdl)
+        OWN_STATS=own_stats, num_warps=warps, num_stages=stages, launch_pdl=pdl)
     return out
 
 

@@ -62,7 +62,7 @@ def _compiler_env() -> None:
     os.environ["TRITON_DEFAULT_FP_FUSION"] = "1"
     for knob in ("SDKERNELS_AUTOTUNE", "SDKERNELS_GN_PLAN", "SDKERNELS_GN_TILE_WARPS", "SDKERNELS_GN_TILE_SUMS",
                  "SDKERNELS_POISON_OUTPUTS", "SDKERNELS_ADD_LN_TILE", "SDKERNELS_PARTIAL_PDL",
-                 "SDKERNELS_FLASH_TMA", "SDKERNELS_FLASH_TMA_ONE_CHUNK"):
+                 "SDKERNELS_PARTIAL_ONE_LAUNCH", "SDKERNELS_FLASH_TMA", "SDKERNELS_FLASH_TMA_ONE_CHUNK"):
         os.environ.pop(knob, None)
 
 
@@ -324,16 +324,20 @@ def attention_scenarios():
                            _with_settings(_backend_call("flash_attention", "flash",
                                                         *_attention_inputs(d, dtype, 0, n)),
                                           env={"SDKERNELS_FLASH_TMA": "1"}), min_cc=90)
-    yield Scenario("flash d=40 fp16 N=4096 tensor descriptors, one padded chunk (a probe's knob)",
+    yield Scenario("flash d=40 fp16 N=4096 tensor descriptors as two chunks, 32 + 16 (the one-chunk knob off)",
                    _with_settings(_backend_call("flash_attention", "flash",
                                                 *_attention_inputs(40, _dtypes()["fp16"], 0, 4096)),
-                                  env={"SDKERNELS_FLASH_TMA": "1", "SDKERNELS_FLASH_TMA_ONE_CHUNK": "40"}), min_cc=90)
+                                  env={"SDKERNELS_FLASH_TMA": "1", "SDKERNELS_FLASH_TMA_ONE_CHUNK": ""}), min_cc=90)
     yield Scenario("partial_softmax row statistics, merged by their own kernel", _merged_row_stats)
     for d, mask in itertools.product(ATTENTION_HEAD_DIMS, (0, 1, 2)):  # what an sm_90 GPU runs: griddepcontrol
         yield Scenario(f"partial_softmax d={d} fp16 mask={mask} N=256 programmatic launch",
                        _with_settings(_backend_call("flash_attention", "partial_softmax",
                                                     *_attention_inputs(d, _dtypes()["fp16"], mask, 256)),
                                       env={"SDKERNELS_PARTIAL_PDL": "1"}), min_cc=90)
+        yield Scenario(f"partial_softmax d={d} fp16 mask={mask} N=256 one launch",
+                       _with_settings(_backend_call("flash_attention", "partial_softmax",
+                                                    *_attention_inputs(d, _dtypes()["fp16"], mask, 256)),
+                                      env={"SDKERNELS_PARTIAL_ONE_LAUNCH": "1"}))
 
 
 def _merged_row_stats():

@@ -234,6 +234,28 @@ def test_partial_softmax_with_split_key_ranges(many_splits, nk, mask):
     check("partial_softmax", q, k, v, make_mask(mask, 2, 2, 33, nk, torch.float16), h, what=f"split Nk={nk}")
 
 
+@pytest.mark.parametrize("d", [SMALL_D, 40, 80])
+@pytest.mark.parametrize("nk", [200, 77, 64, 1])
+@pytest.mark.parametrize("mask", [None, "keys", "full"])
+def test_partial_softmax_in_one_launch(monkeypatch, nk, mask, d):
+    """SDKERNELS_PARTIAL_ONE_LAUNCH=1: the softmax . V kernel computes its rows' statistics itself (no statistics
+    kernel runs); tails, full and key masks, one and two head-dim chunks."""
+    import sdkernels.kernels.partial_softmax as ps
+    monkeypatch.setenv("SDKERNELS_PARTIAL_ONE_LAUNCH", "1")
+    assert ps.one_launch(10_000)
+    monkeypatch.setattr(ps, "_row_stat_partials", lambda *a, **kw: pytest.fail("the statistics kernel ran"))
+    q, k, v, h = make_qkv(2, 3, 45, nk, d, torch.float16, "bnhd")
+    check("partial_softmax", q, k, v, make_mask(mask, 2, 3, 45, nk, torch.float16), h, what=f"one launch Nk={nk}")
+
+
+def test_one_launch_rule(monkeypatch):
+    from sdkernels.kernels.partial_softmax import ONE_LAUNCH_MAX_KEYS, one_launch
+    assert not one_launch(ONE_LAUNCH_MAX_KEYS + 1)
+    assert one_launch(max(ONE_LAUNCH_MAX_KEYS, 1)) == (ONE_LAUNCH_MAX_KEYS > 0)
+    monkeypatch.setenv("SDKERNELS_PARTIAL_ONE_LAUNCH", "0")
+    assert not one_launch(1)
+
+
 @pytest.mark.parametrize("splits", [1, 2, 3, 8])
 def test_row_stats_match_max_and_sum(splits):
     """The (B*H, N, 2) statistics themselves: row max of S = scale q k^T + mask and sum of exp(S - max)."""
