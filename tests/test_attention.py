@@ -152,16 +152,19 @@ MAX_BATCH_HEADS = 40 if GPU else 6
        d=st.sampled_from(KERNEL_HEAD_DIMS + FALLBACK_HEAD_DIMS), dtype=st.sampled_from(DTYPES),
        layout=st.sampled_from(LAYOUTS), mask=st.sampled_from(MASKS), mask_fp32=st.booleans(),
        amplitude=st.sampled_from([1.0, 3.0]), backend=st.sampled_from(BACKENDS),
-       flash_tma=st.sampled_from(["", "1"]))
-def test_matches_reference(batch, heads, n, nk, d, dtype, layout, mask, mask_fp32, amplitude, backend, flash_tma):
-    """flash_tma "1": the flash backend's descriptor kernel wherever it can run (else its default rule)."""
+       flash_tma=st.sampled_from(["", "1"]), one_launch=st.sampled_from(["", "0"]))
+def test_matches_reference(batch, heads, n, nk, d, dtype, layout, mask, mask_fp32, amplitude, backend, flash_tma,
+                           one_launch):
+    """flash_tma "1": the flash backend's descriptor kernel wherever it can run (else its default rule); one_launch
+    "0": the partial-softmax path as two kernels at every key length (else its default rule)."""
     if batch * heads > MAX_BATCH_HEADS:
         heads = max(1, MAX_BATCH_HEADS // batch)
-    what = f"B={batch} H={heads} N={n} Nk={nk} d={d} {dtype} {layout} mask={mask} x{amplitude} {backend} {flash_tma}"
+    what = (f"B={batch} H={heads} N={n} Nk={nk} d={d} {dtype} {layout} mask={mask} x{amplitude} {backend} "
+            f"tma={flash_tma!r} one_launch={one_launch!r}")
     note(what)
     q, k, v, h = make_qkv(batch, heads, n, nk, d, dtype, layout, amplitude)
     m = make_mask(mask, batch, heads, n, nk, torch.float32 if mask_fp32 else dtype)
-    with mock.patch.dict(os.environ, {"SDKERNELS_FLASH_TMA": flash_tma}):
+    with mock.patch.dict(os.environ, {"SDKERNELS_FLASH_TMA": flash_tma, "SDKERNELS_PARTIAL_ONE_LAUNCH": one_launch}):
         check(backend, q, k, v, m, h, what=what)
 
 
@@ -222,9 +225,11 @@ def test_rows_masked_to_minus_inf_in_their_first_blocks(backend):
 
 @pytest.fixture
 def many_splits(monkeypatch):
-    """Make the partial-softmax row statistics split every row block's keys across several programs."""
+    """Make the partial-softmax row statistics split every row block's keys across several programs (the
+    two-kernel plan at every key length)."""
     import sdkernels.kernels.partial_softmax as ps
     monkeypatch.setattr(ps, "PROGRAMS_PER_SM", 10_000)
+    monkeypatch.setenv("SDKERNELS_PARTIAL_ONE_LAUNCH", "0")
 
 
 @pytest.mark.parametrize("nk", [200, 77, 64])
@@ -234,18 +239,34 @@ def test_partial_softmax_with_split_key_ranges(many_splits, nk, mask):
     check("partial_softmax", q, k, v, make_mask(mask, 2, 2, 33, nk, torch.float16), h, what=f"split Nk={nk}")
 
 
+@pytest.mark.parametrize("one_block", ["", "256"])
 @pytest.mark.parametrize("d", [SMALL_D, 40, 80])
-@pytest.mark.parametrize("nk", [200, 77, 64, 1])
+@pytest.mark.parametrize("nk", [200, 77, 64, 13, 1])
 @pytest.mark.parametrize("mask", [None, "keys", "full"])
-def test_partial_softmax_in_one_launch(monkeypatch, nk, mask, d):
+def test_partial_softmax_in_one_launch(monkeypatch, nk, mask, d, one_block):
     """SDKERNELS_PARTIAL_ONE_LAUNCH=1: the softmax . V kernel computes its rows' statistics itself (no statistics
-    kernel runs); tails, full and key masks, one and two head-dim chunks."""
+    kernel runs); tails, full and key masks, one and two head-dim chunks; the keys in one block where they fit the
+    config's (and on a GPU, one_block "256", in a block widened to hold up to 256)."""
     import sdkernels.kernels.partial_softmax as ps
     monkeypatch.setenv("SDKERNELS_PARTIAL_ONE_LAUNCH", "1")
+    monkeypatch.setenv("SDKERNELS_PARTIAL_ONE_BLOCK_MAX_KEYS", one_block or "0")
     assert ps.one_launch(10_000)
     monkeypatch.setattr(ps, "_row_stat_partials", lambda *a, **kw: pytest.fail("the statistics kernel ran"))
     q, k, v, h = make_qkv(2, 3, 45, nk, d, torch.float16, "bnhd")
     check("partial_softmax", q, k, v, make_mask(mask, 2, 3, 45, nk, torch.float16), h, what=f"one launch Nk={nk}")
+
+
+def test_one_launch_config(monkeypatch):
+    """Where all the keys fit a widened block (up to the limit, no full mask), the one-launch plan widens it."""
+    from sdkernels.kernels.partial_softmax import one_launch_config
+    monkeypatch.setenv("SDKERNELS_PARTIAL_ONE_BLOCK_MAX_KEYS", "256")
+    assert one_launch_config((64, 32, 4, 3), 77, 0) == (64, 128, 4, 1)
+    assert one_launch_config((64, 64, 4, 3), 256, 1) == (64, 256, 4, 1)
+    assert one_launch_config((64, 32, 4, 3), 77, 2) == (64, 32, 4, 3)
+    assert one_launch_config((64, 64, 4, 3), 257, 0) == (64, 64, 4, 3)
+    assert one_launch_config((64, 64, 4, 3), 13, 0) == (64, 64, 4, 3)
+    monkeypatch.setenv("SDKERNELS_PARTIAL_ONE_BLOCK_MAX_KEYS", "0")
+    assert one_launch_config((64, 32, 4, 3), 77, 0) == (64, 32, 4, 3)
 
 
 def test_one_launch_rule(monkeypatch):
