@@ -20,7 +20,7 @@ from .._env import getenv
 from .flash_attention import (HEAD_DIM_CHUNKS, LOG2E, _LOG2E, _accumulate_pv, _bh_base, _load_query, _log2_scores,
                               _program_tile, _scores, _store_output, dot_precision, launch_config, mask_kind,
                               chunk1_start, mask_strides, stride_unit, tail_mode, view_strides, _zero_accumulators)
-from .utils import capability_major, cdiv, interpreting, multiprocessor_count, next_power_of_2, fix_cache_keys
+from .utils import capability_major, cdiv, interpreting, multiprocessor_count, fix_cache_keys
 
 _LN2 = tl.constexpr(0.6931471805599453)
 # Row-statistics programs wanted per streaming multiprocessor; the key range is split until there are this many.
@@ -140,10 +140,9 @@ def _softmax_times_v(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, part_ptr, splits, H, 
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr,
                      STRIDE_UNIT: tl.constexpr, FOLD_TAIL: tl.constexpr, PDL: tl.constexpr = False,
-                     OWN_STATS: tl.constexpr = False, ONE_BLOCK: tl.constexpr = False):
+                     OWN_STATS: tl.constexpr = False):
     """OWN_STATS: the program computes its rows' statistics itself, a first pass over the keys (one launch, the
-    statistics in registers); else it merges the statistics kernel's partials part[0..splits-1]. ONE_BLOCK (with
-    OWN_STATS, Nk <= BLOCK_N): the scores of the one key block serve both passes, read from registers."""
+    statistics in registers); else it merges the statistics kernel's partials part[0..splits-1]."""
     bh, q_base, k_base, v_base, mask_base, offs_m, rows_m = _program_tile(
         q_ptr, k_ptr, v_ptr, mask_ptr, H, N, sqb, sqh, skb, skh, svb, svh, smb, smh, BLOCK_M, STRIDE_UNIT)
     sqn *= STRIDE_UNIT
@@ -151,62 +150,40 @@ def _softmax_times_v(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, part_ptr, splits, H, 
     svn *= STRIDE_UNIT
     son *= STRIDE_UNIT
     q0, q1 = _load_query(q_base, rows_m, sqn, sqd, D0, D1, C1, HEAD_DIM)
-    if ONE_BLOCK:
-        acc0, acc1, row_sum = _one_block_softmax_pv(q0, q1, k_base, v_base, mask_base, rows_m, Nk, skn, skd, svn, svd,
-                                                    smm, smn, qk_scale, D0, D1, C1, HEAD_DIM, BLOCK_N, MASK,
-                                                    PRECISION)
+    if OWN_STATS:
+        l2, row_sum = _key_range_stats(q0, q1, k_base, mask_base, rows_m, 0, tl.cdiv(Nk, BLOCK_N), True, Nk,
+                                       skn, skd, smm, smn, qk_scale, D0, D1, C1, HEAD_DIM, BLOCK_N, MASK,
+                                       PRECISION, FOLD_TAIL)
     else:
-        if OWN_STATS:
-            l2, row_sum = _key_range_stats(q0, q1, k_base, mask_base, rows_m, 0, tl.cdiv(Nk, BLOCK_N), True, Nk,
-                                           skn, skd, smm, smn, qk_scale, D0, D1, C1, HEAD_DIM, BLOCK_N, MASK,
-                                           PRECISION, FOLD_TAIL)
-        else:
-            if PDL:  # a programmatic dependent of the statistics: wait for them (q, k, v were ready before)
-                gdc_wait()
-            # The statistics' partials are merged here, not by a kernel of their own: one launch fewer (rows_m
-            # repeats the last row past N, so every load is in bounds).
-            big_l, row_sum = _merged_row_stats(part_ptr, bh * N + rows_m, tl.num_programs(1) * N, splits,
-                                               rows_m >= 0)
-            l2 = big_l * _LOG2E
-        l2 = tl.where(l2 == float("-inf"), 0.0, l2)  # fully masked rows: no NaN from -inf - -inf
+        if PDL:  # a programmatic dependent of the statistics: wait for them (q, k, v were ready before)
+            gdc_wait()
+        # The statistics' partials are merged here, not by a kernel of their own: one launch fewer (rows_m
+        # repeats the last row past N, so every load is in bounds).
+        big_l, row_sum = _merged_row_stats(part_ptr, bh * N + rows_m, tl.num_programs(1) * N, splits,
+                                           rows_m >= 0)
+        l2 = big_l * _LOG2E
+    l2 = tl.where(l2 == float("-inf"), 0.0, l2)  # fully masked rows: no NaN from -inf - -inf
 
-        acc0, acc1 = _zero_accumulators(BLOCK_M, D0, D1)
-        full_end = (Nk // BLOCK_N) * BLOCK_N
-        if FOLD_TAIL:  # the partial block inside the loop (see flash_attention.TAIL_MODE)
-            for start_n in range(0, Nk, BLOCK_N):
-                acc0, acc1 = _softmax_pv_block(acc0, acc1, l2, q0, q1, k_base, v_base, mask_base, rows_m, start_n,
-                                               Nk, skn, skd, svn, svd, smm, smn, qk_scale, D0, D1, C1, HEAD_DIM,
-                                               BLOCK_N, True, MASK, PRECISION)
-        else:
-            for start_n in range(0, full_end, BLOCK_N):
-                acc0, acc1 = _softmax_pv_block(acc0, acc1, l2, q0, q1, k_base, v_base, mask_base, rows_m, start_n,
-                                               Nk, skn, skd, svn, svd, smm, smn, qk_scale, D0, D1, C1, HEAD_DIM,
-                                               BLOCK_N, False, MASK, PRECISION)
-        if (not FOLD_TAIL) and full_end < Nk:
-            acc0, acc1 = _softmax_pv_block(acc0, acc1, l2, q0, q1, k_base, v_base, mask_base, rows_m, full_end, Nk,
-                                           skn, skd, svn, svd, smm, smn, qk_scale, D0, D1, C1, HEAD_DIM, BLOCK_N,
-                                           True, MASK, PRECISION)
+    acc0, acc1 = _zero_accumulators(BLOCK_M, D0, D1)
+    full_end = (Nk // BLOCK_N) * BLOCK_N
+    if FOLD_TAIL:  # the partial block inside the loop (see flash_attention.TAIL_MODE)
+        for start_n in range(0, Nk, BLOCK_N):
+            acc0, acc1 = _softmax_pv_block(acc0, acc1, l2, q0, q1, k_base, v_base, mask_base, rows_m, start_n,
+                                           Nk, skn, skd, svn, svd, smm, smn, qk_scale, D0, D1, C1, HEAD_DIM,
+                                           BLOCK_N, True, MASK, PRECISION)
+    else:
+        for start_n in range(0, full_end, BLOCK_N):
+            acc0, acc1 = _softmax_pv_block(acc0, acc1, l2, q0, q1, k_base, v_base, mask_base, rows_m, start_n,
+                                           Nk, skn, skd, svn, svd, smm, smn, qk_scale, D0, D1, C1, HEAD_DIM,
+                                           BLOCK_N, False, MASK, PRECISION)
+    if (not FOLD_TAIL) and full_end < Nk:
+        acc0, acc1 = _softmax_pv_block(acc0, acc1, l2, q0, q1, k_base, v_base, mask_base, rows_m, full_end, Nk,
+                                       skn, skd, svn, svd, smm, smn, qk_scale, D0, D1, C1, HEAD_DIM, BLOCK_N,
+                                       True, MASK, PRECISION)
     inv_sum = 1.0 / row_sum  # the softmax's division, once per output element
     o_base = _bh_base(o_ptr, bh // H, bh % H, sob, soh, STRIDE_UNIT)
     _store_output(o_base, acc0 * inv_sum[:, None], acc1 * inv_sum[:, None], offs_m, N, son, sod, D0, D1, C1,
                   HEAD_DIM)
-
-
-@triton.jit
-def _one_block_softmax_pv(q0, q1, k_base, v_base, mask_base, rows_m, Nk, skn, skd, svn, svd, smm, smn, qk_scale,
-                          D0: tl.constexpr, D1: tl.constexpr, C1: tl.constexpr, HEAD_DIM: tl.constexpr,
-                          BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
-    """(acc0, acc1, row sum) where all Nk keys fit one block: its scores give the row max, then exp(S - max) . V and
-    the row sum, without being computed twice."""
-    s, rows_n = _scores(q0, q1, k_base, mask_base, rows_m, 0, Nk, skn, skd, smm, smn, qk_scale, D0, D1, C1, HEAD_DIM,
-                        BLOCK_N, True, MASK, PRECISION)
-    l2 = _log2_scores(tl.max(s, 1), qk_scale, MASK)
-    l2 = tl.where(l2 == float("-inf"), 0.0, l2)
-    p = tl.math.exp2(_log2_scores(s, qk_scale, MASK) - l2[:, None])
-    acc0, acc1 = _zero_accumulators(q0.shape[0], D0, D1)
-    acc0, acc1 = _accumulate_pv(acc0, acc1, p.to(v_base.dtype.element_ty), v_base, rows_n, svn, svd, D0, D1, C1,
-                                HEAD_DIM, PRECISION)
-    return acc0, acc1, tl.sum(p, 1)
 
 
 # Programmatic launch pays at short key lengths and costs at long ones (H200, bench_attention, same call, PDL on
@@ -242,22 +219,6 @@ def one_launch(Nk: int) -> bool:
     if knob in ("0", "1"):
         return knob == "1"
     return Nk <= ONE_LAUNCH_MAX_KEYS
-
-
-# One launch with all the keys in one block (ONE_BLOCK: the scores computed once) at Nk <= ONE_BLOCK_MAX_KEYS: the
-# key block widened to the next power of two. Not measured yet: off unless SDKERNELS_PARTIAL_ONE_BLOCK_MAX_KEYS says.
-ONE_BLOCK_MAX_KEYS = 0
-
-
-def one_launch_config(config, Nk: int, mask_kind: int):
-    """The launch config for the one-launch plan: ``config`` with the key block widened to hold all Nk keys where
-    Nk <= ONE_BLOCK_MAX_KEYS (or SDKERNELS_PARTIAL_ONE_BLOCK_MAX_KEYS), the config's own block holds fewer and
-    there is no full mask tile (whose addresses keep key blocks narrow: launch_config)."""
-    block_m, block_n, warps, stages = config
-    limit = int(getenv("SDKERNELS_PARTIAL_ONE_BLOCK_MAX_KEYS", ONE_BLOCK_MAX_KEYS))
-    if block_n < Nk <= limit and mask_kind != 2:
-        return block_m, next_power_of_2(Nk), warps, 1  # (no key loop left to pipeline)
-    return config
 
 
 def choose_splits(n_row_programs: int, n_key_blocks: int, device) -> int:
@@ -315,8 +276,6 @@ def partial_softmax_attention_triton(q, k, v, out, scale, mask, row_stats=None, 
     D0, D1 = HEAD_DIM_CHUNKS[d]
     own_stats = row_stats is None and one_launch(Nk)
     block_m, block_n, warps, stages = config or launch_config(d, q.dtype, N, B * H, mask_kind(mask, d), q.device, Nk)
-    if own_stats and config is None and not interpreting():
-        block_m, block_n, warps, stages = one_launch_config((block_m, block_n, warps, stages), Nk, mask_kind(mask, d))
     pdl = not own_stats and programmatic_launch(q, Nk)
     if own_stats:
         partials, splits = q, 1  # (not read)
@@ -331,8 +290,7 @@ def partial_softmax_attention_triton(q, k, v, out, scale, mask, row_stats=None, 
         *mask_strides(mask),
         D0=D0, D1=D1, C1=chunk1_start(d), HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, MASK=mask_kind(mask, d),
         PRECISION=dot_precision(q.dtype), STRIDE_UNIT=unit, FOLD_TAIL=tail_mode(d, Nk, block_n) == 1, PDL=pdl,
-        OWN_STATS=own_stats, ONE_BLOCK=own_stats and Nk <= block_n, num_warps=warps, num_stages=stages,
-        launch_pdl=pdl)
+        OWN_STATS=own_stats, num_warps=warps, num_stages=stages, launch_pdl=pdl)
     return out
 
 

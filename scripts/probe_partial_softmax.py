@@ -19,9 +19,6 @@ from probe_sweep import checked_us, sweep  # scripts/
 CASES = "2,8,256,256,160;2,8,256,77,160"
 CONFIGS = [(64, 64, 4, 3), (64, 32, 4, 3), (32, 64, 4, 3), (32, 32, 2, 3), (32, 64, 2, 2), (16, 64, 2, 3),
            (64, 128, 4, 2), (32, 128, 4, 2), (16, 32, 1, 2)]
-# One launch with every key in one block (Nk <= BLOCK_N: the scores computed once).
-ONE_BLOCK_CONFIGS = [(64, 256, 4, 1), (64, 256, 8, 1), (32, 256, 4, 1), (64, 128, 4, 1), (32, 128, 4, 1),
-                     (128, 128, 8, 1)]
 
 
 def graph_us(fn) -> float:
@@ -68,7 +65,7 @@ def main():
             os.environ["SDKERNELS_PARTIAL_ONE_LAUNCH"] = "1"
             us, note = checked_us(run, out, expected, graph_us)
             print(f"  one launch, default config: {us:.1f} us ({math_us / us:.2f}x math) {note}", flush=True)
-            for us, config, note in sweep(CONFIGS + ONE_BLOCK_CONFIGS, run, out, expected, graph_us)[:6]:
+            for us, config, note in sweep(CONFIGS, run, out, expected, graph_us)[:6]:
                 print(f"  one launch {config}: {us:.1f} us ({math_us / us:.2f}x math) {note}", flush=True)
         os.environ.pop("SDKERNELS_PARTIAL_ONE_LAUNCH")
 

@@ -62,7 +62,7 @@ def _compiler_env() -> None:
     os.environ["TRITON_DEFAULT_FP_FUSION"] = "1"
     for knob in ("SDKERNELS_AUTOTUNE", "SDKERNELS_GN_PLAN", "SDKERNELS_GN_TILE_WARPS", "SDKERNELS_GN_TILE_SUMS",
                  "SDKERNELS_POISON_OUTPUTS", "SDKERNELS_ADD_LN_TILE", "SDKERNELS_PARTIAL_PDL",
-                 "SDKERNELS_PARTIAL_ONE_LAUNCH", "SDKERNELS_PARTIAL_ONE_BLOCK_MAX_KEYS", "SDKERNELS_FLASH_TMA",
+                 "SDKERNELS_PARTIAL_ONE_LAUNCH", "SDKERNELS_FLASH_TMA",
                  "SDKERNELS_FLASH_TMA_ONE_CHUNK"):
         os.environ.pop(knob, None)
 
@@ -340,12 +340,7 @@ def attention_scenarios():
                        _with_settings(_backend_call("flash_attention", "partial_softmax",
                                                     *_attention_inputs(d, _dtypes()["fp16"], mask, 256)),
                                       env={"SDKERNELS_PARTIAL_ONE_LAUNCH": "1"}))
-        for nk in (77, 256):
-            yield Scenario(f"partial_softmax d={d} fp16 mask={mask} Nk={nk}: one launch, one widened key block",
-                           _with_settings(_backend_call("flash_attention", "partial_softmax",
-                                                        *_attention_inputs(d, _dtypes()["fp16"], mask, 256, nk=nk)),
-                                          env={"SDKERNELS_PARTIAL_ONE_BLOCK_MAX_KEYS": "256"}))
-        yield Scenario(f"partial_softmax d={d} fp16 mask={mask} Nk=13: one launch, one key block",
+        yield Scenario(f"partial_softmax d={d} fp16 mask={mask} Nk=13: one launch",
                        _backend_call("flash_attention", "partial_softmax",
                                      *_attention_inputs(d, _dtypes()["fp16"], mask, 256, nk=13)))
 

@@ -239,34 +239,18 @@ def test_partial_softmax_with_split_key_ranges(many_splits, nk, mask):
     check("partial_softmax", q, k, v, make_mask(mask, 2, 2, 33, nk, torch.float16), h, what=f"split Nk={nk}")
 
 
-@pytest.mark.parametrize("one_block", ["", "256"])
 @pytest.mark.parametrize("d", [SMALL_D, 40, 80])
 @pytest.mark.parametrize("nk", [200, 77, 64, 13, 1])
 @pytest.mark.parametrize("mask", [None, "keys", "full"])
-def test_partial_softmax_in_one_launch(monkeypatch, nk, mask, d, one_block):
+def test_partial_softmax_in_one_launch(monkeypatch, nk, mask, d):
     """SDKERNELS_PARTIAL_ONE_LAUNCH=1: the softmax . V kernel computes its rows' statistics itself (no statistics
-    kernel runs); tails, full and key masks, one and two head-dim chunks; the keys in one block where they fit the
-    config's (and on a GPU, one_block "256", in a block widened to hold up to 256)."""
+    kernel runs); tails, full and key masks, one and two head-dim chunks, one key block and several."""
     import sdkernels.kernels.partial_softmax as ps
     monkeypatch.setenv("SDKERNELS_PARTIAL_ONE_LAUNCH", "1")
-    monkeypatch.setenv("SDKERNELS_PARTIAL_ONE_BLOCK_MAX_KEYS", one_block or "0")
     assert ps.one_launch(10_000)
     monkeypatch.setattr(ps, "_row_stat_partials", lambda *a, **kw: pytest.fail("the statistics kernel ran"))
     q, k, v, h = make_qkv(2, 3, 45, nk, d, torch.float16, "bnhd")
     check("partial_softmax", q, k, v, make_mask(mask, 2, 3, 45, nk, torch.float16), h, what=f"one launch Nk={nk}")
-
-
-def test_one_launch_config(monkeypatch):
-    """Where all the keys fit a widened block (up to the limit, no full mask), the one-launch plan widens it."""
-    from sdkernels.kernels.partial_softmax import one_launch_config
-    monkeypatch.setenv("SDKERNELS_PARTIAL_ONE_BLOCK_MAX_KEYS", "256")
-    assert one_launch_config((64, 32, 4, 3), 77, 0) == (64, 128, 4, 1)
-    assert one_launch_config((64, 64, 4, 3), 256, 1) == (64, 256, 4, 1)
-    assert one_launch_config((64, 32, 4, 3), 77, 2) == (64, 32, 4, 3)
-    assert one_launch_config((64, 64, 4, 3), 257, 0) == (64, 64, 4, 3)
-    assert one_launch_config((64, 64, 4, 3), 13, 0) == (64, 64, 4, 3)
-    monkeypatch.setenv("SDKERNELS_PARTIAL_ONE_BLOCK_MAX_KEYS", "0")
-    assert one_launch_config((64, 32, 4, 3), 77, 0) == (64, 32, 4, 3)
 
 
 def test_one_launch_rule(monkeypatch):
