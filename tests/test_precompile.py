@@ -62,8 +62,8 @@ WORKERS_SCRIPT = textwrap.dedent("""
             knobs.runtime.jit_cache_hook = recorder.hook
             for approximate in ("none", "tanh"):
                 cc._backend_call("gelu", "triton", torch.empty(2, 64, 320, dtype=torch.float16), approximate)()
-            for d in (40, 80):  # kernels sharing helpers (their keys once depended on which came first)
-                inputs = cc._attention_inputs(d, torch.float16, 0, 256)
+            for d in (40, 80):  # kernels sharing helpers (their keys once depended on which came first); 2048
+                inputs = cc._attention_inputs(d, torch.float16, 0, 256, nk=2048)  # keys: two kernels, not one
                 cc._backend_call("flash_attention", "partial_softmax", *inputs)()
         return recorder
 
