@@ -3,12 +3,13 @@ Hopper's copy engine (TMA) through 4-D tensor descriptors over the (B, H, tokens
 
 A descriptor's box is the tile in the layout the tensor cores read: the loads cost no registers or address
 arithmetic and the pipeliner overlaps them with the dots. The copy engine fills what lies outside the view with
-zeros (query rows past N, keys past Nk, head-dim columns past d when a chunk is padded: 40 = 32 + 16 reads
-columns 32..47) and the store drops the rows and columns outside it, so no load or store needs a mask; keys past
+zeros (query rows past N, keys past Nk, head-dim columns past d when a chunk is padded: 40 as one chunk reads
+columns 40..63) and the store drops the rows and columns outside it, so no load or store needs a mask; keys past
 Nk still score -inf in the last block (a zero key would score 0).
 
-A descriptor has one box shape, so a head dim of two chunks (40 = 32 + 16, 80 = 64 + 16, 160 = 128 + 32) has two
-descriptors per tensor, one per chunk width. No attention mask: masked calls take the pointer kernel.
+A descriptor has one box shape, so a head dim of two chunks (80 = 64 + 16, 160 = 128 + 32; 40 = 32 + 16 where
+tma_chunks says so) has two descriptors per tensor, one per chunk width. No attention mask: masked calls take the
+pointer kernel.
 """
 import torch
 import triton

@@ -420,8 +420,9 @@ def _tile_variant(block: int) -> dict:
     fewer warps or fewer reductions shorten the chain between the load and the store (one reduction over the tile per
     statistic, the default, against one per axis: 7.3 against 7.7 us at channels_last 2x320x32x32, 14.7 against 16.4
     at 2x1920x32x32, H200, session 16). "pivot", both sums in one reduction, took 3-10% less at every SD1.5 shape
-    (2x1280x8x8 3.31 -> 3.07 us, 2x1920x32x32 14.49 -> 13.10, H200, session 18) before its outlier guard; the guarded
-    version is not timed yet: time it, then make it the default."""
+    (2x1280x8x8 3.31 -> 3.07 us, 2x1920x32x32 14.49 -> 13.10, H200, session 18) before its outlier guard; guarded,
+    1-4% less at the small shapes but up to 1.9x more at the large ones (2x320x64x64 21.3 -> 30.6 us, session 19):
+    not the default."""
     warps = getenv("SDKERNELS_GN_TILE_WARPS")
     return dict(num_warps=int(warps) if warps else _warps(block, 32),
                 SUMS=TILE_SUMS.get(getenv("SDKERNELS_GN_TILE_SUMS") or "", SUMS_PER_STATISTIC.value))

@@ -28,7 +28,8 @@ fi
 if [[ $steps == *sanitize* ]]; then
   # First: a memory error found here names its kernel and case, where in the tests it would poison every later test.
   step sanitize
-  CUDA_VISIBLE_DEVICES=${SANITIZE_GPU:-${CUDA_VISIBLE_DEVICES:-0}} timeout ${SANITIZE_TIMEOUT_S:-420} compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \
+  CUDA_VISIBLE_DEVICES=${SANITIZE_GPU:-${CUDA_VISIBLE_DEVICES:-0}} timeout ${SANITIZE_TIMEOUT_S:-420} \
+    compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \
     python3 scripts/sanitize_kernels.py > "$OUT/sanitize.log" 2>&1
   rc=$?; grep -v "^=========     " "$OUT/sanitize.log" | tail -40
   [ "$rc" = 0 ] || { echo "SANITIZER FAILED rc=$rc"; status=1; }

@@ -13,7 +13,7 @@ import triton
 from sdkernels.kernels import flash_attention as fa
 from sdkernels.kernels import flash_attention_tma as ft
 from sdkernels.ops.attention import as_bhnd
-from probe_sweep import checked_us, sweep  # scripts/
+from probe_sweep import checked_us, graph_us, sweep  # scripts/
 
 CASES = ("2,8,4096,4096,40;2,8,1024,1024,80;2,8,256,256,160;2,10,16384,16384,64;2,8,4096,77,40;2,10,4096,77,64;"
          "2,8,4096,4096,128")
@@ -21,19 +21,16 @@ SWEEP = [(64, 128, 4, 2), (64, 128, 4, 3), (64, 128, 4, 4), (64, 256, 4, 2), (64
          (128, 128, 4, 3), (128, 64, 4, 2), (128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 2), (128, 64, 8, 3)]
 
 
-def graph_us(fn) -> float:
-    return triton.testing.do_bench_cudagraph(fn, rep=100) * 1e3
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", default=CASES, help="B,H,N,Nk,d cases separated by ';'")
     p.add_argument("--no-sweep", dest="sweep", action="store_false")
     p.add_argument("--kernels", default="tma,pointer", help="which kernels the sweep times")
-    p.add_argument("--one-chunk", default="", help="head dims the descriptor kernel runs as one padded chunk "
-                   "(SDKERNELS_FLASH_TMA_ONE_CHUNK, e.g. 40)")
+    p.add_argument("--one-chunk", default=None, help="head dims the descriptor kernel runs as one padded chunk "
+                   "(SDKERNELS_FLASH_TMA_ONE_CHUNK, e.g. 40; '' for none; default: the package's own)")
     args = p.parse_args()
-    os.environ["SDKERNELS_FLASH_TMA_ONE_CHUNK"] = args.one_chunk
+    if args.one_chunk is not None:
+        os.environ["SDKERNELS_FLASH_TMA_ONE_CHUNK"] = args.one_chunk
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; fp16, us per call")
     for case in args.cases.split(";"):
         B, H, N, Nk, d = (int(v) for v in case.split(","))

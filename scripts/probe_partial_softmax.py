@@ -14,15 +14,11 @@ import torch.nn.functional as F
 import triton
 
 from sdkernels.kernels import partial_softmax as ps
-from probe_sweep import checked_us, sweep  # scripts/
+from probe_sweep import checked_us, graph_us, sweep  # scripts/
 
 CASES = "2,8,256,256,160;2,8,256,77,160"
 CONFIGS = [(64, 64, 4, 3), (64, 32, 4, 3), (32, 64, 4, 3), (32, 32, 2, 3), (32, 64, 2, 2), (16, 64, 2, 3),
            (64, 128, 4, 2), (32, 128, 4, 2), (16, 32, 1, 2)]
-
-
-def graph_us(fn) -> float:
-    return triton.testing.do_bench_cudagraph(fn, rep=50) * 1e3
 
 
 def main():

@@ -1,5 +1,12 @@
 """What the GPU probes share: time a call only after checking its output, and sweep tile configs that way."""
+import triton
+
 from sdkernels.testing import relative_error
+
+
+def graph_us(fn, rep=100) -> float:
+    """Microseconds per call: the median of CUDA-graph replays (triton.testing.do_bench_cudagraph)."""
+    return triton.testing.do_bench_cudagraph(fn, rep=rep) * 1e3
 
 
 def checked_us(call, out, expected, time_us, bound=1e-2):
