@@ -235,8 +235,10 @@ std::string attention_row_stats(const at::Tensor& q, const at::Tensor& k, const 
 // ---- sdkernels::conv3x3, Winograd F(2x2, 3x3) (csrc/winograd_conv3x3.cu) ----------------------------------------
 
 std::string winograd_conv3x3(const at::Tensor& x, const at::Tensor& u, const std::optional<at::Tensor>& bias,
-                      const std::optional<at::Tensor>& residual, at::Tensor out, double scale) {
+                      const std::optional<at::Tensor>& residual, at::Tensor out, double scale, int64_t kernel) {
   constexpr const char* fn = "sdkernels._C.winograd_conv3x3";
+  SDK_CHECK(kernel == SDK_WINOGRAD_AUTO || kernel == SDK_WINOGRAD_WMMA || kernel == SDK_WINOGRAD_MMA, fn,
+            ": kernel must be 0 (auto), 1 (wmma) or 2 (mma), got ", kernel);
   SDK_CHECK(x.is_cuda(), fn, ": x must be a CUDA tensor, got one on ", x.device());
   SDK_CHECK(x.dim() == 4, fn, ": x must be (N, C, H, W), got shape ", x.sizes());
   const int dtype = sdk_dtype(x.scalar_type());
@@ -290,6 +292,11 @@ std::string winograd_conv3x3(const at::Tensor& x, const at::Tensor& u, const std
   a.N = (int)N; a.H = (int)H; a.W = (int)W; a.C = (int)C; a.K = (int)K;
   a.dtype = dtype;
   a.scale = (float)scale;
+  a.kernel = (int)kernel;
+  if (kernel == SDK_WINOGRAD_MMA) {
+    const char* why_mma = sdk_winograd_conv3x3_mma_why_not(a.N, a.H, a.W, a.C, a.K, dtype);
+    SDK_CHECK(why_mma == nullptr, fn, ": the mma kernel: ", why_mma);
+  }
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaError_t err = sdk_winograd_conv3x3(a, c10::cuda::getCurrentCUDAStream().stream());
   SDK_CHECK(err == cudaSuccess, fn, ": kernel launch failed: ", cudaGetErrorString(err),
@@ -311,6 +318,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k"), py::arg("mask"), py::arg("partials"), py::arg("stats"), py::arg("scale"));
   m.def("winograd_conv3x3", &winograd_conv3x3,
         "out = (conv3x3(x) + bias + residual) * scale by Winograd F(2x2, 3x3) from the transformed filters u "
-        "(16, C, K); x, residual and out channels_last; writes out; returns '' or why it did not",
-        py::arg("x"), py::arg("u"), py::arg("bias"), py::arg("residual"), py::arg("out"), py::arg("scale"));
+        "(16, C, K); x, residual and out channels_last; kernel 0 auto, 1 the WMMA kernel, 2 the mma.sync one "
+        "(fp16/bf16); writes out; returns '' or why it did not",
+        py::arg("x"), py::arg("u"), py::arg("bias"), py::arg("residual"), py::arg("out"), py::arg("scale"),
+        py::arg("kernel") = 0);
 }

@@ -21,15 +21,13 @@
 // pixels that lie inside the image.
 #include "winograd_conv3x3.h"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <mma.h>
 
-#include <climits>
-#include <cstdint>
+#include "winograd_device.cuh"
 
 namespace {
 
+using namespace sdk_winograd;
 namespace wmma = nvcuda::wmma;
 
 constexpr int kThreads = 256;               // 8 warps
@@ -49,106 +47,8 @@ static_assert(kThreads == kTiles * kWords, "one thread per (tile, word) of the i
 static_assert(kPositions % kWarps == 0 && kTiles % 16 == 0 && kBlockK % kPassK == 0 && kPassK == 16,
               "the WMMA tiling assumes these");
 
-// ---- element types ----------------------------------------------------------------------------------------------
-
-template <typename T>
-struct Elem;
-
-template <>
-struct Elem<float> {
-  static constexpr int kLanes = 1;  // elements per 4-byte word
-  __device__ static float to_float(float v) { return v; }
-  __device__ static float from_float(float v) { return v; }
-  __device__ static float get(uint32_t w, int) { return __uint_as_float(w); }
-  __device__ static uint32_t set(uint32_t, int, float v) { return __float_as_uint(v); }
-};
-
-// A 16-bit type: lane 0 is the low half of the word (the lower address).
-template <typename T>
-struct Elem16 {
-  static constexpr int kLanes = 2;
-  __device__ static float get(uint32_t w, int lane) {
-    return Elem<T>::to_float(Elem<T>::from_bits((unsigned short)(lane ? w >> 16 : w & 0xffffu)));
-  }
-  __device__ static uint32_t set(uint32_t w, int lane, float v) {
-    const uint32_t bits = Elem<T>::to_bits(Elem<T>::from_float(v));
-    return lane ? (w & 0xffffu) | (bits << 16) : (w & 0xffff0000u) | bits;
-  }
-};
-
-template <>
-struct Elem<__half> : Elem16<__half> {
-  __device__ static float to_float(__half v) { return __half2float(v); }
-  __device__ static __half from_float(float v) { return __float2half_rn(v); }
-  __device__ static __half from_bits(unsigned short b) { return __ushort_as_half(b); }
-  __device__ static uint32_t to_bits(__half v) { return __half_as_ushort(v); }
-};
-
-template <>
-struct Elem<__nv_bfloat16> : Elem16<__nv_bfloat16> {
-  __device__ static float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-  __device__ static __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
-  __device__ static __nv_bfloat16 from_bits(unsigned short b) { return __ushort_as_bfloat16(b); }
-  __device__ static uint32_t to_bits(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
-};
-
 template <typename T>
 constexpr int kChunkChannels = kChunkBytes / (int)sizeof(T);  // input channels per chunk
-
-// ---- the transforms (sdkernels/ops/winograd.py: B_T, A_T) -------------------------------------------------------
-
-// d (4x4, row-major) <- B^T d B, in place.
-__device__ __forceinline__ void input_transform(float* d) {
-#pragma unroll
-  for (int col = 0; col < 4; ++col) {  // B^T d: combine rows
-    const float r0 = d[col], r1 = d[4 + col], r2 = d[8 + col], r3 = d[12 + col];
-    d[col] = r0 - r2;
-    d[4 + col] = r1 + r2;
-    d[8 + col] = r2 - r1;
-    d[12 + col] = r1 - r3;
-  }
-#pragma unroll
-  for (int row = 0; row < 4; ++row) {  // (B^T d) B: combine columns
-    float* r = d + 4 * row;
-    const float c0 = r[0], c1 = r[1], c2 = r[2], c3 = r[3];
-    r[0] = c0 - c2;
-    r[1] = c1 + c2;
-    r[2] = c2 - c1;
-    r[3] = c1 - c3;
-  }
-}
-
-// y (2x2, row-major) = A^T m A of m (4x4, row-major).
-__device__ __forceinline__ void output_transform(const float* m, float* y) {
-  float t0[4], t1[4];  // A^T m
-#pragma unroll
-  for (int col = 0; col < 4; ++col) {
-    t0[col] = m[col] + m[4 + col] + m[8 + col];
-    t1[col] = m[4 + col] - m[8 + col] - m[12 + col];
-  }
-  y[0] = t0[0] + t0[1] + t0[2];
-  y[1] = t0[1] - t0[2] - t0[3];
-  y[2] = t1[0] + t1[1] + t1[2];
-  y[3] = t1[1] - t1[2] - t1[3];
-}
-
-// Element offset of pixel (n, h, w) through (n, h, w) strides; 32 bits suffice (the launcher checks).
-__device__ __forceinline__ int offset(const long long* strides, int n, int h, int w) {
-  return n * (int)strides[0] + h * (int)strides[1] + w * (int)strides[2];
-}
-
-struct TileCoords {
-  int n, th, tw;
-};
-
-__device__ __forceinline__ TileCoords tile_coords(int tile, int tiles_w, int tiles_per_image) {
-  TileCoords c;
-  c.n = tile / tiles_per_image;
-  const int r = tile - c.n * tiles_per_image;
-  c.th = r / tiles_w;
-  c.tw = r - c.th * tiles_w;
-  return c;
-}
 
 // ---- step 1: one word of channels of one tile's 4x4 input patch --------------------------------------------------
 
@@ -208,14 +108,6 @@ struct InputPatch {
 };
 
 // ---- step 2: U's chunk, U[e][channel][k] for the block's kBlockK channels, copied with cp.async ----------------
-
-// 16 bytes global -> shared without passing through registers; zero-filled when !valid (nothing is read then).
-__device__ __forceinline__ void copy16_async(void* dst, const void* src, bool valid) {
-  const unsigned dst_shared = (unsigned)__cvta_generic_to_shared(dst);
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst_shared), "l"(src), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void copies_issued() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void copies_landed() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
 template <typename T>
 struct FilterChunk {
@@ -446,12 +338,6 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<T>) winograd_conv3x3_ke
 #endif
 }
 
-// Whether every element offset of an (N, H, W, C) tensor through (n, h, w) strides (channel stride 1) fits in int.
-bool offsets_fit(const long long* strides, int N, int H, int W, int C) {
-  const long long last = (N - 1) * strides[0] + (H - 1) * strides[1] + (W - 1) * strides[2] + (C - 1);
-  return strides[0] >= 0 && strides[1] >= 0 && strides[2] >= 0 && last < INT_MAX;
-}
-
 template <typename T>
 cudaError_t launch(const SdkWinogradConv3x3Args& a, cudaStream_t stream) {
   const long long tiles = (long long)a.N * ((a.H + 1) / 2) * ((a.W + 1) / 2);
@@ -476,11 +362,12 @@ const char* sdk_winograd_conv3x3_why_not(int N, int H, int W, int C, int K, int 
 
 cudaError_t sdk_winograd_conv3x3(const SdkWinogradConv3x3Args& a, cudaStream_t stream) {
   if (sdk_winograd_conv3x3_why_not(a.N, a.H, a.W, a.C, a.K, a.dtype) != nullptr) return cudaErrorInvalidValue;
-  if (!offsets_fit(a.x_strides, a.N, a.H, a.W, a.C) || !offsets_fit(a.out_strides, a.N, a.H, a.W, a.K) ||
-      (a.residual != nullptr && !offsets_fit(a.residual_strides, a.N, a.H, a.W, a.K))) {
-    return cudaErrorInvalidValue;
-  }
+  if (!args_offsets_fit(a)) return cudaErrorInvalidValue;
   if (sdk_device_major() < 8) return cudaErrorNotSupported;
+  const bool mma_ok = sdk_winograd_conv3x3_mma_why_not(a.N, a.H, a.W, a.C, a.K, a.dtype) == nullptr;
+  if (a.kernel == SDK_WINOGRAD_MMA || (a.kernel == SDK_WINOGRAD_AUTO && mma_ok)) {
+    return mma_ok ? sdk_winograd_conv3x3_mma(a, stream) : cudaErrorInvalidValue;
+  }
   switch (a.dtype) {
     case SDK_FLOAT16: return launch<__half>(a, stream);
     case SDK_BFLOAT16: return launch<__nv_bfloat16>(a, stream);

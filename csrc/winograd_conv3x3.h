@@ -30,7 +30,12 @@ struct SdkWinogradConv3x3Args {
   int N, H, W, C, K;
   int dtype;             // SDK_FLOAT16, SDK_BFLOAT16 or SDK_FLOAT32, for every tensor
   float scale;
+  int kernel;            // SDK_WINOGRAD_AUTO, SDK_WINOGRAD_WMMA or SDK_WINOGRAD_MMA
 };
+
+// Which kernel runs: auto takes the mma.sync one (winograd_conv3x3_mma.cu) for fp16/bf16 and the WMMA one
+// (winograd_conv3x3.cu, also fp32) otherwise.
+enum SdkWinogradKernel : int { SDK_WINOGRAD_AUTO = 0, SDK_WINOGRAD_WMMA = 1, SDK_WINOGRAD_MMA = 2 };
 
 // nullptr when the kernel takes these sizes and this dtype, else a short reason (a static string).
 const char* sdk_winograd_conv3x3_why_not(int N, int H, int W, int C, int K, int dtype);
@@ -38,3 +43,7 @@ const char* sdk_winograd_conv3x3_why_not(int N, int H, int W, int C, int K, int 
 // Enqueues the kernel on `stream` (current device); returns the launch error, if any. No host sync, no allocation:
 // safe to capture in a CUDA graph.
 cudaError_t sdk_winograd_conv3x3(const SdkWinogradConv3x3Args& args, cudaStream_t stream);
+
+// The mma.sync kernel alone (fp16/bf16; sdk_winograd_conv3x3 checks the rest first).
+const char* sdk_winograd_conv3x3_mma_why_not(int N, int H, int W, int C, int K, int dtype);
+cudaError_t sdk_winograd_conv3x3_mma(const SdkWinogradConv3x3Args& args, cudaStream_t stream);

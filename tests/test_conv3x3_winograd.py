@@ -377,6 +377,14 @@ ODD_SHAPES = [(1, 8, 8, 1, 1), (1, 16, 8, 1, 5), (3, 24, 40, 7, 9), (2, 16, 8, 3
               (2, 56, 16, 2, 3)]  # tiles and output channels that fill no block, a single row, a single pixel
 
 
+@pytest.fixture(params=["wmma", "auto"])
+def cuda_kernel(request, monkeypatch):
+    """The CUDA backend's two kernels: WMMA with V through shared memory, and auto (mma.sync with V built in
+    registers for fp16/bf16; fp32 stays on WMMA)."""
+    monkeypatch.setenv("SDKERNELS_WINOGRAD_KERNEL", request.param)
+    return request.param
+
+
 def check_winograd(x, w, b, r, scale, what, backend="winograd"):
     """The kernel against float64 (the bound) and against the reference that rounds its operands as it does (the
     bound without operand rounding: only fp32 sums in another order and two roundings of the output differ)."""
@@ -404,9 +412,9 @@ def test_every_backend_available():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SD_SHAPES, ids=lambda s: "B=%d,C=%d,K=%d,H=%d,W=%d" % s)
-def test_winograd_at_sd_shapes(shape, dtype):
+def test_winograd_at_sd_shapes(shape, dtype, cuda_kernel):
     x, w, b, r = make_case(*shape, dtype, bias=True, residual=shape[1] == shape[2])
-    check_winograd(x, w, b, r, 1 / 1.4142 if r is not None else 1.0, f"winograd {shape} {dtype}")
+    check_winograd(x, w, b, r, 1 / 1.4142 if r is not None else 1.0, f"winograd {cuda_kernel} {shape} {dtype}")
 
 
 @pytest.mark.gpu
@@ -421,14 +429,14 @@ def test_triton_winograd_on_the_gpu(shape, dtype, no_tf32):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", ODD_SHAPES, ids=lambda s: "B=%d,C=%d,K=%d,H=%d,W=%d" % s)
 @pytest.mark.parametrize("bias, residual, scale", [(True, True, 0.5), (False, False, 1.0), (False, True, -2.0)])
-def test_winograd_odd_shapes(shape, dtype, bias, residual, scale):
+def test_winograd_odd_shapes(shape, dtype, bias, residual, scale, cuda_kernel):
     x, w, b, r = make_case(*shape, dtype, bias, residual)
-    check_winograd(x, w, b, r, scale, f"winograd {shape} {dtype} bias={bias} residual={residual}")
+    check_winograd(x, w, b, r, scale, f"winograd {cuda_kernel} {shape} {dtype} bias={bias} residual={residual}")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_winograd_nchw_and_strided_inputs(dtype):
+def test_winograd_nchw_and_strided_inputs(dtype, cuda_kernel):
     x, w, b, r = make_case(2, 24, 16, 9, 11, dtype, layout="contiguous")
     out = check_winograd(x, w, b, r, 0.5, f"winograd NCHW {dtype}")
     assert out.is_contiguous()
@@ -450,7 +458,7 @@ def test_default_and_other_backends_on_the_gpu(no_tf32):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["winograd", "triton_winograd"])
-def test_cuda_graph_capture_and_replay(backend):
+def test_cuda_graph_capture_and_replay(backend, cuda_kernel):
     x, w, b, r = make_case(2, 64, 64, 32, 32, torch.float16)
     step = lambda: run_op(backend, x, w, b, r, 0.5)  # noqa: E731
     stream = torch.cuda.Stream()
@@ -483,7 +491,7 @@ def test_filter_cache_sees_in_place_weight_changes():
 
 
 @pytest.mark.gpu
-def test_outputs_are_poisoned_and_fully_written():
+def test_outputs_are_poisoned_and_fully_written(cuda_kernel):
     x, w, b, r = make_case(3, 24, 40, 7, 9, torch.float16)
     assert output_like(x, 40).isnan().all(), "the tests run with SDKERNELS_POISON_OUTPUTS=1"
     out = run_op("winograd", x, w, b, r, 1.0)
@@ -502,3 +510,34 @@ def test_the_binding_checks_what_the_kernel_assumes():
         _ext.load().winograd_conv3x3(x[:, :12], u[:, :12].contiguous(), b, None, out, 1.0)
     with pytest.raises(RuntimeError, match="u must be the contiguous"):
         _ext.load().winograd_conv3x3(x, u[:, :, :8], b, None, out, 1.0)
+    with pytest.raises(RuntimeError, match="kernel must be 0"):
+        _ext.load().winograd_conv3x3(x, u, b, None, out, 1.0, kernel=3)
+    x32, w32, b32, r32 = make_case(1, 16, 16, 6, 6, torch.float32)
+    with pytest.raises(RuntimeError, match="the mma kernel: dtype is not fp16 or bf16"):
+        _ext.load().winograd_conv3x3(x32, wg.transformed_filter(w32), b32, None, torch.empty_like(r32), 1.0,
+                                     kernel=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_auto_takes_the_mma_kernel_for_16_bit(dtype):
+    """kernel 0 (auto) runs the mma.sync kernel for fp16/bf16: bit for bit what kernel 2 writes, and a different
+    summation order from the WMMA kernel (1)."""
+    from sdkernels import _ext
+    x, w, b, r = make_case(2, 48, 40, 19, 23, dtype)
+    u = wg.transformed_filter(w)
+    outs = {}
+    for kernel in (0, 1, 2):
+        outs[kernel] = torch.full_like(r, float("nan"))
+        _ext.load().winograd_conv3x3(x, u, b, r, outs[kernel], 0.5, kernel=kernel)
+    assert torch.equal(outs[0], outs[2])
+    assert not torch.equal(outs[1], outs[2])
+    check_within_bound(outs[2], x, w, b, r, 0.5, f"mma kernel {dtype}")
+
+
+@pytest.mark.gpu
+def test_an_unknown_kernel_knob_is_an_error(monkeypatch):
+    monkeypatch.setenv("SDKERNELS_WINOGRAD_KERNEL", "fastest")
+    x, w, b, r = make_case(1, 16, 16, 6, 6, torch.float16)
+    with pytest.raises(ValueError, match="SDKERNELS_WINOGRAD_KERNEL='fastest'"):
+        run_op("winograd", x, w, b, r, 1.0)

@@ -26,6 +26,7 @@ otherwise):
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext, dispatch
+from .._env import getenv
 from ._common import (KERNEL_DTYPES, call_op, fail, is_channels_last_like, kernels, poisoned, triton_available,
                       triton_device_why_not)
 from .winograd import tile_grid, transformed_filter
@@ -169,8 +171,17 @@ def _run_winograd_kernel(launch, x, weight, bias, residual, scale):
     return out if nhwc_out is out else out.copy_(nhwc_out)
 
 
+# SDKERNELS_WINOGRAD_KERNEL picks the CUDA kernel: "wmma" (csrc/winograd_conv3x3.cu, V through shared memory) or
+# "mma" (csrc/winograd_conv3x3_mma.cu, fp16/bf16: mma.sync, V built in registers); default: mma where it applies.
+WINOGRAD_KERNELS = {"": 0, "auto": 0, "wmma": 1, "mma": 2}
+
+
 def _winograd_run(x, weight, bias, residual, scale):
-    return _run_winograd_kernel(_ext.load().winograd_conv3x3, x, weight, bias, residual, scale)
+    knob = getenv("SDKERNELS_WINOGRAD_KERNEL", "")
+    if knob not in WINOGRAD_KERNELS:
+        raise ValueError(f"SDKERNELS_WINOGRAD_KERNEL={knob!r}: expected one of {sorted(WINOGRAD_KERNELS)}")
+    launch = functools.partial(_ext.load().winograd_conv3x3, kernel=WINOGRAD_KERNELS[knob])
+    return _run_winograd_kernel(launch, x, weight, bias, residual, scale)
 
 
 # ---- triton_winograd backend (kernels/winograd_conv3x3.py) ------------------------------------------------------
