@@ -47,8 +47,8 @@ class _Checked:
     def __getattr__(self, name):
         function = getattr(self._module, name)
 
-        def call(*args):
-            error = function(*args)
+        def call(*args, **kwargs):
+            error = function(*args, **kwargs)
             if error:
                 raise RuntimeError(error)
 
