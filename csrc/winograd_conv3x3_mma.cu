@@ -2,13 +2,14 @@
 // contract of winograd_conv3x3.h (the launcher there picks this kernel or the WMMA one), the math of
 // sdkernels/ops/winograd.py.
 //
-// The plan. A block (8 warps) owns 8x8 output tiles (16x16 pixels) of one image by kBlockK = 32 output channels and
-// walks C 16 channels at a time through a kStages-deep cp.async pipeline; a stage holds the chunk's 18x18-pixel
+// The plan. A block (8 warps) owns 4x8 output tiles (8x16 pixels) of one image by kBlockK = 32 output channels and
+// walks C 16 channels at a time through a kStages-deep cp.async pipeline; a stage holds the chunk's 10x18-pixel
 // input patch and U[e][c][k] of the chunk's channels and the block's output channels. Warp w owns positions
 // e = 2w, 2w + 1: one row xi = w / 2 of the 4x4 grid and two neighbouring columns, so its V[e] = B^T d B need only
 // 2 rows x 3 columns of each tile's 4x4 patch. Each thread builds the mma A fragments of its tiles straight from
 // the patch (fp32 sums, one rounding to the input's dtype, as the reference) and multiplies them with U fragments
-// read by ldmatrix: V never reaches shared memory, and a chunk costs one barrier. After the last chunk the fp32
+// read by ldmatrix: V never reaches shared memory, and a chunk costs one barrier. 64 accumulators a thread leave
+// room for two blocks an SM (with one, 8 warps could not hide the loads' latency: 4x slower on an H200). After the last chunk the fp32
 // accumulators go through shared memory, 16 output channels at a time, so that each thread gathers the 16
 // positions of a (tile, channel) for A^T M A and the fused epilogue.
 //
@@ -26,21 +27,22 @@ namespace {
 using namespace sdk_winograd;
 
 constexpr int kThreads = 256;  // 8 warps
-constexpr int kTileRows = 8, kTileCols = 8, kTiles = kTileRows * kTileCols;
+constexpr int kTileRows = 4, kTileCols = 8, kTiles = kTileRows * kTileCols;  // mma rows: 16 tiles of 2 rows
+constexpr int kRowBlocks = kTiles / 16;  // m16 blocks of the MMAs
 constexpr int kBlockK = 32;    // output channels per block
 constexpr int kChunk = 16;     // input channels per pipeline stage: 32 bytes a pixel
 constexpr int kStages = 3;
 constexpr int kPositions = 16;
-constexpr int kPatch = 2 * kTileRows + 2;  // patch rows (and columns)
-constexpr int kPatchPixels = kPatch * kPatch;
+constexpr int kPatchRows = 2 * kTileRows + 2, kPatchCols = 2 * kTileCols + 2;
+constexpr int kPatchPixels = kPatchRows * kPatchCols;
 constexpr int kPatchBytes = (kPatchPixels + 3) / 4 * 128;
 constexpr int kUBytes = kPositions * kChunk * kBlockK * 2;
 constexpr int kStageBytes = kPatchBytes + kUBytes;
-constexpr int kPassK = 16;                 // output channels per pass of the output transform
+constexpr int kPassK = 32;                 // output channels per pass of the output transform: all, freeing acc
 constexpr int kStageRow = kPassK + 8;      // floats per (e, tile) row of the pass: +8 spreads the banks
 constexpr int kPassBytes = kPositions * kTiles * kStageRow * 4;
 constexpr int kSmemBytes = kStages * kStageBytes > kPassBytes ? kStages * kStageBytes : kPassBytes;
-static_assert(kTileRows == kTileCols && kTiles == 64 && kThreads == 256, "the warp layout assumes these");
+static_assert(kTileCols == 8 && kTiles % 16 == 0 && kThreads == 256, "the warp layout assumes these");
 static_assert(kStageBytes % 128 == 0, "stages stay 128-byte aligned");
 
 __device__ __forceinline__ int patch_pixel_offset(int p) { return (p >> 2) * 128 + (((p & 3) ^ ((p >> 2) & 1)) << 5); }
@@ -122,28 +124,38 @@ __device__ __forceinline__ BlockCoords block_coords(const SdkWinogradConv3x3Args
 
 // ---- one pipeline stage: the chunk's patch and U, copied with cp.async --------------------------------------------
 
+// What a stage's copies read, in registers: 32-bit offsets (the launcher checks that they fit).
 template <typename T>
-__device__ __forceinline__ void load_stage(const SdkWinogradConv3x3Args& a, const BlockCoords& b, char* stage,
-                                           int chunk) {
-  const T* x = static_cast<const T*>(a.x);
-  const T* u = static_cast<const T*>(a.u);
+struct StageSource {
+  const T* x;
+  const T* u;
+  int sn, sh, sw, H, W, C, K;
+  int n, h0, w0, k0;  // the block's image, the patch's first input row and column, its first output channel
+
+  __device__ StageSource(const SdkWinogradConv3x3Args& a, const BlockCoords& b)
+      : x(static_cast<const T*>(a.x)), u(static_cast<const T*>(a.u)), sn((int)a.x_strides[0]),
+        sh((int)a.x_strides[1]), sw((int)a.x_strides[2]), H(a.H), W(a.W), C(a.C), K(a.K), n(b.n),
+        h0(2 * b.ty0 - 1), w0(2 * b.tx0 - 1), k0(b.k0) {}
+};
+
+// Not inlined: inlined, the compiler keeps its per-thread addresses live across the chunk loop, and spills.
+template <typename T>
+__device__ __noinline__ void load_stage(const StageSource<T> s, char* stage, int chunk) {
   const int c0 = chunk * kChunk;
-  const int h0 = 2 * b.ty0 - 1, w0 = 2 * b.tx0 - 1;
   for (int i = threadIdx.x; i < kPatchPixels * 2; i += kThreads) {  // two 16-byte vectors a pixel
     const int p = i >> 1, half = i & 1;
-    const int r = p / kPatch, c = p - r * kPatch;
-    const int h = h0 + r, w = w0 + c, ch = c0 + 8 * half;
-    const bool valid = h >= 0 && h < a.H && w >= 0 && w < a.W && ch < a.C;  // C % 8 == 0: whole vectors
-    const T* src = valid ? x + (b.n * (int)a.x_strides[0] + h * (int)a.x_strides[1] + w * (int)a.x_strides[2] + ch)
-                         : x;
-    copy16_async(stage + patch_pixel_offset(p) + 16 * half, src, valid);
+    const int r = p / kPatchCols, c = p - r * kPatchCols;
+    const int h = s.h0 + r, w = s.w0 + c, ch = c0 + 8 * half;
+    const bool valid = h >= 0 && h < s.H && w >= 0 && w < s.W && ch < s.C;  // C % 8 == 0: whole vectors
+    copy16_async(stage + patch_pixel_offset(p) + 16 * half, valid ? s.x + (s.n * s.sn + h * s.sh + w * s.sw + ch) : s.x,
+                 valid);
   }
   char* ub = stage + kPatchBytes;
   for (int i = threadIdx.x; i < kPositions * kChunk * (kBlockK / 8); i += kThreads) {
     const int j = i % (kBlockK / 8), kk = i / (kBlockK / 8) % kChunk, e = i / (kBlockK / 8 * kChunk);
-    const int c = c0 + chunk_channel(kk), k = b.k0 + 8 * j;
-    const bool valid = c < a.C && k < a.K;  // K % 8 == 0: whole vectors
-    copy16_async(ub + u_vector_offset(e, kk, j), valid ? u + ((e * a.C + c) * a.K + k) : u, valid);
+    const int c = c0 + chunk_channel(kk), k = s.k0 + 8 * j;
+    const bool valid = c < s.C && k < s.K;  // K % 8 == 0: whole vectors
+    copy16_async(ub + u_vector_offset(e, kk, j), valid ? s.u + ((e * s.C + c) * s.K + k) : s.u, valid);
   }
   copies_issued();
 }
@@ -181,8 +193,8 @@ __device__ __forceinline__ void tile_a_words(const char* patch, const WarpRole& 
 #pragma unroll
   for (int c = 0; c < 3; ++c) {
     const int col = 2 * tx + role.cb + c;
-    const uint2 wa = load8_shared(patch + patch_pixel_offset((2 * ty + role.ra) * kPatch + col) + 8 * q);
-    const uint2 wb = load8_shared(patch + patch_pixel_offset((2 * ty + role.rb) * kPatch + col) + 8 * q);
+    const uint2 wa = load8_shared(patch + patch_pixel_offset((2 * ty + role.ra) * kPatchCols + col) + 8 * q);
+    const uint2 wb = load8_shared(patch + patch_pixel_offset((2 * ty + role.rb) * kPatchCols + col) + 8 * q);
     const float2 a0 = Mma<T>::unpack(wa.x), a1 = Mma<T>::unpack(wa.y);
     const float2 b0 = Mma<T>::unpack(wb.x), b1 = Mma<T>::unpack(wb.y);
     l[c][0] = fmaf(role.sb, b0.x, a0.x);
@@ -199,28 +211,16 @@ __device__ __forceinline__ void tile_a_words(const char* patch, const WarpRole& 
   hi[1] = Mma<T>::pack(p1[2], p1[3]);
 }
 
-// acc[p][mb][j]: position e = 2w + p, tiles 16 mb .. 16 mb + 15 (mma rows), output channels 8j .. 8j + 7.
+// acc[p][mb][j]: position e = 2w + p, tiles 16 mb .. 16 mb + 15 (mma rows: tile rows 2 mb and 2 mb + 1, columns
+// 0-7), output channels 8j .. 8j + 7.
 template <typename T>
 __device__ __forceinline__ void chunk_mmas(const char* stage, const WarpRole& role, int warp, int lane,
-                                           float (&acc)[2][4][4][4]) {
+                                           float (&acc)[2][kRowBlocks][4][4]) {
   const char* ub = stage + kPatchBytes;
-  uint32_t b[2][4][2];
-#pragma unroll
-  for (int p = 0; p < 2; ++p) {
-#pragma unroll
-    for (int jj = 0; jj < 2; ++jj) {  // ldmatrix matrices: (kk 0-7, 8-15) x (channel blocks 2jj, 2jj + 1)
-      const int m = lane >> 3, kk = (m & 1) * 8 + (lane & 7), j = 2 * jj + (m >> 1);
-      uint32_t r[4];
-      ldmatrix_x4_trans(r, ub + u_vector_offset(2 * warp + p, kk, j));
-      b[p][2 * jj][0] = r[0];
-      b[p][2 * jj][1] = r[1];
-      b[p][2 * jj + 1][0] = r[2];
-      b[p][2 * jj + 1][1] = r[3];
-    }
-  }
   const int g = lane >> 2, q = lane & 3;
+  const int m = lane >> 3, kk = (m & 1) * 8 + (lane & 7);  // ldmatrix: this lane's row of matrix m
 #pragma unroll
-  for (int mb = 0; mb < 4; ++mb) {
+  for (int mb = 0; mb < kRowBlocks; ++mb) {
     uint32_t lo0[2], hi0[2], lo1[2], hi1[2];  // mma rows g (tile row 2 mb) and g + 8 (tile row 2 mb + 1)
     tile_a_words<T>(stage, role, 2 * mb, g, q, lo0, hi0);
     tile_a_words<T>(stage, role, 2 * mb + 1, g, q, lo1, hi1);
@@ -228,8 +228,14 @@ __device__ __forceinline__ void chunk_mmas(const char* stage, const WarpRole& ro
     for (int p = 0; p < 2; ++p) {
       const uint32_t a[4] = {lo0[p], lo1[p], hi0[p], hi1[p]};
 #pragma unroll
-      for (int j = 0; j < 4; ++j) Mma<T>::run(acc[p][mb][j], a, b[p][j]);
+      for (int jj = 0; jj < 2; ++jj) {  // matrices (kk 0-7, 8-15) x (channel blocks 2jj, 2jj + 1)
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, ub + u_vector_offset(2 * warp + p, kk, 2 * jj + (m >> 1)));
+        Mma<T>::run(acc[p][mb][2 * jj], a, b);
+        Mma<T>::run(acc[p][mb][2 * jj + 1], a, b + 2);
+      }
     }
+    asm volatile("" ::: "memory");  // the next row block's loads after these MMAs: fewer registers live at once
   }
 }
 
@@ -268,19 +274,20 @@ __device__ __forceinline__ void store_pass(const SdkWinogradConv3x3Args& a, cons
 // ---- the kernel -------------------------------------------------------------------------------------------------
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 1) winograd_conv3x3_mma_kernel(const SdkWinogradConv3x3Args a) {
+__global__ void __launch_bounds__(kThreads, 2) winograd_conv3x3_mma_kernel(const SdkWinogradConv3x3Args a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // the launcher refuses devices older than sm_80
 #else
   extern __shared__ __align__(128) char smem[];
   const BlockCoords bc = block_coords(a);
+  const StageSource<T> source(a, bc);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const WarpRole role(warp);
-  float acc[2][4][4][4];
+  float acc[2][kRowBlocks][4][4];
 #pragma unroll
   for (int p = 0; p < 2; ++p)
 #pragma unroll
-    for (int mb = 0; mb < 4; ++mb)
+    for (int mb = 0; mb < kRowBlocks; ++mb)
 #pragma unroll
       for (int j = 0; j < 4; ++j)
 #pragma unroll
@@ -290,7 +297,7 @@ __global__ void __launch_bounds__(kThreads, 1) winograd_conv3x3_mma_kernel(const
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < chunks) {
-      load_stage<T>(a, bc, smem + s * kStageBytes, s);
+      load_stage<T>(source, smem + s * kStageBytes, s);
     } else {
       copies_issued();  // an empty group keeps the wait count below uniform
     }
@@ -300,7 +307,7 @@ __global__ void __launch_bounds__(kThreads, 1) winograd_conv3x3_mma_kernel(const
     __syncthreads();                   // everyone's; and chunk i - 1's stage is free again
     const int next = i + kStages - 1;
     if (next < chunks) {
-      load_stage<T>(a, bc, smem + next % kStages * kStageBytes, next);
+      load_stage<T>(source, smem + next % kStages * kStageBytes, next);
     } else {
       copies_issued();
     }
@@ -317,7 +324,7 @@ __global__ void __launch_bounds__(kThreads, 1) winograd_conv3x3_mma_kernel(const
     for (int p = 0; p < 2; ++p) {
       const int e = 2 * warp + p;
 #pragma unroll
-      for (int mb = 0; mb < 4; ++mb) {
+      for (int mb = 0; mb < kRowBlocks; ++mb) {
 #pragma unroll
         for (int jj = 0; jj < kPassK / 8; ++jj) {
           const float* c = acc[p][mb][pass * (kPassK / 8) + jj];

@@ -521,8 +521,8 @@ def test_the_binding_checks_what_the_kernel_assumes():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_auto_takes_the_mma_kernel_for_16_bit(dtype):
-    """kernel 0 (auto) runs the mma.sync kernel for fp16/bf16: bit for bit what kernel 2 writes, and a different
-    summation order from the WMMA kernel (1)."""
+    """kernel 0 (auto) runs the mma.sync kernel for fp16/bf16: bit for bit what kernel 2 writes; the WMMA kernel (1)
+    within the same bound."""
     from sdkernels import _ext
     x, w, b, r = make_case(2, 48, 40, 19, 23, dtype)
     u = wg.transformed_filter(w)
@@ -531,8 +531,8 @@ def test_auto_takes_the_mma_kernel_for_16_bit(dtype):
         outs[kernel] = torch.full_like(r, float("nan"))
         _ext.load().winograd_conv3x3(x, u, b, r, outs[kernel], 0.5, kernel=kernel)
     assert torch.equal(outs[0], outs[2])
-    assert not torch.equal(outs[1], outs[2])
-    check_within_bound(outs[2], x, w, b, r, 0.5, f"mma kernel {dtype}")
+    for kernel in (1, 2):
+        check_within_bound(outs[kernel], x, w, b, r, 0.5, f"kernel {kernel} {dtype}")
 
 
 @pytest.mark.gpu
