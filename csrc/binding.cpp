@@ -235,10 +235,14 @@ std::string attention_row_stats(const at::Tensor& q, const at::Tensor& k, const 
 // ---- sdkernels::conv3x3, Winograd F(2x2, 3x3) (csrc/winograd_conv3x3.cu) ----------------------------------------
 
 std::string winograd_conv3x3(const at::Tensor& x, const at::Tensor& u, const std::optional<at::Tensor>& bias,
-                      const std::optional<at::Tensor>& residual, at::Tensor out, double scale, int64_t kernel) {
+                      const std::optional<at::Tensor>& residual, at::Tensor out, double scale, int64_t kernel,
+                      int64_t ablate) {
   constexpr const char* fn = "sdkernels._C.winograd_conv3x3";
   SDK_CHECK(kernel == SDK_WINOGRAD_AUTO || kernel == SDK_WINOGRAD_WMMA || kernel == SDK_WINOGRAD_MMA, fn,
             ": kernel must be 0 (auto), 1 (wmma) or 2 (mma), got ", kernel);
+  SDK_CHECK(ablate == 0 || (ablate >= 1 && ablate <= 4 && kernel == SDK_WINOGRAD_MMA &&
+                            x.scalar_type() == at::kHalf), fn,
+            ": ablate (bench only) must be 0, or 1-4 with kernel 2 and fp16, got ", ablate);
   SDK_CHECK(x.is_cuda(), fn, ": x must be a CUDA tensor, got one on ", x.device());
   SDK_CHECK(x.dim() == 4, fn, ": x must be (N, C, H, W), got shape ", x.sizes());
   const int dtype = sdk_dtype(x.scalar_type());
@@ -293,6 +297,7 @@ std::string winograd_conv3x3(const at::Tensor& x, const at::Tensor& u, const std
   a.dtype = dtype;
   a.scale = (float)scale;
   a.kernel = (int)kernel;
+  a.ablate = (int)ablate;
   if (kernel == SDK_WINOGRAD_MMA) {
     const char* why_mma = sdk_winograd_conv3x3_mma_why_not(a.N, a.H, a.W, a.C, a.K, dtype);
     SDK_CHECK(why_mma == nullptr, fn, ": the mma kernel: ", why_mma);
@@ -319,7 +324,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("winograd_conv3x3", &winograd_conv3x3,
         "out = (conv3x3(x) + bias + residual) * scale by Winograd F(2x2, 3x3) from the transformed filters u "
         "(16, C, K); x, residual and out channels_last; kernel 0 auto, 1 the WMMA kernel, 2 the mma.sync one "
-        "(fp16/bf16); writes out; returns '' or why it did not",
+        "(fp16/bf16); ablate 1-4 (bench only, kernel 2, fp16: the output is then not the convolution) skips the "
+        "filter copies, the input copies, the input transform or the MMAs; writes out; returns '' or why it did not",
         py::arg("x"), py::arg("u"), py::arg("bias"), py::arg("residual"), py::arg("out"), py::arg("scale"),
-        py::arg("kernel") = 0);
+        py::arg("kernel") = 0, py::arg("ablate") = 0);
 }

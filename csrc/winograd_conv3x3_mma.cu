@@ -45,6 +45,11 @@ constexpr int kSmemBytes = kStages * kStageBytes > kPassBytes ? kStages * kStage
 static_assert(kTileCols == 8 && kTiles % 16 == 0 && kThreads == 256, "the warp layout assumes these");
 static_assert(kStageBytes % 128 == 0, "stages stay 128-byte aligned");
 
+// Stage ablations for the bench's time split (SdkWinogradConv3x3Args::ablate; the output is then not the
+// convolution): the kernel without the filter copies, without the input copies, without the input transform (A
+// words from registers), or without the MMAs (the A words are still built and consumed).
+enum Ablate : int { kFull = 0, kNoFilterCopies = 1, kNoInputCopies = 2, kNoTransform = 3, kNoMmas = 4 };
+
 __device__ __forceinline__ int patch_pixel_offset(int p) { return (p >> 2) * 128 + (((p & 3) ^ ((p >> 2) & 1)) << 5); }
 
 __device__ __forceinline__ int u_vector_offset(int e, int kk, int j) {
@@ -139,10 +144,10 @@ struct StageSource {
 };
 
 // Not inlined: inlined, the compiler keeps its per-thread addresses live across the chunk loop, and spills.
-template <typename T>
+template <typename T, int kAblate>
 __device__ __noinline__ void load_stage(const StageSource<T> s, char* stage, int chunk) {
   const int c0 = chunk * kChunk;
-  for (int i = threadIdx.x; i < kPatchPixels * 2; i += kThreads) {  // two 16-byte vectors a pixel
+  for (int i = threadIdx.x; kAblate != kNoInputCopies && i < kPatchPixels * 2; i += kThreads) {  // two 16-byte vectors a pixel
     const int p = i >> 1, half = i & 1;
     const int r = p / kPatchCols, c = p - r * kPatchCols;
     const int h = s.h0 + r, w = s.w0 + c, ch = c0 + 8 * half;
@@ -151,7 +156,7 @@ __device__ __noinline__ void load_stage(const StageSource<T> s, char* stage, int
                  valid);
   }
   char* ub = stage + kPatchBytes;
-  for (int i = threadIdx.x; i < kPositions * kChunk * (kBlockK / 8); i += kThreads) {
+  for (int i = threadIdx.x; kAblate != kNoFilterCopies && i < kPositions * kChunk * (kBlockK / 8); i += kThreads) {
     const int j = i % (kBlockK / 8), kk = i / (kBlockK / 8) % kChunk, e = i / (kBlockK / 8 * kChunk);
     const int c = c0 + chunk_channel(kk), k = s.k0 + 8 * j;
     const bool valid = c < s.C && k < s.K;  // K % 8 == 0: whole vectors
@@ -213,7 +218,7 @@ __device__ __forceinline__ void tile_a_words(const char* patch, const WarpRole& 
 
 // acc[p][mb][j]: position e = 2w + p, tiles 16 mb .. 16 mb + 15 (mma rows: tile rows 2 mb and 2 mb + 1, columns
 // 0-7), output channels 8j .. 8j + 7.
-template <typename T>
+template <typename T, int kAblate>
 __device__ __forceinline__ void chunk_mmas(const char* stage, const WarpRole& role, int warp, int lane,
                                            float (&acc)[2][kRowBlocks][4][4]) {
   const char* ub = stage + kPatchBytes;
@@ -222,11 +227,22 @@ __device__ __forceinline__ void chunk_mmas(const char* stage, const WarpRole& ro
 #pragma unroll
   for (int mb = 0; mb < kRowBlocks; ++mb) {
     uint32_t lo0[2], hi0[2], lo1[2], hi1[2];  // mma rows g (tile row 2 mb) and g + 8 (tile row 2 mb + 1)
-    tile_a_words<T>(stage, role, 2 * mb, g, q, lo0, hi0);
-    tile_a_words<T>(stage, role, 2 * mb + 1, g, q, lo1, hi1);
+    if (kAblate == kNoTransform) {
+      lo0[0] = lo0[1] = lane + mb;
+      hi0[0] = hi0[1] = lane ^ mb;
+      lo1[0] = lo1[1] = lane * mb;
+      hi1[0] = hi1[1] = lane | mb;
+    } else {
+      tile_a_words<T>(stage, role, 2 * mb, g, q, lo0, hi0);
+      tile_a_words<T>(stage, role, 2 * mb + 1, g, q, lo1, hi1);
+    }
 #pragma unroll
     for (int p = 0; p < 2; ++p) {
       const uint32_t a[4] = {lo0[p], lo1[p], hi0[p], hi1[p]};
+      if (kAblate == kNoMmas) {  // consume the A words so that building them is not optimized away
+        acc[p][mb][0][0] += __uint_as_float((a[0] ^ a[1] ^ a[2] ^ a[3]) & 0x007fffffu);
+        continue;
+      }
 #pragma unroll
       for (int jj = 0; jj < 2; ++jj) {  // matrices (kk 0-7, 8-15) x (channel blocks 2jj, 2jj + 1)
         uint32_t b[4];
@@ -273,7 +289,7 @@ __device__ __forceinline__ void store_pass(const SdkWinogradConv3x3Args& a, cons
 
 // ---- the kernel -------------------------------------------------------------------------------------------------
 
-template <typename T>
+template <typename T, int kAblate>
 __global__ void __launch_bounds__(kThreads, 2) winograd_conv3x3_mma_kernel(const SdkWinogradConv3x3Args a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // the launcher refuses devices older than sm_80
@@ -297,7 +313,7 @@ __global__ void __launch_bounds__(kThreads, 2) winograd_conv3x3_mma_kernel(const
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < chunks) {
-      load_stage<T>(source, smem + s * kStageBytes, s);
+      load_stage<T, kAblate>(source, smem + s * kStageBytes, s);
     } else {
       copies_issued();  // an empty group keeps the wait count below uniform
     }
@@ -307,11 +323,11 @@ __global__ void __launch_bounds__(kThreads, 2) winograd_conv3x3_mma_kernel(const
     __syncthreads();                   // everyone's; and chunk i - 1's stage is free again
     const int next = i + kStages - 1;
     if (next < chunks) {
-      load_stage<T>(source, smem + next % kStages * kStageBytes, next);
+      load_stage<T, kAblate>(source, smem + next % kStages * kStageBytes, next);
     } else {
       copies_issued();
     }
-    chunk_mmas<T>(smem + i % kStages * kStageBytes, role, warp, lane, acc);
+    chunk_mmas<T, kAblate>(smem + i % kStages * kStageBytes, role, warp, lane, acc);
   }
 
   // The output transform, kPassK output channels a pass: the accumulators of those channels to st[e][tile][k].
@@ -340,19 +356,31 @@ __global__ void __launch_bounds__(kThreads, 2) winograd_conv3x3_mma_kernel(const
 #endif
 }
 
-template <typename T>
+template <typename T, int kAblate>
 cudaError_t launch(const SdkWinogradConv3x3Args& a, cudaStream_t stream) {
-  static bool attribute_set = false;  // per dtype; setting it twice is harmless
+  static bool attribute_set = false;  // per instantiation; setting it twice is harmless
   if (!attribute_set) {
-    const cudaError_t err = cudaFuncSetAttribute(winograd_conv3x3_mma_kernel<T>,
+    const cudaError_t err = cudaFuncSetAttribute(winograd_conv3x3_mma_kernel<T, kAblate>,
                                                  cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
     if (err != cudaSuccess) return err;
     attribute_set = true;
   }
   const long long blocks = (long long)a.N * (((a.H + 1) / 2 + kTileRows - 1) / kTileRows) *
                            (((a.W + 1) / 2 + kTileCols - 1) / kTileCols) * ((a.K + kBlockK - 1) / kBlockK);
-  winograd_conv3x3_mma_kernel<T><<<(unsigned)blocks, kThreads, kSmemBytes, stream>>>(a);
+  winograd_conv3x3_mma_kernel<T, kAblate><<<(unsigned)blocks, kThreads, kSmemBytes, stream>>>(a);
   return cudaGetLastError();
+}
+
+// The ablations are instantiated for fp16 only (the bench's dtype).
+cudaError_t launch_ablated(const SdkWinogradConv3x3Args& a, cudaStream_t stream) {
+  if (a.dtype != SDK_FLOAT16) return cudaErrorInvalidValue;
+  switch (a.ablate) {
+    case kNoFilterCopies: return launch<__half, kNoFilterCopies>(a, stream);
+    case kNoInputCopies: return launch<__half, kNoInputCopies>(a, stream);
+    case kNoTransform: return launch<__half, kNoTransform>(a, stream);
+    case kNoMmas: return launch<__half, kNoMmas>(a, stream);
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 }  // namespace
@@ -367,5 +395,6 @@ const char* sdk_winograd_conv3x3_mma_why_not(int N, int H, int W, int /*C: any m
 
 cudaError_t sdk_winograd_conv3x3_mma(const SdkWinogradConv3x3Args& a, cudaStream_t stream) {
   if (sdk_winograd_conv3x3_mma_why_not(a.N, a.H, a.W, a.C, a.K, a.dtype) != nullptr) return cudaErrorInvalidValue;
-  return a.dtype == SDK_FLOAT16 ? launch<__half>(a, stream) : launch<__nv_bfloat16>(a, stream);
+  if (a.ablate != kFull) return launch_ablated(a, stream);
+  return a.dtype == SDK_FLOAT16 ? launch<__half, kFull>(a, stream) : launch<__nv_bfloat16, kFull>(a, stream);
 }
