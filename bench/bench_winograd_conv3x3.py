@@ -39,16 +39,21 @@ from torch import nn  # noqa: E402
 
 import sdkernels  # noqa: E402
 from bench.common import (DTYPES, results_path, Abort, Results, add_models_option, bench_ms,  # noqa: E402
-                          bench_parser, bench_rotating_ms, copy_bandwidth_gbps, gpu_timing, input_sets,
+                          bench_parser, bench_rotating_ms, copy_bandwidth_gbps, env_set, gpu_timing, input_sets,
                           measure_cases, on_gpu, run_poisoned, timing_note)
 from bench.shapes import WORKLOADS, workload_calls  # noqa: E402
 from sdkernels.dispatch import use_backend  # noqa: E402
 from sdkernels.ops.conv3x3_plain import OP, conv3x3_dispatch  # noqa: E402
-from sdkernels.ops.winograd import error_bound, operand_dtype  # noqa: E402
+from sdkernels import _ext  # noqa: E402
+from sdkernels.ops.winograd import error_bound, operand_dtype, transformed_filter  # noqa: E402
 
 BENCH = "winograd_conv3x3"
 BASELINE = "cudnn"
-OURS = ("winograd", "triton_winograd", "triton_igemm", "triton_tma")  # the first that ran is "ours" in the rows
+# The first that ran is "ours" in the rows. winograd_wmma: the winograd backend's first CUDA kernel (WMMA, V through
+# shared memory), which "winograd" (the mma.sync kernel for fp16/bf16) replaced; timed beside it.
+OURS = ("winograd", "winograd_wmma", "triton_winograd", "triton_igemm", "triton_tma")
+# The mma kernel's stages, each timed by leaving it out (the binding's bench-only ablate, fp16): how much less time.
+ABLATIONS = {"filter_copies": 1, "input_copies": 2, "input_transform": 3, "mmas": 4}
 QUICK_CASES_PER_MODEL = 3
 FULL_CHECK_ELEMENTS = 2**25             # above this, the float64 check runs on a crop
 CHECK_CROP = 256
@@ -149,6 +154,12 @@ def measure_case(case: Case, dtype, device, timing: dict, residual: bool) -> dic
         check(f"{BENCH} {case.name} {dtype} backend={backend}", out, x, w, b, r, scale)
         del out
         ms[backend] = bench_rotating_ms(lambda x: run(x, w, b, r, scale), sets, **timing)
+        if backend == "winograd" and on_gpu() and dtype != torch.float32:
+            with env_set("SDKERNELS_WINOGRAD_KERNEL", "wmma"):
+                out = run_poisoned(lambda: run(x, w, b, r, scale))
+                check(f"{BENCH} {case.name} {dtype} backend=winograd (WMMA kernel)", out, x, w, b, r, scale)
+                del out
+                ms["winograd_wmma"] = bench_rotating_ms(lambda x: run(x, w, b, r, scale), sets, **timing)
     return {"ms": ms, "skipped": skipped,
             "checked_on": "full" if x.numel() <= FULL_CHECK_ELEMENTS else f"{CHECK_CROP}x{CHECK_CROP} crop"}
 
@@ -169,14 +180,31 @@ def measure_stages(case: Case, dtype, device, timing: dict) -> dict:
     vm_bytes = 2 * size * 16 * tiles * (case.cin + case.cout)  # V and M, each written once and read once
     gbps = copy_bandwidth_gbps() if on_gpu() else None
     at_copy = (lambda n: n / gbps / 1e6) if gbps else (lambda n: None)
-    return {"gemm_cublas_ms": gemm_ms, "gemm_tflops": 2 * 16 * tiles * case.cin * case.cout / gemm_ms / 1e9,
+    return {**ablation_ms(case, dtype, device, timing), "gemm_cublas_ms": gemm_ms,
+            "gemm_tflops": 2 * 16 * tiles * case.cin * case.cout / gemm_ms / 1e9,
             "io_bytes": io_bytes, "io_ms_at_copy_bw": at_copy(io_bytes),
             "unfused_vm_bytes": vm_bytes, "unfused_vm_ms_at_copy_bw": at_copy(vm_bytes)}
 
 
+def ablation_ms(case: Case, dtype, device, timing: dict) -> dict:
+    """{"mma_kernel_ms": t, "mma_saved_ms": {stage: t - t without it}}: the mma kernel (fp16, conv + bias) whole and
+    with each stage left out (ABLATIONS), the stages' shares of its time; {} where it does not run."""
+    if device != "cuda" or dtype != torch.float16:
+        return {}
+    x, w, b, _ = make_inputs(case, dtype, device, residual=False)
+    u, out = transformed_filter(w), torch.empty(case.batch, case.cout, case.height, case.width, device=device,
+                                                dtype=dtype, memory_format=torch.channels_last)
+    launch = _ext.load().winograd_conv3x3
+    whole = bench_ms(lambda: launch(x, u, b, None, out, 1.0, kernel=2), **timing)
+    saved = {stage: whole - bench_ms(lambda a=ablate: launch(x, u, b, None, out, 1.0, kernel=2, ablate=a), **timing)
+             for stage, ablate in ABLATIONS.items()}
+    return {"mma_kernel_ms": whole, "mma_saved_ms": saved}
+
+
 def stages_table(cases: list, measured: dict) -> str:
     lines = [f"{'case':34s} {'winograd us':>12s} {'cuBLAS GEMMs us':>16s} {'GEMM TF/s':>10s} {'x+out us @copy':>15s} "
-             f"{'V+M us @copy':>13s}"]
+             f"{'V+M us @copy':>13s}  mma kernel without each stage: us saved (filter copies, input copies, input "
+             f"transform, MMAs)"]
     for case in cases:
         m = measured[case.name]
         stages = m.get("stages")
@@ -184,9 +212,11 @@ def stages_table(cases: list, measured: dict) -> str:
             continue
         at_copy = lambda key: f"{1e3 * stages[key]:.1f}" if stages[key] is not None else "-"  # noqa: E731
         ours = f"{1e3 * m['ms']['winograd']:.1f}" if "winograd" in m["ms"] else "-"
+        saved = stages.get("mma_saved_ms", {})
         lines.append(f"{case.name:34s} {ours:>12s} {1e3 * stages['gemm_cublas_ms']:16.1f} "
                      f"{stages['gemm_tflops']:10.1f} {at_copy('io_ms_at_copy_bw'):>15s} "
-                     f"{at_copy('unfused_vm_ms_at_copy_bw'):>13s}")
+                     f"{at_copy('unfused_vm_ms_at_copy_bw'):>13s}  "
+                     + " ".join(f"{1e3 * saved[k]:.1f}" for k in ABLATIONS if k in saved))
     return "\n".join(lines)
 
 

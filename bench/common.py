@@ -5,6 +5,7 @@ the common options, and the check-then-time loop over the cases that a wrong out
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -73,17 +74,24 @@ def add_models_option(p: argparse.ArgumentParser, default: str, known) -> None:
     p.add_argument("--models", type=names, default=default, help=f"comma-separated, from {', '.join(known)}")
 
 
-def run_poisoned(fn):
-    """fn() with outputs pre-filled with NaN, so an element a kernel never writes fails the check."""
-    saved = os.environ.get("SDKERNELS_POISON_OUTPUTS")
-    os.environ["SDKERNELS_POISON_OUTPUTS"] = "1"
+@contextlib.contextmanager
+def env_set(name: str, value: str):
+    """Environment variable ``name`` set to ``value`` inside the block, restored after."""
+    saved = os.environ.get(name)
+    os.environ[name] = value
     try:
-        return fn()
+        yield
     finally:
         if saved is None:
-            del os.environ["SDKERNELS_POISON_OUTPUTS"]
+            del os.environ[name]
         else:
-            os.environ["SDKERNELS_POISON_OUTPUTS"] = saved
+            os.environ[name] = saved
+
+
+def run_poisoned(fn):
+    """fn() with outputs pre-filled with NaN, so an element a kernel never writes fails the check."""
+    with env_set("SDKERNELS_POISON_OUTPUTS", "1"):
+        return fn()
 
 
 def tuning_objective(timing: dict):

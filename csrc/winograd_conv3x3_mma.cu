@@ -9,9 +9,13 @@
 // 2 rows x 3 columns of each tile's 4x4 patch. Each thread builds the mma A fragments of its tiles straight from
 // the patch (fp32 sums, one rounding to the input's dtype, as the reference) and multiplies them with U fragments
 // read by ldmatrix: V never reaches shared memory, and a chunk costs one barrier. 64 accumulators a thread leave
-// room for two blocks an SM (with one, 8 warps could not hide the loads' latency: 4x slower on an H200). After the last chunk the fp32
-// accumulators go through shared memory, 16 output channels at a time, so that each thread gathers the 16
-// positions of a (tile, channel) for A^T M A and the fused epilogue.
+// room for two blocks an SM (8x8 tiles, one block an SM at 254 registers, ran 1.09x slower on an H200). After the
+// last chunk the fp32 accumulators go through shared memory so that each thread gathers the 16 positions of a
+// (tile, channel) for A^T M A and the fused epilogue.
+//
+// Where the time goes (H200, 1x128x1024x1024 fp16, each stage left out in turn, bench_winograd_conv3x3's
+// ablations): input transform 44%, MMAs 24%, filter copies 19%, input copies 9%, nearly additive: the stages do
+// not overlap, and each block re-reads its 128 KB of U for 32 tiles.
 //
 // Shared memory layouts (XOR swizzles keep ldmatrix and the 8-byte patch loads free of bank conflicts):
 //   * patch: pixel p = row * 18 + column in 128-byte lines of 4 pixels, slot (p & 3) ^ ((p >> 2) & 1);
@@ -147,7 +151,8 @@ struct StageSource {
 template <typename T, int kAblate>
 __device__ __noinline__ void load_stage(const StageSource<T> s, char* stage, int chunk) {
   const int c0 = chunk * kChunk;
-  for (int i = threadIdx.x; kAblate != kNoInputCopies && i < kPatchPixels * 2; i += kThreads) {  // two 16-byte vectors a pixel
+  // Two 16-byte vectors a pixel.
+  for (int i = threadIdx.x; kAblate != kNoInputCopies && i < kPatchPixels * 2; i += kThreads) {
     const int p = i >> 1, half = i & 1;
     const int r = p / kPatchCols, c = p - r * kPatchCols;
     const int h = s.h0 + r, w = s.w0 + c, ch = c0 + 8 * half;
@@ -227,7 +232,7 @@ __device__ __forceinline__ void chunk_mmas(const char* stage, const WarpRole& ro
 #pragma unroll
   for (int mb = 0; mb < kRowBlocks; ++mb) {
     uint32_t lo0[2], hi0[2], lo1[2], hi1[2];  // mma rows g (tile row 2 mb) and g + 8 (tile row 2 mb + 1)
-    if (kAblate == kNoTransform) {
+    if constexpr (kAblate == kNoTransform) {
       lo0[0] = lo0[1] = lane + mb;
       hi0[0] = hi0[1] = lane ^ mb;
       lo1[0] = lo1[1] = lane * mb;
@@ -239,16 +244,16 @@ __device__ __forceinline__ void chunk_mmas(const char* stage, const WarpRole& ro
 #pragma unroll
     for (int p = 0; p < 2; ++p) {
       const uint32_t a[4] = {lo0[p], lo1[p], hi0[p], hi1[p]};
-      if (kAblate == kNoMmas) {  // consume the A words so that building them is not optimized away
+      if constexpr (kAblate == kNoMmas) {  // consume the A words so that building them is not optimized away
         acc[p][mb][0][0] += __uint_as_float((a[0] ^ a[1] ^ a[2] ^ a[3]) & 0x007fffffu);
-        continue;
-      }
+      } else {
 #pragma unroll
-      for (int jj = 0; jj < 2; ++jj) {  // matrices (kk 0-7, 8-15) x (channel blocks 2jj, 2jj + 1)
-        uint32_t b[4];
-        ldmatrix_x4_trans(b, ub + u_vector_offset(2 * warp + p, kk, 2 * jj + (m >> 1)));
-        Mma<T>::run(acc[p][mb][2 * jj], a, b);
-        Mma<T>::run(acc[p][mb][2 * jj + 1], a, b + 2);
+        for (int jj = 0; jj < 2; ++jj) {  // matrices (kk 0-7, 8-15) x (channel blocks 2jj, 2jj + 1)
+          uint32_t b[4];
+          ldmatrix_x4_trans(b, ub + u_vector_offset(2 * warp + p, kk, 2 * jj + (m >> 1)));
+          Mma<T>::run(acc[p][mb][2 * jj], a, b);
+          Mma<T>::run(acc[p][mb][2 * jj + 1], a, b + 2);
+        }
       }
     }
     asm volatile("" ::: "memory");  // the next row block's loads after these MMAs: fewer registers live at once

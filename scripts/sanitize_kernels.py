@@ -1,5 +1,6 @@
 """Every kernel once on odd shapes, for compute-sanitizer memcheck (scripts/gpu_lane.sh runs it). Each backend is
 forced strictly so nothing silently takes the reference path; results are checked against the reference."""
+import itertools
 import os
 
 import torch
@@ -163,16 +164,15 @@ def describe_args(args) -> str:
     return " ".join(f"{tuple(a.shape)}:{str(a.dtype)[6:]}" if isinstance(a, torch.Tensor) else repr(a) for a in args)
 
 
-def _with_flash_tma(tma, run):
-    """run() with SDKERNELS_FLASH_TMA=1 where ``tma`` is set (the flash backend's descriptor kernel wherever it can
-    run), else under the default rule."""
-    if not tma:
+def _with_env(name, value, run):
+    """run() with environment variable ``name`` set to ``value`` where value is not empty, else as it is."""
+    if not value:
         return run()
-    os.environ["SDKERNELS_FLASH_TMA"] = "1"
+    os.environ[name] = value
     try:
         return run()
     finally:
-        del os.environ["SDKERNELS_FLASH_TMA"]
+        del os.environ[name]
 
 
 def cases():
@@ -180,7 +180,7 @@ def cases():
     for label, args in attention_cases():
         backend, _, tma = label.partition(" ")
         yield (f"flash_attention[{label}]", backend,
-               lambda a=args, t=tma: _with_flash_tma(t, lambda: sdkernels.flash_attention(
+               lambda a=args, t=tma: _with_env("SDKERNELS_FLASH_TMA", t and "1", lambda: sdkernels.flash_attention(
                    *a[:3], scale=a[3], attn_mask=a[4], heads=a[5])),
                lambda a=args: attention_reference(*a), args, 2e-2)
     for backend, args in group_norm_cases():
@@ -194,8 +194,9 @@ def cases():
         yield name, "triton", lambda o=op, a=args: o(*a), lambda r=reference, a=args: r(*a), args, 2e-2
     for label, run, args in linear_geglu_plan_cases():
         yield label, "triton", run, lambda a=args: linear_geglu_reference(*a), args, 2e-2
-    for args in winograd_cases():
-        yield ("conv3x3", "winograd", lambda a=args: sdkernels.conv3x3(*a),
+    for kernel, args in itertools.product(("", "wmma"), winograd_cases()):  # default (mma for 16-bit), WMMA
+        yield (f"conv3x3 winograd {kernel or 'default'}", "winograd",
+               lambda a=args, k=kernel: _with_env("SDKERNELS_WINOGRAD_KERNEL", k, lambda: sdkernels.conv3x3(*a)),
                lambda a=args: winograd_conv3x3_reference(*a), args, 2e-2)
     for args in conv3x3_tma_cases():
         yield ("conv3x3 tma", "triton_tma", lambda a=args: sdkernels.conv3x3(*a), lambda a=args: conv3x3_eager(*a),
