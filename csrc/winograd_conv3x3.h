@@ -6,7 +6,8 @@
 //
 // The filters come transformed: u = G g G^T per (k, c) as (16, C, K) (sdkernels/ops/winograd.py: filter_transform,
 // rounded to x's dtype). fp16/bf16 multiply on tensor cores (V and U in x's dtype, fp32 accumulation); fp32 runs on
-// the FMA units, all in fp32. See winograd_conv3x3.cu for the plan.
+// the FMA units, all in fp32. Two kernels: winograd_conv3x3.cu (WMMA, V through shared memory; fp32 too) and
+// winograd_conv3x3_mma.cu (mma.sync, V built in registers; fp16/bf16), each file with its plan.
 //
 // Requirements (sdk_winograd_conv3x3_why_not checks the shape ones; the caller checks the pointers):
 //   * C and K multiples of 8; N * ceil(H / 2) * ceil(W / 2) < 2^31;

@@ -12,8 +12,10 @@ otherwise):
   cudnn         F.conv2d in x's dtype, then the epilogue in eager PyTorch: the definition of the op (cuDNN on GPUs,
                 TF32 for fp32 where torch.backends.cudnn.allow_tf32 allows it), and the default until measurements
                 say another backend is faster for some shapes (``dispatch.set_chooser("conv3x3", ...)``).
-  winograd      the CUDA extension's Winograd F(2x2, 3x3) (csrc/winograd_conv3x3.cu, math in winograd.py): fp16/bf16
-                on tensor cores with fp32 accumulation, fp32 on FMA units; C and K multiples of 8; sm_80 or newer.
+  winograd      the CUDA extension's Winograd F(2x2, 3x3) (math in winograd.py): fp16/bf16 on tensor cores with fp32
+                accumulation (csrc/winograd_conv3x3_mma.cu: mma.sync, V built in registers; or, with
+                SDKERNELS_WINOGRAD_KERNEL=wmma, csrc/winograd_conv3x3.cu: WMMA, V through shared memory), fp32 on FMA
+                units (winograd_conv3x3.cu); C and K multiples of 8; sm_80 or newer.
                 Its filters are transformed once per weight version (winograd.transformed_filter).
   triton_igemm  the Triton implicit-GEMM convolution of sdkernels::conv3x3_fused (kernels/conv3x3.py), no prologue.
   triton_tma    a Triton implicit GEMM whose operands Hopper's copy engine loads (kernels/conv3x3_tma.py), split-K
