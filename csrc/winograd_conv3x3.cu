@@ -246,9 +246,6 @@ struct GemmFor<float> {
 template <typename T>
 __device__ __forceinline__ void store_outputs(const SdkWinogradConv3x3Args& a, const float* st, int tile0, int kbase,
                                               int tiles, int tiles_w, int tiles_per_image) {
-  const T* bias = static_cast<const T*>(a.bias);
-  const T* residual = static_cast<const T*>(a.residual);
-  T* out = static_cast<T*>(a.out);
 #pragma unroll
   for (int j = 0; j < kTiles * kPassK / kThreads; ++j) {
     const int pair = threadIdx.x + j * kThreads;
@@ -258,20 +255,8 @@ __device__ __forceinline__ void store_outputs(const SdkWinogradConv3x3Args& a, c
     float m[kPositions];
 #pragma unroll
     for (int e = 0; e < kPositions; ++e) m[e] = st[(e * kTiles + t) * kPassK + kk];
-    float y[4];
-    output_transform(m, y);
-    const float b = bias != nullptr ? Elem<T>::to_float(bias[k]) : 0.f;
     const TileCoords c = tile_coords(tile, tiles_w, tiles_per_image);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int h = 2 * c.th + i / 2, w = 2 * c.tw + i % 2;
-      if (h >= a.H || w >= a.W) continue;
-      float v = y[i] + b;
-      if (residual != nullptr) {
-        v += Elem<T>::to_float(residual[offset(a.residual_strides, c.n, h, w) + k]);
-      }
-      out[offset(a.out_strides, c.n, h, w) + k] = Elem<T>::from_float(v * a.scale);
-    }
+    store_tile<T>(a, m, c.n, c.th, c.tw, k);
   }
 }
 

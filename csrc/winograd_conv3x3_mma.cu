@@ -262,12 +262,11 @@ __device__ __forceinline__ void chunk_mmas(const char* stage, const WarpRole& ro
 
 // ---- output transform and epilogue ------------------------------------------------------------------------------
 
+// Threads take (tile, channel) pairs, channel fastest: a warp reads 32 consecutive floats a position and writes 32
+// consecutive channels of a pixel.
 template <typename T>
 __device__ __forceinline__ void store_pass(const SdkWinogradConv3x3Args& a, const BlockCoords& bc, const float* st,
                                            int kpass) {
-  const T* bias = static_cast<const T*>(a.bias);
-  const T* residual = static_cast<const T*>(a.residual);
-  T* out = static_cast<T*>(a.out);
 #pragma unroll
   for (int it = 0; it < kTiles * kPassK / kThreads; ++it) {
     const int item = threadIdx.x + it * kThreads;
@@ -278,17 +277,7 @@ __device__ __forceinline__ void store_pass(const SdkWinogradConv3x3Args& a, cons
     float m[kPositions];
 #pragma unroll
     for (int e = 0; e < kPositions; ++e) m[e] = st[(e * kTiles + t) * kStageRow + kk];
-    float y[4];
-    output_transform(m, y);
-    const float bv = bias != nullptr ? Elem<T>::to_float(bias[k]) : 0.f;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int h = 2 * ty + i / 2, w = 2 * tx + i % 2;
-      if (h >= a.H || w >= a.W) continue;
-      float v = y[i] + bv;
-      if (residual != nullptr) v += Elem<T>::to_float(residual[offset(a.residual_strides, bc.n, h, w) + k]);
-      out[offset(a.out_strides, bc.n, h, w) + k] = Elem<T>::from_float(v * a.scale);
-    }
+    store_tile<T>(a, m, bc.n, ty, tx, k);
   }
 }
 

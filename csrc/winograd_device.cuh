@@ -124,6 +124,27 @@ __device__ __forceinline__ void copies_landed_but() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
 
+// The epilogue of one tile and output channel k, shared by both kernels: y = A^T m A of its 16 M values, then the
+// (up to) 4 pixels inside the image written as (y + bias[k] [+ residual]) * scale, rounded to T.
+template <typename T>
+__device__ __forceinline__ void store_tile(const SdkWinogradConv3x3Args& a, const float* m, int n, int th, int tw,
+                                           int k) {
+  const T* bias = static_cast<const T*>(a.bias);
+  const T* residual = static_cast<const T*>(a.residual);
+  T* out = static_cast<T*>(a.out);
+  float y[4];
+  output_transform(m, y);
+  const float b = bias != nullptr ? Elem<T>::to_float(bias[k]) : 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int h = 2 * th + i / 2, w = 2 * tw + i % 2;
+    if (h >= a.H || w >= a.W) continue;
+    float v = y[i] + b;
+    if (residual != nullptr) v += Elem<T>::to_float(residual[offset(a.residual_strides, n, h, w) + k]);
+    out[offset(a.out_strides, n, h, w) + k] = Elem<T>::from_float(v * a.scale);
+  }
+}
+
 // Whether every element offset of an (N, H, W, C) tensor through (n, h, w) strides (channel stride 1) fits in int.
 inline bool offsets_fit(const long long* strides, int N, int H, int W, int C) {
   const long long last = (N - 1) * strides[0] + (H - 1) * strides[1] + (W - 1) * strides[2] + (C - 1);
