@@ -5,7 +5,6 @@ the common options, and the check-then-time loop over the cases that a wrong out
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 
@@ -13,13 +12,14 @@ import torch
 
 from sdkernels.benchmarking import (DTYPES, Results, as_cuda_graph, bench_ms, bench_rotating_ms, copy_bandwidth_gbps,
                                     input_sets, machine, on_gpu)
+from sdkernels.testing import env_set
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 __all__ = ["Abort", "DTYPES", "RESULTS_DIR", "add_models_option", "bench_parser", "gpu_timing", "measure_cases",
            "results_path",
            "Results", "as_cuda_graph", "bench_ms", "bench_rotating_ms", "copy_bandwidth_gbps", "input_sets", "machine",
-           "on_gpu", "run_poisoned"]
+           "on_gpu", "run_poisoned", "env_set"]
 
 
 class Abort(Exception):
@@ -72,20 +72,6 @@ def add_models_option(p: argparse.ArgumentParser, default: str, known) -> None:
             raise argparse.ArgumentTypeError(f"unknown model(s) {unknown}; known: {', '.join(known)}")
         return models
     p.add_argument("--models", type=names, default=default, help=f"comma-separated, from {', '.join(known)}")
-
-
-@contextlib.contextmanager
-def env_set(name: str, value: str):
-    """Environment variable ``name`` set to ``value`` inside the block, restored after."""
-    saved = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = saved
 
 
 def run_poisoned(fn):

@@ -9,13 +9,14 @@
 // 2 rows x 3 columns of each tile's 4x4 patch. Each thread builds the mma A fragments of its tiles straight from
 // the patch (fp32 sums, one rounding to the input's dtype, as the reference) and multiplies them with U fragments
 // read by ldmatrix: V never reaches shared memory, and a chunk costs one barrier. 64 accumulators a thread leave
-// room for two blocks an SM (8x8 tiles, one block an SM at 254 registers, ran 1.09x slower on an H200). After the
+// room for two blocks an SM (8x8 tiles, one block an SM at 254 registers: 0.98x the WMMA kernel's time in one call
+// on an H200; these tiles 0.89x in another). After the
 // last chunk the fp32 accumulators go through shared memory so that each thread gathers the 16 positions of a
 // (tile, channel) for A^T M A and the fused epilogue.
 //
 // Where the time goes (H200, 1x128x1024x1024 fp16, each stage left out in turn, bench_winograd_conv3x3's
-// ablations): input transform 44%, MMAs 24%, filter copies 19%, input copies 9%, nearly additive: the stages do
-// not overlap, and each block re-reads its 128 KB of U for 32 tiles.
+// ablations): input transform 44%, MMAs 25%, filter copies 20%, input copies 9%, about additive: the stages
+// hardly overlap, and each block re-reads its 128 KB of U for 32 tiles.
 //
 // Shared memory layouts (XOR swizzles keep ldmatrix and the 8-byte patch loads free of bank conflicts):
 //   * patch: pixel p = row * 18 + column in 128-byte lines of 4 pixels, slot (p & 3) ^ ((p >> 2) & 1);

@@ -1,5 +1,6 @@
 """Every kernel once on odd shapes, for compute-sanitizer memcheck (scripts/gpu_lane.sh runs it). Each backend is
 forced strictly so nothing silently takes the reference path; results are checked against the reference."""
+import contextlib
 import itertools
 import os
 
@@ -12,7 +13,7 @@ from sdkernels.ops import (add_bias_residual_reference, conv3x3_eager, conv3x3_r
                            winograd_conv3x3_reference)
 from sdkernels.ops import add_layer_norm, add_layer_norm_reference
 from sdkernels.ops.attention import GPU_UNSAFE_HEAD_DIMS
-from sdkernels.testing import assert_close, relative_error
+from sdkernels.testing import assert_close, env_set, relative_error
 from probe_gn_plans import with_plan  # scripts/: forces a Triton GroupNorm plan
 
 
@@ -166,13 +167,8 @@ def describe_args(args) -> str:
 
 def _with_env(name, value, run):
     """run() with environment variable ``name`` set to ``value`` where value is not empty, else as it is."""
-    if not value:
+    with env_set(name, value) if value else contextlib.nullcontext():
         return run()
-    os.environ[name] = value
-    try:
-        return run()
-    finally:
-        del os.environ[name]
 
 
 def cases():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 
 import torch
 
@@ -15,6 +16,20 @@ TOLERANCES = {
     torch.bfloat16: (1.6e-2, 1e-2),
     torch.float64: (1e-10, 1e-10),
 }
+
+
+@contextlib.contextmanager
+def env_set(name: str, value: str):
+    """Environment variable ``name`` set to ``value`` inside the block, restored after (a knob forced for a run)."""
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = saved
 
 
 @contextlib.contextmanager
