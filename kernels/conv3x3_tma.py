@@ -57,18 +57,14 @@ def _conv3x3_tma_kernel(x_desc, w_desc, bias_ptr, res_ptr, out_ptr, part_ptr,
     co0 = tile_n * BLOCK_N
     BLOCK_M: tl.constexpr = BNI * BH * BW
 
-    first = split * steps_per_split
-    last = tl.minimum(first + steps_per_split, 9 * chunks)
+    first, last = k_range(split, steps_per_split, chunks)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for step in range(first, last):
         tap = step // chunks
         c0 = (step - tap * chunks) * BK
         a = x_desc.load([n0, h0 + tap // 3 - 1, w0 + tap % 3 - 1, c0]).reshape(BLOCK_M, BK)
         b = w_desc.load([co0, tap * Cin + c0])
-        if DOT_IN_FP32:
-            acc = tl.dot(a.to(tl.float32), b.T.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b.T, acc)
+        acc = dot_bt(a, b, acc, DOT_IN_FP32)
 
     i = tl.arange(0, BLOCK_M)
     n = n0 + i // (BH * BW)
@@ -85,6 +81,24 @@ def _conv3x3_tma_kernel(x_desc, w_desc, bias_ptr, res_ptr, out_ptr, part_ptr,
                       HAS_RESIDUAL)
         pix = n.to(tl.int64) * soN + h.to(tl.int64) * soH + w.to(tl.int64) * soW
         tl.store(out_ptr + pix[:, None] + co[None, :] * soC, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def k_range(split, steps_per_split, chunks):
+    """The K steps (9 taps x chunks channel chunks) that K range ``split`` walks: [first, last)."""
+    first = split * steps_per_split
+    return first, tl.minimum(first + steps_per_split, 9 * chunks)
+
+
+@triton.jit
+def dot_bt(a, b, acc, DOT_IN_FP32: tl.constexpr):
+    """acc + a @ b.T on the tensor cores, or with DOT_IN_FP32 as exact fp32 products (the interpreter's bf16 dot is
+    wrong, triton 3.9; bf16 products are exact in fp32)."""
+    if DOT_IN_FP32:
+        acc = tl.dot(a.to(tl.float32), b.T.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b.T, acc)
+    return acc
 
 
 @triton.jit

@@ -34,6 +34,7 @@ GROUPS_TILE = 4096       # elements per program when a program takes several sma
 TILE = 4096              # elements per program in the flat plan
 ROW_TILE = 8192          # elements per program in the rows plan (rows x all channels)
 MERGE_CHUNK = 1024       # partials merged per step in the finalize kernel
+FLAT_STATS_MAX = 524288  # largest group group_norm_stats takes through the flat plan where choose_plan says rows
 
 
 @triton.jit
@@ -173,11 +174,13 @@ def _tile_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, sh_ptr, G, S, eps,
                  sxN, sxC, sxS, srN, srC, srS, soN, soC, soS, shN, shC,
                  CG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, CHANNELS_FAST: tl.constexpr,
                  HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-                 HAS_RESIDUAL: tl.constexpr, HAS_SHIFT: tl.constexpr, SUMS: tl.constexpr = 0):
+                 HAS_RESIDUAL: tl.constexpr, HAS_SHIFT: tl.constexpr, SUMS: tl.constexpr = 0,
+                 STATS_ONLY: tl.constexpr = False):
     """one_pass with the group as a 2-D tile of channels and positions: no per-element division, per-channel values
     (weights, shift) loaded once per channel and folded into one scale and offset, and the contiguous axis read as
     vectors (channels with CHANNELS_FAST, where x, residual and out have channel stride 1; else positions, as in
-    NCHW). CG is a constexpr so that the channel mask is uniform over 16-byte vectors."""
+    NCHW). CG is a constexpr so that the channel mask is uniform over 16-byte vectors. STATS_ONLY: the group's fp32
+    (mean, rstd) stored at out_ptr[2 ng], nothing normalized (sdkernels::group_norm_stats)."""
     ng = tl.program_id(0)
     n = ng // G
     g = ng - n * G
@@ -220,20 +223,24 @@ def _tile_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, sh_ptr, G, S, eps,
         mean = tl.sum(x) / size
         d = tl.where(mask, x - mean, 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(d * d) / size + eps)
-    scale = tl.zeros([BLOCK_C], dtype=tl.float32) + rstd
-    offset = tl.zeros([BLOCK_C], dtype=tl.float32)
-    if HAS_WEIGHT:
-        scale *= tl.load(w_ptr + ch, mask=c_ok, other=1.0).to(tl.float32)
-    if HAS_BIAS:
-        offset = tl.load(b_ptr + ch, mask=c_ok, other=0.0).to(tl.float32)
-    y = d * _per_channel(scale, CHANNELS_FAST) + _per_channel(offset, CHANNELS_FAST)
-    if SILU:
-        y = y * tl.sigmoid(y)
-    if HAS_RESIDUAL:
-        y += tl.load(res_ptr + _tile_offsets(n64, ch, s, srN, srC, srS, CHANNELS_FAST), mask=mask,
-                     other=0.0).to(tl.float32)
-    tl.store(out_ptr + _tile_offsets(n64, ch, s, soN, soC, soS, CHANNELS_FAST), y.to(out_ptr.dtype.element_ty),
-             mask=mask)
+    if STATS_ONLY:
+        tl.store(out_ptr + 2 * ng, mean)
+        tl.store(out_ptr + 2 * ng + 1, rstd)
+    else:
+        scale = tl.zeros([BLOCK_C], dtype=tl.float32) + rstd
+        offset = tl.zeros([BLOCK_C], dtype=tl.float32)
+        if HAS_WEIGHT:
+            scale *= tl.load(w_ptr + ch, mask=c_ok, other=1.0).to(tl.float32)
+        if HAS_BIAS:
+            offset = tl.load(b_ptr + ch, mask=c_ok, other=0.0).to(tl.float32)
+        y = d * _per_channel(scale, CHANNELS_FAST) + _per_channel(offset, CHANNELS_FAST)
+        if SILU:
+            y = y * tl.sigmoid(y)
+        if HAS_RESIDUAL:
+            y += tl.load(res_ptr + _tile_offsets(n64, ch, s, srN, srC, srS, CHANNELS_FAST), mask=mask,
+                         other=0.0).to(tl.float32)
+        tl.store(out_ptr + _tile_offsets(n64, ch, s, soN, soC, soS, CHANNELS_FAST), y.to(out_ptr.dtype.element_ty),
+                 mask=mask)
 
 
 # ---- partials -> finalize -> apply --------------------------------------------------------------------------------
@@ -291,25 +298,27 @@ def _rows_partials_kernel(x_ptr, part_ptr, sh_ptr, G, Cg, C, S, sxN, sxS, shN, s
     col_m2 = tl.sum(m2, axis=0) + tl.sum(cnt * dm * dm, axis=0)
     # A per-channel shift moves the channel's mean and leaves its M2.
     col_mean = _shifted(col_mean, n, c, c_ok, sh_ptr, shN, shC, HAS_SHIFT)
-    g = c // Cg
-    k = (n * G + g) * (programs * Cg) + p * Cg + (c - g * Cg)
-    tl.store(part_ptr + k, count, mask=c_ok)
-    tl.store(part_ptr + K_total + k, col_mean, mask=c_ok)
-    tl.store(part_ptr + 2 * K_total + k, col_m2, mask=c_ok)
+    store_partials(part_ptr, count, col_mean, col_m2, c, c_ok, n, p, G, Cg, programs, K_total)
 
 
 @triton.jit
 def channel_partials(x, mask, cnt, c, c_ok, part_ptr, n, t, G, Cg, row_tiles, K_total):
     """Per-channel (count, mean, M2) of the cnt valid rows of the fp32 tile x (rows, channels c), zero where
-    ``mask`` is off, stored as row tile t of sample n: channel c of group g at partials[:, n*G + g, t*Cg + c%Cg],
-    so that each group's partials are contiguous for the finalize kernel. The conv epilogue (kernels/conv3x3.py)
+    ``mask`` is off, stored as row tile t of sample n (store_partials). The conv epilogue (kernels/conv3x3.py)
     stores its output's statistics through this too."""
     mean = tl.sum(x, axis=0) / cnt
     d = tl.where(mask, x - mean[None, :], 0.0)
     m2 = tl.sum(d * d, axis=0)
+    store_partials(part_ptr, tl.zeros_like(mean) + cnt, mean, m2, c, c_ok, n, t, G, Cg, row_tiles, K_total)
+
+
+@triton.jit
+def store_partials(part_ptr, count, mean, m2, c, c_ok, n, t, G, Cg, row_tiles, K_total):
+    """Per-channel (count, mean, M2) vectors of channels c stored as partial t (of row_tiles) of sample n: channel
+    c of group g at partials[:, n*G + g, t*Cg + c%Cg], each group's partials contiguous for the finalize kernel."""
     g = c // Cg
     k = (n * G + g) * (row_tiles * Cg) + t * Cg + (c - g * Cg)
-    tl.store(part_ptr + k, tl.zeros_like(mean) + cnt, mask=c_ok)
+    tl.store(part_ptr + k, count, mask=c_ok)
     tl.store(part_ptr + K_total + k, mean, mask=c_ok)
     tl.store(part_ptr + 2 * K_total + k, m2, mask=c_ok)
 
@@ -532,12 +541,30 @@ def _layout_flags(channels_last, *tensors):
 
 
 def group_norm_stats_triton(x, num_groups, eps, strides):
-    """(N*G, 2) fp32 (mean, rstd) of x seen as (N, C, S), through the split plans' statistics passes (the rows
-    plan where x is dense channels_last). ``strides`` is (x's (sN, sC, sS), channels_last)."""
+    """(N*G, 2) fp32 (mean, rstd) of x seen as (N, C, S): where group_norm would take the tile plan (choose_plan),
+    its kernel with the statistics stored and nothing normalized (one launch), else the flat plan's partials and
+    finalize up to FLAT_STATS_MAX elements a group. Statistics alone, channels_last, H200 (scripts/
+    probe_resnet_bordered.py, session 22): 2x640x32x32 tile 3.8 us, rows 33.4; 2x960x64x64 flat 18.6, rows 74.4;
+    1x512x128x128 flat 12.1, rows 74.5; 1x256x256x256 flat 36.5, rows 83.6. ``strides`` is (x's (sN, sC, sS),
+    channels_last)."""
     sx, channels_last = strides
     dense_rows = channels_last and sx[1] == 1
-    plan = "rows" if dense_rows and x.shape[1] <= ROW_TILE else "flat"
-    return _split_stats(x, num_groups, eps, plan, sx, _layout_flags(channels_last, x))
+    N, C = x.shape[0], x.shape[1]
+    S = x.numel() // max(N * C, 1)
+    Cg = C // num_groups
+    plan = choose_plan(Cg, S, C, channels_last, dense_rows)
+    if plan == "tile":
+        stats = torch.empty((N * num_groups, 2), device=x.device, dtype=torch.float32)
+        block_c, block_s = _tile_block(Cg, S)
+        _tile_kernel[(N * num_groups,)](x, x, x, x, stats, x, num_groups, S, eps, *sx, *sx, *sx, 0, 0, CG=Cg,
+                                        BLOCK_C=block_c, BLOCK_S=block_s, CHANNELS_FAST=dense_rows,
+                                        **_tile_variant(block_c * block_s), HAS_WEIGHT=False, HAS_BIAS=False,
+                                        SILU=False, HAS_RESIDUAL=False, HAS_SHIFT=False, STATS_ONLY=True)
+        return stats
+    # Above the largest group measured (524288 elements), the rows plan stays: it was built and measured for the
+    # VAE's 512 MiB activations at 1024 px, which the flat plan was not timed on.
+    rows = plan == "rows" and Cg * S > FLAT_STATS_MAX and dense_rows and C <= ROW_TILE
+    return _split_stats(x, num_groups, eps, "rows" if rows else "flat", sx, _layout_flags(channels_last, x))
 
 
 def group_norm_triton(x, num_groups, weight, bias, eps, silu, residual, out, strides, shift=None):

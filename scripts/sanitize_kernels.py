@@ -114,6 +114,23 @@ def conv3x3_cases():
             yield (x, w, b, stats, affine, affine, None, r, 2.0, 0, 1e-6)
 
 
+def conv3x3_bordered_cases():
+    """conv3x3_fused's triton_bordered backend: pixel and channel tails, one pixel, a split K (8 x 8 at 512
+    channels), both epilogues; channels_last weights as it takes them."""
+    for dtype in (torch.float16, torch.bfloat16):
+        for N, cin, cout, H, W in ((1, 24, 40, 7, 9), (2, 16, 36, 1, 1), (1, 320, 200, 33, 31), (2, 512, 72, 8, 8)):
+            x = torch.randn(N, cin, H, W, device="cuda", dtype=dtype).to(memory_format=torch.channels_last)
+            w = (torch.randn(cout, cin, 3, 3, device="cuda", dtype=dtype) / (9 * cin) ** 0.5).to(
+                memory_format=torch.channels_last)
+            stats = group_norm_stats_reference(x, 4, 1e-5).float()
+            affine = torch.randn(cin, device="cuda", dtype=dtype)
+            b, add = torch.randn(cout, device="cuda", dtype=dtype), torch.randn(N, cout, device="cuda", dtype=dtype)
+            r = torch.randn(N, cout, H, W, device="cuda", dtype=dtype)
+            yield (x, w, b, stats, affine, affine, add, None, 1.0, 4, 1e-6)
+            yield (x, w, b, stats, affine, affine, None, r, 2.0, 0, 1e-6)
+            yield (x, w, None, None, None, None, None, None, 1.0, 0, 1e-6)
+
+
 def winograd_cases():
     """The Winograd conv3x3 (CUDA C++) on odd sizes and channel counts that are multiples of 8 (what it takes), with
     and without bias, residual and scale; against the reference that rounds as the kernel does."""
@@ -205,6 +222,9 @@ def cases():
                lambda a=args: torch.stack(add_layer_norm_reference(*a)), args, None)
     for args in conv3x3_cases():
         yield ("conv3x3_fused", "triton", lambda a=args: torch.ops.sdkernels.conv3x3_fused(*a)[0],
+               lambda a=args: conv3x3_reference(*a)[0], args, 2e-2)
+    for args in conv3x3_bordered_cases():
+        yield ("conv3x3_fused bordered", "triton_bordered", lambda a=args: torch.ops.sdkernels.conv3x3_fused(*a)[0],
                lambda a=args: conv3x3_reference(*a)[0], args, 2e-2)
 
 

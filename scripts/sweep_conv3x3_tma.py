@@ -23,6 +23,15 @@ TILES = [(2, 8, 8, 128, 64, 4, 4), (2, 8, 8, 128, 32, 4, 5), (1, 8, 8, 128, 64, 
          (1, 8, 16, 256, 64, 4, 3)]
 
 
+def conv_case(N, Cin, Cout, H, W) -> tuple:
+    """(x, weight, bias, cuDNN's output, FLOPs) of one fp16 channels_last conv, the weight scaled for unit gain."""
+    x = torch.randn(N, Cin, H, W, device="cuda", dtype=torch.float16).to(memory_format=torch.channels_last)
+    w = (torch.randn(Cout, Cin, 3, 3, device="cuda", dtype=torch.float16) / (3 * Cin ** 0.5)).to(
+        memory_format=torch.channels_last)
+    b = torch.randn(Cout, device="cuda", dtype=torch.float16)
+    return x, w, b, F.conv2d(x, w, b, padding=1), 2 * N * H * W * Cout * Cin * 9
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="only the automatic split count")
@@ -30,12 +39,7 @@ def main():
     args = p.parse_args()
     torch.manual_seed(0)
     for N, Cin, Cout, H, W in SHAPES:
-        x = torch.randn(N, Cin, H, W, device="cuda", dtype=torch.float16).to(memory_format=torch.channels_last)
-        w = (torch.randn(Cout, Cin, 3, 3, device="cuda", dtype=torch.float16) / (3 * Cin ** 0.5)).to(
-            memory_format=torch.channels_last)
-        b = torch.randn(Cout, device="cuda", dtype=torch.float16)
-        ref = F.conv2d(x, w, b, padding=1)
-        flops = 2 * N * H * W * Cout * Cin * 9
+        x, w, b, ref, flops = conv_case(N, Cin, Cout, H, W)
         cudnn_ms = triton.testing.do_bench(lambda: F.conv2d(x, w, b, padding=1), warmup=25, rep=100)
         rows = []
         for cfg in TILES:

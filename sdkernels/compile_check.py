@@ -546,6 +546,16 @@ def conv3x3_tma_scenarios():
                        _backend_call("conv3x3", "triton_tma", x, weight, bias, residual, 1.0), min_cc=90)
 
 
+def conv3x3_bordered_scenarios():
+    """sdkernels::conv3x3_fused's triton_bordered backend (the bordered GN + SiLU write and the shifted-GEMM conv):
+    the ResNet block's two convs at SD1.5's 64 x 64 and 16 x 16 (split-K there), fp16 and bf16."""
+    import torch
+    for (dt, dtype), shape, which in itertools.product((("fp16", torch.float16), ("bf16", torch.bfloat16)),
+                                                       CONV_SHAPES + ((2, 1280, 8, 8),), ("conv1", "conv2")):
+        call = _backend_call("conv3x3_fused", "triton_bordered", *_conv_inputs(shape, dtype, "nhwc", which))
+        yield Scenario(f"conv3x3 triton_bordered {which} {dt} {shape}", call, min_cc=90)
+
+
 def winograd_scenarios():
     """sdkernels::conv3x3's triton_winograd backend, with and without bias and residual, fp16, bf16 and fp32."""
     import torch
@@ -558,7 +568,7 @@ def winograd_scenarios():
 
 
 SCENARIO_FAMILIES = (attention_scenarios, linear_geglu_scenarios, conv3x3_scenarios, conv3x3_tma_scenarios,
-                     winograd_scenarios,
+                     conv3x3_bordered_scenarios, winograd_scenarios,
                      group_norm_scenarios, gelu_scenarios, bias_add_scenarios, layer_norm_scenarios,
                      add_layer_norm_scenarios)
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import sdkernels
 from sdkernels import dispatch
-from sdkernels.ops.conv3x3 import conv3x3_fused, conv3x3_reference
+from sdkernels.ops.conv3x3 import conv3x3_dispatch, conv3x3_fused, conv3x3_reference
 from sdkernels.ops.group_norm import group_norm_stats, group_norm_stats_reference
 from sdkernels.ops.resnet_block import Norm, resnet_block
 from sdkernels.patch import patch, patched_by, summary, unpatch
@@ -45,11 +45,12 @@ def _exact_fp32(no_tf32):
 
 
 @contextlib.contextmanager
-def forced():
-    """Both kernels of the fused block forced to Triton: a fallback to the reference raises instead."""
+def forced(conv_backend="triton"):
+    """Both kernels of the fused block forced to Triton (the conv to ``conv_backend``: "triton", the prologue kernel,
+    or "triton_bordered"): a fallback to the reference raises instead."""
     with contextlib.ExitStack() as stack:
-        for op in OPS:
-            stack.enter_context(sdkernels.use_backend("triton", op=op, strict=True))
+        stack.enter_context(sdkernels.use_backend(conv_backend, op="conv3x3_fused", strict=True))
+        stack.enter_context(sdkernels.use_backend("triton", op="group_norm_stats", strict=True))
         yield
 
 
@@ -66,6 +67,23 @@ def rand(*shape, dtype=torch.float32, scale=1.0, offset=0.0, layout="channels_la
 
 def up(t):
     return None if t is None else t.double()
+
+
+def conv_args(x, g_in, cout, g_out, norm, add, epilogue, residual_layout="channels_last"):
+    """conv3x3_fused's keyword arguments for x: norm "none" | "plain" | "affine" (the prologue's GroupNorm over g_in
+    groups, with or without its affine), a per-(sample, channel) add or not, epilogue "stats" (g_out groups) |
+    "residual" (and a scale) | "both" | "none"."""
+    batch, cin, h, w = x.shape
+    dtype = x.dtype
+    residual = epilogue in ("residual", "both")
+    return dict(
+        norm_stats=group_norm_stats(x, g_in, 1e-5) if norm != "none" else None,
+        norm_weight=rand(cin, dtype=dtype) if norm == "affine" else None,
+        norm_bias=rand(cin, dtype=dtype) if norm == "affine" else None,
+        add=rand(batch, cout, dtype=dtype) if add else None,
+        residual=rand(batch, cout, h, w, dtype=dtype, layout=residual_layout) if residual else None,
+        output_scale_factor=2.0 if residual else 1.0,
+        stats_groups=g_out if epilogue in ("stats", "both") else 0, stats_eps=1e-6)
 
 
 # ---- the conv alone -------------------------------------------------------------------------------------------
@@ -113,14 +131,7 @@ def test_conv_matches_reference(batch, g_in, per_in, cout, h, w, dtype, layout, 
     with pytest.MonkeyPatch.context() as mp:
         tiles(mp, SMALL_TILES if small_tiles else None)
         x = rand(batch, cin, h, w, dtype=dtype, offset=0.5, layout=layout)
-        args = dict(
-            norm_stats=group_norm_stats(x, g_in, 1e-5) if norm != "none" else None,
-            norm_weight=rand(cin, dtype=dtype) if norm == "affine" else None,
-            norm_bias=rand(cin, dtype=dtype) if norm == "affine" else None,
-            add=rand(batch, cout, dtype=dtype) if add else None,
-            residual=rand(batch, cout, h, w, dtype=dtype) if epilogue in ("residual", "both") else None,
-            output_scale_factor=2.0 if epilogue in ("residual", "both") else 1.0,
-            stats_groups=g_out if epilogue in ("stats", "both") else 0, stats_eps=1e-6)
+        args = conv_args(x, g_in, cout, g_out, norm, add, epilogue)
         weight = rand(cout, cin, 3, 3, dtype=dtype, scale=(9 * cin) ** -0.5)
         b = rand(cout, dtype=dtype) if bias else None
         with forced():
@@ -137,8 +148,66 @@ def test_conv_matches_reference(batch, g_in, per_in, cout, h, w, dtype, layout, 
         assert_close(stats, expected, torch.float32, h * w * cout // g_out, what="output statistics")
 
 
+@FEW
+@given(batch=st.integers(1, 2), g_in=st.sampled_from([1, 2, 4]), cin8=st.integers(1, 3), cout=st.integers(1, 24),
+       h=st.integers(1, 9), w=st.integers(1, 9), dtype=st.sampled_from([torch.float16, torch.bfloat16]),
+       layout=st.sampled_from(["channels_last", "contiguous"]), norm=st.sampled_from(["none", "affine", "plain"]),
+       bias=st.booleans(), add=st.booleans(), epilogue=st.sampled_from(["stats", "residual", "both", "none"]),
+       split=st.sampled_from([None, 1, 2, 3]))
+def test_bordered_conv_matches_reference(batch, g_in, cin8, cout, h, w, dtype, layout, norm, bias, add, epilogue,
+                                         split):
+    """The triton_bordered backend (kernels/conv3x3_padded.py: the normalized input written once into a zero-
+    bordered buffer, then nine shifted 2-D GEMMs), K split or not, against the float64 reference."""
+    cin = 8 * cin8
+    g_out = next(g for g in (3, 2, 1) if cout % g == 0)
+    torch.manual_seed(0)
+    note(f"N={batch} Cin={cin} (G={g_in}) Cout={cout} (G={g_out}) H={h} W={w} {dtype} {layout} norm={norm} "
+         f"bias={bias} add={add} epilogue={epilogue} split={split}")
+    x = rand(batch, cin, h, w, dtype=dtype, offset=0.5, layout=layout)
+    args = conv_args(x, g_in, cout, g_out, norm, add, epilogue, residual_layout=layout)
+    weight = rand(cout, cin, 3, 3, dtype=dtype, scale=(9 * cin) ** -0.5)  # channels_last, as the backend needs
+    b = rand(cout, dtype=dtype) if bias else None
+    with pytest.MonkeyPatch.context() as mp:
+        if split is not None:
+            import sdkernels.kernels.conv3x3_padded as k
+            mp.setattr(k, "split_count", lambda *a: split)
+        with forced("triton_bordered"):
+            out, stats = conv3x3_fused(x, weight, b, **args)
+    ref, _ = conv3x3_reference(up(x), up(weight), up(b), *[up(v) if isinstance(v, torch.Tensor) else v
+                                                          for v in args.values()])
+    assert_close(out, ref, dtype, 9 * cin, what="conv3x3_fused (triton_bordered)")
+    assert out.is_contiguous(memory_format=torch.channels_last if layout == "channels_last"
+                             else torch.contiguous_format)
+    if args["stats_groups"]:
+        expected = group_norm_stats_reference(out.double(), g_out, 1e-6)
+        assert stats.dtype == torch.float32
+        assert_close(stats, expected, torch.float32, h * w * cout // g_out, what="output statistics")
+
+
+@pytest.mark.parametrize("why, change", [
+    ("fp16 or bf16", lambda x, w: (x.float(), w.float())),
+    ("multiple of 8", lambda x, w: (x[:, :12], w[:, :12])),
+    ("weight not channels_last", lambda x, w: (x, w.contiguous())),
+])
+def test_bordered_backend_says_what_it_cannot_run(why, change):
+    """What the bordered kernels cannot take, triton_bordered declines with its reason (dispatch then runs the
+    prologue kernel or the reference), and forcing it there fails loudly instead of computing something else."""
+    x, w = change(rand(1, 16, 4, 4, dtype=torch.float16), rand(8, 16, 3, 3, dtype=torch.float16))
+    reasons = conv3x3_dispatch.reasons(x, w, None, None, None, None, None, None, 1.0, 0, 1e-6)
+    assert why in reasons["triton_bordered"]
+    with pytest.raises(RuntimeError, match="triton_bordered"), forced("triton_bordered"):
+        conv3x3_fused(x, w)
+
+
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
-def test_group_norm_stats_match_reference(layout):
+@pytest.mark.parametrize("plan", [None, "tile", "flat", "rows"])
+def test_group_norm_stats_match_reference(layout, plan, monkeypatch):
+    """Each way group_norm_stats computes: its own choice, the tile kernel's statistics-only mode, the flat plan's
+    partials and the rows plan's (taken only above FLAT_STATS_MAX elements a group, lowered here)."""
+    import sdkernels.kernels.group_norm as k
+    if plan is not None:
+        monkeypatch.setenv("SDKERNELS_GN_PLAN", plan)
+        monkeypatch.setattr(k, "FLAT_STATS_MAX", 0)
     for shape, G in (((2, 6, 5, 7), 3), ((1, 8, 33, 35), 2), ((3, 4, 1, 1), 4)):
         x = rand(*shape, offset=100.0, layout=layout)  # a large mean: the statistics merge (mean, M2), not sums
         with sdkernels.use_backend("triton", op="group_norm_stats", strict=True):
@@ -470,7 +539,8 @@ SD_BLOCKS = [  # (B, Cin, Cout, H, W) of SD1.5 UNet and VAE decoder ResNet block
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", SD_BLOCKS, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_sd_blocks(shape, dtype):
+@pytest.mark.parametrize("conv_backend", ["triton", "triton_bordered"])
+def test_sd_blocks(shape, dtype, conv_backend):
     B, cin, cout, H, W = shape
     block = make_block(cin, cout, 32, 1280 if B == 2 else None).to(memory_format=torch.channels_last)
     x = rand(B, cin, H, W, dtype=dtype)
@@ -479,10 +549,10 @@ def test_sd_blocks(shape, dtype):
         expected = copy.deepcopy(block)(x.float(), None if t is None else t.float())
         eager = copy.deepcopy(block).to(dtype)(x, t)
         patch(block.to(dtype), ops=["resnet_block"])
-        with forced():
+        with forced(conv_backend):
             out = block(x, t)
     fused, base = relative_error(out, expected), relative_error(eager, expected)
-    print(f"{shape} {dtype}: relative error vs fp32: fused {fused:.2e}, eager {base:.2e}")
+    print(f"{shape} {dtype} {conv_backend}: relative error vs fp32: fused {fused:.2e}, eager {base:.2e}")
     assert fused <= 2 * base + HALF_ERROR_FLOOR[dtype]
 
 

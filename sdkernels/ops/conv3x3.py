@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from .. import dispatch
 from ._common import (KERNEL_DTYPES, call_op, fail, is_channels_last_like, kernels, poisoned, triton_available,
                       triton_device_why_not)
+from .conv3x3_plain import tma_operands_why_not
 from .group_norm import compute_dtype, group_norm_stats_reference, normalize_reference
 
 OP = "conv3x3_fused"
@@ -141,7 +142,31 @@ def _reference_into_layout(x, weight, *args):
     return into, stats
 
 
+# ---- triton_bordered backend: normalize once into a zero-bordered buffer, then nine shifted 2-D GEMMs ------------
+
+def _bordered_why_not(x, weight, bias, norm_stats, norm_weight, norm_bias, add, residual, output_scale_factor,
+                      stats_groups, stats_eps):
+    return (_triton_why_not(x, weight, bias, norm_stats, norm_weight, norm_bias, add, residual, output_scale_factor,
+                            stats_groups, stats_eps)
+            or tma_operands_why_not(x, weight, read_x=False))  # x itself is read into the bordered buffer
+
+
+def _bordered_run(x, weight, bias, norm_stats, norm_weight, norm_bias, add, residual, output_scale_factor,
+                  stats_groups, stats_eps):
+    k = kernels("conv3x3_padded")
+    out = _output(x, weight.shape[0])
+    norm = None if norm_stats is None else (norm_stats.contiguous(), norm_weight, norm_bias)
+    N, Cin, H, W = x.shape
+    bordered = k.gn_silu_bordered(x, norm, poisoned(torch.empty((N, H + 2, W + 2, Cin), device=x.device,
+                                                                dtype=x.dtype)))
+    stats = k.conv3x3_padded(bordered, weight, bias, add, residual, 1.0 / output_scale_factor, out, stats_groups,
+                             stats_eps)
+    return out, (stats.view(x.shape[0], stats_groups, 2) if stats is not None else _no_stats(x))
+
+
 conv3x3_dispatch = dispatch.define(OP, _reference_into_layout)
+conv3x3_dispatch.register(dispatch.Backend("triton_bordered", _bordered_run, _bordered_why_not,
+                                           available=triton_available))
 conv3x3_dispatch.register(dispatch.Backend("triton", _triton_run, _triton_why_not, available=triton_available))
 
 

@@ -237,24 +237,28 @@ def _triton_run(x, weight, bias, residual, scale):
 
 # ---- triton_tma backend (kernels/conv3x3_tma.py) ---------------------------------------------------------------
 
-def _tma_why_not(x, weight, bias, residual, scale):
-    reason = _triton_why_not(x, weight, bias, residual, scale)
-    if reason:
-        return reason
+def tma_operands_why_not(x, weight, read_x=True) -> Optional[str]:
+    """Why the copy-engine (TMA) convs cannot take x and weight as their descriptors' operands, or None: 16-bit,
+    C a multiple of 8, channels_last and 16-byte aligned (x only where ``read_x``: the bordered conv reads a copy of
+    it), compute capability 9.0 or newer."""
     if x.dtype not in (torch.float16, torch.bfloat16):
         return f"dtype {x.dtype} is not fp16 or bf16 (the copy engine feeds 16-bit tensor-core dots)"
     if x.shape[1] % 8:
         return f"C={x.shape[1]} is not a multiple of 8 (the weight's rows must be 16-byte aligned)"
-    layouts = [name for name, t in (("x", x), ("weight", weight))
-               if not t.is_contiguous(memory_format=torch.channels_last)]
+    operands = (("x", x), ("weight", weight)) if read_x else (("weight", weight),)
+    layouts = [name for name, t in operands if not t.is_contiguous(memory_format=torch.channels_last)]
     if layouts:
         return f"{' and '.join(layouts)} not channels_last (the tensor descriptors read NHWC boxes)"
-    if x.data_ptr() % 16 or weight.data_ptr() % 16:
-        return "x or weight not 16-byte aligned"
+    if any(t.data_ptr() % 16 for _, t in operands):
+        return f"{' or '.join(name for name, _ in operands)} not 16-byte aligned"
     major, minor = torch.cuda.get_device_capability(x.device) if x.is_cuda else (9, 0)
     if 10 * major + minor < kernels("conv3x3_tma").MIN_COMPUTE_CAPABILITY:
         return "needs compute capability 9.0 or newer (TMA)"
     return None
+
+
+def _tma_why_not(x, weight, bias, residual, scale):
+    return _triton_why_not(x, weight, bias, residual, scale) or tma_operands_why_not(x, weight)
 
 
 def _tma_run(x, weight, bias, residual, scale):

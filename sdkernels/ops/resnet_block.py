@@ -9,7 +9,10 @@ ResnetBlock2D in eval mode without up/down-sampling, "default" time embedding an
   3. sdkernels::conv3x3_fused      conv2: prologue norm2 + SiLU; epilogue + bias + shortcut, / output_scale_factor
                                                                                   (reads h and the shortcut)
 
-so neither normalized activation nor the conv1 + temb sum is written to memory. ``temb`` here is the (N, Cout)
+With conv3x3_fused's prologue kernel (backend "triton") neither normalized activation is written to memory; with its
+default on Hopper, "triton_bordered", each is written once, into a zero-bordered buffer that the conv reads as nine
+shifted 2-D GEMMs whose loads normalize nothing (faster: bench/NOTES.md, session 22). Neither writes the conv1 + temb
+sum before norm2's statistics. ``temb`` here is the (N, Cout)
 projection of the time embedding (time_emb_proj's output), ``shortcut`` the 1x1 conv_shortcut's output, or None for
 the identity shortcut. Which blocks take this path, and the module glue, is sdkernels/patchers/resnet_block.py.
 """
