@@ -10,8 +10,9 @@ q = (h+1)*(W+2) + (w+1) of its image, and its tap (kh, kw) reads row q + (kh-1)*
 tap. So a tile of BLOCK_M consecutive padded rows is, for each tap, one (BLOCK_M, BK) box of the flat matrix at a
 shifted origin, a plain 2-D descriptor load that feeds the dot from shared memory. (kernels/conv3x3_tma.py loads a
 4-D (1, BH, BW, BK) box, which Triton 3.6 turns into the dot's operand through registers.) The tile's rows that fall
-on the border columns compute values nobody stores: 2 of every W+2 rows. The border must hold zeros; the producers
-of a block's conv inputs (kernels/gn_apply_padded.py) write it with the interior, so no copy pass is needed.
+on the border columns compute values nobody stores: 2 of every W+2 rows. The border must hold zeros:
+gn_silu_bordered, which writes a ResNet block conv's normalized input, writes it with the interior, so the
+bordered layout costs no pass of its own there.
 
 Tiles never straddle two samples: tile t of sample n covers its padded rows from (1, 0) on, so per-sample values
 (the time-embedding term, the output statistics) are vectors per program. The epilogue stores the output's
@@ -34,7 +35,7 @@ MIN_COMPUTE_CAPABILITY = 90
 
 # (BLOCK_M, BLOCK_N, BK, num_warps, num_stages), chosen by launch_config from the best of 11 configs per shape
 # (scripts/probe_conv3x3_padded.py, H200, session 22).
-SMALL_IMAGE_CONFIG = (64, 128, 128, 4, 3)    # <= 256 pixels an image (SD1.5's 16x16 and 8x8), or few pixels
+SMALL_IMAGE_CONFIG = (64, 128, 128, 4, 3)    # <= 256 pixels an image (SD1.5's 16x16, 8x8), <= 4096 in all
 WIDE_CONFIG = (128, 128, 128, 8, 3)          # >= 640 channels in and out (SD1.5's 32x32, SDXL's 64x64 and 32x32)
 LARGE_CONFIG = (256, 128, 64, 8, 3)          # >= 16384 pixels (the VAE's and SDXL's high resolutions)
 CONFIG = (128, 128, 64, 4, 3)
@@ -51,7 +52,7 @@ INTERPRETER_BORDERED_BLOCK = (16, 16)
 @triton.jit
 def _gn_silu_bordered_kernel(x_ptr, stats_ptr, nw_ptr, nb_ptr, out_ptr, H, W, C, G, Cg, sxN, sxC, sxH, sxW,
                              NORM: tl.constexpr, NORM_WEIGHT: tl.constexpr, NORM_BIAS: tl.constexpr,
-                             FAST_SILU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                             BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Program (t, c, n): padded pixels t*BLOCK_P.. of sample n, channels c*BLOCK_C..: silu(group_norm(x)) (or x
     itself without NORM) inside the image, zero on the border, in x's dtype."""
     n = tl.program_id(2)
@@ -67,7 +68,7 @@ def _gn_silu_bordered_kernel(x_ptr, stats_ptr, nw_ptr, nb_ptr, out_ptr, H, W, C,
     a = tl.load(x_ptr + pix[:, None] + c[None, :] * sxC, mask=load_mask, other=0.0)
     if NORM:
         a = _gn_silu(a, n, c, c_ok, stats_ptr, nw_ptr, nb_ptr, G, Cg, C, NORM_WEIGHT, NORM_BIAS, False, True,
-                     FAST_SILU)
+                     False)  # the exact SiLU: this pass is memory-bound
         a = tl.where(load_mask, a, 0.0)  # the zero padding is of the normalized activation
     row = n.to(tl.int64) * (H + 2) * Wp + p
     tl.store(out_ptr + row[:, None] * C + c[None, :], a.to(out_ptr.dtype.element_ty),
@@ -207,7 +208,7 @@ def gn_silu_bordered(x, norm=None, out=None):
     _gn_silu_bordered_kernel[(cdiv((H + 2) * (W + 2), bp), cdiv(C, bc), N)](
         x, stats if stats is not None else x, nw if nw is not None else x, nb if nb is not None else x, out,
         H, W, C, G, C // G, *x.stride(), NORM=norm is not None, NORM_WEIGHT=nw is not None,
-        NORM_BIAS=nb is not None, FAST_SILU=False, BLOCK_P=bp, BLOCK_C=bc, num_warps=4)
+        NORM_BIAS=nb is not None, BLOCK_P=bp, BLOCK_C=bc, num_warps=4)
     return out
 
 
