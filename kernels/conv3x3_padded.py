@@ -26,9 +26,10 @@ import triton
 import triton.language as tl
 
 from .conv3x3 import _gn_silu
-from .conv3x3_tma import dot_bt, k_range
-from .group_norm import finalize_partials, store_partials
-from .utils import cdiv, interpreting, multiprocessor_count, fix_cache_keys
+from .conv3x3_common import (dot_bt, epilogue_operands, k_range, reduce_row_tiles, reduce_splits, split_count,
+                             split_sums, store_epilogue)
+from .group_norm import finalize_partials
+from .utils import cdiv, interpreting, fix_cache_keys
 
 # Tensor descriptors (TMA) need Hopper or newer.
 MIN_COMPUTE_CAPABILITY = 90
@@ -40,11 +41,6 @@ WIDE_CONFIG = (128, 128, 128, 8, 3)          # >= 640 channels in and out (SD1.5
 LARGE_CONFIG = (256, 128, 64, 8, 3)          # >= 16384 pixels (the VAE's and SDXL's high resolutions)
 CONFIG = (128, 128, 64, 4, 3)
 INTERPRETER_CONFIG = (32, 16, 16, 1, 1)
-# Split K until the grid has about this many programs per SM, keeping at least MIN_STEPS_PER_SPLIT steps each.
-PROGRAMS_PER_SM = 1
-MIN_STEPS_PER_SPLIT = 8
-REDUCE_BLOCK = (64, 128)        # (rows, channels) of a reduce program
-INTERPRETER_REDUCE_BLOCK = (16, 16)
 BORDERED_BLOCK = (64, 64)       # (padded pixels, channels) of a gn_silu_bordered program
 INTERPRETER_BORDERED_BLOCK = (16, 16)
 
@@ -73,36 +69,6 @@ def _gn_silu_bordered_kernel(x_ptr, stats_ptr, nw_ptr, nb_ptr, out_ptr, H, W, C,
     row = n.to(tl.int64) * (H + 2) * Wp + p
     tl.store(out_ptr + row[:, None] * C + c[None, :], a.to(out_ptr.dtype.element_ty),
              mask=(p < (H + 2) * Wp)[:, None] & c_ok[None, :])
-
-
-@triton.jit
-def _epilogue(acc, n, h, w, co, co_ok, rows_ok, bias_ptr, add_ptr, res_ptr, out_ptr, part_ptr, scale, saN, saC,
-              srN, srC, srH, srW, soN, soC, soH, soW, tile, row_tiles, G_out, Cg_out, K_total,
-              HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STATS: tl.constexpr):
-    """(acc + bias + add[n] + residual) * scale in fp32, stored in out's dtype at pixels (n, h, w) (n a scalar)
-    where rows_ok, channels co; with STATS the per-channel partials of the stored values as tile ``tile`` of n."""
-    mask = rows_ok[:, None] & co_ok[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + co, mask=co_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_ADD:
-        acc += tl.load(add_ptr + n.to(tl.int64) * saN + co * saC, mask=co_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_RESIDUAL:
-        res_pix = n.to(tl.int64) * srN + h.to(tl.int64) * srH + w.to(tl.int64) * srW
-        acc += tl.load(res_ptr + res_pix[:, None] + co[None, :] * srC, mask=mask, other=0.0).to(tl.float32)
-    y = (acc * scale).to(out_ptr.dtype.element_ty)
-    pix = n.to(tl.int64) * soN + h.to(tl.int64) * soH + w.to(tl.int64) * soW
-    tl.store(out_ptr + pix[:, None] + co[None, :] * soC, y, mask=mask)
-    if STATS:
-        # Per-channel (count, mean, M2) of the stored (rounded) values (store_partials' layout), from one sum
-        # and one sum of squares: within a tile of at most a few hundred rows, M2 = sum(y^2) - sum(y) * mean loses
-        # about (mean^2 / var) * 2^-24 of its digits; the merge across tiles (Chan's formula) cancels nothing.
-        yf = tl.where(mask, y.to(tl.float32), 0.0)
-        cnt = tl.sum(rows_ok.to(tl.float32), axis=0)
-        s1 = tl.sum(yf, axis=0)
-        mean = s1 / tl.maximum(cnt, 1.0)
-        m2 = tl.maximum(tl.sum(yf * yf, axis=0) - s1 * mean, 0.0)
-        store_partials(part_ptr, tl.zeros_like(mean) + cnt, mean, m2, co, co_ok, n, tile, G_out, Cg_out, row_tiles,
-                       K_total)
 
 
 @triton.jit
@@ -143,34 +109,9 @@ def _conv3x3_padded_kernel(x_desc, w_desc, bias_ptr, add_ptr, res_ptr, out_ptr, 
         tl.store(part_ptr + row.to(tl.int64)[:, None] * Cout + co[None, :], acc,
                  mask=rows_ok[:, None] & co_ok[None, :])
     else:
-        _epilogue(acc, n, h, w, co, co_ok, rows_ok, bias_ptr, add_ptr, res_ptr, out_ptr, part_ptr, scale, saN, saC,
-                  srN, srC, srH, srW, soN, soC, soH, soW, tile_m, tiles_m, G_out, Cg_out, K_total,
-                  HAS_BIAS, HAS_ADD, HAS_RESIDUAL, STATS)
-
-
-@triton.jit
-def _reduce_splits_kernel(sum_ptr, bias_ptr, add_ptr, res_ptr, out_ptr, part_ptr, N, H, W, Cout, scale,
-                          row_tiles, G_out, Cg_out, K_total, saN, saC, srN, srC, srH, srW, soN, soC, soH, soW,
-                          SPLIT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                          STATS: tl.constexpr):
-    """Program (t, c, n): rows t*BLOCK_R.. of sample n's H*W pixels, channels c*BLOCK_C..: the SPLIT partial sums
-    added in split order, then the epilogue (and the statistics partials as row tile t)."""
-    t = tl.program_id(0)
-    n = tl.program_id(2)
-    p = t * BLOCK_R + tl.arange(0, BLOCK_R)
-    co = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    co_ok = co < Cout
-    HW = H * W
-    rows_ok = p < HW
-    mask = rows_ok[:, None] & co_ok[None, :]
-    offs = (n * HW + p).to(tl.int64)[:, None] * Cout + co[None, :]
-    acc = tl.load(sum_ptr + offs, mask=mask, other=0.0)
-    for s in tl.static_range(1, SPLIT):
-        acc += tl.load(sum_ptr + (s * N * HW).to(tl.int64) * Cout + offs, mask=mask, other=0.0)
-    _epilogue(acc, n, p // W, p % W, co, co_ok, rows_ok, bias_ptr, add_ptr, res_ptr, out_ptr, part_ptr, scale, saN, saC,
-              srN, srC, srH, srW, soN, soC, soH, soW, t, row_tiles, G_out, Cg_out, K_total,
-              HAS_BIAS, HAS_ADD, HAS_RESIDUAL, STATS)
+        store_epilogue(acc, n, h, w, co, co_ok, rows_ok, bias_ptr, add_ptr, res_ptr, out_ptr, part_ptr, scale, saN,
+                       saC, srN, srC, srH, srW, soN, soC, soH, soW, tile_m, tiles_m, G_out, Cg_out, K_total,
+                       HAS_BIAS, HAS_ADD, HAS_RESIDUAL, STATS)
 
 
 def launch_config(N: int, Cin: int, Cout: int, H: int, W: int):
@@ -186,12 +127,6 @@ def launch_config(N: int, Cin: int, Cout: int, H: int, W: int):
     if N * H * W <= 4096:
         return SMALL_IMAGE_CONFIG
     return LARGE_CONFIG if N * H * W >= 16384 else CONFIG
-
-
-def split_count(tiles: int, k_steps: int, device) -> int:
-    """How many K ranges to split into: enough programs to fill the GPU, each range at least MIN_STEPS_PER_SPLIT."""
-    want = cdiv(PROGRAMS_PER_SM * multiprocessor_count(device), tiles)
-    return max(1, min(want, k_steps // MIN_STEPS_PER_SPLIT))
 
 
 def gn_silu_bordered(x, norm=None, out=None):
@@ -231,30 +166,22 @@ def conv3x3_padded(xp, weight, bias, add, residual, scale, out, stats_groups=0, 
     split = split or split_count(tiles_m * tiles_n * N, k_steps, xp.device)
     steps_per_split = cdiv(k_steps, split)
     split = cdiv(k_steps, steps_per_split)  # no empty range
-    reduce_r, reduce_c = INTERPRETER_REDUCE_BLOCK if interpreting() else REDUCE_BLOCK
-    row_tiles = tiles_m if split == 1 else cdiv(H * W, reduce_r)
+    row_tiles = tiles_m if split == 1 else reduce_row_tiles(H, W)
     G_out = max(stats_groups, 1)
     K_total = N * row_tiles * Cout
     partials = torch.empty((3, K_total), device=xp.device, dtype=torch.float32) if stats_groups else None
-    sums = torch.empty((split, N * H * W, Cout), device=xp.device, dtype=torch.float32) if split > 1 else None
-    unused = out  # a pointer for absent tensors; the flags keep the kernels from reading it
-    args = (bias if bias is not None else unused, add if add is not None else unused,
-            residual if residual is not None else unused, out, partials if partials is not None else unused)
-    strides = ((*(add.stride() if add is not None else (0, 0)), *(residual.stride() if residual is not None
-                                                                  else (0, 0, 0, 0)), *out.stride()))
-    flags = dict(HAS_BIAS=bias is not None, HAS_ADD=add is not None, HAS_RESIDUAL=residual is not None,
-                 STATS=bool(stats_groups))
+    operands = epilogue_operands(out, bias, add, residual, partials)
+    pointers, strides, flags = operands
+    sums = split_sums(split, N, H, W, Cout, xp.device) if split > 1 else None
     _conv3x3_padded_kernel[(tiles_m * tiles_n, split, N)](
-        x_desc, w_desc, *args[:4], sums if sums is not None else args[4], H, W, Cin, Cout, tiles_m, tiles_n,
-        chunks, steps_per_split, float(scale), G_out, Cout // G_out, K_total, *strides,
-        BLOCK_M=bm, BLOCK_N=bn, BK=bk, SPLIT=split, STATS=flags["STATS"] and split == 1,
+        x_desc, w_desc, *pointers[:4], sums if sums is not None else pointers[4],
+        H, W, Cin, Cout, tiles_m, tiles_n, chunks, steps_per_split, float(scale), G_out, Cout // G_out, K_total,
+        *strides, BLOCK_M=bm, BLOCK_N=bn, BK=bk, SPLIT=split,
         # The interpreter's bf16 dot is wrong (triton 3.9); bf16 products are exact in fp32, so it runs that instead.
         DOT_IN_FP32=interpreting() and xp.dtype == torch.bfloat16, num_warps=warps, num_stages=stages,
-        **{k: v for k, v in flags.items() if k != "STATS"})
-    if split > 1:
-        _reduce_splits_kernel[(row_tiles, cdiv(Cout, reduce_c), N)](
-            sums, *args, N, H, W, Cout, float(scale), row_tiles, G_out, Cout // G_out, K_total, *strides,
-            SPLIT=split, BLOCK_R=reduce_r, BLOCK_C=reduce_c, num_warps=4, **flags)
+        **dict(flags, STATS=flags["STATS"] and split == 1))
+    if sums is not None:
+        reduce_splits(sums, split, out, scale, operands, G_out, K_total)
     if not stats_groups:
         return None
     return finalize_partials(partials, row_tiles * (Cout // G_out), stats_eps)

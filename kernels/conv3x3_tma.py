@@ -18,7 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import cdiv, interpreting, multiprocessor_count, fix_cache_keys
+from .conv3x3_common import (dot_bt, epilogue_operands, k_range, reduce_splits, split_count, split_sums,
+                             store_epilogue)
+from .utils import cdiv, interpreting, fix_cache_keys
 
 # Tensor descriptors (TMA) need Hopper or newer: sdkernels::conv3x3 offers this backend there only.
 MIN_COMPUTE_CAPABILITY = 90
@@ -31,9 +33,6 @@ MIN_COMPUTE_CAPABILITY = 90
 SMALL_IMAGE_CONFIG = (2, 8, 8, 128, 64, 4, 4)
 CONFIG = (1, 8, 16, 128, 64, 4, 4)
 INTERPRETER_CONFIG = (1, 4, 4, 16, 16, 1, 1)
-# Split K until the grid has about this many programs per SM, keeping at least MIN_STEPS_PER_SPLIT steps each.
-PROGRAMS_PER_SM = 1
-MIN_STEPS_PER_SPLIT = 8
 
 
 @triton.jit
@@ -76,63 +75,10 @@ def _conv3x3_tma_kernel(x_desc, w_desc, bias_ptr, res_ptr, out_ptr, part_ptr,
         # fp32 partials, (SPLIT, N, H, W, Cout) contiguous: the reduce kernel adds them in split order.
         row = ((split * N + n) * H + h) * W + w
         tl.store(part_ptr + row.to(tl.int64)[:, None] * Cout + co[None, :], acc, mask=mask)
-    else:
-        y = _epilogue(acc, n, h, w, co, co < Cout, mask, bias_ptr, res_ptr, scale, srN, srC, srH, srW, HAS_BIAS,
-                      HAS_RESIDUAL)
-        pix = n.to(tl.int64) * soN + h.to(tl.int64) * soH + w.to(tl.int64) * soW
-        tl.store(out_ptr + pix[:, None] + co[None, :] * soC, y.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def k_range(split, steps_per_split, chunks):
-    """The K steps (9 taps x chunks channel chunks) that K range ``split`` walks: [first, last)."""
-    first = split * steps_per_split
-    return first, tl.minimum(first + steps_per_split, 9 * chunks)
-
-
-@triton.jit
-def dot_bt(a, b, acc, DOT_IN_FP32: tl.constexpr):
-    """acc + a @ b.T on the tensor cores, or with DOT_IN_FP32 as exact fp32 products (the interpreter's bf16 dot is
-    wrong, triton 3.9; bf16 products are exact in fp32)."""
-    if DOT_IN_FP32:
-        acc = tl.dot(a.to(tl.float32), b.T.to(tl.float32), acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, b.T, acc)
-    return acc
-
-
-@triton.jit
-def _epilogue(acc, n, h, w, co, co_ok, mask, bias_ptr, res_ptr, scale, srN, srC, srH, srW,
-              HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
-    """(acc + bias + residual) * scale in fp32, for pixels (n, h, w) (n a scalar or a vector) and channels co."""
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + co, mask=co_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_RESIDUAL:
-        pix = n.to(tl.int64) * srN + h.to(tl.int64) * srH + w.to(tl.int64) * srW
-        acc += tl.load(res_ptr + pix[:, None] + co[None, :] * srC, mask=mask, other=0.0).to(tl.float32)
-    return acc * scale
-
-
-@triton.jit
-def _reduce_splits_kernel(part_ptr, bias_ptr, res_ptr, out_ptr, rows, H, W, Cout, scale,
-                          srN, srC, srH, srW, soN, soC, soH, soW,
-                          SPLIT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    co = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (r < rows)[:, None] & (co < Cout)[None, :]
-    offs = r.to(tl.int64)[:, None] * Cout + co[None, :]
-    acc = tl.load(part_ptr + offs, mask=mask, other=0.0)
-    for s in tl.static_range(1, SPLIT):
-        acc += tl.load(part_ptr + s * rows * Cout + offs, mask=mask, other=0.0)
-    w = r % W
-    t = r // W
-    h = t % H
-    n = t // H
-    y = _epilogue(acc, n, h, w, co, co < Cout, mask, bias_ptr, res_ptr, scale, srN, srC, srH, srW, HAS_BIAS,
-                  HAS_RESIDUAL)
-    pix = n.to(tl.int64) * soN + h.to(tl.int64) * soH + w.to(tl.int64) * soW
-    tl.store(out_ptr + pix[:, None] + co[None, :] * soC, y.to(out_ptr.dtype.element_ty), mask=mask)
+    else:  # no time-embedding add, no statistics: their pointers and sizes stand unused
+        store_epilogue(acc, n, h, w, co, co < Cout, (n < N) & (h < H) & (w < W), bias_ptr, bias_ptr, res_ptr,
+                       out_ptr, out_ptr, scale, 0, 0, srN, srC, srH, srW, soN, soC, soH, soW, 0, 1, 1, 1, 0,
+                       HAS_BIAS, False, HAS_RESIDUAL, False)
 
 
 def launch_config(H: int, W: int):
@@ -140,12 +86,6 @@ def launch_config(H: int, W: int):
     if interpreting():
         return INTERPRETER_CONFIG
     return SMALL_IMAGE_CONFIG if H * W <= 64 else CONFIG
-
-
-def split_count(tiles: int, k_steps: int, device) -> int:
-    """How many K ranges to split into: enough programs to fill the GPU, each range at least MIN_STEPS_PER_SPLIT."""
-    want = cdiv(PROGRAMS_PER_SM * multiprocessor_count(device), tiles)
-    return max(1, min(want, k_steps // MIN_STEPS_PER_SPLIT))
 
 
 def conv3x3_tma(x, weight, bias, residual, scale, out, config=None, split=None):
@@ -165,24 +105,17 @@ def conv3x3_tma(x, weight, bias, residual, scale, out, config=None, split=None):
     split = split or split_count(tiles, k_steps, x.device)
     steps_per_split = cdiv(k_steps, split)
     split = cdiv(k_steps, steps_per_split)  # no empty range
-    part = torch.empty((split, N * H * W, Cout), device=x.device, dtype=torch.float32) if split > 1 else out
-    unused = out
-    res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
-    flags = dict(HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None)
-    bias_arg = bias if bias is not None else unused
-    res_arg = residual if residual is not None else unused
+    part = split_sums(split, N, H, W, Cout, x.device) if split > 1 else out
+    operands = epilogue_operands(out, bias, None, residual)
+    (bias_arg, _, res_arg, _, _), strides, flags = operands
     _conv3x3_tma_kernel[(tiles, split)](
         x_desc, w_desc, bias_arg, res_arg, out, part, N, H, W, Cin, Cout, tiles_h, tiles_w, tiles_n, chunks,
-        steps_per_split, float(scale), *res_strides, *out.stride(),
-        BNI=bni, BH=bh, BW=bw, BLOCK_N=bn, BK=bk, SPLIT=split,
+        steps_per_split, float(scale), *strides[2:], BNI=bni, BH=bh, BW=bw, BLOCK_N=bn, BK=bk, SPLIT=split,
         # The interpreter's bf16 dot is wrong (triton 3.9); bf16 products are exact in fp32, so it runs that instead.
-        DOT_IN_FP32=interpreting() and x.dtype == torch.bfloat16, num_warps=warps, num_stages=stages, **flags)
+        DOT_IN_FP32=interpreting() and x.dtype == torch.bfloat16, num_warps=warps, num_stages=stages,
+        HAS_BIAS=flags["HAS_BIAS"], HAS_RESIDUAL=flags["HAS_RESIDUAL"])
     if split > 1:
-        rows = N * H * W
-        block_r, block_c = (32, 32) if interpreting() else (64, 128)
-        _reduce_splits_kernel[(cdiv(rows, block_r), cdiv(Cout, block_c))](
-            part, bias_arg, res_arg, out, rows, H, W, Cout, float(scale), *res_strides, *out.stride(),
-            SPLIT=split, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4, **flags)
+        reduce_splits(part, split, out, scale, operands)
     return out
 
 
