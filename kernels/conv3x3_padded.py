@@ -17,7 +17,7 @@ bordered layout costs no pass of its own there.
 Tiles never straddle two samples: tile t of sample n covers its padded rows from (1, 0) on, so per-sample values
 (the time-embedding term, the output statistics) are vectors per program. The epilogue stores the output's
 (count, mean, M2) partials per (sample, channel, tile) for the next GroupNorm (kernels/group_norm.store_partials).
-With SPLIT > 1 each program walks one of SPLIT ranges of the K steps and stores fp32 partial sums; the reduce kernel
+With K split into S > 1 ranges, each program walks one of them and stores fp32 partial sums; the reduce kernel
 adds them in split order with the epilogue. The weight, channels_last (Cout, 3, 3, Cin), is the (Cout, 9*Cin)
 matrix whose K index is tap*Cin + c; a chunk past Cin reads the next tap's weights against x's zero-filled columns.
 """
@@ -29,17 +29,19 @@ from .conv3x3 import _gn_silu
 from .conv3x3_common import (dot_bt, epilogue_operands, k_range, reduce_row_tiles, reduce_splits, split_count,
                              split_sums, store_epilogue)
 from .group_norm import finalize_partials
-from .utils import cdiv, interpreting, fix_cache_keys
+from .._env import getenv
+from .utils import cdiv, interpreting, fix_cache_keys, multiprocessor_count
 
 # Tensor descriptors (TMA) need Hopper or newer.
 MIN_COMPUTE_CAPABILITY = 90
 
-# (BLOCK_M, BLOCK_N, BK, num_warps, num_stages), chosen by launch_config from the best of 11 configs per shape
-# (scripts/probe_conv3x3_padded.py, H200, session 22).
-SMALL_IMAGE_CONFIG = (64, 128, 128, 4, 3)    # <= 256 pixels an image (SD1.5's 16x16, 8x8), <= 4096 in all
+# (BLOCK_M, BLOCK_N, BK, num_warps, num_stages), chosen by launch_config from the best of 11-17 configs and 3-5 K
+# splits per shape (scripts/probe_conv3x3_padded.py, H200; sessions 22 and 23: CUDA-graph replays at 16x16, 8x8).
+SMALL_IMAGE_CONFIG = (64, 128, 128, 4, 4)      # SD1.5's 16 x 16 (4 stages: 16% faster than 3 there)
+FEW_PIXELS_CONFIG = (64, 128, 128, 4, 3)       # <= 4096 pixels in all
 WIDE_CONFIG = (128, 128, 128, 8, 3)          # >= 640 channels in and out (SD1.5's 32x32, SDXL's 64x64 and 32x32)
-LARGE_CONFIG = (256, 128, 64, 8, 3)          # >= 16384 pixels (the VAE's and SDXL's high resolutions)
-CONFIG = (128, 128, 64, 4, 3)
+LARGE_CONFIG = (256, 128, 64, 8, 3)          # >= 8192 pixels (SD1.5's 64x64, the VAE's and SDXL's big images)
+CONFIG = (128, 128, 64, 4, 3)                # and SD1.5's 8 x 8, K split 6 or 10 ways
 INTERPRETER_CONFIG = (32, 16, 16, 1, 1)
 BORDERED_BLOCK = (64, 64)       # (padded pixels, channels) of a gn_silu_bordered program
 INTERPRETER_BORDERED_BLOCK = (16, 16)
@@ -72,10 +74,38 @@ def _gn_silu_bordered_kernel(x_ptr, stats_ptr, nw_ptr, nb_ptr, out_ptr, H, W, C,
 
 
 @triton.jit
+def _tile_sum(x_desc, w_desc, n, tile_m, tile_n, H, Wp, Cin, chunks, first, last, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, BK: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+    """The fp32 sum over K steps [first, last) of tile (tile_m, tile_n) of sample n: BLOCK_M padded rows from
+    (1, 0) + tile_m * BLOCK_M by BLOCK_N output channels."""
+    q0 = n * (H + 2) * Wp + Wp + tile_m * BLOCK_M   # the tile's first padded row: (1, 0) of sample n, then on
+    co0 = tile_n * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for step in range(first, last):
+        tap = step // chunks
+        c0 = (step - tap * chunks) * BK
+        a = x_desc.load([q0 + (tap // 3 - 1) * Wp + (tap % 3 - 1), c0])
+        b = w_desc.load([co0, tap * Cin + c0])
+        acc = dot_bt(a, b, acc, DOT_IN_FP32)
+    return acc
+
+
+@triton.jit
+def _tile_pixels(tile_m, tile_n, H, W, Cout, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(h, w, rows_ok, co, co_ok) of a tile's rows and channels: which rows are image pixels, not border."""
+    Wp = W + 2
+    i = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)   # padded position from (1, 0): h * Wp + w + 1
+    h = i // Wp
+    w = i % Wp - 1
+    co = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return h, w, (h < H) & (w >= 0) & (w < W), co, co < Cout
+
+
+@triton.jit
 def _conv3x3_padded_kernel(x_desc, w_desc, bias_ptr, add_ptr, res_ptr, out_ptr, part_ptr,
                            H, W, Cin, Cout, tiles_m, tiles_n, chunks, steps_per_split, scale, G_out, Cg_out, K_total,
                            saN, saC, srN, srC, srH, srW, soN, soC, soH, soW,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
                            HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                            STATS: tl.constexpr, DOT_IN_FP32: tl.constexpr):
     # Neighbouring programs take the channel blocks of one pixel tile: its input rows are read once into L2.
@@ -84,27 +114,12 @@ def _conv3x3_padded_kernel(x_desc, w_desc, bias_ptr, add_ptr, res_ptr, out_ptr, 
     n = tl.program_id(2)
     tile_n = pid % tiles_n
     tile_m = pid // tiles_n
-    Wp = W + 2
-    q0 = n * (H + 2) * Wp + Wp + tile_m * BLOCK_M   # the tile's first padded row: (1, 0) of sample n, then on
-    co0 = tile_n * BLOCK_N
-
     first, last = k_range(split, steps_per_split, chunks)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for step in range(first, last):
-        tap = step // chunks
-        c0 = (step - tap * chunks) * BK
-        a = x_desc.load([q0 + (tap // 3 - 1) * Wp + (tap % 3 - 1), c0])
-        b = w_desc.load([co0, tap * Cin + c0])
-        acc = dot_bt(a, b, acc, DOT_IN_FP32)
-
-    i = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)   # padded position from (1, 0): h * Wp + w + 1
-    h = i // Wp
-    w = i % Wp - 1
-    co = co0 + tl.arange(0, BLOCK_N)
-    co_ok = co < Cout
-    rows_ok = (h < H) & (w >= 0) & (w < W)
-    if SPLIT > 1:
-        # fp32 partials, (SPLIT, N, H, W, Cout) contiguous: the reduce kernel adds them in split order.
+    acc = _tile_sum(x_desc, w_desc, n, tile_m, tile_n, H, W + 2, Cin, chunks, first, last, BLOCK_M, BLOCK_N, BK,
+                    DOT_IN_FP32)
+    h, w, rows_ok, co, co_ok = _tile_pixels(tile_m, tile_n, H, W, Cout, BLOCK_M, BLOCK_N)
+    if SPLIT_K:  # a flag, not the count: split counts share one compiled kernel
+        # fp32 partials, (split count, N, H, W, Cout) contiguous: the reduce kernel adds them in split order.
         row = ((split * tl.num_programs(2) + n) * H + h) * W + w
         tl.store(part_ptr + row.to(tl.int64)[:, None] * Cout + co[None, :], acc,
                  mask=rows_ok[:, None] & co_ok[None, :])
@@ -114,19 +129,104 @@ def _conv3x3_padded_kernel(x_desc, w_desc, bias_ptr, add_ptr, res_ptr, out_ptr, 
                        HAS_BIAS, HAS_ADD, HAS_RESIDUAL, STATS)
 
 
+# ---- stream-K: every program an equal share of all tiles' K steps ----------------------------------------------
+# Split-K gives each tile the same number of programs, so a grid of 100 tiles on 132 SMs leaves a quarter of them
+# idle at any split count that keeps the partials cheap (SD1.5's 16 x 16). Here the (tile, K step) units, tile after
+# tile, are cut into `programs` equal ranges: a program finishes (epilogue) each tile its range covers whole, and
+# stores fp32 partial sums of the tiles it shares with its neighbours; the fix-up kernel adds a shared tile's
+# partials in program order and runs the epilogue.
+
+@triton.jit
+def _unit_owner(u, programs, units):
+    """The program whose range holds unit u: the first units % programs programs take one unit more."""
+    q = units // programs
+    r = units % programs
+    return tl.where(u < r * (q + 1), u // (q + 1), r + (u - r * (q + 1)) // q)
+
+
+@triton.jit
+def _partial_offsets(t, j, max_parts, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Offsets of part j (the tile's j-th program) of tile t's fp32 partials, (tiles, max_parts, BLOCK_M, BLOCK_N)."""
+    base = (t * max_parts + j).to(tl.int64) * (BLOCK_M * BLOCK_N)
+    return base + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+
+
+@triton.jit
+def _conv3x3_stream_kernel(x_desc, w_desc, bias_ptr, add_ptr, res_ptr, out_ptr, part_ptr, ws_ptr,
+                           N, H, W, Cin, Cout, tiles_m, tiles_n, chunks, programs, max_parts, scale, G_out, Cg_out,
+                           K_total, saN, saC, srN, srC, srH, srW, soN, soC, soH, soW,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                           STATS: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+    pid = tl.program_id(0)
+    k_steps = 9 * chunks
+    units = N * tiles_m * tiles_n * k_steps
+    q = units // programs
+    u = pid * q + tl.minimum(pid, units % programs)
+    end = u + q + (pid < units % programs).to(tl.int32)
+    while u < end:
+        t = u // k_steps               # tile order: sample, pixel tile, channel tile (fastest)
+        first = u - t * k_steps
+        last = tl.minimum(k_steps, first + end - u)
+        n = t // (tiles_m * tiles_n)
+        tile_m = (t // tiles_n) % tiles_m
+        tile_n = t % tiles_n
+        acc = _tile_sum(x_desc, w_desc, n, tile_m, tile_n, H, W + 2, Cin, chunks, first, last, BLOCK_M, BLOCK_N,
+                        BK, DOT_IN_FP32)
+        if (first == 0) & (last == k_steps):
+            h, w, rows_ok, co, co_ok = _tile_pixels(tile_m, tile_n, H, W, Cout, BLOCK_M, BLOCK_N)
+            store_epilogue(acc, n, h, w, co, co_ok, rows_ok, bias_ptr, add_ptr, res_ptr, out_ptr, part_ptr, scale,
+                           saN, saC, srN, srC, srH, srW, soN, soC, soH, soW, tile_m, tiles_m, G_out, Cg_out,
+                           K_total, HAS_BIAS, HAS_ADD, HAS_RESIDUAL, STATS)
+        else:
+            j = pid - _unit_owner(t * k_steps, programs, units)
+            tl.store(ws_ptr + _partial_offsets(t, j, max_parts, BLOCK_M, BLOCK_N), acc)
+        u += last - first
+
+
+@triton.jit
+def _stream_fixup_kernel(ws_ptr, bias_ptr, add_ptr, res_ptr, out_ptr, part_ptr,
+                         N, H, W, Cout, tiles_m, tiles_n, chunks, programs, max_parts, scale, G_out, Cg_out,
+                         K_total, saN, saC, srN, srC, srH, srW, soN, soC, soH, soW,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         HAS_ADD: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STATS: tl.constexpr):
+    """Program (tile_m * tiles_n + tile_n, 0, n): if programs shared this tile, its partials added in program order,
+    then the epilogue."""
+    pid = tl.program_id(0)
+    n = tl.program_id(2)
+    tile_n = pid % tiles_n
+    tile_m = pid // tiles_n
+    t = (n * tiles_m + tile_m) * tiles_n + tile_n
+    k_steps = 9 * chunks
+    units = N * tiles_m * tiles_n * k_steps
+    parts = _unit_owner((t + 1) * k_steps - 1, programs, units) - _unit_owner(t * k_steps, programs, units) + 1
+    if parts > 1:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for j in range(0, parts):
+            acc += tl.load(ws_ptr + _partial_offsets(t, j, max_parts, BLOCK_M, BLOCK_N))
+        h, w, rows_ok, co, co_ok = _tile_pixels(tile_m, tile_n, H, W, Cout, BLOCK_M, BLOCK_N)
+        store_epilogue(acc, n, h, w, co, co_ok, rows_ok, bias_ptr, add_ptr, res_ptr, out_ptr, part_ptr, scale,
+                       saN, saC, srN, srC, srH, srW, soN, soC, soH, soW, tile_m, tiles_m, G_out, Cg_out, K_total,
+                       HAS_BIAS, HAS_ADD, HAS_RESIDUAL, STATS)
+
+
 def launch_config(N: int, Cin: int, Cout: int, H: int, W: int):
-    """(BLOCK_M, BLOCK_N, BK, num_warps, num_stages) for this conv: the probe's best, or within 5% of it, at the
-    SD1.5, SDXL and VAE shapes (2x320x320x64x64 38.7 us, 2x640x640x32x32 39.9, 2x1280x1280x16x16 63.7,
-    1x512x512x64x64 47.0, 1x256x256x512x512 543.5, H200)."""
+    """((BLOCK_M, BLOCK_N, BK, num_warps, num_stages), K split or None for split_count's) for this conv: the probe's
+    best, or within 5% of it, at the SD1.5, SDXL and VAE shapes, H200. From do_bench (session 22): 1x512x512x64x64
+    47.0 us, 1x256x256x512x512 543.5; from CUDA-graph replays (session 23): 2x320x320x64x64 34.4 (36.2 with
+    CONFIG), 2x640x640x32x32 33.3, 2x1280x1280x16x16 40.6-42.0 (48.3 with 3 stages and the automatic split),
+    2x2560x1280x16x16 84.7-85.4, 2x1280x1280x8x8 22.0, 2x2560x1280x8x8 38.2 (41.8 split 7)."""
     if interpreting():
-        return INTERPRETER_CONFIG
+        return INTERPRETER_CONFIG, None
+    if H * W <= 64:
+        return CONFIG, (6 if Cin <= 1280 else 10)  # 80 of each sample's 128 rows: split K to fill the SMs
     if H * W <= 256:
-        return SMALL_IMAGE_CONFIG
+        return SMALL_IMAGE_CONFIG, 1  # 100 tiles: a split's fp32 partials cost more than the idle quarter of SMs
     if Cin >= 640 and Cout >= 640:
-        return WIDE_CONFIG
+        return WIDE_CONFIG, None
     if N * H * W <= 4096:
-        return SMALL_IMAGE_CONFIG
-    return LARGE_CONFIG if N * H * W >= 16384 else CONFIG
+        return FEW_PIXELS_CONFIG, None
+    return (LARGE_CONFIG if N * H * W >= 8192 else CONFIG), None
 
 
 def gn_silu_bordered(x, norm=None, out=None):
@@ -148,22 +248,28 @@ def gn_silu_bordered(x, norm=None, out=None):
 
 
 def conv3x3_padded(xp, weight, bias, add, residual, scale, out, stats_groups=0, stats_eps=1e-6, config=None,
-                   split=None):
+                   split=None, stream_k=None):
     """out (N, Cout, H, W), any strides, = the conv of the bordered input xp (N, H+2, W+2, Cin) contiguous, whose
     border holds zeros; weight channels_last (Cout, Cin, 3, 3) of xp's 16-bit dtype, Cin a multiple of 8; add
     (N, Cout) or None; residual (N, Cout, H, W) any strides or None. Returns the (N*G', 2) fp32 (mean, rstd) of
-    out's stats_groups = G' groups, or None when 0. ``config`` and ``split`` override the defaults."""
+    out's stats_groups = G' groups, or None when 0. ``config`` and ``split`` override the defaults; ``stream_k``,
+    a program count, shares the K steps of all tiles evenly among that many programs instead of splitting."""
     from triton.tools.tensor_descriptor import TensorDescriptor
     N, Hp, Wp, Cin = xp.shape
     H, W = Hp - 2, Wp - 2
     Cout = weight.shape[0]
-    bm, bn, bk, warps, stages = config or launch_config(N, Cin, Cout, H, W)
+    default_config, default_split = launch_config(N, Cin, Cout, H, W)
+    bm, bn, bk, warps, stages = config or default_config
     x_desc = TensorDescriptor(xp, [N * Hp * Wp, Cin], [Cin, 1], [bm, bk])
     w_desc = TensorDescriptor(weight, [Cout, 9 * Cin], [9 * Cin, 1], [bn, bk])
     # Sample n's positions from padded (1, 0) through its last interior pixel (H, W).
     tiles_m, tiles_n, chunks = cdiv((H - 1) * Wp + W + 1, bm), cdiv(Cout, bn), cdiv(Cin, bk)
     k_steps = 9 * chunks
-    split = split or split_count(tiles_m * tiles_n * N, k_steps, xp.device)
+    stream_k = stream_k or stream_k_programs(xp.device)
+    if stream_k:
+        split = 1
+    split = split or (default_split if config is None else None) or split_count(tiles_m * tiles_n * N, k_steps,
+                                                                                 xp.device)
     steps_per_split = cdiv(k_steps, split)
     split = cdiv(k_steps, steps_per_split)  # no empty range
     row_tiles = tiles_m if split == 1 else reduce_row_tiles(H, W)
@@ -172,19 +278,52 @@ def conv3x3_padded(xp, weight, bias, add, residual, scale, out, stats_groups=0, 
     partials = torch.empty((3, K_total), device=xp.device, dtype=torch.float32) if stats_groups else None
     operands = epilogue_operands(out, bias, add, residual, partials)
     pointers, strides, flags = operands
-    sums = split_sums(split, N, H, W, Cout, xp.device) if split > 1 else None
-    _conv3x3_padded_kernel[(tiles_m * tiles_n, split, N)](
-        x_desc, w_desc, *pointers[:4], sums if sums is not None else pointers[4],
-        H, W, Cin, Cout, tiles_m, tiles_n, chunks, steps_per_split, float(scale), G_out, Cout // G_out, K_total,
-        *strides, BLOCK_M=bm, BLOCK_N=bn, BK=bk, SPLIT=split,
-        # The interpreter's bf16 dot is wrong (triton 3.9); bf16 products are exact in fp32, so it runs that instead.
-        DOT_IN_FP32=interpreting() and xp.dtype == torch.bfloat16, num_warps=warps, num_stages=stages,
-        **dict(flags, STATS=flags["STATS"] and split == 1))
-    if sums is not None:
-        reduce_splits(sums, split, out, scale, operands, G_out, K_total)
+    # The interpreter's bf16 dot is wrong (triton 3.9); bf16 products are exact in fp32, so it runs that instead.
+    dot_in_fp32 = interpreting() and xp.dtype == torch.bfloat16
+    sizes = (tiles_m, tiles_n, chunks)
+    if stream_k:
+        _stream_k(x_desc, w_desc, pointers, strides, flags, N, H, W, Cin, Cout, sizes, stream_k, scale, G_out,
+                  K_total, (bm, bn, bk, warps, stages), dot_in_fp32)
+    else:
+        sums = split_sums(split, N, H, W, Cout, xp.device) if split > 1 else None
+        _conv3x3_padded_kernel[(tiles_m * tiles_n, split, N)](
+            x_desc, w_desc, *pointers[:4], sums if sums is not None else pointers[4],
+            H, W, Cin, Cout, *sizes, steps_per_split, float(scale), G_out, Cout // G_out, K_total,
+            *strides, BLOCK_M=bm, BLOCK_N=bn, BK=bk, SPLIT_K=split > 1, DOT_IN_FP32=dot_in_fp32, num_warps=warps,
+            num_stages=stages, **dict(flags, STATS=flags["STATS"] and split == 1))
+        if sums is not None:
+            reduce_splits(sums, split, out, scale, operands, G_out, K_total)
     if not stats_groups:
         return None
     return finalize_partials(partials, row_tiles * (Cout // G_out), stats_eps)
+
+
+def stream_k_programs(device):
+    """SDKERNELS_CONV_STREAM_K (opt-in while measured): unset or 0, K split as launch_config says; "sm", stream-K with
+    one program per SM; a number, stream-K with that many programs (the tests' small grids)."""
+    knob = getenv("SDKERNELS_CONV_STREAM_K", "0")
+    return multiprocessor_count(device) if knob == "sm" else int(knob) or None
+
+
+def _stream_k(x_desc, w_desc, pointers, strides, flags, N, H, W, Cin, Cout, sizes, programs, scale, G_out, K_total,
+              config, dot_in_fp32):
+    """The stream-K launch and its fix-up: ``programs`` programs (at most one per unit) over sizes = (tiles_m,
+    tiles_n, chunks)."""
+    tiles_m, tiles_n, chunks = sizes
+    bm, bn, bk, warps, stages = config
+    tiles = N * tiles_m * tiles_n
+    k_steps = 9 * chunks
+    programs = max(1, min(programs, tiles * k_steps))
+    # A tile's k_steps units meet at most 1 + cdiv(k_steps - 1, q) ranges of q or q + 1 units.
+    max_parts = 1 + cdiv(k_steps - 1, tiles * k_steps // programs)
+    ws = torch.empty((tiles * max_parts * bm * bn,), device=pointers[3].device, dtype=torch.float32)
+    common = (N, H, W)
+    loop = (tiles_m, tiles_n, chunks, programs, max_parts, float(scale), G_out, Cout // G_out, K_total, *strides)
+    _conv3x3_stream_kernel[(programs,)](
+        x_desc, w_desc, *pointers, ws, *common, Cin, Cout, *loop, BLOCK_M=bm, BLOCK_N=bn, BK=bk,
+        DOT_IN_FP32=dot_in_fp32, num_warps=warps, num_stages=stages, **flags)
+    _stream_fixup_kernel[(tiles_m * tiles_n, 1, N)](
+        ws, *pointers, *common, Cout, *loop, BLOCK_M=bm, BLOCK_N=bn, num_warps=4 if bm * bn <= 8192 else 8, **flags)
 
 
 fix_cache_keys(globals())  # last: see its docstring

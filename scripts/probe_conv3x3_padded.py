@@ -2,11 +2,13 @@
 with and without its bias) and the 4-D-box TMA kernel (kernels/conv3x3_tma.py) at the UNets' and the VAE decoder's
 conv shapes, over tile configs and K splits:
 
-    python scripts/probe_conv3x3_padded.py [--shapes sd15|sdxl|vae|all] [--top 4]
+    python scripts/probe_conv3x3_padded.py [--shapes sd15|sdxl|vae|all|NxCinxCoutxHxW,...] [--top 4] [--more]
+        [--splits 1,auto,2auto] [--configs 64x128x128x4x4,...] [--no-graph]
 
 Per shape: cuDNN's time, the time to build the bordered copy of x (what a producer that cannot write the border
 itself would add), triton_tma's, and the best configs' times and errors against cuDNN's output (max |diff| /
-max |ref|; WRONG past 5e-3). Times: triton.testing.do_bench medians (CUDA events), fp16."""
+max |ref|; WRONG past 5e-3). Times: medians of CUDA-graph replays (triton.testing.do_bench_cudagraph: the host's
+launch cost, which do_bench adds at the small shapes, is left out), or do_bench's with --no-graph; fp16."""
 import argparse
 import os
 import sys
@@ -31,6 +33,22 @@ SHAPES = {  # (N, Cin, Cout, H, W)
 CONFIGS = [(128, 128, 64, 4, 4), (128, 128, 64, 4, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3),
            (256, 128, 64, 8, 3), (128, 64, 64, 4, 5), (64, 128, 64, 4, 5), (64, 256, 64, 4, 4),
            (128, 128, 128, 8, 3), (128, 256, 64, 8, 4), (64, 128, 128, 4, 3)]
+MORE_CONFIGS = [(64, 128, 128, 4, 4), (128, 128, 128, 8, 4), (64, 64, 128, 4, 4), (128, 64, 128, 4, 4),
+                (64, 256, 64, 4, 3), (128, 256, 128, 8, 2)]
+
+
+def parse_shapes(spec: str) -> list:
+    if spec == "all":
+        return sum(SHAPES.values(), [])
+    return sum((SHAPES[s] if s in SHAPES else [tuple(map(int, s.split("x")))] for s in spec.split(",")), [])
+
+
+def split_choices(spec: str, auto: int) -> list:
+    """The K split counts to try: integers, "auto" (split_count's) and "2auto"/"half" around it; "sk" is stream-K
+    with one program per SM, "sk2" with two."""
+    named = {"auto": auto, "2auto": 2 * auto, "4auto": 4 * auto, "half": max(1, auto // 2)}
+    return sorted({named[s] if s in named else s if s.startswith("sk") else int(s) for s in spec.split(",")},
+                  key=str)
 
 
 def bordered(x):
@@ -44,12 +62,21 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", default="all")
     p.add_argument("--top", type=int, default=4)
+    p.add_argument("--more", action="store_true", help="also the configs of MORE_CONFIGS")
+    p.add_argument("--splits", default="1,auto,2auto")
+    p.add_argument("--configs", help="only these (BLOCK_M x BLOCK_N x BK x warps x stages, comma-separated)")
+    p.add_argument("--no-graph", action="store_true", help="time with do_bench (host launch cost included)")
     args = p.parse_args()
-    shapes = sum(SHAPES.values(), []) if args.shapes == "all" else sum((SHAPES[s] for s in args.shapes.split(",")),
-                                                                      [])
-    configs = CONFIGS
+    shapes = parse_shapes(args.shapes)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    configs = CONFIGS + (MORE_CONFIGS if args.more else [])
+    if args.configs:
+        configs = [tuple(map(int, c.split("x"))) for c in args.configs.split(",")]
     torch.manual_seed(0)
-    bench = lambda f: triton.testing.do_bench(f, warmup=25, rep=100)  # noqa: E731
+    if args.no_graph:
+        bench = lambda f: triton.testing.do_bench(f, warmup=25, rep=100)  # noqa: E731
+    else:
+        bench = lambda f: triton.testing.do_bench_cudagraph(f, rep=50, return_mode="median")  # noqa: E731
     for N, Cin, Cout, H, W in shapes:
         x, w, b, ref, flops = conv_case(N, Cin, Cout, H, W)
         tf = lambda ms: flops / ms / 1e9  # noqa: E731
@@ -64,13 +91,15 @@ def main():
             bm, bn, bk = cfg[:3]
             tiles = N * triton.cdiv((H - 1) * (W + 2) + W + 1, bm) * triton.cdiv(Cout, bn)
             auto = cp.split_count(tiles, 9 * triton.cdiv(Cin, bk), x.device)
-            for split in sorted({1, auto, 2 * auto}):
+            for split in split_choices(args.splits, auto):
                 out = torch.full_like(ref, float("nan"))
+                sk = sms * (int(split[2:]) if split[2:] else 1) if isinstance(split, str) else None
+                kw = dict(config=cfg, split=None if sk else split, stream_k=sk)
                 try:
-                    cp.conv3x3_padded(xp, w, b, None, None, 1.0, out, config=cfg, split=split)
+                    cp.conv3x3_padded(xp, w, b, None, None, 1.0, out, **kw)
                     torch.cuda.synchronize()
                     err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
-                    ms = bench(lambda: cp.conv3x3_padded(xp, w, b, None, None, 1.0, out, config=cfg, split=split))
+                    ms = bench(lambda: cp.conv3x3_padded(xp, w, b, None, None, 1.0, out, **kw))
                 except Exception as e:  # a config that does not compile or fit: report and go on
                     rows.append((float("inf"), cfg, split, f"{type(e).__name__}: {str(e)[:100]}"))
                     continue

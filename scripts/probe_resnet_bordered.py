@@ -33,6 +33,7 @@ def main():
     args = p.parse_args()
     # us, each call replayed from a CUDA graph: no host time
     bench = lambda f: triton.testing.do_bench_cudagraph(f, rep=50, return_mode="median") * 1e3  # noqa: E731
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     for spec in args.shapes.split(","):
         N, Cin, Cout, H, W = map(int, spec.split("x"))
         x = torch.randn(N, Cin, H, W, device="cuda", dtype=torch.float16).to(memory_format=torch.channels_last)
@@ -55,6 +56,9 @@ def main():
             "conv_padded": lambda: cp.conv3x3_padded(xp, w, b, None, None, 1.0, out),
             "conv_padded +temb +stats": lambda: cp.conv3x3_padded(xp, w, b, temb, None, 1.0, out, stats_groups=32),
             "conv_padded +residual": lambda: cp.conv3x3_padded(xp, w, b, None, x, 1.0, out) if Cin == Cout else None,
+            "conv_padded stream-K": lambda: cp.conv3x3_padded(xp, w, b, None, None, 1.0, out, stream_k=sms),
+            "conv_padded +temb +stats stream-K": lambda: cp.conv3x3_padded(xp, w, b, temb, None, 1.0, out,
+                                                                           stats_groups=32, stream_k=sms),
             "cudnn no bias": lambda: F.conv2d(x, w, None, padding=1),
             "cudnn + bias": lambda: F.conv2d(x, w, b, padding=1),
         }

@@ -223,8 +223,10 @@ def cases():
     for args in conv3x3_cases():
         yield ("conv3x3_fused", "triton", lambda a=args: torch.ops.sdkernels.conv3x3_fused(*a)[0],
                lambda a=args: conv3x3_reference(*a)[0], args, 2e-2)
-    for args in conv3x3_bordered_cases():
-        yield ("conv3x3_fused bordered", "triton_bordered", lambda a=args: torch.ops.sdkernels.conv3x3_fused(*a)[0],
+    for programs, args in itertools.product(("", "5", "sm"), conv3x3_bordered_cases()):  # split-K, stream-K
+        yield (f"conv3x3_fused bordered{' stream-K ' + programs if programs else ''}", "triton_bordered",
+               lambda a=args, p=programs: _with_env("SDKERNELS_CONV_STREAM_K", p,
+                                                    lambda: torch.ops.sdkernels.conv3x3_fused(*a)[0]),
                lambda a=args: conv3x3_reference(*a)[0], args, 2e-2)
 
 
