@@ -40,8 +40,8 @@ MIN_COMPUTE_CAPABILITY = 90
 SMALL_IMAGE_CONFIG = (64, 128, 128, 4, 4)      # SD1.5's 16 x 16 (4 stages: 16% faster than 3 there)
 FEW_PIXELS_CONFIG = (64, 128, 128, 4, 3)       # <= 4096 pixels in all
 WIDE_CONFIG = (128, 128, 128, 8, 3)          # >= 640 channels in and out (SD1.5's 32x32, SDXL's 64x64 and 32x32)
-LARGE_CONFIG = (256, 128, 64, 8, 3)          # >= 8192 pixels (SD1.5's 64x64, the VAE's and SDXL's big images)
-CONFIG = (128, 128, 64, 4, 3)                # and SD1.5's 8 x 8, K split 6 or 10 ways
+LARGE_CONFIG = (256, 128, 64, 8, 3)          # >= 16384 pixels (the VAE's and SDXL's high resolutions)
+CONFIG = (128, 128, 64, 4, 3)                # SD1.5's 64 x 64, and its 8 x 8 with K split 6 or 10 ways
 INTERPRETER_CONFIG = (32, 16, 16, 1, 1)
 BORDERED_BLOCK = (64, 64)       # (padded pixels, channels) of a gn_silu_bordered program
 INTERPRETER_BORDERED_BLOCK = (16, 16)
@@ -134,7 +134,9 @@ def _conv3x3_padded_kernel(x_desc, w_desc, bias_ptr, add_ptr, res_ptr, out_ptr, 
 # idle at any split count that keeps the partials cheap (SD1.5's 16 x 16). Here the (tile, K step) units, tile after
 # tile, are cut into `programs` equal ranges: a program finishes (epilogue) each tile its range covers whole, and
 # stores fp32 partial sums of the tiles it shares with its neighbours; the fix-up kernel adds a shared tile's
-# partials in program order and runs the epilogue.
+# partials in program order and runs the epilogue. Measured slower than launch_config's split-K rule at every SD1.5
+# conv (H200, session 23, one program per SM: 2x1280x1280x16x16 56.2-61.0 us against 41.7, 2x2560x1280x8x8 44.8
+# against 36.8-38.9; only the 32 x 32 blocks gained, 105.5 against 111.9 us at 2x640x640), so it is opt-in.
 
 @triton.jit
 def _unit_owner(u, programs, units):
@@ -213,9 +215,11 @@ def _stream_fixup_kernel(ws_ptr, bias_ptr, add_ptr, res_ptr, out_ptr, part_ptr,
 def launch_config(N: int, Cin: int, Cout: int, H: int, W: int):
     """((BLOCK_M, BLOCK_N, BK, num_warps, num_stages), K split or None for split_count's) for this conv: the probe's
     best, or within 5% of it, at the SD1.5, SDXL and VAE shapes, H200. From do_bench (session 22): 1x512x512x64x64
-    47.0 us, 1x256x256x512x512 543.5; from CUDA-graph replays (session 23): 2x320x320x64x64 34.4 (36.2 with
-    CONFIG), 2x640x640x32x32 33.3, 2x1280x1280x16x16 40.6-42.0 (48.3 with 3 stages and the automatic split),
-    2x2560x1280x16x16 84.7-85.4, 2x1280x1280x8x8 22.0, 2x2560x1280x8x8 38.2 (41.8 split 7)."""
+    47.0 us, 1x256x256x512x512 543.5; from CUDA-graph replays (session 23): 2x640x640x32x32 33.3,
+    2x1280x1280x16x16 40.6-42.0 (48.3 with 3 stages and the automatic split), 2x2560x1280x16x16 84.7-85.4,
+    2x1280x1280x8x8 22.0-22.4, 2x2560x1280x8x8 38.2-38.9 (41.8 split 7). At 2x320x320x64x64 the 256-row tile runs
+    the conv alone faster (33.9-34.4 against 36.2-38.0) but the block slower: with the output statistics in its
+    epilogue the fused block took 146.0 us against 107.4 with CONFIG (bench_resnet_block, session 23)."""
     if interpreting():
         return INTERPRETER_CONFIG, None
     if H * W <= 64:
@@ -226,7 +230,7 @@ def launch_config(N: int, Cin: int, Cout: int, H: int, W: int):
         return WIDE_CONFIG, None
     if N * H * W <= 4096:
         return FEW_PIXELS_CONFIG, None
-    return (LARGE_CONFIG if N * H * W >= 8192 else CONFIG), None
+    return (LARGE_CONFIG if N * H * W >= 16384 else CONFIG), None
 
 
 def gn_silu_bordered(x, norm=None, out=None):
@@ -299,8 +303,8 @@ def conv3x3_padded(xp, weight, bias, add, residual, scale, out, stats_groups=0, 
 
 
 def stream_k_programs(device):
-    """SDKERNELS_CONV_STREAM_K (opt-in while measured): unset or 0, K split as launch_config says; "sm", stream-K with
-    one program per SM; a number, stream-K with that many programs (the tests' small grids)."""
+    """SDKERNELS_CONV_STREAM_K (opt-in, slower at SD1.5's shapes so far): unset or 0, K split as launch_config says;
+    "sm", stream-K with one program per SM; a number, stream-K with that many programs (the tests' small grids)."""
     knob = getenv("SDKERNELS_CONV_STREAM_K", "0")
     return multiprocessor_count(device) if knob == "sm" else int(knob) or None
 

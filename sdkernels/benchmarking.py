@@ -154,7 +154,9 @@ class Results:
 
     def write(self, path: str) -> str:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        doc = dict(machine(), copy_gbps=copy_bandwidth_gbps(), **self.meta, rows=self.rows)
+        # The package's knobs set for this run (e.g. SDKERNELS_CONV_STREAM_K): rows of two runs differ by these.
+        knobs = {k: v for k, v in sorted(os.environ.items()) if k.startswith("SDKERNELS_")}
+        doc = dict(machine(), copy_gbps=copy_bandwidth_gbps(), knobs=knobs, **self.meta, rows=self.rows)
         with open(path, "w") as f:
             json.dump(doc, f, indent=1)
         return path
