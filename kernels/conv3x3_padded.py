@@ -102,12 +102,12 @@ def _tile_pixels(tile_m, tile_n, H, W, Cout, BLOCK_M: tl.constexpr, BLOCK_N: tl.
 
 
 @triton.jit
-def _conv3x3_padded_kernel(x_desc, w_desc, bias_ptr, add_ptr, res_ptr, out_ptr, part_ptr,
+def _conv3x3_padded_kernel(x_desc, w_desc, bias_ptr, add_ptr, res_ptr, out_ptr, part_ptr, ws_ptr, count_ptr,
                            H, W, Cin, Cout, tiles_m, tiles_n, chunks, steps_per_split, scale, G_out, Cg_out, K_total,
                            saN, saC, srN, srC, srH, srW, soN, soC, soH, soW,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
-                           HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                           STATS: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+                           SERIAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr,
+                           HAS_RESIDUAL: tl.constexpr, STATS: tl.constexpr, DOT_IN_FP32: tl.constexpr):
     # Neighbouring programs take the channel blocks of one pixel tile: its input rows are read once into L2.
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -118,7 +118,21 @@ def _conv3x3_padded_kernel(x_desc, w_desc, bias_ptr, add_ptr, res_ptr, out_ptr, 
     acc = _tile_sum(x_desc, w_desc, n, tile_m, tile_n, H, W + 2, Cin, chunks, first, last, BLOCK_M, BLOCK_N, BK,
                     DOT_IN_FP32)
     h, w, rows_ok, co, co_ok = _tile_pixels(tile_m, tile_n, H, W, Cout, BLOCK_M, BLOCK_N)
-    if SPLIT_K:  # a flag, not the count: split counts share one compiled kernel
+    if SERIAL:
+        # The tile's last program to finish adds all its splits' partials (in split order, from L2: they were just
+        # written) and runs the epilogue; the others store theirs and leave. No reduce kernel, no partials in HBM.
+        splits = tl.num_programs(1)
+        t = (n * tiles_m + tile_m) * tiles_n + tile_n
+        tl.store(ws_ptr + _partial_offsets(t, split, splits, BLOCK_M, BLOCK_N), acc)
+        tl.debug_barrier()  # every thread's partial stored before the counter says so
+        if tl.atomic_add(count_ptr + t, 1, sem="acq_rel") == splits - 1:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for j in range(0, splits):
+                acc += tl.load(ws_ptr + _partial_offsets(t, j, splits, BLOCK_M, BLOCK_N), cache_modifier=".cg")
+            store_epilogue(acc, n, h, w, co, co_ok, rows_ok, bias_ptr, add_ptr, res_ptr, out_ptr, part_ptr, scale,
+                           saN, saC, srN, srC, srH, srW, soN, soC, soH, soW, tile_m, tiles_m, G_out, Cg_out,
+                           K_total, HAS_BIAS, HAS_ADD, HAS_RESIDUAL, STATS)
+    elif SPLIT_K:  # a flag, not the count: split counts share one compiled kernel
         # fp32 partials, (split count, N, H, W, Cout) contiguous: the reduce kernel adds them in split order.
         row = ((split * tl.num_programs(2) + n) * H + h) * W + w
         tl.store(part_ptr + row.to(tl.int64)[:, None] * Cout + co[None, :], acc,
@@ -276,7 +290,9 @@ def conv3x3_padded(xp, weight, bias, add, residual, scale, out, stats_groups=0, 
                                                                                  xp.device)
     steps_per_split = cdiv(k_steps, split)
     split = cdiv(k_steps, steps_per_split)  # no empty range
-    row_tiles = tiles_m if split == 1 else reduce_row_tiles(H, W)
+    # SDKERNELS_CONV_SERIAL_SPLIT=1 (opt-in, not yet timed): a split tile's last program adds the partials.
+    serial = split > 1 and not stream_k and getenv("SDKERNELS_CONV_SERIAL_SPLIT", "0") == "1"
+    row_tiles = tiles_m if split == 1 or serial else reduce_row_tiles(H, W)
     G_out = max(stats_groups, 1)
     K_total = N * row_tiles * Cout
     partials = torch.empty((3, K_total), device=xp.device, dtype=torch.float32) if stats_groups else None
@@ -289,12 +305,15 @@ def conv3x3_padded(xp, weight, bias, add, residual, scale, out, stats_groups=0, 
         _stream_k(x_desc, w_desc, pointers, strides, flags, N, H, W, Cin, Cout, sizes, stream_k, scale, G_out,
                   K_total, (bm, bn, bk, warps, stages), dot_in_fp32)
     else:
-        sums = split_sums(split, N, H, W, Cout, xp.device) if split > 1 else None
+        sums = split_sums(split, N, H, W, Cout, xp.device) if split > 1 and not serial else None
+        tiles = N * tiles_m * tiles_n
+        ws, counts = (torch.empty((tiles * split * bm * bn,), device=xp.device, dtype=torch.float32),
+                      torch.zeros((tiles,), device=xp.device, dtype=torch.int32)) if serial else (out, out)
         _conv3x3_padded_kernel[(tiles_m * tiles_n, split, N)](
-            x_desc, w_desc, *pointers[:4], sums if sums is not None else pointers[4],
+            x_desc, w_desc, *pointers[:4], sums if sums is not None else pointers[4], ws, counts,
             H, W, Cin, Cout, *sizes, steps_per_split, float(scale), G_out, Cout // G_out, K_total,
-            *strides, BLOCK_M=bm, BLOCK_N=bn, BK=bk, SPLIT_K=split > 1, DOT_IN_FP32=dot_in_fp32, num_warps=warps,
-            num_stages=stages, **dict(flags, STATS=flags["STATS"] and split == 1))
+            *strides, BLOCK_M=bm, BLOCK_N=bn, BK=bk, SPLIT_K=split > 1, SERIAL=serial, DOT_IN_FP32=dot_in_fp32,
+            num_warps=warps, num_stages=stages, **dict(flags, STATS=flags["STATS"] and (split == 1 or serial)))
         if sums is not None:
             reduce_splits(sums, split, out, scale, operands, G_out, K_total)
     if not stats_groups:
