@@ -97,9 +97,11 @@ def _reduce_splits_kernel(sum_ptr, bias_ptr, add_ptr, res_ptr, out_ptr, part_ptr
                    HAS_BIAS, HAS_ADD, HAS_RESIDUAL, STATS)
 
 
-def split_count(tiles: int, k_steps: int, device) -> int:
-    """How many K ranges to split into: enough programs to fill the GPU, each range at least MIN_STEPS_PER_SPLIT."""
-    want = cdiv(PROGRAMS_PER_SM * multiprocessor_count(device), tiles)
+def split_count(tiles: int, k_steps: int, device, whole_wave: bool = False) -> int:
+    """How many K ranges to split into: enough programs to fill the GPU (``whole_wave``: as many as fit in one wave,
+    so 67-131 tiles on 132 SMs stay unsplit), each range at least MIN_STEPS_PER_SPLIT steps."""
+    slots = PROGRAMS_PER_SM * multiprocessor_count(device)
+    want = slots // tiles if whole_wave else cdiv(slots, tiles)
     return max(1, min(want, k_steps // MIN_STEPS_PER_SPLIT))
 
 

@@ -239,7 +239,7 @@ def launch_config(N: int, Cin: int, Cout: int, H: int, W: int):
     if H * W <= 64:
         return CONFIG, (6 if Cin <= 1280 else 10)  # 80 of each sample's 128 rows: split K to fill the SMs
     if H * W <= 256:
-        return SMALL_IMAGE_CONFIG, 1  # 100 tiles: a split's fp32 partials cost more than the idle quarter of SMs
+        return SMALL_IMAGE_CONFIG, None
     if Cin >= 640 and Cout >= 640:
         return WIDE_CONFIG, None
     if N * H * W <= 4096:
@@ -286,8 +286,10 @@ def conv3x3_padded(xp, weight, bias, add, residual, scale, out, stats_groups=0, 
     stream_k = stream_k or stream_k_programs(xp.device)
     if stream_k:
         split = 1
+    # One wave at most: the reduce kernel's fp32 partials cost more than a third of the SMs idle (2x640x640x32x32,
+    # 90 tiles: 33.3 us unsplit, over 37.2 split in 2; 2x1280x1280x16x16, 100 tiles: 41.7 against 58.3 in 6).
     split = split or (default_split if config is None else None) or split_count(tiles_m * tiles_n * N, k_steps,
-                                                                                 xp.device)
+                                                                                 xp.device, whole_wave=True)
     steps_per_split = cdiv(k_steps, split)
     split = cdiv(k_steps, steps_per_split)  # no empty range
     # SDKERNELS_CONV_SERIAL_SPLIT=1 (opt-in, not yet timed): a split tile's last program adds the partials.

@@ -90,7 +90,7 @@ def main():
         for cfg in configs:
             bm, bn, bk = cfg[:3]
             tiles = N * triton.cdiv((H - 1) * (W + 2) + W + 1, bm) * triton.cdiv(Cout, bn)
-            auto = cp.split_count(tiles, 9 * triton.cdiv(Cin, bk), x.device)
+            auto = cp.split_count(tiles, 9 * triton.cdiv(Cin, bk), x.device, whole_wave=True)
             for split in split_choices(args.splits, auto):
                 out = torch.full_like(ref, float("nan"))
                 sk = sms * (int(split[2:]) if split[2:] else 1) if isinstance(split, str) else None

@@ -11,7 +11,7 @@ from sdkernels.ops import (attention_reference, geglu_reference, gelu_reference,
                            linear_geglu_reference)
 from sdkernels.ops import (add_bias_residual_reference, conv3x3_eager, conv3x3_reference, group_norm_stats_reference,
                            winograd_conv3x3_reference)
-from sdkernels.ops import add_layer_norm, add_layer_norm_reference
+from sdkernels.ops import add_layer_norm, add_layer_norm_reference, group_norm_apply_reference
 from sdkernels.ops.attention import GPU_UNSAFE_HEAD_DIMS
 from sdkernels.testing import assert_close, env_set, relative_error
 from probe_gn_plans import with_plan  # scripts/: forces a Triton GroupNorm plan
@@ -40,6 +40,28 @@ def group_norm_plan_cases():
                 x = torch.randn(shape, device="cuda", dtype=torch.float16).to(memory_format=layout)
                 w = torch.randn(shape[1], device="cuda", dtype=torch.float16)
                 yield plan, (x, G, w, w, 1e-5, True, torch.randn_like(x))
+
+
+def group_norm_stats_cases():
+    """group_norm_stats by plan: the tile kernel's statistics-only mode, the flat partials + finalize, the rows plan;
+    and group_norm_apply (the banded VAE's normalize pass) on the statistics, with and without SiLU."""
+    for plan in ("tile", "flat", "rows"):
+        for layout in (torch.contiguous_format, torch.channels_last):
+            if plan == "rows" and layout != torch.channels_last:
+                continue
+            for shape, G in (((1, 24, 7, 9), 3), ((2, 80, 33, 31), 8)):
+                x = torch.randn(shape, device="cuda", dtype=torch.float16).to(memory_format=layout)
+                yield plan, (x, G, 1e-5)
+
+
+def group_norm_apply_cases():
+    for layout in (torch.contiguous_format, torch.channels_last):
+        for shape, G in (((1, 24, 7, 9), 3), ((2, 80, 33, 31), 8)):
+            x = torch.randn(shape, device="cuda", dtype=torch.float16).to(memory_format=layout)
+            w = torch.randn(shape[1], device="cuda", dtype=torch.float16)
+            stats = group_norm_stats_reference(x, G, 1e-5).float().contiguous()
+            yield (x, stats, w, w, True)
+            yield (x, stats, None, None, False)
 
 
 def geglu_cases():
@@ -203,6 +225,13 @@ def cases():
         yield (f"group_norm[triton plan={plan}]", "triton",
                lambda p=plan, a=args: with_plan(p, sdkernels.group_norm)(*a),
                lambda a=args: group_norm_reference(*a), args, None)
+    for plan, args in group_norm_stats_cases():
+        yield (f"group_norm_stats[triton plan={plan}]", "triton",
+               lambda p=plan, a=args: _with_env("SDKERNELS_GN_PLAN", p, lambda: sdkernels.ops.group_norm_stats(*a)),
+               lambda a=args: group_norm_stats_reference(*a).float(), args, None)
+    for args in group_norm_apply_cases():
+        yield ("group_norm_apply", "triton", lambda a=args: sdkernels.ops.group_norm_apply(*a),
+               lambda a=args: group_norm_apply_reference(*a), args, None)
     for name, op, reference, args in geglu_cases():
         yield name, "triton", lambda o=op, a=args: o(*a), lambda r=reference, a=args: r(*a), args, 2e-2
     for label, run, args in linear_geglu_plan_cases():

@@ -14,7 +14,7 @@ def probe_inputs(device):
     w = torch.ones(64, **half)
     tokens = torch.randn(2, 64, 320, **half)
     proj = torch.randn(2 * 1280, 320, **half)
-    conv = torch.randn(64, 64, 3, 3, **half)
+    conv = torch.randn(64, 64, 3, 3, **half).to(memory_format=torch.channels_last)  # as patch() passes conv weights
     stats = torch.zeros(2, 32, 2, device=device)
     return {"group_norm": (x, 32, w, w, 1e-5, True, None), "group_norm_stats": (x, 32, 1e-5),
             "group_norm_apply": (x, stats, w, w, True),

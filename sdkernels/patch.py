@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from . import banded, graphs, precompile, step_choice, tuning
+from . import banded, graphs, layout, precompile, step_choice, tuning
 
 logger = logging.getLogger("sdkernels")
 
@@ -102,10 +102,14 @@ class PatchSummary:
         return line
 
 
-def patch(pipe_or_model, *, ops: Optional[Iterable[str]] = None, cuda_graph: bool = False, tune: bool = True,
-          low_memory: bool = False):
+def patch(pipe_or_model, *, ops: Optional[Iterable[str]] = None, cuda_graph: bool = False,
+          channels_last: bool = False, tune: bool = True, low_memory: bool = False):
     """Apply the patchers named in ``ops`` (default: default_ops()) to every model of a pipeline, or to one nn.Module.
     Logs one line per model on the "sdkernels" logger and returns its argument; ``summary()`` reads the result.
+    With ``channels_last``, each model's 4-D weights are laid out channels_last first (sdkernels.layout), so its
+    activations are NHWC from the first conv on, as the kernels and cuDNN run fastest (what every measured number in
+    README used); unpatch() puts the original layout back. (Off by default until the GPU lane runs with it on:
+    the original modules then compute on NHWC weights, no longer bit for bit the unpatched model.)
     With ``cuda_graph``, each UNet2DConditionModel and each AutoencoderKL's decode also run through CUDA graphs, one
     per input signature (sdkernels.graphs); on a model patched before, this adds just the graphs. With ``tune``
     (default), each op, the first time it meets an input shape on a GPU, times its backends and eager PyTorch and
@@ -118,6 +122,8 @@ def patch(pipe_or_model, *, ops: Optional[Iterable[str]] = None, cuda_graph: boo
     if tune:
         tuning.enable()
     for label, model in _models(pipe_or_model):
+        if channels_last:
+            layout.to_channels_last(model)
         result = _patch_model(model, label, selected)
         _mark_low_memory(model, low_memory)
         model.__dict__[_SUMMARY] = result
@@ -151,6 +157,7 @@ def unpatch(pipe_or_model):
                                        "which is not registered")
                 by_name[name].restore(module)
             module.__dict__.pop(_PATCHED_BY, None)
+        layout.restore_layout(model)
         model.__dict__.pop(_SUMMARY, None)
     return pipe_or_model
 

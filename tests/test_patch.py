@@ -200,7 +200,10 @@ def test_unpatch_restores_exactly(make):
     run = (lambda m: run_unet(m, inputs)) if make is tiny_unet else (lambda m: run_vae(m, image))
     inputs, image = unet_inputs(batch=2), torch.randn(1, 3, 16, 16)
     before, state, expected = snapshot(model), model.state_dict(), run(model)
-    patch(model)
+    # the weights patch() lays out channels_last get new storage, and back in unpatch() their old strides
+    relaid = {k for k, p in state.items() if p.dim() == 4 and not p.is_contiguous(memory_format=torch.channels_last)}
+    assert relaid
+    patch(model, channels_last=True)
     assert snapshot(model) != before
     # the projection patchers' groups (sdkernels.linear_groups) hold these weights as views of one buffer
     grouped = {k for k, p in model.state_dict().items() if p.untyped_storage().nbytes() > p.nbytes}
@@ -214,9 +217,30 @@ def test_unpatch_restores_exactly(make):
     after = model.state_dict()
     assert after.keys() == state.keys()
     assert all(torch.equal(after[k], state[k]) for k in state)
-    assert all(after[k].data_ptr() == state[k].data_ptr() for k in state if k not in grouped)
+    assert all(after[k].stride() == state[k].stride() for k in state)
+    assert all(after[k].data_ptr() == state[k].data_ptr() for k in state if k not in grouped | relaid)
     assert all(after[k].untyped_storage().nbytes() == after[k].nbytes for k in grouped)  # memory of their own
     assert torch.equal(run(model), expected)  # bit for bit
+
+
+@pytest.mark.parametrize("make", [tiny_unet, tiny_vae])
+def test_channels_last_weights_and_their_layout_put_back(make):
+    """patch(channels_last=True) lays each 4-D weight out channels_last and keeps every Parameter object; patching
+    again changes nothing more; without it the layout stays; unpatch() gives back the original strides."""
+    model = make()
+    weights = {k: (p, p.stride()) for k, p in model.named_parameters() if p.dim() == 4}
+    three_by_three = [p for p, _ in weights.values() if p.shape[-1] == 3]
+    assert three_by_three and not any(p.is_contiguous(memory_format=torch.channels_last) for p in three_by_three)
+    patch(model)
+    assert all(p.stride() == stride for p, stride in weights.values())
+    unpatch(model)
+    patch(model, channels_last=True)
+    patch(model, channels_last=True)
+    params = dict(model.named_parameters())
+    assert all(params[k] is p for k, (p, _) in weights.items())
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p, _ in weights.values())
+    unpatch(model)
+    assert all(p.stride() == stride for p, stride in weights.values())
 
 
 def test_patch_twice_changes_nothing():
@@ -541,7 +565,7 @@ def fp16_errors(model, run, inputs, layout, backend):
             model.to(memory_format=torch.channels_last)
             inputs = [t.to(memory_format=torch.channels_last) if t.dim() == 4 else t for t in inputs]
         eager = run(model, inputs)
-        patch(model)
+        patch(model, channels_last=layout == "channels_last")  # "contiguous": the NCHW model as it is
         forced = sdkernels.use_backend(backend, op="group_norm", strict=True) if backend else contextlib.nullcontext()
         with forced:
             patched = run(model, inputs)

@@ -175,9 +175,9 @@ def test_bordered_conv_matches_reference(batch, g_in, cin8, cout, h, w, dtype, l
             mp.setenv("SDKERNELS_CONV_STREAM_K", split.split()[1])
         elif isinstance(split, str):
             mp.setenv("SDKERNELS_CONV_SERIAL_SPLIT", "1")
-            mp.setattr(k, "split_count", lambda *a: int(split.split()[1]))
+            mp.setattr(k, "split_count", lambda *a, **kw: int(split.split()[1]))
         elif split is not None:
-            mp.setattr(k, "split_count", lambda *a: split)
+            mp.setattr(k, "split_count", lambda *a, **kw: split)
         with forced("triton_bordered"):
             out, stats = conv3x3_fused(x, weight, b, **args)
     ref, _ = conv3x3_reference(up(x), up(weight), up(b), *[up(v) if isinstance(v, torch.Tensor) else v
@@ -204,7 +204,7 @@ def test_stream_k_and_serial_split_match_reference(how, monkeypatch):
     else:
         import sdkernels.kernels.conv3x3_padded as k
         monkeypatch.setenv("SDKERNELS_CONV_SERIAL_SPLIT", "1")
-        monkeypatch.setattr(k, "split_count", lambda *a: int(count))
+        monkeypatch.setattr(k, "split_count", lambda *a, **kw: int(count))
     x = rand(2, 24, 5, 7, dtype=torch.float16, offset=0.5)
     args = conv_args(x, 2, 12, 3, "affine", True, "both")
     weight = rand(12, 24, 3, 3, dtype=torch.float16, scale=(9 * 24) ** -0.5)
@@ -565,7 +565,7 @@ def test_tiny_unet_patched_matches_unpatched_and_unpatches_exactly(conv_calls):
 # ---- GPU lane at SD sizes -------------------------------------------------------------------------------------
 
 SD_BLOCKS = [  # (B, Cin, Cout, H, W) of SD1.5 UNet and VAE decoder ResNet blocks
-    (2, 320, 320, 64, 64), (2, 320, 640, 32, 32), (2, 640, 1280, 16, 16), (2, 1280, 1280, 8, 8),
+    (2, 320, 320, 64, 64), (2, 320, 640, 32, 32), (2, 640, 640, 32, 32), (2, 640, 1280, 16, 16), (2, 1280, 1280, 8, 8),
     (2, 2560, 1280, 8, 8), (2, 960, 320, 64, 64), (1, 512, 512, 64, 64), (1, 256, 128, 256, 256),
 ]
 
