@@ -139,6 +139,12 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def progress_bar(done: int, total: int, width: int = 20) -> str:
+    """A text progress bar, e.g. "[########------------] 2/5": a case's variants can take minutes each."""
+    filled = width * done // max(total, 1)
+    return f"[{'#' * filled}{'-' * (width - filled)}] {done}/{total}"
+
+
 def main(argv=None) -> int:
     p = parser()
     args = p.parse_args(argv)
@@ -278,8 +284,8 @@ def run_case(case: Case, args, dtype: torch.dtype, label: str) -> tuple:
     timing = TIMING[args.quick]
     try:
         with torch.no_grad():
-            for variant, make in plan:
-                print(f"{label}: {variant} ...", flush=True)
+            for done, (variant, make) in enumerate(plan):
+                print(f"{label}: {progress_bar(done, len(plan))} {variant} ...", flush=True)
                 try:
                     m, out = measure(variant, make, reference, timing)
                     _require_graphs(variant, model)

@@ -42,6 +42,7 @@ def test_unet_step(tmp_path, capsys):
     assert sum(patched["replaced"].values()) > 0 and patched["summary"].startswith("sdkernels.patch")
     printed = capsys.readouterr().out
     assert "sdkernels" in printed and "max rel err" in printed
+    assert "[--------------------] 0/2 eager" in printed and "[##########----------] 1/2 sdkernels" in printed
     png = tmp_path / "bench.png"
     if importlib.util.find_spec("matplotlib") is None:
         assert "plot skipped" in printed and not png.exists()
