@@ -13,6 +13,8 @@ have peft || missing+=(peft)  # the LoRA tests: diffusers loads LoRA adapters th
 have hypothesis || missing+=(hypothesis)
 have pytest || missing+=(pytest)
 have numpy || missing+=(numpy)
+have ninja || missing+=(ninja)        # the CUDA extension's build (ahead of time or on first use)
+have pybind11 || missing+=(pybind11)
 "$PY" -c "import setuptools, wheel" 2>/dev/null || missing+=(setuptools wheel)
 if [ ${#missing[@]} -gt 0 ]; then pip_install "${missing[@]}"; fi
 # This checkout, editable, built against the torch above (the CUDA extension only where torch has CUDA).
