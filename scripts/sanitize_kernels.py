@@ -240,6 +240,9 @@ def cases():
         yield (f"conv3x3 winograd {kernel or 'default'}", "winograd",
                lambda a=args, k=kernel: _with_env("SDKERNELS_WINOGRAD_KERNEL", k, lambda: sdkernels.conv3x3(*a)),
                lambda a=args: winograd_conv3x3_reference(*a), args, 2e-2)
+    for args in winograd_cases():  # the Triton Winograd kernel on the same shapes
+        yield ("conv3x3 triton_winograd", "triton_winograd", lambda a=args: sdkernels.conv3x3(*a),
+               lambda a=args: winograd_conv3x3_reference(*a), args, 2e-2)
     for args in conv3x3_tma_cases():
         yield ("conv3x3 tma", "triton_tma", lambda a=args: sdkernels.conv3x3(*a), lambda a=args: conv3x3_eager(*a),
                args, 2e-2)

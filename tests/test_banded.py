@@ -82,6 +82,28 @@ def test_group_norm_apply_passes_opcheck():
     torch.library.opcheck(torch.ops.sdkernels.group_norm_apply.default, (x, stats, rand(8), rand(8), True))
 
 
+def test_statistics_then_apply_compile_whole_and_replay_in_a_cuda_graph():
+    """group_norm_stats then group_norm_apply (the banded path's two passes) under torch.compile(fullgraph=True),
+    and, on a GPU, captured in a CUDA graph and replayed on new inputs."""
+    x, w = rand(2, 8, 5, 3), rand(8)
+
+    def f(x, w):
+        return group_norm_apply(x * 2, group_norm_stats(x * 2, 4, 1e-5), w, w, True) + 1
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if not GPU else "inductor")
+    torch.testing.assert_close(compiled(x, w), f(x, w))
+    if not GPU:
+        return
+    f(x, w)  # warm-up: kernels compiled outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = f(x, w)
+    for _ in range(2):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.testing.assert_close(out, f(x, w))
+
+
 # ---- the band forwards against the unbanded ones ------------------------------------------------------------------
 
 def _block(cin, cout, temb_channels=None, scale=1.0, groups=4):

@@ -91,7 +91,7 @@ def test_eager_on_cpu_warns_once():
     unet, inputs = tiny_unet(), unet_inputs()
     with torch.no_grad():
         expected = unet(*inputs).sample
-        patch(unet, ops=[], cuda_graph=True)
+        patch(unet, ops=[], cuda_graph=True, channels_last=False)
         assert "forward" in unet.__dict__ and graphs.graphed(unet) is not None
         with pytest.warns(SdkernelsFallbackWarning, match="not on a CUDA GPU"):
             first = unet(*inputs).sample
@@ -178,11 +178,11 @@ def test_patch_twice_and_graphs_added_later():
     unet, inputs = tiny_unet(), unet_inputs()
     with torch.no_grad():
         expected = unet(*inputs).sample
-    patch(unet, ops=[])
+    patch(unet, ops=[], channels_last=False)
     assert graphs.graphed(unet) is None
-    patch(unet, ops=[], cuda_graph=True)
+    patch(unet, ops=[], cuda_graph=True, channels_last=False)
     wrapper = graphs.graphed(unet)
-    patch(unet, ops=[], cuda_graph=True)
+    patch(unet, ops=[], cuda_graph=True, channels_last=False)
     assert graphs.graphed(unet) is wrapper
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", SdkernelsFallbackWarning)  # on the CPU: eager

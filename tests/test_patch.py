@@ -169,7 +169,7 @@ def test_resnet_block_branches(config, op_calls, exact_fp32, monkeypatch):
     with torch.no_grad():
         torch.manual_seed(1)  # the same dropout mask in both runs
         expected = block(x, temb)
-        patch(block)
+        patch(block, channels_last=False)  # x stays NCHW: the block as diffusers runs it
         conv1_calls = []
         block.conv1.forward = lambda h, f=block.conv1.forward: conv1_calls.append(1) or f(h)
         torch.manual_seed(1)
@@ -318,7 +318,7 @@ def test_pipeline_like_objects():
 def test_ops_selects_patchers():
     unet = tiny_unet()
     before = snapshot(unet)
-    patch(unet, ops=[])
+    patch(unet, ops=[], channels_last=False)
     assert summary(unet).replaced == {} and snapshot(unet) == before
     unpatch(unet)
     patch(unet, ops=["group_norm"])  # the plain op on every GroupNorm, nothing fused
@@ -413,7 +413,7 @@ def test_stack_is_patched_whole(op_calls, exact_fp32):
 def test_autograd_runs_the_original(op_calls):
     """Our ops have no backward: with grad enabled and anything requiring grad, the original path records it."""
     (reference, *inputs), (patched, *_) = stack_and_inputs(), stack_and_inputs()
-    patch(patched)
+    patch(patched, channels_last=False)  # the original path, bit for bit
     x = inputs[0].clone().requires_grad_()
     out_ref, out = reference(*inputs), patched(x, inputs[1])  # grad enabled, parameters require grad
     assert op_calls == [] and out.grad_fn is not None

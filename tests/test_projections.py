@@ -181,7 +181,7 @@ def test_patched_unet_groups_its_projections_and_matches(no_tf32, monkeypatch, t
     unet, inputs = attention_unet(), unet_inputs()
     with torch.no_grad():
         expected = unet(*inputs).sample
-        patch(unet)
+        patch(unet, channels_last=False)  # safetensors saves contiguous tensors only (NHWC weights: .contiguous())
         gemms = GemmCount(monkeypatch)
         out = unet(*inputs).sample
     s = summary(unet)
