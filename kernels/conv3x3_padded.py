@@ -102,6 +102,34 @@ def _tile_pixels(tile_m, tile_n, H, W, Cout, BLOCK_M: tl.constexpr, BLOCK_N: tl.
 
 
 @triton.jit
+def _finish_tile(acc, n, tile_m, tile_n, tiles_m, H, W, Cout, bias_ptr, add_ptr, res_ptr, out_ptr, part_ptr, scale,
+                 saN, saC, srN, srC, srH, srW, soN, soC, soH, soW, G_out, Cg_out, K_total,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr,
+                 HAS_RESIDUAL: tl.constexpr, STATS: tl.constexpr):
+    """The epilogue of a whole tile's sum: stored at its image pixels, its statistics as row tile tile_m."""
+    h, w, rows_ok, co, co_ok = _tile_pixels(tile_m, tile_n, H, W, Cout, BLOCK_M, BLOCK_N)
+    store_epilogue(acc, n, h, w, co, co_ok, rows_ok, bias_ptr, add_ptr, res_ptr, out_ptr, part_ptr, scale, saN, saC,
+                   srN, srC, srH, srW, soN, soC, soH, soW, tile_m, tiles_m, G_out, Cg_out, K_total,
+                   HAS_BIAS, HAS_ADD, HAS_RESIDUAL, STATS)
+
+
+@triton.jit
+def _partial_offsets(t, j, max_parts, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Offsets of part j (the tile's j-th program) of tile t's fp32 partials, (tiles, max_parts, BLOCK_M, BLOCK_N)."""
+    base = (t * max_parts + j).to(tl.int64) * (BLOCK_M * BLOCK_N)
+    return base + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+
+
+@triton.jit
+def _sum_parts(ws_ptr, t, parts, max_parts, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Tile t's first ``parts`` fp32 partials added in order, read past L1 (other programs wrote them)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for j in range(0, parts):
+        acc += tl.load(ws_ptr + _partial_offsets(t, j, max_parts, BLOCK_M, BLOCK_N), cache_modifier=".cg")
+    return acc
+
+
+@triton.jit
 def _conv3x3_padded_kernel(x_desc, w_desc, bias_ptr, add_ptr, res_ptr, out_ptr, part_ptr, ws_ptr, count_ptr,
                            H, W, Cin, Cout, tiles_m, tiles_n, chunks, steps_per_split, scale, G_out, Cg_out, K_total,
                            saN, saC, srN, srC, srH, srW, soN, soC, soH, soW,
@@ -117,7 +145,6 @@ def _conv3x3_padded_kernel(x_desc, w_desc, bias_ptr, add_ptr, res_ptr, out_ptr, 
     first, last = k_range(split, steps_per_split, chunks)
     acc = _tile_sum(x_desc, w_desc, n, tile_m, tile_n, H, W + 2, Cin, chunks, first, last, BLOCK_M, BLOCK_N, BK,
                     DOT_IN_FP32)
-    h, w, rows_ok, co, co_ok = _tile_pixels(tile_m, tile_n, H, W, Cout, BLOCK_M, BLOCK_N)
     if SERIAL:
         # The tile's last program to finish adds all its splits' partials (in split order, from L2: they were just
         # written) and runs the epilogue; the others store theirs and leave. No reduce kernel, no partials in HBM.
@@ -126,21 +153,20 @@ def _conv3x3_padded_kernel(x_desc, w_desc, bias_ptr, add_ptr, res_ptr, out_ptr, 
         tl.store(ws_ptr + _partial_offsets(t, split, splits, BLOCK_M, BLOCK_N), acc)
         tl.debug_barrier()  # every thread's partial stored before the counter says so
         if tl.atomic_add(count_ptr + t, 1, sem="acq_rel") == splits - 1:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for j in range(0, splits):
-                acc += tl.load(ws_ptr + _partial_offsets(t, j, splits, BLOCK_M, BLOCK_N), cache_modifier=".cg")
-            store_epilogue(acc, n, h, w, co, co_ok, rows_ok, bias_ptr, add_ptr, res_ptr, out_ptr, part_ptr, scale,
-                           saN, saC, srN, srC, srH, srW, soN, soC, soH, soW, tile_m, tiles_m, G_out, Cg_out,
-                           K_total, HAS_BIAS, HAS_ADD, HAS_RESIDUAL, STATS)
+            _finish_tile(_sum_parts(ws_ptr, t, splits, splits, BLOCK_M, BLOCK_N), n, tile_m, tile_n, tiles_m, H, W,
+                         Cout, bias_ptr, add_ptr, res_ptr, out_ptr, part_ptr, scale,
+                         saN, saC, srN, srC, srH, srW, soN, soC, soH, soW, G_out, Cg_out, K_total, BLOCK_M, BLOCK_N,
+                         HAS_BIAS, HAS_ADD, HAS_RESIDUAL, STATS)
     elif SPLIT_K:  # a flag, not the count: split counts share one compiled kernel
         # fp32 partials, (split count, N, H, W, Cout) contiguous: the reduce kernel adds them in split order.
+        h, w, rows_ok, co, co_ok = _tile_pixels(tile_m, tile_n, H, W, Cout, BLOCK_M, BLOCK_N)
         row = ((split * tl.num_programs(2) + n) * H + h) * W + w
         tl.store(part_ptr + row.to(tl.int64)[:, None] * Cout + co[None, :], acc,
                  mask=rows_ok[:, None] & co_ok[None, :])
     else:
-        store_epilogue(acc, n, h, w, co, co_ok, rows_ok, bias_ptr, add_ptr, res_ptr, out_ptr, part_ptr, scale, saN,
-                       saC, srN, srC, srH, srW, soN, soC, soH, soW, tile_m, tiles_m, G_out, Cg_out, K_total,
-                       HAS_BIAS, HAS_ADD, HAS_RESIDUAL, STATS)
+        _finish_tile(acc, n, tile_m, tile_n, tiles_m, H, W, Cout, bias_ptr, add_ptr, res_ptr, out_ptr, part_ptr,
+                     scale, saN, saC, srN, srC, srH, srW, soN, soC, soH, soW, G_out, Cg_out, K_total, BLOCK_M,
+                     BLOCK_N, HAS_BIAS, HAS_ADD, HAS_RESIDUAL, STATS)
 
 
 # ---- stream-K: every program an equal share of all tiles' K steps ----------------------------------------------
@@ -150,7 +176,7 @@ def _conv3x3_padded_kernel(x_desc, w_desc, bias_ptr, add_ptr, res_ptr, out_ptr, 
 # stores fp32 partial sums of the tiles it shares with its neighbours; the fix-up kernel adds a shared tile's
 # partials in program order and runs the epilogue. Measured slower than launch_config's split-K rule at every SD1.5
 # conv (H200, session 23, one program per SM: 2x1280x1280x16x16 56.2-61.0 us against 41.7, 2x2560x1280x8x8 44.8
-# against 36.8-38.9; only the 32 x 32 blocks gained, 105.5 against 111.9 us at 2x640x640), so it is opt-in.
+# against 36.8-38.9; blocks gained only where that run's split rule split K needlessly), so it is opt-in.
 
 @triton.jit
 def _unit_owner(u, programs, units):
@@ -158,13 +184,6 @@ def _unit_owner(u, programs, units):
     q = units // programs
     r = units % programs
     return tl.where(u < r * (q + 1), u // (q + 1), r + (u - r * (q + 1)) // q)
-
-
-@triton.jit
-def _partial_offsets(t, j, max_parts, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Offsets of part j (the tile's j-th program) of tile t's fp32 partials, (tiles, max_parts, BLOCK_M, BLOCK_N)."""
-    base = (t * max_parts + j).to(tl.int64) * (BLOCK_M * BLOCK_N)
-    return base + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
 
 
 @triton.jit
@@ -190,10 +209,9 @@ def _conv3x3_stream_kernel(x_desc, w_desc, bias_ptr, add_ptr, res_ptr, out_ptr, 
         acc = _tile_sum(x_desc, w_desc, n, tile_m, tile_n, H, W + 2, Cin, chunks, first, last, BLOCK_M, BLOCK_N,
                         BK, DOT_IN_FP32)
         if (first == 0) & (last == k_steps):
-            h, w, rows_ok, co, co_ok = _tile_pixels(tile_m, tile_n, H, W, Cout, BLOCK_M, BLOCK_N)
-            store_epilogue(acc, n, h, w, co, co_ok, rows_ok, bias_ptr, add_ptr, res_ptr, out_ptr, part_ptr, scale,
-                           saN, saC, srN, srC, srH, srW, soN, soC, soH, soW, tile_m, tiles_m, G_out, Cg_out,
-                           K_total, HAS_BIAS, HAS_ADD, HAS_RESIDUAL, STATS)
+            _finish_tile(acc, n, tile_m, tile_n, tiles_m, H, W, Cout, bias_ptr, add_ptr, res_ptr, out_ptr,
+                         part_ptr, scale, saN, saC, srN, srC, srH, srW, soN, soC, soH, soW, G_out, Cg_out, K_total,
+                         BLOCK_M, BLOCK_N, HAS_BIAS, HAS_ADD, HAS_RESIDUAL, STATS)
         else:
             j = pid - _unit_owner(t * k_steps, programs, units)
             tl.store(ws_ptr + _partial_offsets(t, j, max_parts, BLOCK_M, BLOCK_N), acc)
@@ -217,13 +235,10 @@ def _stream_fixup_kernel(ws_ptr, bias_ptr, add_ptr, res_ptr, out_ptr, part_ptr,
     units = N * tiles_m * tiles_n * k_steps
     parts = _unit_owner((t + 1) * k_steps - 1, programs, units) - _unit_owner(t * k_steps, programs, units) + 1
     if parts > 1:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for j in range(0, parts):
-            acc += tl.load(ws_ptr + _partial_offsets(t, j, max_parts, BLOCK_M, BLOCK_N))
-        h, w, rows_ok, co, co_ok = _tile_pixels(tile_m, tile_n, H, W, Cout, BLOCK_M, BLOCK_N)
-        store_epilogue(acc, n, h, w, co, co_ok, rows_ok, bias_ptr, add_ptr, res_ptr, out_ptr, part_ptr, scale,
-                       saN, saC, srN, srC, srH, srW, soN, soC, soH, soW, tile_m, tiles_m, G_out, Cg_out, K_total,
-                       HAS_BIAS, HAS_ADD, HAS_RESIDUAL, STATS)
+        _finish_tile(_sum_parts(ws_ptr, t, parts, max_parts, BLOCK_M, BLOCK_N), n, tile_m, tile_n, tiles_m, H, W,
+                     Cout, bias_ptr, add_ptr, res_ptr, out_ptr, part_ptr, scale,
+                     saN, saC, srN, srC, srH, srW, soN, soC, soH, soW, G_out, Cg_out, K_total, BLOCK_M, BLOCK_N,
+                     HAS_BIAS, HAS_ADD, HAS_RESIDUAL, STATS)
 
 
 def launch_config(N: int, Cin: int, Cout: int, H: int, W: int):
