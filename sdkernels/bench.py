@@ -264,7 +264,8 @@ def run_case(case: Case, args, dtype: torch.dtype, label: str) -> tuple:
 
     def patched(cuda_graph=False):
         graphs.uninstall(model)  # the pipeline's eager_graph leaves its graphs on the unpatched model
-        patch(model, ops=_ops(args), cuda_graph=cuda_graph, low_memory=args.low_memory)
+        patch(model, ops=_ops(args), cuda_graph=cuda_graph, low_memory=args.low_memory,
+              channels_last=args.channels_last)  # every variant in the run's one layout
         print(f"{label}: {summary(model)}", flush=True)
         return step
 

@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     pipe = make_pipeline(args)
     print(describe(pipe, args), flush=True)
     eager = run_side(pipe, args, "eager")
-    patch(pipe, cuda_graph=args.cuda_graph)
+    patch(pipe, cuda_graph=args.cuda_graph, channels_last=args.channels_last)  # both sides in one layout
     for line in summary(pipe).values():
         print(line)
     try:

@@ -103,13 +103,14 @@ class PatchSummary:
 
 
 def patch(pipe_or_model, *, ops: Optional[Iterable[str]] = None, cuda_graph: bool = False,
-          channels_last: bool = False, tune: bool = True, low_memory: bool = False):
+          channels_last: bool = True, tune: bool = True, low_memory: bool = False):
     """Apply the patchers named in ``ops`` (default: default_ops()) to every model of a pipeline, or to one nn.Module.
     Logs one line per model on the "sdkernels" logger and returns its argument; ``summary()`` reads the result.
     With ``channels_last``, each model's 4-D weights are laid out channels_last first (sdkernels.layout), so its
     activations are NHWC from the first conv on, as the kernels and cuDNN run fastest (what every measured number in
-    README used); unpatch() puts the original layout back. (Off by default until the GPU lane runs with it on:
-    the original modules then compute on NHWC weights, no longer bit for bit the unpatched model.)
+    README used); unpatch() puts the original layout back. On by default: the modules left unreplaced then compute on
+    NHWC weights, equal to the unpatched model within cuDNN's own algorithm noise, not bit for bit (pass False for
+    that, or to save the weights with safetensors, which takes only contiguous tensors, without unpatching first).
     With ``cuda_graph``, each UNet2DConditionModel and each AutoencoderKL's decode also run through CUDA graphs, one
     per input signature (sdkernels.graphs); on a model patched before, this adds just the graphs. With ``tune``
     (default), each op, the first time it meets an input shape on a GPU, times its backends and eager PyTorch and

@@ -68,7 +68,7 @@ def test_wrong_output_fails_the_run(tmp_path, monkeypatch, capsys):
 
 
 def test_a_variant_that_raises_fails_the_run_alone(tmp_path, monkeypatch, capsys):
-    def broken_patch(model, ops=None, cuda_graph=False, low_memory=False):
+    def broken_patch(model, **options):
         raise RuntimeError("no kernel today")
     monkeypatch.setattr(bench, "patch", broken_patch)
     rc, doc = run_bench(tmp_path, "--model", "tiny-vae", "--no-graph")

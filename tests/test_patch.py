@@ -225,17 +225,17 @@ def test_unpatch_restores_exactly(make):
 
 @pytest.mark.parametrize("make", [tiny_unet, tiny_vae])
 def test_channels_last_weights_and_their_layout_put_back(make):
-    """patch(channels_last=True) lays each 4-D weight out channels_last and keeps every Parameter object; patching
-    again changes nothing more; without it the layout stays; unpatch() gives back the original strides."""
+    """patch() lays each 4-D weight out channels_last by default and keeps every Parameter object; patching again
+    changes nothing more; with channels_last=False the layout stays; unpatch() gives back the original strides."""
     model = make()
     weights = {k: (p, p.stride()) for k, p in model.named_parameters() if p.dim() == 4}
     three_by_three = [p for p, _ in weights.values() if p.shape[-1] == 3]
     assert three_by_three and not any(p.is_contiguous(memory_format=torch.channels_last) for p in three_by_three)
-    patch(model)
+    patch(model, channels_last=False)
     assert all(p.stride() == stride for p, stride in weights.values())
     unpatch(model)
-    patch(model, channels_last=True)
-    patch(model, channels_last=True)
+    patch(model)  # channels_last is the default
+    patch(model)
     params = dict(model.named_parameters())
     assert all(params[k] is p for k, (p, _) in weights.items())
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p, _ in weights.values())
