@@ -39,9 +39,10 @@ MIN_COMPUTE_CAPABILITY = 90
 # splits per shape (scripts/probe_conv3x3_padded.py, H200; sessions 22 and 23: CUDA-graph replays at 16x16, 8x8).
 SMALL_IMAGE_CONFIG = (64, 128, 128, 4, 4)      # SD1.5's 16 x 16 (4 stages: 16% faster than 3 there)
 FEW_PIXELS_CONFIG = (64, 128, 128, 4, 3)       # <= 4096 pixels in all
-WIDE_CONFIG = (128, 128, 128, 8, 3)          # >= 640 channels in and out (SD1.5's 32x32, SDXL's 64x64 and 32x32)
-LARGE_CONFIG = (256, 128, 64, 8, 3)          # >= 16384 pixels (the VAE's and SDXL's high resolutions)
-CONFIG = (128, 128, 64, 4, 3)                # SD1.5's 64 x 64, and its 8 x 8 with K split 6 or 10 ways
+WIDE_CONFIG = (128, 128, 128, 8, 3)          # >= 640 channels in and out (SD1.5's 32x32, SDXL's 64x64 and 32x32),
+                                             # and SD1.5's 8 x 8 with K split 6 ways
+LARGE_CONFIG = (256, 128, 64, 8, 3)          # >= 8192 pixels (SD1.5's 64 x 64, the VAE's and SDXL's high resolutions)
+CONFIG = (128, 128, 64, 4, 3)                # 4097-8191 pixels
 INTERPRETER_CONFIG = (32, 16, 16, 1, 1)
 BORDERED_BLOCK = (64, 64)       # (padded pixels, channels) of a gn_silu_bordered program
 INTERPRETER_BORDERED_BLOCK = (16, 16)
@@ -130,11 +131,11 @@ def _sum_parts(ws_ptr, t, parts, max_parts, BLOCK_M: tl.constexpr, BLOCK_N: tl.c
 
 
 @triton.jit
-def _conv3x3_padded_kernel(x_desc, w_desc, bias_ptr, add_ptr, res_ptr, out_ptr, part_ptr, ws_ptr, count_ptr,
+def _conv3x3_padded_kernel(x_desc, w_desc, bias_ptr, add_ptr, res_ptr, out_ptr, part_ptr,
                            H, W, Cin, Cout, tiles_m, tiles_n, chunks, steps_per_split, scale, G_out, Cg_out, K_total,
                            saN, saC, srN, srC, srH, srW, soN, soC, soH, soW,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
-                           SERIAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr,
                            HAS_RESIDUAL: tl.constexpr, STATS: tl.constexpr, DOT_IN_FP32: tl.constexpr):
     # Neighbouring programs take the channel blocks of one pixel tile: its input rows are read once into L2.
     pid = tl.program_id(0)
@@ -145,19 +146,7 @@ def _conv3x3_padded_kernel(x_desc, w_desc, bias_ptr, add_ptr, res_ptr, out_ptr, 
     first, last = k_range(split, steps_per_split, chunks)
     acc = _tile_sum(x_desc, w_desc, n, tile_m, tile_n, H, W + 2, Cin, chunks, first, last, BLOCK_M, BLOCK_N, BK,
                     DOT_IN_FP32)
-    if SERIAL:
-        # The tile's last program to finish adds all its splits' partials (in split order, from L2: they were just
-        # written) and runs the epilogue; the others store theirs and leave. No reduce kernel, no partials in HBM.
-        splits = tl.num_programs(1)
-        t = (n * tiles_m + tile_m) * tiles_n + tile_n
-        tl.store(ws_ptr + _partial_offsets(t, split, splits, BLOCK_M, BLOCK_N), acc)
-        tl.debug_barrier()  # every thread's partial stored before the counter says so
-        if tl.atomic_add(count_ptr + t, 1, sem="acq_rel") == splits - 1:
-            _finish_tile(_sum_parts(ws_ptr, t, splits, splits, BLOCK_M, BLOCK_N), n, tile_m, tile_n, tiles_m, H, W,
-                         Cout, bias_ptr, add_ptr, res_ptr, out_ptr, part_ptr, scale,
-                         saN, saC, srN, srC, srH, srW, soN, soC, soH, soW, G_out, Cg_out, K_total, BLOCK_M, BLOCK_N,
-                         HAS_BIAS, HAS_ADD, HAS_RESIDUAL, STATS)
-    elif SPLIT_K:  # a flag, not the count: split counts share one compiled kernel
+    if SPLIT_K:  # a flag, not the count: split counts share one compiled kernel
         # fp32 partials, (split count, N, H, W, Cout) contiguous: the reduce kernel adds them in split order.
         h, w, rows_ok, co, co_ok = _tile_pixels(tile_m, tile_n, H, W, Cout, BLOCK_M, BLOCK_N)
         row = ((split * tl.num_programs(2) + n) * H + h) * W + w
@@ -245,21 +234,22 @@ def launch_config(N: int, Cin: int, Cout: int, H: int, W: int):
     """((BLOCK_M, BLOCK_N, BK, num_warps, num_stages), K split or None for split_count's) for this conv: the probe's
     best, or within 5% of it, at the SD1.5, SDXL and VAE shapes, H200. From do_bench (session 22): 1x512x512x64x64
     47.0 us, 1x256x256x512x512 543.5; from CUDA-graph replays (session 23): 2x640x640x32x32 33.3,
-    2x1280x1280x16x16 40.6-42.0 (48.3 with 3 stages and the automatic split), 2x2560x1280x16x16 84.7-85.4,
-    2x1280x1280x8x8 22.0-22.4, 2x2560x1280x8x8 38.2-38.9 (41.8 split 7). At 2x320x320x64x64 the 256-row tile runs
-    the conv alone faster (33.9-34.4 against 36.2-38.0) but the block slower: with the output statistics in its
-    epilogue the fused block took 146.0 us against 107.4 with CONFIG (bench_resnet_block, session 23)."""
+    2x1280x1280x16x16 40.6-42.0 (48.3 with 3 stages and the automatic split), 2x2560x1280x16x16 84.7-85.4; session
+    24: 2x1280x1280x8x8 21.7 (CONFIG split 6 23.5, split 10 23.1), 2x2560x1280x8x8 36.3 (CONFIG split 10 38.3); the
+    64 x 64 convs of SD1.5's blocks with their epilogues (temb + output statistics; residual) 2-7% faster on the
+    256-row tile than CONFIG, unsplit (2x320x320x64x64 40.1 and 36.7 us against 41.6 and 37.4; session 23's block
+    slowdown on it came from a K split of 2, which split_count's whole-wave rule no longer makes)."""
     if interpreting():
         return INTERPRETER_CONFIG, None
     if H * W <= 64:
-        return CONFIG, (6 if Cin <= 1280 else 10)  # 80 of each sample's 128 rows: split K to fill the SMs
+        return WIDE_CONFIG, 6  # 80 of each sample's 128 rows: split K to fill the SMs
     if H * W <= 256:
         return SMALL_IMAGE_CONFIG, None
     if Cin >= 640 and Cout >= 640:
         return WIDE_CONFIG, None
     if N * H * W <= 4096:
         return FEW_PIXELS_CONFIG, None
-    return (LARGE_CONFIG if N * H * W >= 16384 else CONFIG), None
+    return (LARGE_CONFIG if N * H * W >= 8192 else CONFIG), None
 
 
 def gn_silu_bordered(x, norm=None, out=None):
@@ -307,9 +297,7 @@ def conv3x3_padded(xp, weight, bias, add, residual, scale, out, stats_groups=0, 
                                                                                  xp.device, whole_wave=True)
     steps_per_split = cdiv(k_steps, split)
     split = cdiv(k_steps, steps_per_split)  # no empty range
-    # SDKERNELS_CONV_SERIAL_SPLIT=1 (opt-in, not yet timed): a split tile's last program adds the partials.
-    serial = split > 1 and not stream_k and getenv("SDKERNELS_CONV_SERIAL_SPLIT", "0") == "1"
-    row_tiles = tiles_m if split == 1 or serial else reduce_row_tiles(H, W)
+    row_tiles = tiles_m if split == 1 else reduce_row_tiles(H, W)
     G_out = max(stats_groups, 1)
     K_total = N * row_tiles * Cout
     partials = torch.empty((3, K_total), device=xp.device, dtype=torch.float32) if stats_groups else None
@@ -322,15 +310,12 @@ def conv3x3_padded(xp, weight, bias, add, residual, scale, out, stats_groups=0, 
         _stream_k(x_desc, w_desc, pointers, strides, flags, N, H, W, Cin, Cout, sizes, stream_k, scale, G_out,
                   K_total, (bm, bn, bk, warps, stages), dot_in_fp32)
     else:
-        sums = split_sums(split, N, H, W, Cout, xp.device) if split > 1 and not serial else None
-        tiles = N * tiles_m * tiles_n
-        ws, counts = (torch.empty((tiles * split * bm * bn,), device=xp.device, dtype=torch.float32),
-                      torch.zeros((tiles,), device=xp.device, dtype=torch.int32)) if serial else (out, out)
+        sums = split_sums(split, N, H, W, Cout, xp.device) if split > 1 else None
         _conv3x3_padded_kernel[(tiles_m * tiles_n, split, N)](
-            x_desc, w_desc, *pointers[:4], sums if sums is not None else pointers[4], ws, counts,
+            x_desc, w_desc, *pointers[:4], sums if sums is not None else pointers[4],
             H, W, Cin, Cout, *sizes, steps_per_split, float(scale), G_out, Cout // G_out, K_total,
-            *strides, BLOCK_M=bm, BLOCK_N=bn, BK=bk, SPLIT_K=split > 1, SERIAL=serial, DOT_IN_FP32=dot_in_fp32,
-            num_warps=warps, num_stages=stages, **dict(flags, STATS=flags["STATS"] and (split == 1 or serial)))
+            *strides, BLOCK_M=bm, BLOCK_N=bn, BK=bk, SPLIT_K=split > 1, DOT_IN_FP32=dot_in_fp32,
+            num_warps=warps, num_stages=stages, **dict(flags, STATS=flags["STATS"] and split == 1))
         if sums is not None:
             reduce_splits(sums, split, out, scale, operands, G_out, K_total)
     if not stats_groups:

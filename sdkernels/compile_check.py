@@ -63,8 +63,7 @@ def _compiler_env() -> None:
     for knob in ("SDKERNELS_AUTOTUNE", "SDKERNELS_GN_PLAN", "SDKERNELS_GN_TILE_WARPS", "SDKERNELS_GN_TILE_SUMS",
                  "SDKERNELS_POISON_OUTPUTS", "SDKERNELS_ADD_LN_TILE", "SDKERNELS_PARTIAL_PDL",
                  "SDKERNELS_PARTIAL_ONE_LAUNCH", "SDKERNELS_FLASH_TMA",
-                 "SDKERNELS_FLASH_TMA_ONE_CHUNK", "SDKERNELS_CONV_STREAM_K",
-                 "SDKERNELS_CONV_SERIAL_SPLIT"):
+                 "SDKERNELS_FLASH_TMA_ONE_CHUNK", "SDKERNELS_CONV_STREAM_K"):
         os.environ.pop(knob, None)
 
 
@@ -550,7 +549,7 @@ def conv3x3_tma_scenarios():
 def conv3x3_bordered_scenarios():
     """sdkernels::conv3x3_fused's triton_bordered backend (the bordered GN + SiLU write and the shifted-GEMM conv):
     the ResNet block's two convs at SD1.5's 64 x 64, 32 x 32 (the 8-warp tile), 16 x 16 and 8 x 8 (split-K there),
-    fp16 and bf16; split-K with the reduce kernel or in-kernel (serial), and stream-K."""
+    fp16 and bf16; split-K (the reduce kernel) and stream-K."""
     import torch
     for (dt, dtype), shape, which in itertools.product((("fp16", torch.float16), ("bf16", torch.bfloat16)),
                                                        CONV_SHAPES + ((2, 640, 32, 32), (2, 1280, 8, 8)),
@@ -559,8 +558,6 @@ def conv3x3_bordered_scenarios():
         yield Scenario(f"conv3x3 triton_bordered {which} {dt} {shape}", call, min_cc=90)
         yield Scenario(f"conv3x3 triton_bordered stream-K {which} {dt} {shape}",
                        _with_settings(call, env={"SDKERNELS_CONV_STREAM_K": "sm"}), min_cc=90)
-        yield Scenario(f"conv3x3 triton_bordered serial split {which} {dt} {shape}",
-                       _with_settings(call, env={"SDKERNELS_CONV_SERIAL_SPLIT": "1"}), min_cc=90)
 
 
 def winograd_scenarios():

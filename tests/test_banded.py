@@ -354,7 +354,7 @@ def test_blocks_the_band_forward_does_not_mirror_run_unbanded(small_bands):
     x = rand(1, 8, 6, 4)
     with torch.no_grad():
         expected = block(x, None)
-        patch(block, ops=["resnet_gn_silu"], low_memory=True)
+        patch(block, ops=["resnet_gn_silu"], low_memory=True, channels_last=False)  # expected ran on NCHW weights
         calls = []
         with pytest.MonkeyPatch.context() as m:
             m.setattr(banded, "resnet_forward", lambda *a: calls.append(1))
