@@ -110,7 +110,7 @@ def patch(pipe_or_model, *, ops: Optional[Iterable[str]] = None, cuda_graph: boo
     activations are NHWC from the first conv on, as the kernels and cuDNN run fastest (what every measured number in
     README used); unpatch() puts the original layout back. On by default: the modules left unreplaced then compute on
     NHWC weights, equal to the unpatched model within cuDNN's own algorithm noise, not bit for bit (pass False for
-    that, or to save the weights with safetensors, which takes only contiguous tensors, without unpatching first).
+    that). diffusers' save_pretrained packs each tensor before safetensors writes it, so it works while patched.
     With ``cuda_graph``, each UNet2DConditionModel and each AutoencoderKL's decode also run through CUDA graphs, one
     per input signature (sdkernels.graphs); on a model patched before, this adds just the graphs. With ``tune``
     (default), each op, the first time it meets an input shape on a GPU, times its backends and eager PyTorch and

@@ -671,3 +671,16 @@ def test_resnet_blocks_share_one_silu_of_the_time_embedding(monkeypatch, exact_f
     with torch.inference_mode():
         t = torch.randn(1, 8, device=DEVICE)
         assert gn_patchers.shared_silu(nn.SiLU(), t) is not gn_patchers.shared_silu(nn.SiLU(), t)  # not remembered
+
+
+@pytest.mark.parametrize("make", [tiny_unet, tiny_vae])
+def test_save_pretrained_while_patched(make, tmp_path):
+    """diffusers' save_pretrained of a model patched with the default channels_last (NHWC weights, grouped
+    projections) writes the same values a fresh model loads back."""
+    model = make()
+    patch(model)
+    assert any(p.dim() == 4 and not p.is_contiguous() for p in model.parameters())
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path).state_dict()
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
