@@ -29,8 +29,7 @@ from .conv3x3 import _gn_silu
 from .conv3x3_common import (dot_bt, epilogue_operands, k_range, reduce_row_tiles, reduce_splits, split_count,
                              split_sums, store_epilogue)
 from .group_norm import finalize_partials
-from .._env import getenv
-from .utils import cdiv, interpreting, fix_cache_keys, multiprocessor_count
+from .utils import cdiv, interpreting, fix_cache_keys
 
 # Tensor descriptors (TMA) need Hopper or newer.
 MIN_COMPUTE_CAPABILITY = 90
@@ -115,22 +114,6 @@ def _finish_tile(acc, n, tile_m, tile_n, tiles_m, H, W, Cout, bias_ptr, add_ptr,
 
 
 @triton.jit
-def _partial_offsets(t, j, max_parts, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Offsets of part j (the tile's j-th program) of tile t's fp32 partials, (tiles, max_parts, BLOCK_M, BLOCK_N)."""
-    base = (t * max_parts + j).to(tl.int64) * (BLOCK_M * BLOCK_N)
-    return base + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-
-
-@triton.jit
-def _sum_parts(ws_ptr, t, parts, max_parts, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Tile t's first ``parts`` fp32 partials added in order, read past L1 (other programs wrote them)."""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for j in range(0, parts):
-        acc += tl.load(ws_ptr + _partial_offsets(t, j, max_parts, BLOCK_M, BLOCK_N), cache_modifier=".cg")
-    return acc
-
-
-@triton.jit
 def _conv3x3_padded_kernel(x_desc, w_desc, bias_ptr, add_ptr, res_ptr, out_ptr, part_ptr,
                            H, W, Cin, Cout, tiles_m, tiles_n, chunks, steps_per_split, scale, G_out, Cg_out, K_total,
                            saN, saC, srN, srC, srH, srW, soN, soC, soH, soW,
@@ -156,78 +139,6 @@ def _conv3x3_padded_kernel(x_desc, w_desc, bias_ptr, add_ptr, res_ptr, out_ptr, 
         _finish_tile(acc, n, tile_m, tile_n, tiles_m, H, W, Cout, bias_ptr, add_ptr, res_ptr, out_ptr, part_ptr,
                      scale, saN, saC, srN, srC, srH, srW, soN, soC, soH, soW, G_out, Cg_out, K_total, BLOCK_M,
                      BLOCK_N, HAS_BIAS, HAS_ADD, HAS_RESIDUAL, STATS)
-
-
-# ---- stream-K: every program an equal share of all tiles' K steps ----------------------------------------------
-# Split-K gives each tile the same number of programs, so a grid of 100 tiles on 132 SMs leaves a quarter of them
-# idle at any split count that keeps the partials cheap (SD1.5's 16 x 16). Here the (tile, K step) units, tile after
-# tile, are cut into `programs` equal ranges: a program finishes (epilogue) each tile its range covers whole, and
-# stores fp32 partial sums of the tiles it shares with its neighbours; the fix-up kernel adds a shared tile's
-# partials in program order and runs the epilogue. Measured slower than launch_config's split-K rule at every SD1.5
-# conv (H200, session 23, one program per SM: 2x1280x1280x16x16 56.2-61.0 us against 41.7, 2x2560x1280x8x8 44.8
-# against 36.8-38.9; blocks gained only where that run's split rule split K needlessly), so it is opt-in.
-
-@triton.jit
-def _unit_owner(u, programs, units):
-    """The program whose range holds unit u: the first units % programs programs take one unit more."""
-    q = units // programs
-    r = units % programs
-    return tl.where(u < r * (q + 1), u // (q + 1), r + (u - r * (q + 1)) // q)
-
-
-@triton.jit
-def _conv3x3_stream_kernel(x_desc, w_desc, bias_ptr, add_ptr, res_ptr, out_ptr, part_ptr, ws_ptr,
-                           N, H, W, Cin, Cout, tiles_m, tiles_n, chunks, programs, max_parts, scale, G_out, Cg_out,
-                           K_total, saN, saC, srN, srC, srH, srW, soN, soC, soH, soW,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr,
-                           HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                           STATS: tl.constexpr, DOT_IN_FP32: tl.constexpr):
-    pid = tl.program_id(0)
-    k_steps = 9 * chunks
-    units = N * tiles_m * tiles_n * k_steps
-    q = units // programs
-    u = pid * q + tl.minimum(pid, units % programs)
-    end = u + q + (pid < units % programs).to(tl.int32)
-    while u < end:
-        t = u // k_steps               # tile order: sample, pixel tile, channel tile (fastest)
-        first = u - t * k_steps
-        last = tl.minimum(k_steps, first + end - u)
-        n = t // (tiles_m * tiles_n)
-        tile_m = (t // tiles_n) % tiles_m
-        tile_n = t % tiles_n
-        acc = _tile_sum(x_desc, w_desc, n, tile_m, tile_n, H, W + 2, Cin, chunks, first, last, BLOCK_M, BLOCK_N,
-                        BK, DOT_IN_FP32)
-        if (first == 0) & (last == k_steps):
-            _finish_tile(acc, n, tile_m, tile_n, tiles_m, H, W, Cout, bias_ptr, add_ptr, res_ptr, out_ptr,
-                         part_ptr, scale, saN, saC, srN, srC, srH, srW, soN, soC, soH, soW, G_out, Cg_out, K_total,
-                         BLOCK_M, BLOCK_N, HAS_BIAS, HAS_ADD, HAS_RESIDUAL, STATS)
-        else:
-            j = pid - _unit_owner(t * k_steps, programs, units)
-            tl.store(ws_ptr + _partial_offsets(t, j, max_parts, BLOCK_M, BLOCK_N), acc)
-        u += last - first
-
-
-@triton.jit
-def _stream_fixup_kernel(ws_ptr, bias_ptr, add_ptr, res_ptr, out_ptr, part_ptr,
-                         N, H, W, Cout, tiles_m, tiles_n, chunks, programs, max_parts, scale, G_out, Cg_out,
-                         K_total, saN, saC, srN, srC, srH, srW, soN, soC, soH, soW,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         HAS_ADD: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STATS: tl.constexpr):
-    """Program (tile_m * tiles_n + tile_n, 0, n): if programs shared this tile, its partials added in program order,
-    then the epilogue."""
-    pid = tl.program_id(0)
-    n = tl.program_id(2)
-    tile_n = pid % tiles_n
-    tile_m = pid // tiles_n
-    t = (n * tiles_m + tile_m) * tiles_n + tile_n
-    k_steps = 9 * chunks
-    units = N * tiles_m * tiles_n * k_steps
-    parts = _unit_owner((t + 1) * k_steps - 1, programs, units) - _unit_owner(t * k_steps, programs, units) + 1
-    if parts > 1:
-        _finish_tile(_sum_parts(ws_ptr, t, parts, max_parts, BLOCK_M, BLOCK_N), n, tile_m, tile_n, tiles_m, H, W,
-                     Cout, bias_ptr, add_ptr, res_ptr, out_ptr, part_ptr, scale,
-                     saN, saC, srN, srC, srH, srW, soN, soC, soH, soW, G_out, Cg_out, K_total, BLOCK_M, BLOCK_N,
-                     HAS_BIAS, HAS_ADD, HAS_RESIDUAL, STATS)
 
 
 def launch_config(N: int, Cin: int, Cout: int, H: int, W: int):
@@ -271,12 +182,11 @@ def gn_silu_bordered(x, norm=None, out=None):
 
 
 def conv3x3_padded(xp, weight, bias, add, residual, scale, out, stats_groups=0, stats_eps=1e-6, config=None,
-                   split=None, stream_k=None):
+                   split=None):
     """out (N, Cout, H, W), any strides, = the conv of the bordered input xp (N, H+2, W+2, Cin) contiguous, whose
     border holds zeros; weight channels_last (Cout, Cin, 3, 3) of xp's 16-bit dtype, Cin a multiple of 8; add
     (N, Cout) or None; residual (N, Cout, H, W) any strides or None. Returns the (N*G', 2) fp32 (mean, rstd) of
-    out's stats_groups = G' groups, or None when 0. ``config`` and ``split`` override the defaults; ``stream_k``,
-    a program count, shares the K steps of all tiles evenly among that many programs instead of splitting."""
+    out's stats_groups = G' groups, or None when 0. ``config`` and ``split`` override the defaults."""
     from triton.tools.tensor_descriptor import TensorDescriptor
     N, Hp, Wp, Cin = xp.shape
     H, W = Hp - 2, Wp - 2
@@ -288,9 +198,6 @@ def conv3x3_padded(xp, weight, bias, add, residual, scale, out, stats_groups=0, 
     # Sample n's positions from padded (1, 0) through its last interior pixel (H, W).
     tiles_m, tiles_n, chunks = cdiv((H - 1) * Wp + W + 1, bm), cdiv(Cout, bn), cdiv(Cin, bk)
     k_steps = 9 * chunks
-    stream_k = stream_k or stream_k_programs(xp.device)
-    if stream_k:
-        split = 1
     # One wave at most: the reduce kernel's fp32 partials cost more than a third of the SMs idle (2x640x640x32x32,
     # 90 tiles: 33.3 us unsplit, over 37.2 split in 2; 2x1280x1280x16x16, 100 tiles: 41.7 against 58.3 in 6).
     split = split or (default_split if config is None else None) or split_count(tiles_m * tiles_n * N, k_steps,
@@ -305,50 +212,17 @@ def conv3x3_padded(xp, weight, bias, add, residual, scale, out, stats_groups=0, 
     pointers, strides, flags = operands
     # The interpreter's bf16 dot is wrong (triton 3.9); bf16 products are exact in fp32, so it runs that instead.
     dot_in_fp32 = interpreting() and xp.dtype == torch.bfloat16
-    sizes = (tiles_m, tiles_n, chunks)
-    if stream_k:
-        _stream_k(x_desc, w_desc, pointers, strides, flags, N, H, W, Cin, Cout, sizes, stream_k, scale, G_out,
-                  K_total, (bm, bn, bk, warps, stages), dot_in_fp32)
-    else:
-        sums = split_sums(split, N, H, W, Cout, xp.device) if split > 1 else None
-        _conv3x3_padded_kernel[(tiles_m * tiles_n, split, N)](
-            x_desc, w_desc, *pointers[:4], sums if sums is not None else pointers[4],
-            H, W, Cin, Cout, *sizes, steps_per_split, float(scale), G_out, Cout // G_out, K_total,
-            *strides, BLOCK_M=bm, BLOCK_N=bn, BK=bk, SPLIT_K=split > 1, DOT_IN_FP32=dot_in_fp32,
-            num_warps=warps, num_stages=stages, **dict(flags, STATS=flags["STATS"] and split == 1))
-        if sums is not None:
-            reduce_splits(sums, split, out, scale, operands, G_out, K_total)
+    sums = split_sums(split, N, H, W, Cout, xp.device) if split > 1 else None
+    _conv3x3_padded_kernel[(tiles_m * tiles_n, split, N)](
+        x_desc, w_desc, *pointers[:4], sums if sums is not None else pointers[4],
+        H, W, Cin, Cout, tiles_m, tiles_n, chunks, steps_per_split, float(scale), G_out, Cout // G_out, K_total,
+        *strides, BLOCK_M=bm, BLOCK_N=bn, BK=bk, SPLIT_K=split > 1, DOT_IN_FP32=dot_in_fp32,
+        num_warps=warps, num_stages=stages, **dict(flags, STATS=flags["STATS"] and split == 1))
+    if sums is not None:
+        reduce_splits(sums, split, out, scale, operands, G_out, K_total)
     if not stats_groups:
         return None
     return finalize_partials(partials, row_tiles * (Cout // G_out), stats_eps)
-
-
-def stream_k_programs(device):
-    """SDKERNELS_CONV_STREAM_K (opt-in, slower at SD1.5's shapes so far): unset or 0, K split as launch_config says;
-    "sm", stream-K with one program per SM; a number, stream-K with that many programs (the tests' small grids)."""
-    knob = getenv("SDKERNELS_CONV_STREAM_K", "0")
-    return multiprocessor_count(device) if knob == "sm" else int(knob) or None
-
-
-def _stream_k(x_desc, w_desc, pointers, strides, flags, N, H, W, Cin, Cout, sizes, programs, scale, G_out, K_total,
-              config, dot_in_fp32):
-    """The stream-K launch and its fix-up: ``programs`` programs (at most one per unit) over sizes = (tiles_m,
-    tiles_n, chunks)."""
-    tiles_m, tiles_n, chunks = sizes
-    bm, bn, bk, warps, stages = config
-    tiles = N * tiles_m * tiles_n
-    k_steps = 9 * chunks
-    programs = max(1, min(programs, tiles * k_steps))
-    # A tile's k_steps units meet at most 1 + cdiv(k_steps - 1, q) ranges of q or q + 1 units.
-    max_parts = 1 + cdiv(k_steps - 1, tiles * k_steps // programs)
-    ws = torch.empty((tiles * max_parts * bm * bn,), device=pointers[3].device, dtype=torch.float32)
-    common = (N, H, W)
-    loop = (tiles_m, tiles_n, chunks, programs, max_parts, float(scale), G_out, Cout // G_out, K_total, *strides)
-    _conv3x3_stream_kernel[(programs,)](
-        x_desc, w_desc, *pointers, ws, *common, Cin, Cout, *loop, BLOCK_M=bm, BLOCK_N=bn, BK=bk,
-        DOT_IN_FP32=dot_in_fp32, num_warps=warps, num_stages=stages, **flags)
-    _stream_fixup_kernel[(tiles_m * tiles_n, 1, N)](
-        ws, *pointers, *common, Cout, *loop, BLOCK_M=bm, BLOCK_N=bn, num_warps=4 if bm * bn <= 8192 else 8, **flags)
 
 
 fix_cache_keys(globals())  # last: see its docstring

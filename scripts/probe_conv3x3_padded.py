@@ -44,11 +44,9 @@ def parse_shapes(spec: str) -> list:
 
 
 def split_choices(spec: str, auto: int) -> list:
-    """The K split counts to try: integers, "auto" (split_count's) and "2auto"/"half" around it; "sk" is stream-K
-    with one program per SM, "sk2" with two."""
+    """The K split counts to try: integers, "auto" (split_count's) and "2auto"/"half" around it."""
     named = {"auto": auto, "2auto": 2 * auto, "4auto": 4 * auto, "half": max(1, auto // 2)}
-    return sorted({named[s] if s in named else s if s.startswith("sk") else int(s) for s in spec.split(",")},
-                  key=str)
+    return sorted({named[s] if s in named else int(s) for s in spec.split(",")})
 
 
 def bordered(x):
@@ -68,7 +66,6 @@ def main():
     p.add_argument("--no-graph", action="store_true", help="time with do_bench (host launch cost included)")
     args = p.parse_args()
     shapes = parse_shapes(args.shapes)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
     configs = CONFIGS + (MORE_CONFIGS if args.more else [])
     if args.configs:
         configs = [tuple(map(int, c.split("x"))) for c in args.configs.split(",")]
@@ -93,8 +90,7 @@ def main():
             auto = cp.split_count(tiles, 9 * triton.cdiv(Cin, bk), x.device, whole_wave=True)
             for split in split_choices(args.splits, auto):
                 out = torch.full_like(ref, float("nan"))
-                sk = sms * (int(split[2:]) if split[2:] else 1) if isinstance(split, str) else None
-                kw = dict(config=cfg, split=None if sk else split, stream_k=sk)
+                kw = dict(config=cfg, split=split)
                 try:
                     cp.conv3x3_padded(xp, w, b, None, None, 1.0, out, **kw)
                     torch.cuda.synchronize()

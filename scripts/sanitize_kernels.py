@@ -255,11 +255,8 @@ def cases():
     for args in conv3x3_cases():
         yield ("conv3x3_fused", "triton", lambda a=args: torch.ops.sdkernels.conv3x3_fused(*a)[0],
                lambda a=args: conv3x3_reference(*a)[0], args, 2e-2)
-    for (knob, value), args in itertools.product(
-            (("", ""), ("SDKERNELS_CONV_STREAM_K", "5"), ("SDKERNELS_CONV_STREAM_K", "sm")),
-            conv3x3_bordered_cases()):  # launch_config's split-K, stream-K
-        yield (f"conv3x3_fused bordered{f' {knob}={value}' if knob else ''}", "triton_bordered",
-               lambda a=args, k=knob, v=value: _with_env(k, v, lambda: torch.ops.sdkernels.conv3x3_fused(*a)[0]),
+    for args in conv3x3_bordered_cases():  # split-K where launch_config splits
+        yield ("conv3x3_fused bordered", "triton_bordered", lambda a=args: torch.ops.sdkernels.conv3x3_fused(*a)[0],
                lambda a=args: conv3x3_reference(*a)[0], args, 2e-2)
 
 

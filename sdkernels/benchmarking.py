@@ -154,7 +154,7 @@ class Results:
 
     def write(self, path: str) -> str:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        # The package's knobs set for this run (e.g. SDKERNELS_CONV_STREAM_K): rows of two runs differ by these.
+        # The package's knobs set for this run (e.g. SDKERNELS_GN_PLAN): rows of two runs differ by these.
         knobs = {k: v for k, v in sorted(os.environ.items()) if k.startswith("SDKERNELS_")}
         doc = dict(machine(), copy_gbps=copy_bandwidth_gbps(), knobs=knobs, **self.meta, rows=self.rows)
         with open(path, "w") as f:

@@ -63,7 +63,7 @@ def _compiler_env() -> None:
     for knob in ("SDKERNELS_AUTOTUNE", "SDKERNELS_GN_PLAN", "SDKERNELS_GN_TILE_WARPS", "SDKERNELS_GN_TILE_SUMS",
                  "SDKERNELS_POISON_OUTPUTS", "SDKERNELS_ADD_LN_TILE", "SDKERNELS_PARTIAL_PDL",
                  "SDKERNELS_PARTIAL_ONE_LAUNCH", "SDKERNELS_FLASH_TMA",
-                 "SDKERNELS_FLASH_TMA_ONE_CHUNK", "SDKERNELS_CONV_STREAM_K"):
+                 "SDKERNELS_FLASH_TMA_ONE_CHUNK"):
         os.environ.pop(knob, None)
 
 
@@ -549,15 +549,13 @@ def conv3x3_tma_scenarios():
 def conv3x3_bordered_scenarios():
     """sdkernels::conv3x3_fused's triton_bordered backend (the bordered GN + SiLU write and the shifted-GEMM conv):
     the ResNet block's two convs at SD1.5's 64 x 64, 32 x 32 (the 8-warp tile), 16 x 16 and 8 x 8 (split-K there),
-    fp16 and bf16; split-K (the reduce kernel) and stream-K."""
+    fp16 and bf16."""
     import torch
     for (dt, dtype), shape, which in itertools.product((("fp16", torch.float16), ("bf16", torch.bfloat16)),
                                                        CONV_SHAPES + ((2, 640, 32, 32), (2, 1280, 8, 8)),
                                                        ("conv1", "conv2")):
         call = _backend_call("conv3x3_fused", "triton_bordered", *_conv_inputs(shape, dtype, "nhwc", which))
         yield Scenario(f"conv3x3 triton_bordered {which} {dt} {shape}", call, min_cc=90)
-        yield Scenario(f"conv3x3 triton_bordered stream-K {which} {dt} {shape}",
-                       _with_settings(call, env={"SDKERNELS_CONV_STREAM_K": "sm"}), min_cc=90)
 
 
 def winograd_scenarios():

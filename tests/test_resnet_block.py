@@ -153,13 +153,12 @@ def test_conv_matches_reference(batch, g_in, per_in, cout, h, w, dtype, layout, 
        h=st.integers(1, 9), w=st.integers(1, 9), dtype=st.sampled_from([torch.float16, torch.bfloat16]),
        layout=st.sampled_from(["channels_last", "contiguous"]), norm=st.sampled_from(["none", "affine", "plain"]),
        bias=st.booleans(), add=st.booleans(), epilogue=st.sampled_from(["stats", "residual", "both", "none"]),
-       split=st.sampled_from([None, 1, 2, 3, "stream 3", "stream 7"]))
+       split=st.sampled_from([None, 1, 2, 3]))
 def test_bordered_conv_matches_reference(batch, g_in, cin8, cout, h, w, dtype, layout, norm, bias, add, epilogue,
                                          split):
     """The triton_bordered backend (kernels/conv3x3_padded.py: the normalized input written once into a zero-
-    bordered buffer, then nine shifted 2-D GEMMs), K split or not (its partials added by the reduce kernel), or
-    stream-K over 3 or 7 programs (tiles done whole by one program and tiles shared by several), against the
-    float64 reference."""
+    bordered buffer, then nine shifted 2-D GEMMs), K split or not (its partials added by the reduce kernel), against
+    the float64 reference."""
     cin = 8 * cin8
     g_out = next(g for g in (3, 2, 1) if cout % g == 0)
     torch.manual_seed(0)
@@ -171,9 +170,7 @@ def test_bordered_conv_matches_reference(batch, g_in, cin8, cout, h, w, dtype, l
     b = rand(cout, dtype=dtype) if bias else None
     with pytest.MonkeyPatch.context() as mp:
         import sdkernels.kernels.conv3x3_padded as k
-        if isinstance(split, str) and split.startswith("stream"):
-            mp.setenv("SDKERNELS_CONV_STREAM_K", split.split()[1])
-        elif split is not None:
+        if split is not None:
             mp.setattr(k, "split_count", lambda *a, **kw: split)
         with forced("triton_bordered"):
             out, stats = conv3x3_fused(x, weight, b, **args)
@@ -186,26 +183,6 @@ def test_bordered_conv_matches_reference(batch, g_in, cin8, cout, h, w, dtype, l
         expected = group_norm_stats_reference(out.double(), g_out, 1e-6)
         assert stats.dtype == torch.float32
         assert_close(stats, expected, torch.float32, h * w * cout // g_out, what="output statistics")
-
-
-@pytest.mark.parametrize("programs", ["1", "3", "7", "100000"])
-def test_stream_k_matches_reference(programs, monkeypatch):
-    """Stream-K (SDKERNELS_CONV_STREAM_K): one program walking every tile, a few programs sharing tiles (their fp32
-    partials added by the fix-up kernel), more programs than K steps; output and its statistics against the float64
-    reference."""
-    torch.manual_seed(0)
-    monkeypatch.setenv("SDKERNELS_CONV_STREAM_K", programs)
-    x = rand(2, 24, 5, 7, dtype=torch.float16, offset=0.5)
-    args = conv_args(x, 2, 12, 3, "affine", True, "both")
-    weight = rand(12, 24, 3, 3, dtype=torch.float16, scale=(9 * 24) ** -0.5)
-    b = rand(12, dtype=torch.float16)
-    with forced("triton_bordered"):
-        out, stats = conv3x3_fused(x, weight, b, **args)
-    ref, _ = conv3x3_reference(up(x), up(weight), up(b), *[up(v) if isinstance(v, torch.Tensor) else v
-                                                          for v in args.values()])
-    assert_close(out, ref, torch.float16, 9 * 24, what=f"conv3x3_fused (triton_bordered, stream-K {programs})")
-    assert_close(stats, group_norm_stats_reference(out.double(), 3, 1e-6), torch.float32, 35 * 4,
-                 what="output statistics")
 
 
 @pytest.mark.parametrize("why, change", [
@@ -563,11 +540,8 @@ SD_BLOCKS = [  # (B, Cin, Cout, H, W) of SD1.5 UNet and VAE decoder ResNet block
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", SD_BLOCKS, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("conv_backend", ["triton", "triton_bordered", "triton_bordered stream-K"])
-def test_sd_blocks(shape, dtype, conv_backend, monkeypatch):
-    if conv_backend.endswith("stream-K"):
-        monkeypatch.setenv("SDKERNELS_CONV_STREAM_K", "sm")
-    conv_backend = conv_backend.split()[0]
+@pytest.mark.parametrize("conv_backend", ["triton", "triton_bordered"])
+def test_sd_blocks(shape, dtype, conv_backend):
     B, cin, cout, H, W = shape
     block = make_block(cin, cout, 32, 1280 if B == 2 else None).to(memory_format=torch.channels_last)
     x = rand(B, cin, H, W, dtype=dtype)
