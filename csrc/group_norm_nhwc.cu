@@ -135,7 +135,8 @@ __device__ __forceinline__ void chan_merge(float& na, float& ma, float& qa, floa
 
 // Programmatic dependent launch (sm_90): gn_stats lets gn_apply be launched as soon as all its blocks run, so
 // gn_apply's launch and scheduling overlap gn_stats instead of following it; gn_apply waits for gn_stats to complete
-// (its partials written and flushed) before reading them. No-ops before sm_90, where the launch is plain.
+// (its partials written and flushed) before reading them. gn_stats is launched the same way after whatever kernel
+// came before it, and waits for that one. No-ops before sm_90, where the launch is plain.
 __device__ __forceinline__ void allow_dependent_launch() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
@@ -160,6 +161,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) gn_stats(const T* __restrict__
   float* sm_m2 = sm_mean + blockDim.x * V;
   const Tile t = tile_of(pl, blockIdx.x);
   const int tid = threadIdx.x, col = tid % pl.Wv, r = tid / pl.Wv;
+  wait_for_prerequisite_grid();  // launched as a programmatic dependent too: x may still be being written
   allow_dependent_launch();
 
   float mean[V], m2[V];
@@ -250,6 +252,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) gn_apply(
   const Tile t = tile_of(pl, gridDim.x - 1 - blockIdx.x);
   const int tid = threadIdx.x, lane = tid & 31;
   wait_for_prerequisite_grid();  // gn_stats' partials
+  allow_dependent_launch();     // a programmatic dependent after this op waits for it to finish
 
   for (int lg = tid >> 5; lg < pl.Gs; lg += blockDim.x >> 5) {
     const float2* part = partials + ((long long)t.n * pl.G + t.s * pl.Gs + lg) * pl.P;
@@ -409,25 +412,26 @@ cudaError_t launch(const SdkGroupNormArgs& a, const Plan& pl, cudaStream_t strea
   const int blocks = pl.N * pl.P * pl.CS;
   float2* partials = static_cast<float2*>(a.workspace);
   const size_t stats_smem = (size_t)pl.threads * Vec<T>::n * 2 * sizeof(float);  // <= 32 KiB
-  gn_stats<T><<<blocks, pl.threads, stats_smem, stream>>>(static_cast<const T*>(a.x), a.x_batch_stride, a.shift,
-                                                          a.shift_dtype, a.shift_batch_stride, partials, pl);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(blocks);
-  cfg.blockDim = dim3(pl.threads);
-  cfg.dynamicSmemBytes = 2 * pl.Gs * sizeof(float);
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  // SDKERNELS_GN_PDL=0 launches it plainly (a probe knob, to time both in one run).
+  // Both kernels launch as programmatic dependents of the kernel before them (sm_90+); each waits for it before
+  // touching memory. SDKERNELS_GN_PDL=0 launches them plainly (a probe knob, to time both in one run).
   static const bool pdl = [] {
     const char* e = std::getenv("SDKERNELS_GN_PDL");
     return !(e && e[0] == '0');
   }();
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(blocks);
+  cfg.blockDim = dim3(pl.threads);
+  cfg.dynamicSmemBytes = stats_smem;
+  cfg.stream = stream;
+  cfg.attrs = attr;
   cfg.numAttrs = pdl && device_major() >= 9 ? 1 : 0;
+  cudaError_t err = cudaLaunchKernelEx(&cfg, gn_stats<T>, static_cast<const T*>(a.x), a.x_batch_stride, a.shift,
+                                       a.shift_dtype, a.shift_batch_stride, partials, pl);
+  if (err != cudaSuccess) return err;
+  cfg.dynamicSmemBytes = 2 * pl.Gs * sizeof(float);
   return cudaLaunchKernelEx(&cfg, apply, static_cast<const T*>(a.x), a.x_batch_stride,
                             static_cast<const T*>(a.residual), a.residual_batch_stride, static_cast<T*>(a.out),
                             a.out_batch_stride, a.weight, a.weight_dtype, a.bias, a.bias_dtype, a.shift,

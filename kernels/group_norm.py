@@ -19,9 +19,10 @@ formula, so groups of 4 M elements with a large mean (the VAE decoder at 1024 px
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .._env import getenv
-from .utils import cdiv, multiprocessor_count, next_power_of_2, fix_cache_keys
+from .utils import capability_major, cdiv, interpreting, multiprocessor_count, next_power_of_2, fix_cache_keys
 
 ONE_PASS_MAX = 65536     # largest group held in one program's registers; above it channels_last takes rows
 ONE_PASS_SMALL = 8192    # largest group one_pass is chosen for (larger ones ran faster split: choose_plan)
@@ -90,11 +91,22 @@ def _shifted(x, n, ch, mask, sh_ptr, shN, shC, HAS_SHIFT: tl.constexpr):
 # ---- one pass ---------------------------------------------------------------------------------------------------
 
 @triton.jit
+def _programmatic_start(PDL: tl.constexpr):
+    """First in a one-program plan's kernel launched as a programmatic dependent (programmatic_launch): wait until
+    the kernels before it have finished and their writes are visible, before any load or store, then let the next
+    kernel launch."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+@triton.jit
 def _one_pass_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, sh_ptr, G, Cg, S, eps,
                      sxN, sxC, sxS, srN, srC, srS, soN, soC, soS, shN, shC,
                      BLOCK: tl.constexpr, CHANNELS_LAST: tl.constexpr, FLAT: tl.constexpr,
                      HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-                     HAS_RESIDUAL: tl.constexpr, HAS_SHIFT: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, HAS_SHIFT: tl.constexpr, PDL: tl.constexpr = False):
+    _programmatic_start(PDL)
     ng = tl.program_id(0)
     n = ng // G
     g = ng - n * G
@@ -116,10 +128,12 @@ def _one_pass_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, sh_ptr, G, Cg, S, ep
 @triton.jit
 def _one_pass_groups_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, sh_ptr, groups, G, Cg, S, eps, shN, shC,
                             GP: tl.constexpr, BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                            SILU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_SHIFT: tl.constexpr):
+                            SILU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                            PDL: tl.constexpr = False):
     """one_pass for GP small groups per program, x (and residual, out) contiguous: group ng = n * G + g is the run
     [ng * size, (ng + 1) * size). A LayerNorm seen as (rows, C, 1) has thousands of groups of a few hundred
     elements: one program each spent more time being scheduled than loading."""
+    _programmatic_start(PDL)
     ng = tl.program_id(0) * GP + tl.arange(0, GP)
     size = Cg * S
     i = tl.arange(0, BLOCK)
@@ -175,12 +189,13 @@ def _tile_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, sh_ptr, G, S, eps,
                  CG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, CHANNELS_FAST: tl.constexpr,
                  HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
                  HAS_RESIDUAL: tl.constexpr, HAS_SHIFT: tl.constexpr, SUMS: tl.constexpr = 0,
-                 STATS_ONLY: tl.constexpr = False):
+                 STATS_ONLY: tl.constexpr = False, PDL: tl.constexpr = False):
     """one_pass with the group as a 2-D tile of channels and positions: no per-element division, per-channel values
     (weights, shift) loaded once per channel and folded into one scale and offset, and the contiguous axis read as
     vectors (channels with CHANNELS_FAST, where x, residual and out have channel stride 1; else positions, as in
     NCHW). CG is a constexpr so that the channel mask is uniform over 16-byte vectors. STATS_ONLY: the group's fp32
     (mean, rstd) stored at out_ptr[2 ng], nothing normalized (sdkernels::group_norm_stats)."""
+    _programmatic_start(PDL)
     ng = tl.program_id(0)
     n = ng // G
     g = ng - n * G
@@ -437,6 +452,19 @@ def _tile_variant(block: int) -> dict:
                 SUMS=TILE_SUMS.get(getenv("SDKERNELS_GN_TILE_SUMS") or "", SUMS_PER_STATISTIC.value))
 
 
+def programmatic_launch(x) -> dict:
+    """Launch options of the one-program plans' kernels: a programmatic dependent of the kernel before it (Hopper's
+    griddepcontrol) on sm_90+, so that its launch and scheduling overlap that kernel's end, a good part of a call at
+    the small SD shapes (H200, bench_group_norm, same call, on against off: 2x1280x8x8 3.4 -> 2.7 us, 2x320x32x32
+    7.3 -> 6.7, 2x2560x16x16 7.1 -> 6.4). Not in the interpreter. SDKERNELS_GN_PDL=0 off, =1 on whatever the
+    device (compile_check's sm_90 scenario; the same knob turns off the CUDA kernels' programmatic launches)."""
+    knob = getenv("SDKERNELS_GN_PDL")
+    if knob == "0" or interpreting():
+        return {}
+    on = knob == "1" or capability_major(x.device) >= 9
+    return dict(PDL=True, launch_pdl=True) if on else {}
+
+
 def _tile_block(Cg: int, S: int) -> tuple:
     return next_power_of_2(Cg), next_power_of_2(S)
 
@@ -559,7 +587,8 @@ def group_norm_stats_triton(x, num_groups, eps, strides):
         _tile_kernel[(N * num_groups,)](x, x, x, x, stats, x, num_groups, S, eps, *sx, *sx, *sx, 0, 0, CG=Cg,
                                         BLOCK_C=block_c, BLOCK_S=block_s, CHANNELS_FAST=dense_rows,
                                         **_tile_variant(block_c * block_s), HAS_WEIGHT=False, HAS_BIAS=False,
-                                        SILU=False, HAS_RESIDUAL=False, HAS_SHIFT=False, STATS_ONLY=True)
+                                        SILU=False, HAS_RESIDUAL=False, HAS_SHIFT=False, STATS_ONLY=True,
+                                        **programmatic_launch(x))
         return stats
     # Above the largest group measured (524288 elements), the rows plan stays: it was built and measured for the
     # VAE's 512 MiB activations at 1024 px, which the flat plan was not timed on.
@@ -593,18 +622,20 @@ def group_norm_triton(x, num_groups, weight, bias, eps, silu, residual, out, str
         gp = min(GROUPS_TILE // block, next_power_of_2(N * G))
         _one_pass_groups_kernel[(cdiv(N * G, gp),)](x, w, b, r, out, sh, N * G, G, Cg, S, eps, shN, shC, GP=gp,
                                                     BLOCK=block, num_warps=_warps(gp * block), **epilogue,
-                                                    **shift_flag)
+                                                    **shift_flag, **programmatic_launch(x))
         return out
     if plan == "tile":
         block_c, block_s = _tile_block(Cg, S)
         _tile_kernel[(N * G,)](x, w, b, r, out, sh, G, S, eps, *sx, *sr, *so, shN, shC, CG=Cg, BLOCK_C=block_c,
                                BLOCK_S=block_s, CHANNELS_FAST=_channels_dense(sx, sr, so),
-                               **_tile_variant(block_c * block_s), **epilogue, **shift_flag)
+                               **_tile_variant(block_c * block_s), **epilogue, **shift_flag,
+                               **programmatic_launch(x))
         return out
     if plan == "one_pass":
         block = next_power_of_2(size)
         _one_pass_kernel[(N * G,)](x, w, b, r, out, sh, G, Cg, S, eps, *sx, *sr, *so, shN, shC, BLOCK=block,
-                                   num_warps=_warps(block, 32), **layout, **epilogue, **shift_flag)
+                                   num_warps=_warps(block, 32), **layout, **epilogue, **shift_flag,
+                                   **programmatic_launch(x))
         return out
     if plan == "flat" and cdiv(size, TILE) <= FUSE_MAX_TILES:
         partials, tiles = _flat_partials(x, G, sx, layout, shift)

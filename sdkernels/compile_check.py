@@ -61,7 +61,7 @@ def _compiler_env() -> None:
     os.environ["TRITON_INTERPRET"] = "0"
     os.environ["TRITON_DEFAULT_FP_FUSION"] = "1"
     for knob in ("SDKERNELS_AUTOTUNE", "SDKERNELS_GN_PLAN", "SDKERNELS_GN_TILE_WARPS", "SDKERNELS_GN_TILE_SUMS",
-                 "SDKERNELS_POISON_OUTPUTS", "SDKERNELS_ADD_LN_TILE", "SDKERNELS_PARTIAL_PDL",
+                 "SDKERNELS_POISON_OUTPUTS", "SDKERNELS_ADD_LN_TILE", "SDKERNELS_PARTIAL_PDL", "SDKERNELS_GN_PDL",
                  "SDKERNELS_PARTIAL_ONE_LAUNCH", "SDKERNELS_FLASH_TMA",
                  "SDKERNELS_FLASH_TMA_ONE_CHUNK"):
         os.environ.pop(knob, None)
@@ -415,6 +415,25 @@ def group_norm_scenarios():
                                               env={"SDKERNELS_GN_PLAN": plan, **knobs}))
 
 
+def group_norm_programmatic_scenarios():
+    """What an sm_90 GPU runs: the one-program plans' kernels as programmatic dependents (griddepcontrol)."""
+    import torch
+    pdl = {"SDKERNELS_GN_PDL": "1"}
+    for (dt, dtype), plan in itertools.product(_dtypes().items(), ("tile", "one_pass")):
+        args = _group_norm_inputs((2, 64, 8, 8), dtype, "nhwc", (True, True, True))
+        yield Scenario(f"group_norm {dt} (2, 64, 8, 8) plan={plan} programmatic launch",
+                       _with_settings(_backend_call("group_norm", "triton", *args),
+                                      env={**pdl, "SDKERNELS_GN_PLAN": plan}), min_cc=90)
+        x = _group_norm_x((2, 64, 8, 8), dtype, "nhwc")
+        yield Scenario(f"group_norm_stats {dt} (2, 64, 8, 8) programmatic launch",
+                       _with_settings(_backend_call("group_norm_stats", "triton", x, GROUPS, 1e-5), env=pdl),
+                       min_cc=90)
+        x = torch.empty(512, 1280, 1, dtype=dtype)
+        yield Scenario(f"layer_norm as group_norm {dt} (512, 1280, 1) programmatic launch",
+                       _with_settings(_backend_call("group_norm", "triton", x, 1, x.new_empty(1280),
+                                                    x.new_empty(1280), 1e-5, False, None), env=pdl), min_cc=90)
+
+
 def layer_norm_scenarios():
     """LayerNorm as one-group group_norm on (rows, C, 1), and small contiguous groups: several groups a program."""
     import torch
@@ -571,7 +590,8 @@ def winograd_scenarios():
 
 SCENARIO_FAMILIES = (attention_scenarios, linear_geglu_scenarios, conv3x3_scenarios, conv3x3_tma_scenarios,
                      conv3x3_bordered_scenarios, winograd_scenarios,
-                     group_norm_scenarios, gelu_scenarios, bias_add_scenarios, layer_norm_scenarios,
+                     group_norm_scenarios, group_norm_programmatic_scenarios, gelu_scenarios, bias_add_scenarios,
+                     layer_norm_scenarios,
                      add_layer_norm_scenarios)
 
 

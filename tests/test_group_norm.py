@@ -287,6 +287,55 @@ def test_cuda_graph_capture_and_replay(backend):
         assert_close(static_out, expected, torch.float16, what=f"{backend} graph replay")
 
 
+def test_programmatic_launch_rule(monkeypatch):
+    """The one-program plans' kernels launch as programmatic dependents on sm_90+ only (never in the interpreter),
+    and SDKERNELS_GN_PDL=0 turns it off."""
+    from sdkernels.kernels.group_norm import programmatic_launch
+    from sdkernels.kernels.utils import interpreting
+    x = torch.empty(1, 8, 2, 2, device=DEVICE)
+    hopper = GPU and not interpreting() and torch.cuda.get_device_capability()[0] >= 9
+    assert programmatic_launch(x) == (dict(PDL=True, launch_pdl=True) if hopper else {})
+    monkeypatch.setenv("SDKERNELS_GN_PDL", "0")
+    assert programmatic_launch(x) == {}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("shape", [(2, 1280, 8, 8), (2, 320, 32, 32)], ids=lambda s: "x".join(map(str, s)))
+def test_chained_calls_read_what_the_kernel_before_wrote(backend, shape):
+    """Each call reads the output of the kernel just before it, as programmatic dependents (sm_90) must wait to:
+    a chain of GroupNorms after a torch kernel that writes their input, eagerly and replayed in a CUDA graph."""
+    x = torch.randn(shape, device=DEVICE).to(torch.float16, memory_format=torch.channels_last)
+    w, b = (torch.randn(shape[1], device=DEVICE).half() for _ in range(2))
+    source = torch.empty_like(x)
+
+    def chain():
+        torch.mul(x, 3.0, out=source)  # written right before the first GroupNorm reads it
+        outs = [source]
+        for _ in range(3):
+            outs.append(sdkernels.group_norm(outs[-1], 32, w, b, 1e-5, True, None))
+        return outs
+
+    def check_chain(outs):
+        for step, (before, after) in enumerate(zip(outs, outs[1:])):
+            assert_close(after, reference64(before, 32, w, b, 1e-5, True, None), torch.float16,
+                         what=f"{backend} {shape} step {step}")
+
+    with sdkernels.use_backend(backend, op="group_norm", strict=True):
+        check_chain(chain())
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = chain()
+    for _ in range(2):
+        x.copy_(torch.randn_like(x))
+        for out in outs:
+            out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(outs[0], x * 3.0)
+        check_chain(outs)
+
+
 # ---- GPU lane at SD sizes -------------------------------------------------------------------------------------
 
 SD_SHAPES = [  # (B, C, H, W, G) of the SD1.5 / SDXL UNets and the VAE decoder
