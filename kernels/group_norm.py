@@ -435,21 +435,28 @@ def _warps(block: int, most: int = 16) -> int:
     return max(4, min(most, block // 256))
 
 
-TILE_SUMS = {"axes": SUMS_PER_AXIS.value, "pivot": SUMS_PIVOTED.value}
+TILE_SUMS = {"stat": SUMS_PER_STATISTIC.value, "axes": SUMS_PER_AXIS.value, "pivot": SUMS_PIVOTED.value}
 
 
-def _tile_variant(block: int) -> dict:
-    """The tile kernel's warps and reductions. Probe knobs (scripts/probe_gn_plans.py --tile-warps, --tile-sums):
-    SDKERNELS_GN_TILE_WARPS=n and SDKERNELS_GN_TILE_SUMS=axes|pivot; the small SD1.5 groups are latency-bound, where
-    fewer warps or fewer reductions shorten the chain between the load and the store (one reduction over the tile per
-    statistic, the default, against one per axis: 7.3 against 7.7 us at channels_last 2x320x32x32, 14.7 against 16.4
-    at 2x1920x32x32, H200, session 16). "pivot", both sums in one reduction, took 3-10% less at every SD1.5 shape
-    (2x1280x8x8 3.31 -> 3.07 us, 2x1920x32x32 14.49 -> 13.10, H200, session 18) before its outlier guard; guarded,
-    1-4% less at the small shapes but up to 1.9x more at the large ones (2x320x64x64 21.3 -> 30.6 us, session 19):
-    not the default."""
-    warps = getenv("SDKERNELS_GN_TILE_WARPS")
-    return dict(num_warps=int(warps) if warps else _warps(block, 32),
-                SUMS=TILE_SUMS.get(getenv("SDKERNELS_GN_TILE_SUMS") or "", SUMS_PER_STATISTIC.value))
+def _tile_variant(block: int, S: int, channels_fast: bool) -> dict:
+    """The tile kernel's warps and reductions for a block-element tile of S positions. Probe knobs
+    (scripts/probe_gn_plans.py --tile-warps, --tile-sums): SDKERNELS_GN_TILE_WARPS=n and
+    SDKERNELS_GN_TILE_SUMS=axes|pivot|stat. The small SD1.5 groups are latency-bound, where fewer warps or fewer
+    reductions shorten the chain between the load and the store. One reduction over the tile per statistic against one
+    per axis: 7.3 against 7.7 us at channels_last 2x320x32x32, 14.7 against 16.4 at 2x1920x32x32 (H200, session 16).
+    Channels_last tiles, programmatic launch on (H200, session 25, same call): 8 warps up to 4096 elements and 16 up
+    to 16384 (2x2560x8x8 3.49 -> 3.17 us, 2x320x32x32 6.63 -> 5.92, 2x1280x16x16 4.64 -> 4.48; 2x1280x8x8 2.69 ->
+    2.61), block / 256 above (2x2560x16x16: 6.43 us at 32 warps, 6.84 at 16); both sums in one reduction ("pivot")
+    where S <= 256 (2x1280x8x8 2.61 -> 2.49, 2x2560x8x8 3.17 -> 3.04, 2x1920x16x16 5.27 -> 4.97) but not at 1024
+    positions (2x320x32x32 5.92 -> 6.12) nor 32768-element tiles (2x2560x16x16 6.43 -> 7.38)."""
+    if channels_fast and block <= 16384:
+        warps = 8 if block <= 4096 else 16
+        sums = SUMS_PIVOTED.value if S <= 256 else SUMS_PER_STATISTIC.value
+    else:
+        warps, sums = _warps(block, 32), SUMS_PER_STATISTIC.value
+    knob_warps, knob_sums = getenv("SDKERNELS_GN_TILE_WARPS"), getenv("SDKERNELS_GN_TILE_SUMS")
+    return dict(num_warps=int(knob_warps) if knob_warps else warps,
+                SUMS=TILE_SUMS[knob_sums] if knob_sums else sums)
 
 
 def programmatic_launch(x) -> dict:
@@ -586,8 +593,8 @@ def group_norm_stats_triton(x, num_groups, eps, strides):
         block_c, block_s = _tile_block(Cg, S)
         _tile_kernel[(N * num_groups,)](x, x, x, x, stats, x, num_groups, S, eps, *sx, *sx, *sx, 0, 0, CG=Cg,
                                         BLOCK_C=block_c, BLOCK_S=block_s, CHANNELS_FAST=dense_rows,
-                                        **_tile_variant(block_c * block_s), HAS_WEIGHT=False, HAS_BIAS=False,
-                                        SILU=False, HAS_RESIDUAL=False, HAS_SHIFT=False, STATS_ONLY=True,
+                                        **_tile_variant(block_c * block_s, S, dense_rows), HAS_WEIGHT=False,
+                                        HAS_BIAS=False, SILU=False, HAS_RESIDUAL=False, HAS_SHIFT=False, STATS_ONLY=True,
                                         **programmatic_launch(x))
         return stats
     # Above the largest group measured (524288 elements), the rows plan stays: it was built and measured for the
@@ -628,7 +635,8 @@ def group_norm_triton(x, num_groups, weight, bias, eps, silu, residual, out, str
         block_c, block_s = _tile_block(Cg, S)
         _tile_kernel[(N * G,)](x, w, b, r, out, sh, G, S, eps, *sx, *sr, *so, shN, shC, CG=Cg, BLOCK_C=block_c,
                                BLOCK_S=block_s, CHANNELS_FAST=_channels_dense(sx, sr, so),
-                               **_tile_variant(block_c * block_s), **epilogue, **shift_flag,
+                               **_tile_variant(block_c * block_s, S, _channels_dense(sx, sr, so)), **epilogue,
+                               **shift_flag,
                                **programmatic_launch(x))
         return out
     if plan == "one_pass":

@@ -406,7 +406,8 @@ def group_norm_scenarios():
         yield Scenario(f"group_norm {dt} {shape} {layout} shift", _backend_call("group_norm", "triton", *args))
         # Every plan, forced: the launcher's choice reaches only some at these shapes (the tests force them too).
         for plan, knobs in (("tile", {}), ("tile", {"SDKERNELS_GN_TILE_SUMS": "axes"}),
-                            ("tile", {"SDKERNELS_GN_TILE_SUMS": "pivot"}), ("one_pass", {}),
+                            ("tile", {"SDKERNELS_GN_TILE_SUMS": "pivot"}),
+                            ("tile", {"SDKERNELS_GN_TILE_SUMS": "stat"}), ("one_pass", {}),
                             ("flat", {}), ("rows", {})):
             if plan != "rows" or layout == "nhwc":
                 args = _group_norm_inputs(shape, dtype, layout, (True, True, True))

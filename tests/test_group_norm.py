@@ -108,7 +108,8 @@ def test_rank3_rank5_and_tiny(shape, layout):
     check("triton", x, g, w, b, 1e-5, True, r)
 
 
-@pytest.fixture(params=["flat", "flat+finalize", "rows", "one_pass", "tile", "tile+axis-sums", "tile+pivot-sums"])
+@pytest.fixture(params=["flat", "flat+finalize", "rows", "one_pass", "tile", "tile+axis-sums", "tile+pivot-sums",
+                        "tile+stat-sums"])
 def forced_plan(request, monkeypatch):
     """Make the Triton launcher take each plan: the multi-kernel ones (partials, then finalize or, flat with few
     tiles, the merge inside the apply pass, then apply) with many tiles and several finalize chunks, at sizes the
@@ -122,7 +123,8 @@ def forced_plan(request, monkeypatch):
     if variant == "finalize":
         monkeypatch.setattr(k, "FUSE_MAX_TILES", 0)
     if variant.endswith("-sums"):  # the probe's variants of the tile kernel's reductions
-        monkeypatch.setenv("SDKERNELS_GN_TILE_SUMS", {"axis-sums": "axes", "pivot-sums": "pivot"}[variant])
+        sums = {"axis-sums": "axes", "pivot-sums": "pivot", "stat-sums": "stat"}[variant]
+        monkeypatch.setenv("SDKERNELS_GN_TILE_SUMS", sums)
     return plan
 
 
