@@ -594,8 +594,8 @@ def group_norm_stats_triton(x, num_groups, eps, strides):
         _tile_kernel[(N * num_groups,)](x, x, x, x, stats, x, num_groups, S, eps, *sx, *sx, *sx, 0, 0, CG=Cg,
                                         BLOCK_C=block_c, BLOCK_S=block_s, CHANNELS_FAST=dense_rows,
                                         **_tile_variant(block_c * block_s, S, dense_rows), HAS_WEIGHT=False,
-                                        HAS_BIAS=False, SILU=False, HAS_RESIDUAL=False, HAS_SHIFT=False, STATS_ONLY=True,
-                                        **programmatic_launch(x))
+                                        HAS_BIAS=False, SILU=False, HAS_RESIDUAL=False, HAS_SHIFT=False,
+                                        STATS_ONLY=True, **programmatic_launch(x))
         return stats
     # Above the largest group measured (524288 elements), the rows plan stays: it was built and measured for the
     # VAE's 512 MiB activations at 1024 px, which the flat plan was not timed on.
