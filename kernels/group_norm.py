@@ -22,7 +22,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .._env import getenv
-from .utils import capability_major, cdiv, interpreting, multiprocessor_count, next_power_of_2, fix_cache_keys
+from .utils import cdiv, multiprocessor_count, next_power_of_2, programmatic_dependent, fix_cache_keys
 
 ONE_PASS_MAX = 65536     # largest group held in one program's registers; above it channels_last takes rows
 ONE_PASS_SMALL = 8192    # largest group one_pass is chosen for (larger ones ran faster split: choose_plan)
@@ -465,11 +465,7 @@ def programmatic_launch(x) -> dict:
     the small SD shapes (H200, bench_group_norm, same call, on against off: 2x1280x8x8 3.4 -> 2.7 us, 2x320x32x32
     7.3 -> 6.7, 2x2560x16x16 7.1 -> 6.4). Not in the interpreter. SDKERNELS_GN_PDL=0 off, =1 on whatever the
     device (compile_check's sm_90 scenario; the same knob turns off the CUDA kernels' programmatic launches)."""
-    knob = getenv("SDKERNELS_GN_PDL")
-    if knob == "0" or interpreting():
-        return {}
-    on = knob == "1" or capability_major(x.device) >= 9
-    return dict(PDL=True, launch_pdl=True) if on else {}
+    return dict(PDL=True, launch_pdl=True) if programmatic_dependent("SDKERNELS_GN_PDL", x.device) else {}
 
 
 def _tile_block(Cg: int, S: int) -> tuple:
@@ -633,10 +629,10 @@ def group_norm_triton(x, num_groups, weight, bias, eps, silu, residual, out, str
         return out
     if plan == "tile":
         block_c, block_s = _tile_block(Cg, S)
+        channels_fast = _channels_dense(sx, sr, so)
         _tile_kernel[(N * G,)](x, w, b, r, out, sh, G, S, eps, *sx, *sr, *so, shN, shC, CG=Cg, BLOCK_C=block_c,
-                               BLOCK_S=block_s, CHANNELS_FAST=_channels_dense(sx, sr, so),
-                               **_tile_variant(block_c * block_s, S, _channels_dense(sx, sr, so)), **epilogue,
-                               **shift_flag,
+                               BLOCK_S=block_s, CHANNELS_FAST=channels_fast,
+                               **_tile_variant(block_c * block_s, S, channels_fast), **epilogue, **shift_flag,
                                **programmatic_launch(x))
         return out
     if plan == "one_pass":

@@ -20,7 +20,7 @@ from .._env import getenv
 from .flash_attention import (HEAD_DIM_CHUNKS, LOG2E, _LOG2E, _accumulate_pv, _bh_base, _load_query, _log2_scores,
                               _program_tile, _scores, _store_output, dot_precision, launch_config, mask_kind,
                               chunk1_start, mask_strides, stride_unit, tail_mode, view_strides, _zero_accumulators)
-from .utils import capability_major, cdiv, interpreting, multiprocessor_count, fix_cache_keys
+from .utils import cdiv, multiprocessor_count, programmatic_dependent, fix_cache_keys
 
 _LN2 = tl.constexpr(0.6931471805599453)
 # Row-statistics programs wanted per streaming multiprocessor; the key range is split until there are this many.
@@ -197,10 +197,7 @@ def programmatic_launch(q, Nk: int) -> bool:
     sm_90+; not in the interpreter): its launch and query loads then overlap the statistics' last programs, where a
     short call spends a few us between the two kernels. Auto: at Nk <= PDL_MAX_KEYS. SDKERNELS_PARTIAL_PDL=0 turns it
     off, =1 on at every length and device (compile_check's sm_90 scenario)."""
-    knob = getenv("SDKERNELS_PARTIAL_PDL")
-    if interpreting() or knob == "0":
-        return False
-    return knob == "1" or (Nk <= PDL_MAX_KEYS and capability_major(q.device) >= 9)
+    return programmatic_dependent("SDKERNELS_PARTIAL_PDL", q.device, Nk <= PDL_MAX_KEYS)
 
 
 # One launch (the softmax . V kernel computes its rows' statistics itself, a first pass over the keys) where the

@@ -43,6 +43,16 @@ def _cuda_capability_major(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]
 
 
+def programmatic_dependent(knob: str, device: torch.device, wanted: bool = True) -> bool:
+    """Whether a kernel launches as a programmatic dependent of the kernel before it (Hopper's griddepcontrol):
+    never in the interpreter or where the env knob is "0", always where it is "1" (compile_check's sm_90 scenarios
+    run on the CPU), else where the launcher wants it on an sm_90+ device."""
+    value = getenv(knob)
+    if value == "0" or interpreting():
+        return False
+    return value == "1" or (wanted and capability_major(device) >= 9)
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
