@@ -448,10 +448,18 @@ def _tile_variant(block: int, S: int, channels_fast: bool) -> dict:
     to 16384 (2x2560x8x8 3.49 -> 3.17 us, 2x320x32x32 6.63 -> 5.92, 2x1280x16x16 4.64 -> 4.48; 2x1280x8x8 2.69 ->
     2.61), block / 256 above (2x2560x16x16: 6.43 us at 32 warps, 6.84 at 16); both sums in one reduction ("pivot")
     where S <= 256 (2x1280x8x8 2.61 -> 2.49, 2x2560x8x8 3.17 -> 3.04, 2x1920x16x16 5.27 -> 4.97) but not at 1024
-    positions (2x320x32x32 5.92 -> 6.12) nor 32768-element tiles (2x2560x16x16 6.43 -> 7.38)."""
+    positions (2x320x32x32 5.92 -> 6.12) nor 32768-element tiles (2x2560x16x16 6.43 -> 7.38). NCHW tiles from
+    4096 elements (H200, session 26, each column in one call): where S <= 256, pivot sums with 8 warps up to 8192
+    elements (2x640x16x16 3.26 -> 2.78 us, 2x2560x8x8 3.24 -> 2.81, 2x1280x8x8 2.49 -> 2.36), 16 above
+    (2x1920x16x16 4.62 -> 4.52, 2x2560x16x16 5.78 -> 5.30); else 16 warps up to 16384 elements (2x320x32x32 4.57 ->
+    3.78, 2x1280x16x16 4.58 -> 3.81)."""
     if channels_fast and block <= 16384:
         warps = 8 if block <= 4096 else 16
         sums = SUMS_PIVOTED.value if S <= 256 else SUMS_PER_STATISTIC.value
+    elif not channels_fast and block >= 4096 and S <= 256:
+        warps, sums = (8 if block <= 8192 else 16), SUMS_PIVOTED.value
+    elif not channels_fast and 4096 <= block <= 16384:
+        warps, sums = 16, SUMS_PER_STATISTIC.value
     else:
         warps, sums = _warps(block, 32), SUMS_PER_STATISTIC.value
     knob_warps, knob_sums = getenv("SDKERNELS_GN_TILE_WARPS"), getenv("SDKERNELS_GN_TILE_SUMS")

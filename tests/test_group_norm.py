@@ -222,6 +222,23 @@ def test_plan_rules(Cg, S, channels_last, dense_rows, plan, monkeypatch):
     assert choose_plan(Cg, S, 32 * Cg, channels_last, dense_rows) == plan
 
 
+@pytest.mark.parametrize("block, S, channels_fast, warps, sums", [
+    (4096, 64, True, 8, "pivot"),      # 2x1280x8x8 channels_last
+    (16384, 1024, True, 16, "stat"),   # 2x320x32x32 channels_last
+    (32768, 256, True, 32, "stat"),    # 2x2560x16x16 channels_last
+    (8192, 256, False, 8, "pivot"),    # 2x640x16x16 NCHW
+    (16384, 256, False, 16, "pivot"),  # 2x1920x16x16 NCHW
+    (16384, 1024, False, 16, "stat"),  # 2x320x32x32 NCHW
+    (32768, 1024, False, 32, "stat"),  # 2x960x32x32 NCHW
+    (1024, 64, False, 4, "stat"),      # small NCHW tiles keep block / 256
+])
+def test_tile_variant_rule(block, S, channels_fast, warps, sums, monkeypatch):
+    from sdkernels.kernels.group_norm import TILE_SUMS, _tile_variant
+    monkeypatch.delenv("SDKERNELS_GN_TILE_WARPS", raising=False)
+    monkeypatch.delenv("SDKERNELS_GN_TILE_SUMS", raising=False)
+    assert _tile_variant(block, S, channels_fast) == dict(num_warps=warps, SUMS=TILE_SUMS[sums])
+
+
 def test_chooser_prefers_triton_for_one_program_per_group_and_yields_to_forcing(monkeypatch):
     """The measured rule: Triton where its launcher takes a one-program-per-group plan; otherwise the priority order
     (CUDA first where it can run)."""
