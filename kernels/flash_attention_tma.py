@@ -38,18 +38,11 @@ TMA_CONFIGS = {
 }
 
 
-# LAZY: the running max (and so the accumulators) moves only when some row's max grew by more than this (log2
-# domain), so p = exp2(s - max) stays below 2^RESCALE_SLACK (fp16 and bf16 hold it) and most blocks skip the rescale.
-RESCALE_SLACK = tl.constexpr(8.0)
-
-
 @triton.jit
 def _tma_block(acc0, acc1, m_i, l_i, q0, q1, k0_desc, k1_desc, v0_desc, v1_desc, b, h, start_n, Nk, qk_scale,
                D0: tl.constexpr, D1: tl.constexpr, BLOCK_N: tl.constexpr, TAIL: tl.constexpr,
-               PRECISION: tl.constexpr, LAZY: tl.constexpr = False):
-    """One key block of the online softmax: scores in the log2 domain, rescaled accumulators, + p @ v. LAZY: the
-    accumulators are rescaled only in blocks where some row's max grew by more than RESCALE_SLACK (one branch for
-    the whole tile: the test is a max over its rows)."""
+               PRECISION: tl.constexpr):
+    """One key block of the online softmax: scores in the log2 domain, rescaled accumulators, + p @ v."""
     k0 = k0_desc.load([b, h, start_n, 0]).reshape(BLOCK_N, D0)
     s = _dot(q0, tl.trans(k0), tl.zeros([q0.shape[0], BLOCK_N], dtype=tl.float32), PRECISION)
     if D1 > 0:
@@ -58,23 +51,6 @@ def _tma_block(acc0, acc1, m_i, l_i, q0, q1, k0_desc, k1_desc, v0_desc, v1_desc,
     if TAIL:
         s = tl.where((start_n + tl.arange(0, BLOCK_N) < Nk)[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # qk_scale > 0 commutes with the max
-    if LAZY:
-        if tl.max(m_new - m_i, 0) > RESCALE_SLACK:  # the first block always (m_i = -inf)
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha
-            acc0 = acc0 * alpha[:, None]
-            if D1 > 0:
-                acc1 = acc1 * alpha[:, None]
-            m_i = m_new
-        p = tl.math.exp2(s * qk_scale - m_i[:, None])
-        l_i = l_i + tl.sum(p, 1)
-        p = p.to(q0.dtype)
-        v0 = v0_desc.load([b, h, start_n, 0]).reshape(BLOCK_N, D0)
-        acc0 = _dot(p, v0, acc0, PRECISION)
-        if D1 > 0:
-            v1 = v1_desc.load([b, h, start_n, D0]).reshape(BLOCK_N, D1)
-            acc1 = _dot(p, v1, acc1, PRECISION)
-        return acc0, acc1, m_i, l_i
     p = tl.math.exp2(s * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
@@ -90,8 +66,7 @@ def _tma_block(acc0, acc1, m_i, l_i, q0, q1, k0_desc, k1_desc, v0_desc, v1_desc,
 @triton.jit
 def _flash_attention_tma_fwd(q0_desc, q1_desc, k0_desc, k1_desc, v0_desc, v1_desc, o0_desc, o1_desc, H, Nk,
                              qk_scale, D0: tl.constexpr, D1: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, TAIL_MODE: tl.constexpr,
-                             LAZY: tl.constexpr = False):
+                             BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, TAIL_MODE: tl.constexpr):
     bh = tl.program_id(1)
     b = bh // H
     h = bh - b * H
@@ -108,18 +83,18 @@ def _flash_attention_tma_fwd(q0_desc, q1_desc, k0_desc, k1_desc, v0_desc, v1_des
     full_end = (Nk // BLOCK_N) * BLOCK_N
     if TAIL_MODE == 2 and full_end < Nk:
         acc0, acc1, m_i, l_i = _tma_block(acc0, acc1, m_i, l_i, q0, q1, k0_desc, k1_desc, v0_desc, v1_desc, b, h,
-                                          full_end, Nk, qk_scale, D0, D1, BLOCK_N, True, PRECISION, LAZY)
+                                          full_end, Nk, qk_scale, D0, D1, BLOCK_N, True, PRECISION)
     if TAIL_MODE == 1:
         for start_n in range(0, Nk, BLOCK_N):
             acc0, acc1, m_i, l_i = _tma_block(acc0, acc1, m_i, l_i, q0, q1, k0_desc, k1_desc, v0_desc, v1_desc, b,
-                                              h, start_n, Nk, qk_scale, D0, D1, BLOCK_N, True, PRECISION, LAZY)
+                                              h, start_n, Nk, qk_scale, D0, D1, BLOCK_N, True, PRECISION)
     else:
         for start_n in range(0, full_end, BLOCK_N):
             acc0, acc1, m_i, l_i = _tma_block(acc0, acc1, m_i, l_i, q0, q1, k0_desc, k1_desc, v0_desc, v1_desc, b,
-                                              h, start_n, Nk, qk_scale, D0, D1, BLOCK_N, False, PRECISION, LAZY)
+                                              h, start_n, Nk, qk_scale, D0, D1, BLOCK_N, False, PRECISION)
     if TAIL_MODE == 0 and full_end < Nk:
         acc0, acc1, m_i, l_i = _tma_block(acc0, acc1, m_i, l_i, q0, q1, k0_desc, k1_desc, v0_desc, v1_desc, b, h,
-                                          full_end, Nk, qk_scale, D0, D1, BLOCK_N, True, PRECISION, LAZY)
+                                          full_end, Nk, qk_scale, D0, D1, BLOCK_N, True, PRECISION)
     inv_l = 1.0 / l_i
     o0_desc.store([b, h, m0, 0], (acc0 * inv_l[:, None]).to(q0.dtype).reshape(1, 1, BLOCK_M, D0))
     if D1 > 0:
@@ -185,12 +160,6 @@ def tma_launch_config(head_dim, N, batch_heads, device):
     return block_m, block_n, warps, stages
 
 
-def lazy_rescale() -> bool:
-    """Whether the descriptor kernel rescales its accumulators only where a row's max grew by more than
-    RESCALE_SLACK (SDKERNELS_FLASH_LAZY_RESCALE=1)."""
-    return getenv("SDKERNELS_FLASH_LAZY_RESCALE") == "1"
-
-
 def flash_attention_tma(q, k, v, out, scale, config=None):
     """out = softmax(scale * q k^T) v on (B, H, tokens, d) views that tma_why_not accepts."""
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -207,8 +176,7 @@ def flash_attention_tma(q, k, v, out, scale, config=None):
     _flash_attention_tma_fwd[(cdiv(N, block_m), B * H)](
         *descriptors(q, block_m), *descriptors(k, block_n), *descriptors(v, block_n), *descriptors(out, block_m),
         H, Nk, float(scale) * LOG2E, D0=D0, D1=D1, BLOCK_M=block_m, BLOCK_N=block_n,
-        PRECISION=dot_precision(q.dtype), TAIL_MODE=tail_mode(d, Nk, block_n), LAZY=lazy_rescale(),
-        num_warps=warps, num_stages=stages)
+        PRECISION=dot_precision(q.dtype), TAIL_MODE=tail_mode(d, Nk, block_n), num_warps=warps, num_stages=stages)
     return out
 
 

@@ -343,21 +343,6 @@ def test_flash_descriptor_kernel(tma_runs, d, dtype, layout):
         assert len(tma_runs) == runs + 1, "the descriptor kernel did not run"
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("d", [40, 80])
-def test_flash_descriptor_kernel_lazy_rescale(tma_runs, monkeypatch, d, dtype):
-    """SDKERNELS_FLASH_LAZY_RESCALE=1: the accumulators rescaled only in key blocks where some row's max grew past
-    the slack. Keys scaled up along the sequence make each block raise some rows' max by more than the slack (a
-    rescale) and others by less (exp2 of scores above the stale max, up to 2^8); plain keys mostly skip it."""
-    monkeypatch.setenv("SDKERNELS_FLASH_LAZY_RESCALE", "1")
-    for ramp in (0.0, 0.02):
-        for nk in TMA_KEYS:
-            q, k, v, h = make_qkv(2, 3, 45, nk, d, dtype, "bnhd", 2.0)
-            k = (k.float() * (1 + ramp * torch.arange(nk, device=k.device))[None, :, None]).to(dtype)
-            check("flash", q, k, v, None, h, what=f"lazy rescale ramp={ramp} d={d} Nk={nk} {dtype}")
-    assert len(tma_runs) == 2 * len(TMA_KEYS)
-
-
 @hsettings(max_examples=30 if GPU else 12)
 @given(batch=st.integers(1, 3), heads=st.integers(1, 6), n=st.integers(1, MAX_TOKENS),
        nk=st.one_of(st.integers(1, MAX_TOKENS), st.just(77)), d=st.sampled_from(TMA_HEAD_DIMS),
