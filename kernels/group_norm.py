@@ -263,8 +263,10 @@ def _tile_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, sh_ptr, G, S, eps,
 @triton.jit
 def _flat_partials_kernel(x_ptr, part_ptr, sh_ptr, G, Cg, S, sxN, sxC, sxS, shN, shC, tiles, K_total,
                           TILE_SIZE: tl.constexpr, CHANNELS_LAST: tl.constexpr, FLAT: tl.constexpr,
-                          HAS_SHIFT: tl.constexpr):
-    """Program (ng, t): (count, mean, M2) of tile t of group ng, stored at partials[:, ng, t]."""
+                          HAS_SHIFT: tl.constexpr, PDL: tl.constexpr = False):
+    """Program (ng, t): (count, mean, M2) of tile t of group ng, stored at partials[:, ng, t]. PDL: launched as a
+    programmatic dependent, and lets the apply pass launch at once (it waits for these partials itself)."""
+    _programmatic_start(PDL)
     pid = tl.program_id(0)
     ng = pid // tiles
     t = pid - ng * tiles
@@ -382,8 +384,14 @@ def _flat_apply_kernel(x_ptr, stats_ptr, w_ptr, b_ptr, res_ptr, out_ptr, sh_ptr,
                        sxN, sxC, sxS, srN, srC, srS, soN, soC, soS, shN, shC, eps,
                        TILE_SIZE: tl.constexpr, CHANNELS_LAST: tl.constexpr, FLAT: tl.constexpr,
                        HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-                       HAS_RESIDUAL: tl.constexpr, HAS_SHIFT: tl.constexpr, PARTIALS_BLOCK: tl.constexpr):
-    """PARTIALS_BLOCK > 0: stats_ptr holds the partials of _flat_partials_kernel (tiles per group), merged here."""
+                       HAS_RESIDUAL: tl.constexpr, HAS_SHIFT: tl.constexpr, PARTIALS_BLOCK: tl.constexpr,
+                       PDL: tl.constexpr = False):
+    """PARTIALS_BLOCK > 0: stats_ptr holds the partials of _flat_partials_kernel (tiles per group), merged here.
+    PDL: launched as a programmatic dependent of the partials kernel: waits for it to finish before any load, and
+    does not let the next kernel launch early (as the CUDA plan's apply kernel, whose early-placed successors slowed
+    the larger shapes: kernels/group_norm.py programmatic_launch, bench/NOTES.md session 25)."""
+    if PDL:
+        gdc_wait()
     pid = tl.program_id(0)
     ng = pid // tiles
     t = pid - ng * tiles
@@ -468,9 +476,9 @@ def _tile_variant(block: int, S: int, channels_fast: bool) -> dict:
 
 
 def programmatic_launch(x) -> dict:
-    """Launch options of the one-program plans' kernels: a programmatic dependent of the kernel before it (Hopper's
-    griddepcontrol) on sm_90+, so that its launch and scheduling overlap that kernel's end, a good part of a call at
-    the small SD shapes (H200, bench_group_norm, same call, on against off: 2x1280x8x8 3.4 -> 2.7 us, 2x320x32x32
+    """Launch options of the one-program plans' kernels and the flat plan's two (partials, then apply): a
+    programmatic dependent of the kernel before it (Hopper's griddepcontrol) on sm_90+, so that its launch and
+    scheduling overlap that kernel's end, a good part of a call at the small SD shapes (H200, bench_group_norm, same call, on against off: 2x1280x8x8 3.4 -> 2.7 us, 2x320x32x32
     7.3 -> 6.7, 2x2560x16x16 7.1 -> 6.4). Not in the interpreter. SDKERNELS_GN_PDL=0 off, =1 on whatever the
     device (compile_check's sm_90 scenario; the same knob turns off the CUDA kernels' programmatic launches)."""
     return dict(PDL=True, launch_pdl=True) if programmatic_dependent("SDKERNELS_GN_PDL", x.device) else {}
@@ -562,8 +570,9 @@ def _split_stats(x, G, eps, plan, sx, layout, shift=None):
     return finalize_partials(partials, tiles, eps)
 
 
-def _flat_partials(x, G, sx, layout, shift=None):
-    """The flat plan's first pass: partials (3, N*G*tiles), tiles per group."""
+def _flat_partials(x, G, sx, layout, shift=None, pdl=None):
+    """The flat plan's first pass: partials (3, N*G*tiles), tiles per group. ``pdl``: programmatic_launch's
+    options, where the apply pass follows as its programmatic dependent."""
     sh, shN, shC, shift_flag = _shift_args(x, shift)
     N, C = x.shape[0], x.shape[1]
     S = x.numel() // (N * C)
@@ -571,7 +580,8 @@ def _flat_partials(x, G, sx, layout, shift=None):
     tiles = cdiv(Cg * S, TILE)
     partials = torch.empty((3, N * G * tiles), device=x.device, dtype=torch.float32)
     _flat_partials_kernel[(N * G * tiles,)](x, partials, sh, G, Cg, S, *sx, shN, shC, tiles, N * G * tiles,
-                                            TILE_SIZE=TILE, num_warps=_warps(TILE), **layout, **shift_flag)
+                                            TILE_SIZE=TILE, num_warps=_warps(TILE), **layout, **shift_flag,
+                                            **(pdl or {}))
     return partials, tiles
 
 
@@ -650,17 +660,20 @@ def group_norm_triton(x, num_groups, weight, bias, eps, silu, residual, out, str
                                    **programmatic_launch(x))
         return out
     if plan == "flat" and cdiv(size, TILE) <= FUSE_MAX_TILES:
-        partials, tiles = _flat_partials(x, G, sx, layout, shift)
+        pdl = programmatic_launch(x)  # the apply pass's launch overlaps the partials kernel
+        partials, tiles = _flat_partials(x, G, sx, layout, shift, pdl)
         return _apply(x, partials, G, w, b, r, out, sx, sr, so, plan, layout, epilogue, shift,
-                      eps=eps, partials_block=next_power_of_2(tiles))
+                      eps=eps, partials_block=next_power_of_2(tiles), pdl=pdl)
 
     stats = _split_stats(x, G, eps, plan, sx, layout, shift)
     return _apply(x, stats, G, w, b, r, out, sx, sr, so, plan, layout, epilogue, shift)
 
 
-def _apply(x, stats, G, w, b, r, out, sx, sr, so, plan, layout, epilogue, shift=None, eps=0.0, partials_block=0):
+def _apply(x, stats, G, w, b, r, out, sx, sr, so, plan, layout, epilogue, shift=None, eps=0.0, partials_block=0,
+           pdl=None):
     """The apply pass of the split plans: out = epilogue((x + shift - mean) * rstd) with the (N*G, 2) stats
-    given, or (flat plan, partials_block > 0) the partials they come from."""
+    given, or (flat plan, partials_block > 0) the partials they come from; ``pdl`` (flat plan): launched as a
+    programmatic dependent of the kernel that wrote them."""
     sh, shN, shC, shift_flag = _shift_args(x, shift)
     N, C = x.shape[0], x.shape[1]
     S = x.numel() // (N * C)
@@ -674,7 +687,7 @@ def _apply(x, stats, G, w, b, r, out, sx, sr, so, plan, layout, epilogue, shift=
     tiles = cdiv(Cg * S, TILE)
     _flat_apply_kernel[(N * G * tiles,)](x, stats, w, b, r, out, sh, G, Cg, S, tiles, *sx, *sr, *so, shN, shC, eps,
                                          TILE_SIZE=TILE, num_warps=_warps(TILE), **layout, **epilogue, **shift_flag,
-                                         PARTIALS_BLOCK=partials_block)
+                                         PARTIALS_BLOCK=partials_block, **(pdl or {}))
     return out
 
 

@@ -417,10 +417,11 @@ def group_norm_scenarios():
 
 
 def group_norm_programmatic_scenarios():
-    """What an sm_90 GPU runs: the one-program plans' kernels as programmatic dependents (griddepcontrol)."""
+    """What an sm_90 GPU runs: the one-program plans' kernels and the flat plan's partials -> apply as programmatic
+    dependents (griddepcontrol)."""
     import torch
     pdl = {"SDKERNELS_GN_PDL": "1"}
-    for (dt, dtype), plan in itertools.product(_dtypes().items(), ("tile", "one_pass")):
+    for (dt, dtype), plan in itertools.product(_dtypes().items(), ("tile", "one_pass", "flat")):
         args = _group_norm_inputs((2, 64, 8, 8), dtype, "nhwc", (True, True, True))
         yield Scenario(f"group_norm {dt} (2, 64, 8, 8) plan={plan} programmatic launch",
                        _with_settings(_backend_call("group_norm", "triton", *args),
