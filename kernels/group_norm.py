@@ -478,9 +478,11 @@ def _tile_variant(block: int, S: int, channels_fast: bool) -> dict:
 def programmatic_launch(x) -> dict:
     """Launch options of the one-program plans' kernels and the flat plan's two (partials, then apply): a
     programmatic dependent of the kernel before it (Hopper's griddepcontrol) on sm_90+, so that its launch and
-    scheduling overlap that kernel's end, a good part of a call at the small SD shapes (H200, bench_group_norm, same call, on against off: 2x1280x8x8 3.4 -> 2.7 us, 2x320x32x32
-    7.3 -> 6.7, 2x2560x16x16 7.1 -> 6.4). Not in the interpreter. SDKERNELS_GN_PDL=0 off, =1 on whatever the
-    device (compile_check's sm_90 scenario; the same knob turns off the CUDA kernels' programmatic launches)."""
+    scheduling overlap that kernel's end, a good part of a call at the small SD shapes (H200, bench_group_norm, same
+    call, on against off: 2x1280x8x8 3.4 -> 2.7 us, 2x320x32x32 7.3 -> 6.7, 2x2560x16x16 7.1 -> 6.4; the flat
+    plan at NCHW 2x640x64x64 18.6 -> 17.8, 2x1920x32x32 15.1 -> 14.2). Not in the interpreter. SDKERNELS_GN_PDL=0
+    off, =1 on whatever the device (compile_check's sm_90 scenario; the same knob turns off the CUDA kernels'
+    programmatic launches)."""
     return dict(PDL=True, launch_pdl=True) if programmatic_dependent("SDKERNELS_GN_PDL", x.device) else {}
 
 
