@@ -32,6 +32,9 @@ if [[ $steps == *sanitize* ]]; then
     compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \
     python3 scripts/sanitize_kernels.py > "$OUT/sanitize.log" 2>&1
   rc=$?; grep -v "^=========     " "$OUT/sanitize.log" | tail -40
+  # The tail alone says nothing of earlier cases when a time limit cuts the run before its summary: count them.
+  echo "memcheck: $(grep -vc '^=' "$OUT/sanitize.log") case lines, $(grep -c '^========= \(Invalid\|Program hit\)' \
+    "$OUT/sanitize.log") error reports"; grep -m 20 "^========= \(Invalid\|Program hit\)" "$OUT/sanitize.log"
   [ "$rc" = 0 ] || { echo "SANITIZER FAILED rc=$rc"; status=1; }
 fi
 
