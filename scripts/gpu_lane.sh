@@ -3,6 +3,7 @@
 # under compute-sanitizer, run the benchmarks. Logs and results go to $OUT (default .out/).
 #   bash scripts/gpu_lane.sh [build] [sanitize] [test] [bench]      (default: all four, in this order)
 # Test or bench arguments: PYTEST_ARGS="tests/test_group_norm.py tests/test_geglu.py" BENCH=bench/bench_group_norm.py BENCH_ARGS=--quick
+# memcheck on several GPUs at once: SANITIZE_GPUS=0,1,2,3 (one process a GPU, the case families dealt out in turn).
 # diffusers is not on that machine: carry .whl/ (bash ../shared/device/prepare.sh puts its wheels there).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,10 +29,18 @@ fi
 if [[ $steps == *sanitize* ]]; then
   # First: a memory error found here names its kernel and case, where in the tests it would poison every later test.
   step sanitize
-  CUDA_VISIBLE_DEVICES=${SANITIZE_GPU:-${CUDA_VISIBLE_DEVICES:-0}} timeout ${SANITIZE_TIMEOUT_S:-420} \
-    compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \
-    python3 scripts/sanitize_kernels.py > "$OUT/sanitize.log" 2>&1
-  rc=$?; grep -v "^=========     " "$OUT/sanitize.log" | tail -40
+  # SANITIZE_GPUS=0,1,2,3: one process a GPU, each taking its share of the case families (SANITIZE_SHARD).
+  IFS=, read -ra sgpus <<< "${SANITIZE_GPUS:-${SANITIZE_GPU:-${CUDA_VISIBLE_DEVICES:-0}}}"
+  pids=()
+  for i in "${!sgpus[@]}"; do
+    SANITIZE_SHARD="$i/${#sgpus[@]}" CUDA_VISIBLE_DEVICES=${sgpus[$i]} timeout ${SANITIZE_TIMEOUT_S:-420} \
+      compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \
+      python3 scripts/sanitize_kernels.py > "$OUT/sanitize.$i.log" 2>&1 &
+    pids+=($!)
+  done
+  rc=0; for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done
+  cat "$OUT"/sanitize.[0-9]*.log > "$OUT/sanitize.log"; rm -f "$OUT"/sanitize.[0-9]*.log
+  grep -v "^=========     " "$OUT/sanitize.log" | tail -40
   # The tail alone says nothing of earlier cases when a time limit cuts the run before its summary: count them.
   echo "memcheck: $(grep -vc '^=' "$OUT/sanitize.log") case lines, $(grep -c '^========= \(Invalid\|Program hit\)' \
     "$OUT/sanitize.log") error reports"; grep -m 20 "^========= \(Invalid\|Program hit\)" "$OUT/sanitize.log"

@@ -260,12 +260,24 @@ def cases():
                lambda a=args: conv3x3_reference(*a)[0], args, 2e-2)
 
 
+def shard_filter(shard: str):
+    """SANITIZE_SHARD="i/n" (gpu_lane.sh, one process a GPU): a predicate on case labels that deals whole case
+    families (a label up to its first "[") to the n shards in turn, in the order they first appear, so each kernel
+    compiles in one process only; "" keeps every case."""
+    if not shard:
+        return lambda label: True
+    index, count = (int(v) for v in shard.split("/"))
+    families = {}
+    return lambda label: families.setdefault(label.split("[")[0], len(families)) % count == index
+
+
 def main():
     n, failures = 0, []
     only = os.environ.get("SANITIZE_MATCH", "")  # e.g. "linear_geglu plan": just the cases whose label holds it
     skip = os.environ.get("SANITIZE_SKIP")  # e.g. "conv3x3_fused": all but those (two processes share the cases)
+    in_shard = shard_filter(os.environ.get("SANITIZE_SHARD", ""))
     for label, backend, run, reference, args, bound in cases():
-        if only not in label or (skip and skip in label):
+        if only not in label or (skip and skip in label) or not in_shard(label):
             continue
         what = f"{label} {describe_args(args)}"
         print(what, flush=True)  # the last line before a memory error names its case

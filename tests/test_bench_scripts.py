@@ -25,3 +25,19 @@ def test_bench_script_cpu_smoke_run(name, tmp_path):
     out = tmp_path / f"{name}.json"
     assert module.main(["--out", str(out)]) == 0
     assert json.loads(out.read_text())["rows"]
+
+
+def test_sanitizer_shards_deal_each_case_family_to_one_shard(monkeypatch):
+    """scripts/sanitize_kernels.py under SANITIZE_SHARD="i/n" (gpu_lane.sh's SANITIZE_GPUS): every case runs in
+    exactly one of the n shards, and a family's cases (its kernels' compiles) stay in one."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "scripts"))
+    sanitize = importlib.import_module("sanitize_kernels")
+    labels = ["flash_attention[flash d=40]", "flash_attention[partial d=80]", "group_norm[triton]", "group_norm[cuda]",
+              "group_norm_stats[triton plan=tile]", "geglu", "conv3x3 tma", "conv3x3 tma", "add_layer_norm"]
+    for n in (1, 2, 3, 4):
+        keeps = [sanitize.shard_filter(f"{i}/{n}") for i in range(n)]
+        owners = [[i for i, keep in enumerate(keeps) if keep(label)] for label in labels]
+        assert all(len(owner) == 1 for owner in owners), (n, owners)
+        assert owners[0] == owners[1] and owners[2] == owners[3] and owners[6] == owners[7]
+        assert len({owner[0] for owner in owners}) == min(n, 7)  # 7 families: every shard gets work
+    assert all(sanitize.shard_filter("")(label) for label in labels)
