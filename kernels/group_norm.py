@@ -460,7 +460,7 @@ def _tile_variant(block: int, S: int, channels_fast: bool) -> dict:
     4096 elements (H200, session 26, each column in one call): where S <= 256, pivot sums with 8 warps up to 8192
     elements (2x640x16x16 3.26 -> 2.78 us, 2x2560x8x8 3.24 -> 2.81, 2x1280x8x8 2.49 -> 2.36), 16 above
     (2x1920x16x16 4.62 -> 4.52, 2x2560x16x16 5.78 -> 5.30); else 16 warps up to 16384 elements (2x320x32x32 4.57 ->
-    3.78, 2x1280x16x16 4.58 -> 3.81)."""
+    3.81, 2x1280x16x16 4.58 -> 3.81)."""
     if channels_fast and block <= 16384:
         warps = 8 if block <= 4096 else 16
         sums = SUMS_PIVOTED.value if S <= 256 else SUMS_PER_STATISTIC.value
