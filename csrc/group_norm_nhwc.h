@@ -50,6 +50,11 @@ const char* sdk_group_norm_nhwc_why_not(int N, int S, int C, int G, int dtype);
 // Bytes of workspace the launch needs on the current device (it depends on the device's SM count).
 size_t sdk_group_norm_nhwc_workspace_bytes(int N, int S, int C, int G, int dtype);
 
-// Enqueues the two kernels on `stream` (current device); returns the launch error, if any. No host sync, no
-// memset: safe to capture in a CUDA graph.
+// The one-kernel plan (group_norm_nhwc_cluster.cu, sm_90+, where a cluster's registers hold a sample's channel slice):
+// nullptr where it applies to this shape on the current device, else why not. sdk_group_norm_nhwc takes it there.
+const char* sdk_group_norm_nhwc_cluster_why_not(int N, int S, int C, int G, int dtype);
+cudaError_t sdk_group_norm_nhwc_cluster(const SdkGroupNormArgs& args, cudaStream_t stream);
+
+// Enqueues the one-kernel plan where it applies, else the two kernels, on `stream` (current device); returns the
+// launch error, if any. No host sync, no memset: safe to capture in a CUDA graph.
 cudaError_t sdk_group_norm_nhwc(const SdkGroupNormArgs& args, cudaStream_t stream);

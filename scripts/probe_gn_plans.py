@@ -1,4 +1,5 @@
-"""Probe (GPU): every Triton GroupNorm plan forced in turn, the CUDA kernel, the default dispatch, eager and a clone,
+"""Probe (GPU): every Triton GroupNorm plan forced in turn, the CUDA backend (its default plan, the two-kernel one
+and any cluster settings asked for), the default dispatch, eager and a clone,
 at each SD1.5 GroupNorm shape in both layouts, timed as bench/bench_group_norm.py times them (CUDA-graph replay over
 input sets that overflow L2), each output checked against the reference first.
 
@@ -55,13 +56,17 @@ def main():
     p.add_argument("--tile-sums", default="",
                    help="also each tile column with these reductions (comma-separated): axes (one per axis instead of "
                         "one over the whole tile), pivot (both statistics in one reduction)")
+    p.add_argument("--cluster-knobs", default="",
+                   help="also the CUDA backend under each SDKERNELS_GN_CLUSTER setting (';'-separated 'P,blocks,rows'); "
+                        "column cuda is its default plan, cuda2 the two-kernel one")
     args = p.parse_args()
     dtype = DTYPES[args.dtype]
     plans = args.plans.split(",") + [f"tile@{w}" for w in args.tile_warps.split(",") if w]
     tiles = [p for p in plans if p.startswith("tile")]
     for sums in filter(None, args.tile_sums.split(",")):
         plans += [f"{p}{'' if '@' in p else '@'}:{sums}" for p in tiles]
-    cols = plans + ["cuda", "default", "eager", "copy"]
+    cluster_knobs = list(filter(None, args.cluster_knobs.split(";")))
+    cols = plans + ["cuda", "cuda2"] + [f"cuda@{knob}" for knob in cluster_knobs] + ["default", "eager", "copy"]
     print(f"{'case':44s}" + "".join(f"{c:>14s}" for c in cols) + "   eager/default")
     for case in collect_cases(args.models.split(",")):
         if case.layout not in args.layouts.split(","):
@@ -77,15 +82,24 @@ def main():
 
         fns = {plan: with_plan(plan, ours) for plan in plans}
 
-        def cuda(x):
-            with use_backend("cuda", op=OP, strict=True):
-                return ours(x)
-        fns.update(cuda=cuda, default=ours, eager=lambda x: eager_group_norm_silu(x, w, b, G, eps),
-                   copy=lambda x: x.clone())
+        def cuda_with(knob):
+            """The CUDA backend with SDKERNELS_GN_CLUSTER=knob (None: its default plan)."""
+            def run(x):
+                if knob is not None:
+                    os.environ["SDKERNELS_GN_CLUSTER"] = knob
+                try:
+                    with use_backend("cuda", op=OP, strict=True):
+                        return ours(x)
+                finally:
+                    os.environ.pop("SDKERNELS_GN_CLUSTER", None)
+            return run
+        fns.update(cuda=cuda_with(None), cuda2=cuda_with("0"))
+        fns.update({f"cuda@{knob}": cuda_with(knob) for knob in cluster_knobs})
+        fns.update(default=ours, eager=lambda x: eager_group_norm_silu(x, w, b, G, eps), copy=lambda x: x.clone())
         Cg, S = x.shape[1] // G, x[0, 0].numel()
         row = {}
         for name, fn in fns.items():
-            if name == "rows" and case.layout != "cl" or name == "cuda" and case.layout != "cl":
+            if name == "rows" and case.layout != "cl" or name.startswith("cuda") and case.layout != "cl":
                 row[name] = "-"
                 continue
             if name.startswith("tile") and k.next_power_of_2(Cg) * k.next_power_of_2(S) > 65536:

@@ -221,6 +221,10 @@ def cases():
     for backend, args in group_norm_cases():
         yield (f"group_norm[{backend}]", backend, lambda a=args: sdkernels.group_norm(*a),
                lambda a=args: group_norm_reference(*a), args, None)
+        for knob in ("0", "3,1,8") if backend == "cuda" else ():  # the two-kernel plan; clusters of 3, 8 rows held
+            yield (f"group_norm[cuda SDKERNELS_GN_CLUSTER={knob}]", backend,
+                   lambda a=args, k=knob: _with_env("SDKERNELS_GN_CLUSTER", k, lambda: sdkernels.group_norm(*a)),
+                   lambda a=args: group_norm_reference(*a), args, None)
     for plan, args in group_norm_plan_cases():
         yield (f"group_norm[triton plan={plan}]", "triton",
                lambda p=plan, a=args: with_plan(p, sdkernels.group_norm)(*a),

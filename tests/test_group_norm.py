@@ -400,3 +400,66 @@ def test_cuda_backend_properties(batch, groups, channels, h, w, dtype, residual,
     # "broadcast": one row for all samples (batch stride 0), as a conv bias alone is
     sh = {"none": None, "per sample": make_shift(x), "broadcast": make_shift(x)[:1].expand(batch, -1)}[shift]
     check("cuda", x, g, wt, b, 1e-5, silu, r, shift=sh)
+
+
+# ---- the CUDA backend's two plans: one kernel (a thread block cluster per channel slice, sm_90+) and two ----------
+
+SD15_CL_SHAPES = [(2, 320, 64, 64), (2, 320, 32, 32), (2, 640, 32, 32), (2, 640, 16, 16), (2, 1280, 16, 16),
+                  (2, 1280, 8, 8), (2, 1280, 32, 32), (2, 2560, 8, 8), (2, 1920, 16, 16), (2, 960, 32, 32)]
+
+
+def hopper():
+    return GPU and torch.cuda.get_device_capability()[0] >= 9
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", SD15_CL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_sd15_channels_last_cuda_plans(shape):
+    """The CUDA backend at the SD1.5 UNet's channels_last GroupNorms, in the plan it takes (one kernel where it fits
+    one wave, sm_90+) and with SDKERNELS_GN_CLUSTER=0 (two kernels), both against the reference."""
+    from sdkernels.ops.group_norm import cuda_one_kernel
+    x, g, w, b, _ = make_case(shape, 32, torch.float16, "channels_last", True, False)
+    print(f"one kernel: {cuda_one_kernel(x, g, w, b)}")
+    check("cuda", x, g, w, b, 1e-5, True, None)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SDKERNELS_GN_CLUSTER", "0")
+        assert not cuda_one_kernel(x, g, w, b)
+        check("cuda", x, g, w, b, 1e-5, True, None)
+
+
+@pytest.mark.gpu
+@given(batch=st.integers(1, 3), groups=st.sampled_from([1, 4, 32]),
+       channels=st.sampled_from([32, 64, 128, 320, 640, 1280]), h=st.integers(1, 70), w=st.integers(1, 70),
+       dtype=st.sampled_from(DTYPES), residual=st.booleans(), silu=st.booleans(), shift=st.booleans(),
+       knob=st.sampled_from(["", "0", "3,1,1", "8,1,8", "5,1000,3"]))
+def test_cuda_plans_match_reference(batch, groups, channels, h, w, dtype, residual, silu, shift, knob):
+    """Both CUDA plans under the cluster knob SDKERNELS_GN_CLUSTER ("P,blocks,rows": cluster size, enough blocks to
+    stop narrowing slices at, rows a thread aims to hold; "0" the two-kernel plan): odd positions, ragged last row
+    chunks, clusters of 3 and 5 blocks, threads holding up to 8 rows, every dtype, residual, shift, SiLU."""
+    from sdkernels.ops.group_norm import cuda_one_kernel
+    note(f"B={batch} C={channels} H={h} W={w} G={groups} {dtype} residual={residual} silu={silu} knob={knob!r}")
+    if channels % groups:
+        return
+    x, g, wt, b, r = make_case((batch, channels, h, w), groups, dtype, "channels_last", True, residual)
+    with pytest.MonkeyPatch.context() as mp:
+        if knob:
+            mp.setenv("SDKERNELS_GN_CLUSTER", knob)
+        one = cuda_one_kernel(x, g, wt, b)
+        note(f"one kernel: {one}")
+        if knob == "0" or not hopper():
+            assert not one
+        check("cuda", x, g, wt, b, 1e-5, silu, r, shift=make_shift(x) if shift else None)
+
+
+@pytest.mark.gpu
+def test_one_kernel_plan_is_taken_where_it_fits():
+    """A channel slice too large for one cluster's registers takes the two kernels; smaller ones take one (sm_90+),
+    among them SD1.5's 2x320x32x32 and 2x1280x32x32 (measured to fit one wave on H100 and H200, 132 SMs)."""
+    from sdkernels.ops.group_norm import cuda_one_kernel
+
+    def cl(*shape):
+        return torch.empty(shape, device=DEVICE, dtype=torch.float16).to(memory_format=torch.channels_last)
+    for shape in ((1, 64, 9, 7), (2, 320, 32, 32), (2, 1280, 32, 32)):
+        assert cuda_one_kernel(cl(*shape), 32) == (hopper() and torch.cuda.get_device_properties(0).multi_processor_count
+                                                   >= 132), shape
+    assert not cuda_one_kernel(cl(1, 128, 512, 512), 32)

@@ -176,12 +176,26 @@ group_norm_dispatch = dispatch.define(OP, group_norm_reference)
 group_norm_dispatch.register(dispatch.Backend("cuda", _cuda_run, _cuda_why_not, available=_ext.unavailable_reason))
 group_norm_dispatch.register(dispatch.Backend("triton", _triton_run, _triton_why_not, available=triton_available))
 
+def cuda_one_kernel(x, num_groups, weight=None, bias=None, eps=1e-5, silu=False, residual=None, shift=None) -> bool:
+    """Whether the CUDA backend runs these inputs in one kernel (csrc/group_norm_nhwc_cluster.cu: a thread block
+    cluster per channel slice of a sample, sm_90+) rather than its two."""
+    if x.device.type != "cuda" or _ext.unavailable_reason() or _cuda_why_not(x, num_groups, weight, bias, eps, silu,
+                                                                              residual, shift):
+        return False
+    try:
+        _ext.load().group_norm_nhwc_cluster_why_not(x, num_groups)  # raises the reason where it does not apply
+    except RuntimeError:
+        return False
+    return True
+
+
 def _prefer_triton_for_one_program_per_group(x, num_groups, weight=None, bias=None, eps=1e-5, silu=False,
                                              residual=None, shift=None):
     """Triton where its launcher runs one program per group (kernels/group_norm.py: choose_plan), else the priority
     order (CUDA first where it can run). Measured on an H200 (scripts/probe_gn_plans.py, fp16 channels_last, per call
-    in a CUDA graph): the one-program plans beat the CUDA kernel at small groups (2x1280x16x16: 5.4 against 7.3 us;
-    2x1280x8x8: 3.3 against 7.5), and the plans that split a group lost to it (2x1280x32x32: 18.1 against 12.2)."""
+    in a CUDA graph): the one-program plans beat the CUDA kernels at small groups (2x1280x16x16: 5.4 against 7.3 us;
+    2x1280x8x8: 3.3 against 7.5; session 27, the one-kernel CUDA plan too: 2x320x32x32 6.0 against 7.7,
+    2x1280x8x8 2.5 against 6.9), and the plans that split a group lost to them (2x1280x32x32: 18.1 against 12.2)."""
     layout = _layout(x, residual)
     if isinstance(layout, str) or triton_available() or x.dim() < 2 or x.numel() == 0:
         return None
