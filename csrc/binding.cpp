@@ -178,7 +178,8 @@ std::string group_norm_nhwc(const at::Tensor& x, const std::optional<at::Tensor>
 // Which plan group_norm_nhwc takes for x on its device: '' for the one-kernel (cluster) plan, else why not.
 std::string group_norm_nhwc_cluster_why_not(const at::Tensor& x, int64_t num_groups) {
   const int dtype = sdk_dtype(x.scalar_type());
-  if (!x.is_cuda() || x.dim() < 3 || x.numel() == 0 || num_groups < 1 || x.size(1) % num_groups) return "not a CUDA input";
+  if (!x.is_cuda() || x.dim() < 3 || x.numel() == 0 || num_groups < 1 || x.size(1) % num_groups)
+    return "not a non-empty CUDA input of 3 to 5 dims whose channels num_groups divides";
   const int64_t N = x.size(0), C = x.size(1), S = x.numel() / (N * C);
   if (N > INT_MAX || C > INT_MAX || S > INT_MAX) return "too large";
   const char* why = sdk_group_norm_nhwc_why_not((int)N, (int)S, (int)C, (int)num_groups, dtype);
@@ -331,7 +332,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("residual"), py::arg("out"), py::arg("num_groups"),
         py::arg("eps"), py::arg("silu"), py::arg("shift") = py::none());
   m.def("group_norm_nhwc_cluster_why_not", &group_norm_nhwc_cluster_why_not,
-        "'' where group_norm_nhwc runs x in one kernel (a thread block cluster per channel slice, sm_90+), else why not",
+        "'' where group_norm_nhwc runs x in one kernel (a thread block cluster per channel slice, sm_90+), else "
+        "why not",
         py::arg("x"), py::arg("num_groups"));
   m.def("attention_row_stats", &attention_row_stats,
         "stats[bh, i] = (max_j S_ij, sum_j exp(S_ij - max)) of S = scale * q k^T + mask, keys split over "

@@ -57,8 +57,8 @@ def main():
                    help="also each tile column with these reductions (comma-separated): axes (one per axis instead of "
                         "one over the whole tile), pivot (both statistics in one reduction)")
     p.add_argument("--cluster-knobs", default="",
-                   help="also the CUDA backend under each SDKERNELS_GN_CLUSTER setting (';'-separated 'P,blocks,rows'); "
-                        "column cuda is its default plan, cuda2 the two-kernel one")
+                   help="also the CUDA backend under each SDKERNELS_GN_CLUSTER setting (';'-separated "
+                        "'P,blocks,rows'); column cuda is its default plan, cuda2 the two-kernel one")
     args = p.parse_args()
     dtype = DTYPES[args.dtype]
     plans = args.plans.split(",") + [f"tile@{w}" for w in args.tile_warps.split(",") if w]
