@@ -350,8 +350,8 @@ size_t sdk_group_norm_nhwc_workspace_bytes(int N, int S, int C, int G, int dtype
 cudaError_t sdk_group_norm_nhwc(const SdkGroupNormArgs& a, cudaStream_t stream) {
   Plan pl;
   if (make_plan(a.N, a.S, a.C, a.G, a.dtype, sm_count(), &pl)) return cudaErrorInvalidValue;
-  if (!sdk_group_norm_nhwc_cluster_why_not(a.N, a.S, a.C, a.G, a.dtype))
-    return sdk_group_norm_nhwc_cluster(a, stream);
+  cudaError_t err = cudaSuccess;
+  if (!sdk_group_norm_nhwc_cluster(a, stream, &err)) return err;  // the one-kernel plan applied
   switch (a.dtype) {
     case SDK_FLOAT16: return launch<__half>(a, pl, stream);
     case SDK_BFLOAT16: return launch<__nv_bfloat16>(a, pl, stream);

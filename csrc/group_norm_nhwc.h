@@ -53,7 +53,9 @@ size_t sdk_group_norm_nhwc_workspace_bytes(int N, int S, int C, int G, int dtype
 // The one-kernel plan (group_norm_nhwc_cluster.cu, sm_90+, where a cluster's registers hold a sample's channel slice):
 // nullptr where it applies to this shape on the current device, else why not. sdk_group_norm_nhwc takes it there.
 const char* sdk_group_norm_nhwc_cluster_why_not(int N, int S, int C, int G, int dtype);
-cudaError_t sdk_group_norm_nhwc_cluster(const SdkGroupNormArgs& args, cudaStream_t stream);
+// Plans once and, where the plan applies, enqueues it: nullptr then (*err the launch's error), else why not (nothing
+// enqueued, *err untouched).
+const char* sdk_group_norm_nhwc_cluster(const SdkGroupNormArgs& args, cudaStream_t stream, cudaError_t* err);
 
 // Enqueues the one-kernel plan where it applies, else the two kernels, on `stream` (current device); returns the
 // launch error, if any. No host sync, no memset: safe to capture in a CUDA graph.

@@ -2,11 +2,10 @@
 // slice fits the registers of one thread block cluster: see group_norm_nhwc.h for the contract.
 //
 // The plan. Tiles as in group_norm_nhwc.cu, (sample n, channel slice s, row chunk p), but the P row chunks of one
-// (n, s) are the P blocks of one cluster, and each thread keeps the rows it reads in registers. Each block sums its
-// groups; the cluster adds its P blocks' sums through distributed shared memory (the mean); the same again for the
-// squared deviations from that mean (the variance, two-pass and exact: x is at hand, so no Welford); then every
-// block normalizes the rows it holds. x is read once and out written once, in one launch, where the two-kernel plan
-// reads x twice and launches twice: at the small SD1.5 shapes the launches and DRAM round trips are most of a call.
+// (n, s) are the P blocks of one cluster, and each thread keeps the rows it reads in registers. Each thread folds its
+// rows by Welford; each block merges them into one (count, mean, M2) per group; one exchange through distributed
+// shared memory merges the cluster's P blocks; then every block normalizes the rows it holds. x is read once and out
+// written once, in one launch, where the two-kernel plan reads x twice and launches twice.
 #include "group_norm_nhwc.h"
 
 #include "group_norm_device.cuh"
@@ -24,7 +23,6 @@
 
 // Named, not internal: on sm_80, where the kernel's body is empty, unreferenced internal functions are errors.
 namespace sdk_gn_cluster {
-
 
 // Thread block clusters (sm_90; the kernel's body is empty below, where nothing calls these).
 __device__ __forceinline__ void cluster_arrive() {  // this thread's shared-memory writes and reads are done
@@ -80,11 +78,12 @@ struct ClusterPlan {
   int threads;        // R * Wv rounded up to whole warps
 };
 
-// Shared memory: (mean, M2) per (slot, slice channel) and per slice channel, (count, mean, M2) per group (this block's,
-// read by the whole cluster), and the groups' (mean, rstd).
+// Shared memory: (count, mean, M2) per group (this block's, read by the whole cluster), the groups' (mean, rstd), and
+// (mean, M2) per (slot, slice channel) and per slice channel.
 size_t cluster_smem_bytes(const ClusterPlan& pl, int V) {
-  return ((size_t)pl.threads * V + pl.W + 2 * pl.Gs) * sizeof(float2) + pl.Gs * sizeof(float4);
+  return pl.Gs * sizeof(float4) + ((size_t)pl.Gs + (size_t)pl.threads * V + pl.W) * sizeof(float2);
 }
+constexpr size_t kMaxSmem = 48 * 1024;  // the dynamic shared memory a launch gets without opting in
 
 template <typename T, bool SILU, bool RESIDUAL>
 __global__ void __launch_bounds__(kMaxThreads, 1) gn_cluster(
@@ -292,6 +291,7 @@ const char* plan_slices(int N, int S, int C, int G, int dtype, const ClusterKnob
     if ((long long)c.R * C * kHold >= INT_MAX) continue;  // the kernel's 32-bit row offsets
     c.Gs = G / d;
     c.threads = (c.R * c.Wv + 31) / 32 * 32;
+    if (cluster_smem_bytes(c, vec) > kMaxSmem) continue;  // 512 threads over a slice of 512 vectors: up to 64 KiB
     const long long blocks = (long long)N * d * c.P;
     if (blocks > (long long)active_clusters(dtype, c.threads, cluster_smem_bytes(c, vec), c.P) * c.P) {
       why = "the clusters would not all run at once";
@@ -339,7 +339,7 @@ cudaError_t launch(const SdkGroupNormArgs& a, const ClusterPlan& pl, cudaStream_
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(a.N * pl.CS * pl.P);
   cfg.blockDim = dim3(pl.threads);
-  cfg.dynamicSmemBytes = cluster_smem_bytes(pl, Vec<T>::n);  // <= 33 KiB
+  cfg.dynamicSmemBytes = cluster_smem_bytes(pl, Vec<T>::n);  // <= kMaxSmem
   cfg.stream = stream;
   cfg.attrs = attr;
   cfg.numAttrs = programmatic_launch_enabled() ? 2 : 1;
@@ -357,13 +357,14 @@ const char* sdk_group_norm_nhwc_cluster_why_not(int N, int S, int C, int G, int 
   return make_cluster_plan(N, S, C, G, dtype, cluster_knobs(sm_count()), &pl);
 }
 
-cudaError_t sdk_group_norm_nhwc_cluster(const SdkGroupNormArgs& a, cudaStream_t stream) {
+const char* sdk_group_norm_nhwc_cluster(const SdkGroupNormArgs& a, cudaStream_t stream, cudaError_t* err) {
+  if (device_major() < 9) return "thread block clusters need sm_90";
   ClusterPlan pl;
-  if (device_major() < 9 || make_cluster_plan(a.N, a.S, a.C, a.G, a.dtype, cluster_knobs(sm_count()), &pl))
-    return cudaErrorInvalidValue;
+  if (const char* why = make_cluster_plan(a.N, a.S, a.C, a.G, a.dtype, cluster_knobs(sm_count()), &pl)) return why;
   switch (a.dtype) {
-    case SDK_FLOAT16: return launch<__half>(a, pl, stream);
-    case SDK_BFLOAT16: return launch<__nv_bfloat16>(a, pl, stream);
-    default: return launch<float>(a, pl, stream);
+    case SDK_FLOAT16: *err = launch<__half>(a, pl, stream); break;
+    case SDK_BFLOAT16: *err = launch<__nv_bfloat16>(a, pl, stream); break;
+    default: *err = launch<float>(a, pl, stream);
   }
+  return nullptr;
 }
