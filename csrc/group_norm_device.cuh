@@ -65,6 +65,34 @@ __device__ __forceinline__ float load_param(const void* p, int dtype, int i) {
   }
 }
 
+// n consecutive parameters p[i .. i + n) into out[] (absent: p null), with one switch: a switch per element, unrolled
+// over a vector and over several parameters, let the compiler thread one into the next (a minute of nvcc a kernel).
+template <int n>
+__device__ __forceinline__ void load_params(const void* p, int dtype, int i, float absent, float (&out)[n]) {
+  if (p == nullptr) {
+#pragma unroll
+    for (int j = 0; j < n; ++j) out[j] = absent;
+    return;
+  }
+  switch (dtype) {
+    case SDK_FLOAT16:
+#pragma unroll
+      for (int j = 0; j < n; ++j) out[j] = __half2float(static_cast<const __half*>(p)[i + j]);
+      break;
+    case SDK_BFLOAT16:
+#pragma unroll
+      for (int j = 0; j < n; ++j) out[j] = __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i + j]);
+      break;
+    case SDK_FLOAT64:
+#pragma unroll
+      for (int j = 0; j < n; ++j) out[j] = static_cast<float>(static_cast<const double*>(p)[i + j]);
+      break;
+    default:
+#pragma unroll
+      for (int j = 0; j < n; ++j) out[j] = static_cast<const float*>(p)[i + j];
+  }
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -111,8 +111,10 @@ __global__ void __launch_bounds__(kMaxThreads, 2) gn_stats(const T* __restrict__
   // that saw no rows has weight 0 in the merge below, whatever its mean).
   if (pre_shift != nullptr) {
     const int c0 = (int)(t.n * pre_shift_sn) + t.s * pl.W + col * V;
+    float shift[V];
+    load_params(pre_shift, pre_shift_dtype, c0, 0.f, shift);
 #pragma unroll
-    for (int j = 0; j < V; ++j) mean[j] += load_param(pre_shift, pre_shift_dtype, c0 + j);
+    for (int j = 0; j < V; ++j) mean[j] += shift[j];
   }
   // Thread t's channels sit at t * V: row slot r, slice channel col * V.
 #pragma unroll
@@ -204,15 +206,15 @@ __global__ void __launch_bounds__(kMaxThreads, 2) gn_apply(
   // x + pre_shift - mean: the pre-shift joins the mean, a per-channel constant (mu holds the centre for now)
 #pragma unroll
   for (int j = 0; j < V; ++j) mu[j] = sm_mean[(col * V + j) / pl.cpg];
-  if (pre_shift) {
-    const int s0 = (int)(t.n * pre_shift_sn) + c0;
-#pragma unroll
-    for (int j = 0; j < V; ++j) mu[j] -= load_param(pre_shift, pre_shift_dtype, s0 + j);
-  }
+  float pre[V];
+  load_params(pre_shift, pre_shift_dtype, (int)(t.n * pre_shift_sn) + c0, 0.f, pre);
+  load_params(weight, weight_dtype, c0, 1.f, scale);
+  load_params(bias, bias_dtype, c0, 0.f, shift);
 #pragma unroll
   for (int j = 0; j < V; ++j) {
-    scale[j] = sm_rstd[(col * V + j) / pl.cpg] * (weight ? load_param(weight, weight_dtype, c0 + j) : 1.f);
-    shift[j] = (bias ? load_param(bias, bias_dtype, c0 + j) : 0.f) - (kCenterFirst ? 0.f : mu[j] * scale[j]);
+    mu[j] -= pre[j];
+    scale[j] *= sm_rstd[(col * V + j) / pl.cpg];
+    shift[j] -= kCenterFirst ? 0.f : mu[j] * scale[j];
     if (!kCenterFirst) mu[j] = 0.f;
   }
   const long long first = ((long long)t.row_begin + r) * pl.C + c0, step = (long long)pl.R * pl.C;

@@ -178,12 +178,15 @@ __global__ void __launch_bounds__(kMaxThreads, 1) gn_cluster(
   // their output ulp). x - mu = x + shift - mean.
   constexpr bool kCenterFirst = sizeof(T) == 4;
   float mu[V], scale[V], offset[V];
+  load_params(pre_shift, pre_shift_dtype, shift_row + c0, 0.f, mu);
+  load_params(weight, weight_dtype, c0, 1.f, scale);
+  load_params(bias, bias_dtype, c0, 0.f, offset);
 #pragma unroll
   for (int j = 0; j < V; ++j) {
     const float2 st = sm_stat[(col * V + j) / pl.cpg];
-    mu[j] = st.x - (pre_shift ? load_param(pre_shift, pre_shift_dtype, shift_row + c0 + j) : 0.f);
-    scale[j] = st.y * (weight ? load_param(weight, weight_dtype, c0 + j) : 1.f);
-    offset[j] = (bias ? load_param(bias, bias_dtype, c0 + j) : 0.f) - (kCenterFirst ? 0.f : mu[j] * scale[j]);
+    mu[j] = st.x - mu[j];
+    scale[j] *= st.y;
+    offset[j] -= kCenterFirst ? 0.f : mu[j] * scale[j];
     if (!kCenterFirst) mu[j] = 0.f;
   }
 #pragma unroll
