@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from . import banded, graphs, layout, precompile, step_choice, tuning
+from . import banded, graphs, layout, precompile, step_choice, tuning, weights
 
 logger = logging.getLogger("sdkernels")
 
@@ -129,6 +129,8 @@ def patch(pipe_or_model, *, ops: Optional[Iterable[str]] = None, cuda_graph: boo
         _mark_low_memory(model, low_memory)
         model.__dict__[_SUMMARY] = result
         logger.info("%s", result)
+        if result.replaced.get("conv3x3"):  # its Winograd backend keeps transformed filters
+            weights.install(model)  # fuse_lora and unfuse_lora then forget them
         if any(result.replaced.values()):  # innermost of the method's shadows: graphs and step choice call it
             precompile.install(model, _precompiled_method(model))
         if cuda_graph:
@@ -149,6 +151,7 @@ def unpatch(pipe_or_model):
         graphs.uninstall(model)
         step_choice.uninstall(model)
         precompile.uninstall(model)
+        weights.uninstall(model)
         _mark_low_memory(model, False)
         for module in list(model.modules()):  # restoring may swap children back in, so walk a snapshot
             names = module.__dict__.get(_PATCHED_BY, ())

@@ -321,7 +321,50 @@ def test_filter_cache_follows_the_weight():
     torch.testing.assert_close(wg.transformed_filter(w), wg.filter_transform(w))
 
 
+def lora_convs(dtype=torch.float32, device=DEVICE):
+    """A tiny UNet, patched with the conv3x3 patcher, then given a peft LoRA adapter on its ResNet blocks' 3x3 convs:
+    (unet, the convs that peft wrapped)."""
+    peft = pytest.importorskip("peft")
+    from diffusers import UNet2DConditionModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, cross_attention_dim=16,
+        attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).to(device=device, dtype=dtype).requires_grad_(False)
+    sdkernels.patch(unet, ops=[*sdkernels.default_ops(), "conv3x3"], tune=False)
+    unet.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["conv1", "conv2"]))
+    convs = [m.get_base_layer() for m in unet.modules()
+             if isinstance(m, BaseTunerLayer) and isinstance(m.get_base_layer(), torch.nn.Conv2d)]
+    assert convs, "peft wrapped no 3x3 conv"
+    return unet, convs
+
+
+def test_fuse_and_unfuse_lora_forget_the_transformed_filters():
+    """diffusers' fuse_lora merges through weight.data (peft's default, safe_fusing=False), which no version counter
+    sees: patch() wraps it, and unfuse_lora, to forget the model's cached transforms."""
+    unet, convs = lora_convs(device="cpu")
+    for step in (unet.fuse_lora, unet.unfuse_lora):
+        cached = [wg.transformed_filter(conv.weight) for conv in convs]
+        weights = [conv.weight.clone() for conv in convs]
+        step()
+        for conv, u, w in zip(convs, cached, weights):
+            assert (conv.weight - w).abs().max() > 1e-3, f"{step.__name__} did not change the weight"
+            torch.testing.assert_close(wg.transformed_filter(conv.weight), wg.filter_transform(conv.weight))
+    sdkernels.unpatch(unet)
+    assert not any(k.startswith(("fuse_lora", "unfuse_lora", "_sdkernels")) for k in unet.__dict__)
+
+
+def test_weights_changed_forgets_what_the_caches_cannot_see():
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1).requires_grad_(False)
+    u = wg.transformed_filter(conv.weight)
+    conv.weight.data += 1  # through .data: a version counter of its own
+    assert wg.transformed_filter(conv.weight) is u  # unseen by the cache...
+    sdkernels.weights_changed(conv)  # ...until told
+    torch.testing.assert_close(wg.transformed_filter(conv.weight), wg.filter_transform(conv.weight))
+
+
 def test_filter_cache_lets_weights_go():
+    gc.collect()  # weights other tests left in reference cycles
     before = len(wg._filters)
     w = torch.randn(8, 8, 3, 3)
     wg.transformed_filter(w)
@@ -488,6 +531,24 @@ def test_filter_cache_sees_in_place_weight_changes():
     check_winograd(x, conv.weight, b, r, 1.0, "after weight.add_")
     conv.weight.data = torch.randn_like(w) / math.sqrt(9 * 32)  # peft's merge: weight.data assigned
     check_winograd(x, conv.weight, b, r, 1.0, "after weight.data = ...")
+
+
+@pytest.mark.gpu
+def test_patched_winograd_convs_follow_fuse_lora():
+    """A patched UNet's LoRA-wrapped 3x3 convs on the Winograd kernel, before and after diffusers' fuse_lora and
+    unfuse_lora (peft's merge through weight.data): each within the Winograd bound of the weights it has then."""
+    unet, convs = lora_convs(torch.float16)
+    for step in (None, unet.fuse_lora, unet.unfuse_lora):
+        if step is not None:
+            step()
+        for i, conv in enumerate(convs):
+            x = torch.randn(2, conv.in_channels, 9, 7, device=DEVICE, dtype=torch.float16).to(
+                memory_format=torch.channels_last)
+            with sdkernels.use_backend("winograd", op=OP, strict=True):
+                out = conv(x)  # the patched forward: sdkernels::conv3x3
+            assert dispatch.last_backend(OP) == "winograd"
+            check_within_bound(out, x, conv.weight, conv.bias, None, 1.0, f"conv {i} after {step}")
+    sdkernels.unpatch(unet)
 
 
 @pytest.mark.gpu

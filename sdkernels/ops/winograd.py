@@ -243,8 +243,10 @@ def transformed_filter(weight: torch.Tensor) -> torch.Tensor:
     """filter_transform(weight) rounded to weight's dtype (what the kernel reads), computed once per weight and
     reused while the weight's storage, version counter and dtype stay the same: an in-place change (LoRA fusing
     with ``weight.add_``) bumps ``weight._version``, and ``weight.data = ...`` moves its storage, so either makes
-    the next call transform it again. Not seen: writes through ``weight.data`` in place (``weight.data += d``),
-    which give the tensor a new version counter of its own; such code must call ``forget_filter(weight)``.
+    the next call transform it again. Not seen: writes through ``weight.data`` in place (``weight.data += d``,
+    peft's default LoRA merge), which give the tensor a new version counter of its own: sdkernels.patch wraps
+    diffusers' fuse_lora and unfuse_lora to forget them (sdkernels.weights), other such code must call
+    ``sdkernels.weights_changed(model)`` or ``forget_filter(weight)``.
     Inference tensors (made under torch.inference_mode) have no version counter and are transformed every call.
 
     Under CUDA-graph capture a cached U is read in place and kept alive for good (the graph holds its address);
