@@ -51,7 +51,8 @@ BENCH = "winograd_conv3x3"
 BASELINE = "cudnn"
 # The first that ran is "ours" in the rows. winograd_wmma: the winograd backend's first CUDA kernel (WMMA, V through
 # shared memory), which "winograd" (the mma.sync kernel for fp16/bf16) replaced; timed beside it.
-OURS = ("winograd", "winograd_wmma", "triton_winograd", "triton_igemm", "triton_tma")
+# cudnn_epilogue: cuDNN's conv, our one-pass epilogue (with --residual only).
+OURS = ("winograd", "winograd_wmma", "triton_winograd", "triton_igemm", "triton_tma", "cudnn_epilogue")
 # The mma kernel's stages, each timed by leaving it out (the binding's bench-only ablate, fp16): how much less time.
 ABLATIONS = {"filter_copies": 1, "input_copies": 2, "input_transform": 3, "mmas": 4}
 QUICK_CASES_PER_MODEL = 3

@@ -33,13 +33,14 @@ def channels_last(n, c, h, w, dtype):
 
 
 def counting_op(monkeypatch):
-    """The op calls the patched forwards make: (x's shape, whether a bias went in)."""
+    """The op calls the patched forwards make: (x's shape, whether a bias went in, the residual's shape or None, the
+    scale)."""
     calls = []
     real = conv3x3_patcher.conv3x3
 
-    def spy(x, weight, bias=None, *args):
-        calls.append((tuple(x.shape), bias is not None))
-        return real(x, weight, bias, *args)
+    def spy(x, weight, bias=None, residual=None, scale=1.0):
+        calls.append((tuple(x.shape), bias is not None, None if residual is None else tuple(residual.shape), scale))
+        return real(x, weight, bias, residual, scale)
     monkeypatch.setattr(conv3x3_patcher, "conv3x3", spy)
     return calls
 
@@ -87,20 +88,25 @@ def test_unpatch_restores_and_patching_twice_changes_nothing():
     check_patch_twice_and_unpatch(conv(16, 8), channels_last(1, 16, 3, 3, torch.float16), "conv3x3")
 
 
-def test_resnet_block_runs_its_patched_convs_through_the_op(monkeypatch):
+@pytest.mark.parametrize("cin, scale_factor", [(16, 1.0), (24, 2.0)], ids=["1x1 shortcut", "identity, scale 2"])
+@pytest.mark.parametrize("backend", ["triton_tma", None])
+def test_resnet_block_runs_its_patched_convs_through_the_op(cin, scale_factor, backend, monkeypatch):
     calls = counting_op(monkeypatch)
     from diffusers.models.resnet import ResnetBlock2D
     torch.manual_seed(0)
-    block = ResnetBlock2D(in_channels=16, out_channels=24, temb_channels=32, groups=8).to(DEVICE, torch.float16)
+    block = ResnetBlock2D(in_channels=cin, out_channels=24, temb_channels=32, groups=8,
+                          output_scale_factor=scale_factor).to(DEVICE, torch.float16)
     block = block.eval().to(memory_format=CL)
-    x, temb = channels_last(2, 16, 5, 6, torch.float16), torch.randn(2, 32, device=DEVICE, dtype=torch.float16)
+    x, temb = channels_last(2, cin, 5, 6, torch.float16), torch.randn(2, 32, device=DEVICE, dtype=torch.float16)
     with torch.no_grad():
         reference = block.double()(x.double(), temb.double())
         block.half()
         patch(block, ops=["resnet_gn_silu", "conv3x3"])
         assert summary(block).replaced == {"resnet_gn_silu": 1, "conv3x3": 2}
-        with sdkernels.use_backend("triton_tma", op=OP):
+        with sdkernels.use_backend(backend, op=OP) if backend else torch.no_grad():
             out = block(x, temb)
-    # conv1 and conv2 without their biases (added with temb as norm2 reads, and with the shortcut after conv2)
-    assert calls == [((2, 16, 5, 6), False), ((2, 24, 5, 6), False)] and dispatch.last_backend(OP) == "triton_tma"
+    # conv1 without its bias (added with temb as norm2 reads); conv2 with its bias, the shortcut and the scale in
+    # its epilogue (the default backend: cuDNN, then the epilogue in one pass)
+    assert calls == [((2, cin, 5, 6), False, None, 1.0), ((2, 24, 5, 6), True, (2, 24, 5, 6), 1.0 / scale_factor)]
+    assert dispatch.last_backend(OP) == (backend or "cudnn_epilogue")
     assert_close(out, reference, torch.float16, reduction_size=9 * 24, what="patched ResnetBlock2D")

@@ -191,15 +191,33 @@ def run_op(backend, x, w, b, r, scale, strict=True):
 
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_default_is_cudnn_the_eager_definition(dtype, layout, no_tf32):
+def test_cudnn_is_the_eager_definition_and_the_default_without_a_residual(dtype, layout, no_tf32):
     x, w, b, r = make_case(2, 8, 16, 5, 7, dtype, layout=layout)
-    out = sdkernels.conv3x3(x, w, b, r, 0.5)
-    assert dispatch.last_backend(OP) == "cudnn"
-    assert out.stride() == output_like(x, 16, poison=False).stride()
+    out = run_op("cudnn", x, w, b, r, 0.5)
     expected = (F.conv2d(x, w, b, padding=1) + r) * 0.5
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     assert_close(out, ((F.conv2d(x.double(), w.double(), b.double(), padding=1) + r.double()) * 0.5), dtype,
                  9 * 8, what=f"cudnn {dtype}")
+    sdkernels.conv3x3(x, w, b, None, 0.5)
+    assert dispatch.last_backend(OP) == "cudnn"
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_with_a_residual_the_default_is_cudnn_then_one_epilogue_pass(dtype, layout, no_tf32):
+    """ResnetBlock2D's skip-add: the convolution without its bias, then bias, residual and scale rounded once."""
+    x, w, b, r = make_case(2, 8, 16, 5, 7, dtype, layout=layout)
+    out = sdkernels.conv3x3(x, w, b, r, 0.5)
+    assert dispatch.last_backend(OP) == "cudnn_epilogue"
+    assert out.stride() == output_like(x, 16, poison=False).stride()
+    conv = F.conv2d(x, w, None, padding=1).to(torch.float64 if dtype == torch.float64 else torch.float32)
+    expected = ((conv + b.to(conv.dtype)[:, None, None] + r.to(conv.dtype)) * 0.5).to(dtype)
+    torch.testing.assert_close(out, expected)  # (the interpreter rounds to bf16 its own way: not bit for bit)
+    assert_close(out, ((F.conv2d(x.double(), w.double(), b.double(), padding=1) + r.double()) * 0.5), dtype,
+                 9 * 8, what=f"cudnn_epilogue {dtype}")
+    strided = r.transpose(2, 3).contiguous().transpose(2, 3)  # the output's shape, other strides: eager's epilogue
+    sdkernels.conv3x3(x, w, b, strided, 0.5)
+    assert dispatch.last_backend(OP) == "cudnn"
 
 
 def test_a_chooser_can_prefer_another_backend():
@@ -207,7 +225,7 @@ def test_a_chooser_can_prefer_another_backend():
     dispatch.set_chooser(OP, lambda *args: "no_such_backend")
     try:
         sdkernels.conv3x3(x, w, b, r)
-        assert dispatch.last_backend(OP) == "cudnn"  # an unknown or unfit preference is passed over
+        assert dispatch.last_backend(OP) == "cudnn_epilogue"  # an unknown or unfit preference is passed over
     finally:
         dispatch.set_chooser(OP, None)
 

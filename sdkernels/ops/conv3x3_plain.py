@@ -9,6 +9,9 @@ for them and their output converted back, which costs a copy of each.
 
 Backends, in priority order (the first that takes the inputs runs, unless a chooser or SDKERNELS_BACKEND says
 otherwise):
+  cudnn_epilogue  with a residual: F.conv2d without the bias, then bias, residual and scale in one pass rounded
+                once (sdkernels::add_bias_residual_, Triton), where eager takes a pass for each; the patched
+                ResnetBlock2D passes its shortcut here when the conv3x3 patcher took its conv2.
   cudnn         F.conv2d in x's dtype, then the epilogue in eager PyTorch: the definition of the op (cuDNN on GPUs,
                 TF32 for fp32 where torch.backends.cudnn.allow_tf32 allows it), and the default until measurements
                 say another backend is faster for some shapes (``dispatch.set_chooser("conv3x3", ...)``).
@@ -39,6 +42,7 @@ from .. import _ext, dispatch
 from .._env import getenv
 from ._common import (KERNEL_DTYPES, call_op, fail, is_channels_last_like, kernels, poisoned, triton_available,
                       triton_device_why_not)
+from .bias_add import add_bias_residual_
 from .winograd import tile_grid, transformed_filter
 
 OP = "conv3x3"
@@ -265,7 +269,29 @@ def _tma_run(x, weight, bias, residual, scale):
     return kernels("conv3x3_tma").conv3x3_tma(x, weight, bias, residual, scale, output_like(x, weight.shape[0]))
 
 
+# ---- cudnn_epilogue backend: cuDNN's convolution, then the epilogue in one pass (sdkernels::add_bias_residual_) ----
+
+def _cudnn_epilogue_why_not(x, weight, bias, residual, scale):
+    if residual is None:
+        return "no residual (a bias alone costs PyTorch's bias pass one pass too: the cudnn backend)"
+    if x.dtype not in KERNEL_DTYPES:
+        return f"dtype {x.dtype} is not one of fp16, bf16, fp32"
+    if residual.stride() != _dense_strides(x, weight.shape[0]):
+        return "residual's strides differ from the output's (x's memory format, dense)"
+    if bias is not None and bias.stride() != (1,) and bias.numel() > 1:
+        return "bias is not contiguous"
+    return triton_device_why_not(x, residual)
+
+
+def _cudnn_epilogue_run(x, weight, bias, residual, scale):
+    return add_bias_residual_(_in_layout_of(F.conv2d(x, weight, None, padding=1), x), bias, residual, scale)
+
+
 conv3x3_dispatch = dispatch.define(OP, conv3x3_eager)
+# Ahead of cudnn: with a residual (ResnetBlock2D's skip-add) eager's epilogue takes two passes over the output (the
+# bias, then the residual; three with a scale), this one pass, rounded once.
+conv3x3_dispatch.register(dispatch.Backend("cudnn_epilogue", _cudnn_epilogue_run, _cudnn_epilogue_why_not,
+                                           available=triton_available))
 conv3x3_dispatch.register(dispatch.Backend("cudnn", conv3x3_eager, _cudnn_why_not))
 # Not measured: 0.14x-0.32x cuDNN's speed at every SD shape on an H100 and an H200 (README), and timing it caches
 # its transformed filter (16/9 of the weight) for every conv weight of a patched model (600 MiB in SD1.5's UNet).

@@ -12,7 +12,8 @@ machine's first run, hence not a default patcher. (A higher peak first seen with
 1024 px, was output_like allocating each output twice, since fixed: 1408 MiB.) Other inputs (NCHW, fp32, autograd,
 autocast) run nn.Conv2d.forward.
 ResnetBlock2D's patched forward runs its convs without their bias through ``conv_without_bias``, which takes the op
-where this patcher took the conv.
+where this patcher took the conv; where it took conv2, the block's shortcut and 1 / output_scale_factor go into the
+op's epilogue (``conv_plus_residual``).
 """
 from __future__ import annotations
 
@@ -35,9 +36,20 @@ def _conv3x3_forward(self, x):
 
 def conv_without_bias(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """conv(x) without its bias (the caller adds it later): through the op where this patcher took the conv."""
-    if forward_is(conv, _conv3x3_forward) and channels_last_half_call(conv, x):
+    if takes(conv, x):
         return conv3x3(x, conv.weight, None)
     return conv._conv_forward(x, conv.weight, None)
+
+
+def takes(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether conv(x) runs as sdkernels::conv3x3 (this patcher took the conv, and x is a call it takes)."""
+    return forward_is(conv, _conv3x3_forward) and channels_last_half_call(conv, x)
+
+
+def conv_plus_residual(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor, scale: float) -> torch.Tensor:
+    """(conv(x) + residual) * scale as one sdkernels::conv3x3 call, its epilogue adding the residual, where takes(conv,
+    x) and the residual has the output's shape and x's dtype (the caller checks)."""
+    return conv3x3(x, conv.weight, conv.bias, residual, scale)
 
 
 def _find(model):

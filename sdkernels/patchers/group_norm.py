@@ -125,16 +125,20 @@ def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
         hidden_states = _fused_norm(norm2, hidden_states, silu=True, shift=shift)
 
     hidden_states = self.dropout(hidden_states)
+    shortcut_done = False
+    if conv3x3_takes(self.conv2, hidden_states):  # the conv3x3 patcher took conv2: the shortcut joins its epilogue
+        input_tensor, shortcut_done = _shortcut(self, input_tensor), True
+        if (input_tensor.dtype == hidden_states.dtype
+                and input_tensor.shape == (hidden_states.shape[0], self.conv2.out_channels, *hidden_states.shape[2:])):
+            return conv_plus_residual(self.conv2, hidden_states, input_tensor, 1.0 / self.output_scale_factor)
     bias_joins_shortcut = _conv_bias_foldable(self.conv2, hidden_states)
     if bias_joins_shortcut:
         hidden_states = conv_without_bias(self.conv2, hidden_states)
     else:
         hidden_states = self.conv2(hidden_states)
 
-    if self.conv_shortcut is not None:
-        if self.training:
-            input_tensor = input_tensor.contiguous()
-        input_tensor = self.conv_shortcut(input_tensor)
+    if not shortcut_done:
+        input_tensor = _shortcut(self, input_tensor)
 
     if bias_joins_shortcut and _epilogue_takes(hidden_states, input_tensor):
         # conv2's bias, the shortcut and the output scale in one pass over conv2's own output
@@ -202,6 +206,25 @@ def _folds_bias_into_temb(block, hidden_states, temb) -> bool:
     time embedding of the activation's dtype."""
     return (temb is not None and block.time_embedding_norm == "default" and temb.dim() == 4
             and temb.dtype == hidden_states.dtype and _conv_bias_foldable(block.conv1, hidden_states))
+
+
+def _shortcut(block, input_tensor):
+    """The block's shortcut branch: its 1x1 conv (or other conv_shortcut) of the input, or the input itself."""
+    if block.conv_shortcut is None:
+        return input_tensor
+    if block.training:
+        input_tensor = input_tensor.contiguous()
+    return block.conv_shortcut(input_tensor)
+
+
+def conv3x3_takes(conv, x) -> bool:
+    from .conv3x3 import takes  # imported on call, as conv_without_bias
+    return takes(conv, x)
+
+
+def conv_plus_residual(conv, x, residual, scale):
+    from .conv3x3 import conv_plus_residual as run
+    return run(conv, x, residual, scale)
 
 
 def _epilogue_takes(conv_out, shortcut) -> bool:
