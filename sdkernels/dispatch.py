@@ -50,6 +50,9 @@ class Backend:
     # Whether measured dispatch (sdkernels.tuning) times it; False: it runs only where forced or first to take an
     # input, e.g. a backend slower everywhere it was measured whose first call also caches per-weight state.
     measured: bool = True
+    # Called with the inputs when measured dispatch timed this backend and chose another: let go of what its runs
+    # kept for later calls (Winograd's transformed filter), or None.
+    release: Optional[Callable] = None
 
 
 class Op:

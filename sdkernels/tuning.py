@@ -229,7 +229,12 @@ class MeasuredChooser(MeasuredChoice):
         self.rule = rule
 
     def __call__(self, *args) -> Optional[str]:
-        return self.choose(args, lambda: self._ways(args), default=self.rule)
+        timed = []  # the backends ways() offered: those not chosen let go of what their runs kept
+        choice = self.choose(args, lambda: self._ways(args, timed), default=self.rule)
+        for backend in timed:
+            if backend.release is not None and backend.name != choice:
+                backend.release(*args)
+        return choice
 
     # dispatch remembers a selection per objective, and only once it was measured (the rule's answer is provisional)
     scope = staticmethod(objective)
@@ -237,10 +242,10 @@ class MeasuredChooser(MeasuredChoice):
     def settled(self, *args) -> bool:
         return (objective(),) + signature(*args) in self.choices
 
-    def _ways(self, args) -> dict:
+    def _ways(self, args, timed: list) -> dict:
         op = dispatch.ops()[self.op_name]
-        ways = {b.name: (lambda run=b.run: run(*args)) for b in op.backends
-                if b.measured and (b.why_not(*args) or b.available()) is None}
+        timed += [b for b in op.backends if b.measured and (b.why_not(*args) or b.available()) is None]
+        ways = {b.name: (lambda run=b.run: run(*args)) for b in timed}
         ways[dispatch.REFERENCE] = lambda: op.reference(*args)
         return ways
 

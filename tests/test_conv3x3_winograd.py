@@ -479,6 +479,38 @@ def test_winograd_at_sd_shapes(shape, dtype, cuda_kernel):
 
 
 @pytest.mark.gpu
+@settings(max_examples=60, deadline=None)
+@given(batch=st.integers(1, 3), C=st.sampled_from([8, 13, 16, 24, 40, 136]), K=st.sampled_from([4, 8, 24, 56, 200]),
+       H=st.sampled_from(SIDES + [64, 97]), W=st.sampled_from(SIDES + [64, 130]), dtype=st.sampled_from(DTYPES),
+       bias=st.booleans(), residual=st.booleans(), scale=st.sampled_from([1.0, 0.5, -1.7]),
+       layout=st.sampled_from(["channels_last", "contiguous"]))
+def test_winograd_kernel_properties(batch, C, K, H, W, dtype, bias, residual, scale, layout):
+    """The CUDA kernel (its default choice per dtype) over batch, channels, sides 1 to 130, layouts and epilogues:
+    within the Winograd bound; channel counts it does not take (not multiples of 8) run the reference instead."""
+    x, w, b, r = make_case(batch, C, K, H, W, dtype, bias, residual, layout)
+    note(f"x {tuple(x.shape)} {dtype} {layout}, K={K}, bias={bias}, residual={residual}, scale={scale}")
+    takes = C % 8 == 0 and K % 8 == 0
+    with warnings.catch_warnings(), tf32_off():
+        warnings.simplefilter("ignore", SdkernelsFallbackWarning)
+        out = run_op("winograd", x, w, b, r, scale, strict=takes)
+    assert (dispatch.last_backend(OP) == "winograd") == takes
+    check_within_bound(out, x, w, b, r, scale, f"winograd {tuple(x.shape)} K={K} {dtype} {layout}")
+
+
+@pytest.mark.gpu
+def test_measured_dispatch_times_winograd_and_lets_its_filter_go(tmp_path):
+    """sdkernels.tuning times the Winograd backend with the others; where another wins, the transformed filter its
+    timing cached is let go (it would hold 16/9 of every conv weight)."""
+    from sdkernels import tuning
+    x, w, b, r = make_case(2, 64, 64, 32, 32, torch.float16)
+    chooser = tuning.MeasuredChooser(OP, can_measure=lambda *a: True, path=tmp_path / "tuning.json")
+    choice = chooser(x, w, b, r, 1.0)
+    times = next(iter(chooser.timings.values()))
+    assert {"winograd", "cudnn_epilogue", "cudnn"} <= set(times), times
+    assert (w in wg._filters) == (choice == "winograd"), (choice, times)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SD_SHAPES + ODD_SHAPES, ids=lambda s: "B=%d,C=%d,K=%d,H=%d,W=%d" % s)
 def test_triton_winograd_on_the_gpu(shape, dtype, no_tf32):

@@ -58,6 +58,19 @@ def test_a_backend_not_measured_is_never_timed_but_runs_where_forced(fake_op, tm
         assert fake_op(torch.randn(4, 5)) == "unmeasured"
 
 
+def test_backends_timed_and_not_chosen_let_go_of_what_they_kept(fake_op, tmp_path):
+    released = []
+    fake_op.register(dispatch.Backend("keeper", lambda x: "keeper", lambda x: None,
+                                      release=lambda x: released.append(("keeper", tuple(x.shape)))))
+    fake_op.register(dispatch.Backend("winner", lambda x: "winner", lambda x: None,
+                                      release=lambda x: released.append(("winner", tuple(x.shape)))))
+    choose = chooser_for(tmp_path, {"fast": 3.0, "slow": 2.0, "reference": 4.0, "keeper": 5.0, "winner": 1.0}, [])
+    assert choose(torch.randn(4, 5)) == "winner" and released == [("keeper", (4, 5))]
+    assert choose(torch.randn(4, 5)) == "winner" and released == [("keeper", (4, 5))]  # remembered: nothing timed
+    with tuning.dry_run():  # precompile's dry call runs every way once: the same letting go
+        assert choose(torch.randn(3, 5)) == "fast" and released[1:] == [("keeper", (3, 5)), ("winner", (3, 5))]
+
+
 def test_reference_choice_runs_the_reference_without_a_warning(fake_op, tmp_path, recwarn):
     fake_op.chooser = chooser_for(tmp_path, {"fast": 3.0, "slow": 4.0, "reference": 1.0}, [])
     assert fake_op(torch.randn(4, 5)) == "reference"

@@ -19,7 +19,8 @@ otherwise):
                 accumulation (csrc/winograd_conv3x3_mma.cu: mma.sync, V built in registers; or, with
                 SDKERNELS_WINOGRAD_KERNEL=wmma, csrc/winograd_conv3x3.cu: WMMA, V through shared memory), fp32 on FMA
                 units (winograd_conv3x3.cu); C and K multiples of 8; sm_80 or newer.
-                Its filters are transformed once per weight version (winograd.transformed_filter).
+                Its filters are transformed once per weight version (winograd.transformed_filter). Measured
+                dispatch times it and, where another backend wins (everywhere so far), lets its filter go.
   triton_igemm  the Triton implicit-GEMM convolution of sdkernels::conv3x3_fused (kernels/conv3x3.py), no prologue.
   triton_tma    a Triton implicit GEMM whose operands Hopper's copy engine loads (kernels/conv3x3_tma.py), split-K
                 on small images: channels_last fp16/bf16 x and weight, C a multiple of 8, sm_90 or newer. On an
@@ -43,7 +44,7 @@ from .._env import getenv
 from ._common import (KERNEL_DTYPES, call_op, fail, is_channels_last_like, kernels, poisoned, triton_available,
                       triton_device_why_not)
 from .bias_add import add_bias_residual_
-from .winograd import tile_grid, transformed_filter
+from .winograd import forget_filter, tile_grid, transformed_filter
 
 OP = "conv3x3"
 INT32_MAX = 2**31 - 1
@@ -293,10 +294,11 @@ conv3x3_dispatch = dispatch.define(OP, conv3x3_eager)
 conv3x3_dispatch.register(dispatch.Backend("cudnn_epilogue", _cudnn_epilogue_run, _cudnn_epilogue_why_not,
                                            available=triton_available))
 conv3x3_dispatch.register(dispatch.Backend("cudnn", conv3x3_eager, _cudnn_why_not))
-# Not measured: 0.14x-0.32x cuDNN's speed at every SD shape on an H100 and an H200 (README), and timing it caches
-# its transformed filter (16/9 of the weight) for every conv weight of a patched model (600 MiB in SD1.5's UNet).
+# Measured (0.17x-0.47x cuDNN's speed at every 3x3 shape of SD1.5, SDXL and the VAE on an H100: README); where it
+# loses, its transformed filter (16/9 of the weight: 600 MiB over SD1.5's UNet) is let go after the timing.
 conv3x3_dispatch.register(dispatch.Backend("winograd", _winograd_run, _winograd_why_not,
-                                           available=_winograd_available, measured=False))
+                                           available=_winograd_available,
+                                           release=lambda x, weight, *rest: forget_filter(weight)))
 conv3x3_dispatch.register(dispatch.Backend("triton_igemm", _triton_run, _triton_why_not, available=triton_available))
 conv3x3_dispatch.register(dispatch.Backend("triton_tma", _tma_run, _tma_why_not, available=triton_available))
 # Not measured by dispatch: 0.12x-0.24x cuDNN's speed at every SD shape on an H200 (README); forced only.
