@@ -50,10 +50,10 @@ fi
 if [[ $steps == *test* ]]; then
   step test
   # One pytest process per test file, TEST_JOBS at a time: a CUDA error in one file cannot fail another, and the
-  # files compile their kernels in parallel on the machine's cores. Each file's log is written under $OUT/tests/ as
-  # it runs, so a call cut off by its time limit still returns the files that finished; all end up in
-  # $OUT/tests.log.
-  LOGS="$OUT/tests"; mkdir -p "$LOGS"; : > "$OUT/tests.log"
+  # files compile their kernels in parallel on the machine's cores. Each file's log is appended to $OUT/tests.log as
+  # soon as the file finishes (one file: the device returns only a few), so a call cut off by its time limit still
+  # returns the files that finished; the per-file logs stay off $OUT.
+  LOGS=$(mktemp -d); : > "$OUT/tests.log"; export TESTS_LOG="$OUT/tests.log"
   # On a machine of several GPUs each job slot takes one of TEST_GPUS (default: all of them) in turn.
   TEST_GPUS=${TEST_GPUS:-$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | paste -sd, -)}
   run_file() {
@@ -62,12 +62,12 @@ if [[ $steps == *test* ]]; then
     CUDA_VISIBLE_DEVICES=${gpus[$(( ${SLOT:-0} % ${#gpus[@]} ))]} \
       timeout ${TEST_TIMEOUT_S:-300} python3 -m pytest -q -rs -p no:cacheprovider --durations=5 "$1" > "$log" 2>&1
     echo "rc=$?" >> "$log"
+    flock "$TESTS_LOG" bash -c 'echo "== $1"; cat "$2"' _ "$1" "$log" >> "$TESTS_LOG"  # whole, not interleaved
   }
   export -f run_file; export LOGS TEST_TIMEOUT_S TEST_GPUS
   ls ${PYTEST_ARGS:-tests/test_*.py} | xargs -P ${TEST_JOBS:-6} --process-slot-var=SLOT -I{} bash -c 'run_file {}'
   for file in ${PYTEST_ARGS:-tests/test_*.py}; do
     log="$LOGS/$(basename "$file" .py).log"
-    { echo "== $file"; cat "$log"; } >> "$OUT/tests.log"
     echo "== $file"; tail -${TEST_TAIL:-15} "$log"
     rc=$(tail -1 "$log"); [ "$rc" = rc=0 ] || { echo "TESTS FAILED: $file $rc"; status=1; }
   done
