@@ -88,6 +88,21 @@ def test_unpatch_restores_and_patching_twice_changes_nothing():
     check_patch_twice_and_unpatch(conv(16, 8), channels_last(1, 16, 3, 3, torch.float16), "conv3x3")
 
 
+def test_resnet_block_calls_a_hooked_conv2(monkeypatch):
+    """A forward hook on conv2 (accelerate's offloading, a user's probe) still runs: conv2 is called as a module."""
+    calls = counting_op(monkeypatch)
+    from diffusers.models.resnet import ResnetBlock2D
+    torch.manual_seed(0)
+    block = ResnetBlock2D(in_channels=16, out_channels=16, temb_channels=None, groups=8,
+                          time_embedding_norm="group").to(DEVICE, torch.float16).eval().to(memory_format=CL)
+    seen = []
+    block.conv2.register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape)))
+    patch(block, ops=["resnet_gn_silu", "conv3x3"])
+    with torch.no_grad():
+        block(channels_last(2, 16, 5, 6, torch.float16), None)
+    assert seen == [(2, 16, 5, 6)] and all(residual is None for _, _, residual, _ in calls)
+
+
 @pytest.mark.parametrize("cin, scale_factor", [(16, 1.0), (24, 2.0)], ids=["1x1 shortcut", "identity, scale 2"])
 @pytest.mark.parametrize("backend", ["triton_tma", None])
 def test_resnet_block_runs_its_patched_convs_through_the_op(cin, scale_factor, backend, monkeypatch):

@@ -126,7 +126,8 @@ def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
 
     hidden_states = self.dropout(hidden_states)
     shortcut_done = False
-    if conv3x3_takes(self.conv2, hidden_states):  # the conv3x3 patcher took conv2: the shortcut joins its epilogue
+    if (conv3x3_takes(self.conv2, hidden_states)  # the conv3x3 patcher took conv2: the shortcut joins its epilogue
+            and not (self.conv2._forward_hooks or self.conv2._forward_pre_hooks)):  # (hooks: conv2 is called)
         input_tensor, shortcut_done = _shortcut(self, input_tensor), True
         if (input_tensor.dtype == hidden_states.dtype
                 and input_tensor.shape == (hidden_states.shape[0], self.conv2.out_channels, *hidden_states.shape[2:])):
