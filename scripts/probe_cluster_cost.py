@@ -9,7 +9,7 @@ One skeleton kernel, compiled here (torch.utils.cpp_extension.load_inline), whos
   exchange  warp 0's lanes read a float4 from each block of the cluster (mapa + ld.shared::cluster), a second arrive
             before the stores and its wait at the end (the real kernel's one exchange)
   store     the loaded vectors written back out
-Each variant is timed as a CUDA graph of back-to-back launches (median of replays, per launch), next to the real op
+Each variant is timed as a CUDA graph of back-to-back launches (do_bench's median of replays, per launch), next to the real op
 at the same shape where one is named.
 
     python scripts/probe_cluster_cost.py [--geometry 132,256,8,1;264,256,8,2] [--shape 2,1280,8,8]
@@ -120,24 +120,10 @@ VARIANTS = [  # (name, steps): each adds to the one before, up to the real kerne
 ]
 
 
-def graph_us(fn, launches=20, replays=30):
-    """Median per launch of CUDA-graph replays of `launches` back-to-back calls."""
-    import torch
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(launches):
-            fn()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / launches)
-    return sorted(times)[len(times) // 2]
+def graph_us(fn, launches=20):
+    """Per launch: the median (do_bench) of CUDA-graph replays of `launches` back-to-back calls."""
+    from sdkernels.benchmarking import bench_ms
+    return bench_ms(lambda: [fn() for _ in range(launches)], graph=True) * 1e3 / launches
 
 
 def main():
@@ -160,7 +146,7 @@ def main():
     x = torch.randn(64 << 20, device="cuda", dtype=torch.float16)  # 128 MiB: every geometry's rows fit
     out = torch.empty_like(x)
     head = f"{'blocks,threads,cluster,rows':28s}" + "".join(f"{name:>30s}" for name, _ in VARIANTS)
-    print("us per launch (CUDA-graph replays of 20 launches)\n" + head)
+    print("us per launch (do_bench of CUDA-graph replays of 20 launches)\n" + head)
     for spec in args.geometry.split(";"):
         blocks, threads, cluster, rows = (int(v) for v in spec.split(","))
         cells = []
