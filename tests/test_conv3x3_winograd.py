@@ -372,6 +372,27 @@ def test_fuse_and_unfuse_lora_forget_the_transformed_filters():
     assert not any(k.startswith(("fuse_lora", "unfuse_lora", "_sdkernels")) for k in unet.__dict__)
 
 
+def test_a_deep_copy_fuses_into_its_own_weights():
+    """The shadowing fuse_lora is copied with the model (an object, not a closure): the copy's call merges into the
+    copy and forgets the copy's transforms, the original keeps its weights and its cached transforms."""
+    import copy
+    unet, convs = lora_convs(device="cpu")
+    twin = copy.deepcopy(unet)
+    twin_convs = [m for m in twin.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] == 3
+                  and any(m is c.get_base_layer() for c in twin.modules() if hasattr(c, "get_base_layer"))]
+    assert len(twin_convs) == len(convs)
+    kept = [wg.transformed_filter(conv.weight) for conv in convs]
+    weights = [conv.weight.clone() for conv in convs]
+    twin_kept = [wg.transformed_filter(conv.weight) for conv in twin_convs]
+    twin_weights = [conv.weight.clone() for conv in twin_convs]
+    twin.fuse_lora()
+    for conv, u, w in zip(convs, kept, weights):
+        assert torch.equal(conv.weight, w) and wg.transformed_filter(conv.weight) is u
+    for conv, u, w in zip(twin_convs, twin_kept, twin_weights):
+        assert not torch.equal(conv.weight, w) and wg.transformed_filter(conv.weight) is not u
+        torch.testing.assert_close(wg.transformed_filter(conv.weight), wg.filter_transform(conv.weight))
+
+
 def test_weights_changed_forgets_what_the_caches_cannot_see():
     conv = torch.nn.Conv2d(8, 8, 3, padding=1).requires_grad_(False)
     u = wg.transformed_filter(conv.weight)
