@@ -54,7 +54,7 @@ BASELINE = "cudnn"
 # cudnn_epilogue: cuDNN's conv, our one-pass epilogue (with --residual only).
 OURS = ("winograd", "winograd_wmma", "triton_winograd", "triton_igemm", "triton_tma", "cudnn_epilogue")
 # The mma kernel's stages, each timed by leaving it out (the binding's bench-only ablate, fp16): how much less time.
-ABLATIONS = {"filter_copies": 1, "input_copies": 2, "input_transform": 3, "mmas": 4}
+ABLATIONS = {"filter_copies": 1, "input_copies": 2, "input_transform": 3, "mmas": 4, "output_transform": 5}
 QUICK_CASES_PER_MODEL = 3
 FULL_CHECK_ELEMENTS = 2**25             # above this, the float64 check runs on a crop
 CHECK_CROP = 256
@@ -204,8 +204,7 @@ def ablation_ms(case: Case, dtype, device, timing: dict) -> dict:
 
 def stages_table(cases: list, measured: dict) -> str:
     lines = [f"{'case':34s} {'winograd us':>12s} {'cuBLAS GEMMs us':>16s} {'GEMM TF/s':>10s} {'x+out us @copy':>15s} "
-             f"{'V+M us @copy':>13s}  mma kernel without each stage: us saved (filter copies, input copies, input "
-             f"transform, MMAs)"]
+             f"{'V+M us @copy':>13s}  mma kernel without each stage: us saved ({', '.join(ABLATIONS)})"]
     for case in cases:
         m = measured[case.name]
         stages = m.get("stages")

@@ -254,9 +254,9 @@ std::string winograd_conv3x3(const at::Tensor& x, const at::Tensor& u, const std
   constexpr const char* fn = "sdkernels._C.winograd_conv3x3";
   SDK_CHECK(kernel == SDK_WINOGRAD_AUTO || kernel == SDK_WINOGRAD_WMMA || kernel == SDK_WINOGRAD_MMA, fn,
             ": kernel must be 0 (auto), 1 (wmma) or 2 (mma), got ", kernel);
-  SDK_CHECK(ablate == 0 || (ablate >= 1 && ablate <= 4 && kernel == SDK_WINOGRAD_MMA &&
+  SDK_CHECK(ablate == 0 || (ablate >= 1 && ablate <= 5 && kernel == SDK_WINOGRAD_MMA &&
                             x.scalar_type() == at::kHalf), fn,
-            ": ablate (bench only) must be 0, or 1-4 with kernel 2 and fp16, got ", ablate);
+            ": ablate (bench only) must be 0, or 1-5 with kernel 2 and fp16, got ", ablate);
   SDK_CHECK(x.is_cuda(), fn, ": x must be a CUDA tensor, got one on ", x.device());
   SDK_CHECK(x.dim() == 4, fn, ": x must be (N, C, H, W), got shape ", x.sizes());
   const int dtype = sdk_dtype(x.scalar_type());
@@ -342,8 +342,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("winograd_conv3x3", &winograd_conv3x3,
         "out = (conv3x3(x) + bias + residual) * scale by Winograd F(2x2, 3x3) from the transformed filters u "
         "(16, C, K); x, residual and out channels_last; kernel 0 auto, 1 the WMMA kernel, 2 the mma.sync one "
-        "(fp16/bf16); ablate 1-4 (bench only, kernel 2, fp16: the output is then not the convolution) skips the "
-        "filter copies, the input copies, the input transform or the MMAs; writes out; returns '' or why it did not",
+        "(fp16/bf16); ablate 1-5 (bench only, kernel 2, fp16: the output is then not the convolution) skips the "
+        "filter copies, the input copies, the input transform, the MMAs or the output transform with the epilogue; "
+        "writes out; returns '' or why it did not",
         py::arg("x"), py::arg("u"), py::arg("bias"), py::arg("residual"), py::arg("out"), py::arg("scale"),
         py::arg("kernel") = 0, py::arg("ablate") = 0);
 }

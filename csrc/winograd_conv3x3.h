@@ -32,7 +32,7 @@ struct SdkWinogradConv3x3Args {
   int dtype;             // SDK_FLOAT16, SDK_BFLOAT16 or SDK_FLOAT32, for every tensor
   float scale;
   int kernel;            // SDK_WINOGRAD_AUTO, SDK_WINOGRAD_WMMA or SDK_WINOGRAD_MMA
-  int ablate;            // 0; for the bench's stage split only (mma kernel, fp16): 1-4 skip a stage, see
+  int ablate;            // 0; for the bench's stage split only (mma kernel, fp16): 1-5 skip a stage, see
                          // winograd_conv3x3_mma.cu (the output is then not the convolution)
 };
 
