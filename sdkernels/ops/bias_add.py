@@ -66,16 +66,22 @@ def dense_channels_last(y) -> Optional[bool]:
     return False if y.is_contiguous() else None
 
 
+def operands_why_not(like, bias, residual):
+    """Why the kernel cannot take this dtype, bias and device (``like``: y, or any tensor of y's dtype and device),
+    or None; what sdkernels::conv3x3's cudnn_epilogue backend asks before its y exists."""
+    if like.dtype not in KERNEL_DTYPES:
+        return f"dtype {like.dtype} is not one of fp16, bf16, fp32"
+    if bias is not None and bias.stride() != (1,) and bias.numel() > 1:
+        return "bias is not contiguous"
+    return triton_device_why_not(like, bias, residual)
+
+
 def _triton_why_not(y, bias, residual, scale):
-    if y.dtype not in KERNEL_DTYPES:
-        return f"dtype {y.dtype} is not one of fp16, bf16, fp32"
     if dense_channels_last(y) is None:
         return "y is not dense NCHW or NHWC"
     if residual is not None and residual.stride() != y.stride():
         return "residual's strides differ from y's"
-    if bias is not None and bias.stride() != (1,) and bias.numel() > 1:
-        return "bias is not contiguous"
-    return triton_device_why_not(y, bias, residual)
+    return operands_why_not(y, bias, residual)
 
 
 def _triton_run(y, bias, residual, scale):

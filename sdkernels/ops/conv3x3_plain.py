@@ -43,7 +43,7 @@ from .. import _ext, dispatch
 from .._env import getenv
 from ._common import (KERNEL_DTYPES, call_op, fail, is_channels_last_like, kernels, poisoned, triton_available,
                       triton_device_why_not)
-from .bias_add import add_bias_residual_
+from .bias_add import add_bias_residual_, operands_why_not as epilogue_operands_why_not
 from .winograd import forget_filter, tile_grid, transformed_filter
 
 OP = "conv3x3"
@@ -275,13 +275,9 @@ def _tma_run(x, weight, bias, residual, scale):
 def _cudnn_epilogue_why_not(x, weight, bias, residual, scale):
     if residual is None:
         return "no residual (a bias alone costs PyTorch's bias pass one pass too: the cudnn backend)"
-    if x.dtype not in KERNEL_DTYPES:
-        return f"dtype {x.dtype} is not one of fp16, bf16, fp32"
     if residual.stride() != _dense_strides(x, weight.shape[0]):
         return "residual's strides differ from the output's (x's memory format, dense)"
-    if bias is not None and bias.stride() != (1,) and bias.numel() > 1:
-        return "bias is not contiguous"
-    return triton_device_why_not(x, residual)
+    return epilogue_operands_why_not(x, bias, residual)  # the output will have x's dtype and device
 
 
 def _cudnn_epilogue_run(x, weight, bias, residual, scale):
