@@ -15,6 +15,7 @@ import triton.language as tl
 
 from .._env import getenv
 from .utils import cdiv, interpreting, next_power_of_2, fix_cache_keys
+from .launch import cached_launch
 
 # Elements per program (ROWS x BLOCK_C), and the padded width from which a program takes one row. H200 (bench
 # --tiles, fp16, GB/s of 2 reads + 2 writes): 320 wide, 4 rows a program (2048) 2918 against 8 rows 2682 and one
@@ -37,6 +38,7 @@ def _rounded(v, ROUND_BF16: tl.constexpr):
     return v
 
 
+@cached_launch
 @triton.jit
 def _add_layer_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, total_ptr, out_ptr, rows, C, eps, ROWS: tl.constexpr,
                            BLOCK_C: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,

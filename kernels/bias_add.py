@@ -10,8 +10,10 @@ import triton.language as tl
 
 from .geglu import row_col_tile, tile_shape
 from .utils import cdiv, fix_cache_keys
+from .launch import cached_launch
 
 
+@cached_launch
 @triton.jit
 def _bias_residual_kernel(y_ptr, bias_ptr, res_ptr, rows, cols, C, scale, CHANNEL_IS_COLUMN: tl.constexpr,
                           HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SCALED: tl.constexpr,

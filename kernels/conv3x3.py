@@ -24,6 +24,7 @@ import triton.language as tl
 
 from .group_norm import channel_partials, finalize_partials
 from .utils import cdiv, interpreting, next_power_of_2, fix_cache_keys
+from .launch import cached_launch
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Starting points for fp16/bf16 on sm_80/sm_90, NOT measured
 # yet: the GPU run of bench/bench_resnet_block.py is the place to tune them.
@@ -75,6 +76,7 @@ def _gn_silu(a, n, c, c_ok, stats_ptr, nw_ptr, nb_ptr, G, Cg, C, HAS_WEIGHT: tl.
     return y
 
 
+@cached_launch
 @triton.jit
 def _conv3x3_kernel(x_ptr, w_ptr, bias_ptr, nstats_ptr, nw_ptr, nb_ptr, add_ptr, res_ptr, out_ptr, part_ptr,
                     H, W, Cin, Cout, G_in, Cg_in, G_out, Cg_out, tiles_m, tiles_n, K_total, output_scale_factor,

@@ -13,6 +13,7 @@ import triton.language as tl
 
 from .group_norm import store_partials
 from .utils import cdiv, fix_cache_keys, interpreting, multiprocessor_count
+from .launch import cached_launch
 
 # Tensor descriptors (TMA) need Hopper or newer: both convs, and so these kernels, run there only.
 MIN_COMPUTE_CAPABILITY = 90
@@ -72,6 +73,7 @@ def store_epilogue(acc, n, h, w, co, co_ok, rows_ok, bias_ptr, add_ptr, res_ptr,
                        K_total)
 
 
+@cached_launch
 @triton.jit
 def _reduce_splits_kernel(sum_ptr, bias_ptr, add_ptr, res_ptr, out_ptr, part_ptr, N, H, W, Cout, scale,
                           row_tiles, G_out, Cg_out, K_total, saN, saC, srN, srC, srH, srW, soN, soC, soH, soW,

@@ -30,6 +30,7 @@ from .conv3x3_common import (dot_bt, epilogue_operands, k_range, reduce_row_tile
                              split_sums, store_epilogue)
 from .group_norm import finalize_partials
 from .utils import cdiv, interpreting, fix_cache_keys
+from .launch import cached_launch
 
 # Tensor descriptors (TMA) need Hopper or newer.
 MIN_COMPUTE_CAPABILITY = 90
@@ -47,6 +48,7 @@ BORDERED_BLOCK = (64, 64)       # (padded pixels, channels) of a gn_silu_bordere
 INTERPRETER_BORDERED_BLOCK = (16, 16)
 
 
+@cached_launch
 @triton.jit
 def _gn_silu_bordered_kernel(x_ptr, stats_ptr, nw_ptr, nb_ptr, out_ptr, H, W, C, G, Cg, sxN, sxC, sxH, sxW,
                              NORM: tl.constexpr, NORM_WEIGHT: tl.constexpr, NORM_BIAS: tl.constexpr,

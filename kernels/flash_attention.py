@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .utils import cdiv, interpreting, multiprocessor_count, fix_cache_keys
+from .launch import cached_launch
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)  # the same, readable inside kernels
@@ -240,6 +241,7 @@ def _program_tile(q_ptr, k_ptr, v_ptr, mask_ptr, H, N, sqb, sqh, skb, skh, svb, 
             tl.minimum(offs_m, N - 1))
 
 
+@cached_launch
 @triton.jit
 def _flash_attention_fwd(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, H, N, Nk, qk_scale,
                          sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,

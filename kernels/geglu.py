@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from .utils import cdiv, next_power_of_2, fix_cache_keys
+from .launch import cached_launch
 
 # constexpr: a kernel may read only constexpr globals (Triton 3.3+ refuses plain ones on the GPU; the interpreter
 # does not check).
@@ -56,6 +57,7 @@ def row_col_tile(rows, cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     return r, c, (r < rows)[:, None] & (c < cols)[None, :]
 
 
+@cached_launch
 @triton.jit
 def _gelu_rows_kernel(in_ptr, out_ptr, rows, cols, R1, R2, si0, si1, si2, so0, so1, so2,
                       GATED: tl.constexpr, APPROXIMATE_TANH: tl.constexpr,

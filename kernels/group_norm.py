@@ -23,6 +23,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .._env import getenv
 from .utils import cdiv, multiprocessor_count, next_power_of_2, programmatic_dependent, fix_cache_keys
+from .launch import cached_launch
 
 ONE_PASS_MAX = 65536     # largest group held in one program's registers; above it channels_last takes rows
 ONE_PASS_SMALL = 8192    # largest group one_pass is chosen for (larger ones ran faster split: choose_plan)
@@ -100,6 +101,7 @@ def _programmatic_start(PDL: tl.constexpr):
         gdc_launch_dependents()
 
 
+@cached_launch
 @triton.jit
 def _one_pass_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, sh_ptr, G, Cg, S, eps,
                      sxN, sxC, sxS, srN, srC, srS, soN, soC, soS, shN, shC,
@@ -125,6 +127,7 @@ def _one_pass_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, sh_ptr, G, Cg, S, ep
             HAS_WEIGHT, HAS_BIAS, SILU, HAS_RESIDUAL)
 
 
+@cached_launch
 @triton.jit
 def _one_pass_groups_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, sh_ptr, groups, G, Cg, S, eps, shN, shC,
                             GP: tl.constexpr, BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -183,6 +186,7 @@ def _add_pairs(a1, a2, b1, b2):
     return a1 + b1, a2 + b2
 
 
+@cached_launch
 @triton.jit
 def _tile_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, sh_ptr, G, S, eps,
                  sxN, sxC, sxS, srN, srC, srS, soN, soC, soS, shN, shC,
@@ -260,6 +264,7 @@ def _tile_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, sh_ptr, G, S, eps,
 
 # ---- partials -> finalize -> apply --------------------------------------------------------------------------------
 
+@cached_launch
 @triton.jit
 def _flat_partials_kernel(x_ptr, part_ptr, sh_ptr, G, Cg, S, sxN, sxC, sxS, shN, shC, tiles, K_total,
                           TILE_SIZE: tl.constexpr, CHANNELS_LAST: tl.constexpr, FLAT: tl.constexpr,
@@ -285,6 +290,7 @@ def _flat_partials_kernel(x_ptr, part_ptr, sh_ptr, G, Cg, S, sxN, sxC, sxS, shN,
     tl.store(part_ptr + 2 * K_total + pid, tl.sum(d * d, axis=0))
 
 
+@cached_launch
 @triton.jit
 def _rows_partials_kernel(x_ptr, part_ptr, sh_ptr, G, Cg, C, S, sxN, sxS, shN, shC, programs, tiles_per_program,
                           K_total, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, HAS_SHIFT: tl.constexpr):
@@ -340,6 +346,7 @@ def store_partials(part_ptr, count, mean, m2, c, c_ok, n, t, G, Cg, row_tiles, K
     tl.store(part_ptr + 2 * K_total + k, m2, mask=c_ok)
 
 
+@cached_launch
 @triton.jit
 def _finalize_kernel(part_ptr, stats_ptr, K, K_total, eps, CHUNK: tl.constexpr):
     """Program ng merges its K partials into (mean, rstd) at stats[ng]."""
@@ -379,6 +386,7 @@ def _few_partials_stats(part_ptr, ng, K, K_total, eps, KB: tl.constexpr):
     return mean, 1.0 / tl.sqrt(m2 / count + eps)
 
 
+@cached_launch
 @triton.jit
 def _flat_apply_kernel(x_ptr, stats_ptr, w_ptr, b_ptr, res_ptr, out_ptr, sh_ptr, G, Cg, S, tiles,
                        sxN, sxC, sxS, srN, srC, srS, soN, soC, soS, shN, shC, eps,
@@ -413,6 +421,7 @@ def _flat_apply_kernel(x_ptr, stats_ptr, w_ptr, b_ptr, res_ptr, out_ptr, sh_ptr,
             HAS_WEIGHT, HAS_BIAS, SILU, HAS_RESIDUAL)
 
 
+@cached_launch
 @triton.jit
 def _rows_apply_kernel(x_ptr, stats_ptr, w_ptr, b_ptr, res_ptr, out_ptr, sh_ptr, G, Cg, C, S,
                        sxN, sxS, srN, srS, soN, soS, shN, shC,

@@ -27,6 +27,7 @@ from .. import tuning
 from .._env import getenv
 from .geglu import gelu_fp32
 from .utils import capability_major, cdiv, interpreting, fix_cache_keys
+from .launch import cached_launch
 
 
 def _set_block_shapes(nargs):
@@ -74,6 +75,7 @@ DEFAULT_CONFIGS = [CONFIGS[2], CONFIGS[5], _config(64, 64, 32, 2, 4)]
 INTERPRETER_CONFIG = _config(16, 16, 16, 1, 1, group_m=2)
 
 
+@cached_launch
 @triton.jit
 def _linear_geglu_kernel(x_ptr, w_ptr, x_desc, w_desc, b_ptr, out_ptr, ws_ptr, M, N, K, n_begin, n_end,
                          k_per_split, stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_om,

@@ -21,6 +21,7 @@ from .flash_attention import (HEAD_DIM_CHUNKS, LOG2E, _LOG2E, _accumulate_pv, _b
                               _program_tile, _scores, _store_output, dot_precision, launch_config, mask_kind,
                               chunk1_start, mask_strides, stride_unit, tail_mode, view_strides, _zero_accumulators)
 from .utils import cdiv, multiprocessor_count, programmatic_dependent, fix_cache_keys
+from .launch import cached_launch
 
 _LN2 = tl.constexpr(0.6931471805599453)
 # Row-statistics programs wanted per streaming multiprocessor; the key range is split until there are this many.
@@ -64,6 +65,7 @@ def _key_range_stats(q0, q1, k_base, mask_base, rows_m, first, count, is_last, N
     return m_i, l_i
 
 
+@cached_launch
 @triton.jit
 def _attention_row_stats(q_ptr, k_ptr, mask_ptr, out_ptr, H, N, Nk, qk_scale, blocks_per_split,
                          sqb, sqh, sqn, sqd, skb, skh, skn, skd, smb, smh, smm, smn,
@@ -109,6 +111,7 @@ def _merged_row_stats(part_ptr, rows_idx, rows, splits, ok):
     return big_l, total
 
 
+@cached_launch
 @triton.jit
 def _merge_row_stats(part_ptr, stats_ptr, rows, splits, BLOCK: tl.constexpr):
     """stats[r] = the merged (L, sum) of partials part[0..splits-1, r]."""
@@ -132,6 +135,7 @@ def _softmax_pv_block(acc0, acc1, l2, q0, q1, k_base, v_base, mask_base, rows_m,
                           D0, D1, C1, HEAD_DIM, PRECISION)
 
 
+@cached_launch
 @triton.jit
 def _softmax_times_v(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, part_ptr, splits, H, N, Nk, qk_scale,
                      sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .utils import cdiv, interpreting, fix_cache_keys
+from .launch import cached_launch
 
 # (TH, TW, BLOCK_K, BLOCK_C, num_warps, num_stages): the best of scripts/probe_winograd.py's sweep on an H200
 # (Triton 3.6, session 20): 0.19x-0.24x cuDNN at the VAE and SD1.5 shapes (86-92 direct-conv-equivalent TFLOP/s),
@@ -81,6 +82,7 @@ def _store_pixel(y, out_ptr, res_ptr, bias, scale, n, h, w, H, W, t_ok, k, k_ok,
     tl.store(out_ptr + o_off[:, None] + k[None, :], (y * scale).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@cached_launch
 @triton.jit
 def _winograd_kernel(x_ptr, u_ptr, bias_ptr, res_ptr, out_ptr, H, W, C, K, blocks_h, blocks_w, scale,
                      sxn, sxh, sxw, srn, srh, srw, son, soh, sow,

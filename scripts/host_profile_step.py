@@ -2,7 +2,8 @@
 time goes: the thread's CPU time per step (what a launch-bound step costs) and a cProfile of a few steps.
     python scripts/host_profile_step.py [--model sd15] [--batch 2] [--resolution 512] [--rows 30]
         [--init unit|diffusers] [--ops a,b] [--each [--all-only]]
-(--each: no profiles; the step's time with each patcher alone, then all, paired against an unpatched copy)"""
+(--each: no profiles; the step's time with each patcher alone, then all, paired against an unpatched copy; the last
+row launches every Triton kernel through Triton's own path, kernels/launch.py's cache off)"""
 import argparse
 from collections import Counter
 import cProfile
@@ -14,6 +15,7 @@ import torch
 
 import sdkernels
 from sdkernels import models, step_choice
+from sdkernels.kernels import launch
 
 STEPS = 10
 ROUNDS = 5
@@ -114,11 +116,19 @@ def host_time_by_patcher(model, args) -> None:
         with running_originals():
             return patched_step()
 
+    def triton_launch_step():  # every Triton launch through JITFunction.run (kernels/launch.py off)
+        launch.ENABLED = False
+        try:
+            return patched_step()
+        finally:
+            launch.ENABLED = True
+
     print(f"{args.model} B={args.batch} {args.resolution} px on {torch.cuda.get_device_name()}: ms per step "
           "(medians of alternating runs), CPU time of this thread and wall time")
     rows = [] if args.all_only else [(name, [name], patched_step, False) for name in sdkernels.default_ops()]
     rows += [("all", None, patched_step, False), ("all, as patched", None, patched_step, True),
-             ("all, originals", None, originals_step, False)]
+             ("all, originals", None, originals_step, False),
+             ("all, uncached launches", None, triton_launch_step, False)]
     for label, ops, step, with_step_choice in rows:
         sdkernels.patch(patched_model, ops=ops)
         if not with_step_choice:
