@@ -65,7 +65,10 @@ if [[ $steps == *test* ]]; then
     flock "$TESTS_LOG" bash -c 'echo "== $1"; cat "$2"' _ "$1" "$log" >> "$TESTS_LOG"  # whole, not interleaved
   }
   export -f run_file; export LOGS TEST_TIMEOUT_S TEST_GPUS
-  ls ${PYTEST_ARGS:-tests/test_*.py} | xargs -P ${TEST_JOBS:-6} --process-slot-var=SLOT -I{} bash -c 'run_file {}'
+  # The longest files first (tests/durations.json; files it does not know count as long), so that none starts last.
+  python3 -c 'import json, os, sys; t = json.load(open("tests/durations.json"))["gpu_lane"]
+print("\n".join(sorted(sys.argv[1:], key=lambda f: -t.get(os.path.basename(f)[:-3], 1e9))))' \
+    $(ls ${PYTEST_ARGS:-tests/test_*.py}) | xargs -P ${TEST_JOBS:-6} --process-slot-var=SLOT -I{} bash -c 'run_file {}'
   for file in ${PYTEST_ARGS:-tests/test_*.py}; do
     log="$LOGS/$(basename "$file" .py).log"
     echo "== $file"; tail -${TEST_TAIL:-15} "$log"

@@ -1,6 +1,7 @@
 """Test lanes: on a machine without a GPU the Triton kernels run in Triton's interpreter at small sizes (the CPU
 lane, CI); with a GPU every backend runs at SD sizes (the GPU lane). Tests marked ``gpu`` are skipped only when
 there is no GPU, and the GPU lane's script fails if any of them was skipped."""
+import json
 import os
 
 import torch
@@ -102,13 +103,10 @@ def check_patch_twice_and_unpatch(module, x, op: str):
         assert "forward" not in module.__dict__ and torch.equal(module(x), expected)
 
 
-# Seconds each test file takes in the CPU lane (a 2-core machine, 2026-11-28), to deal whole files out to shards
-# (scripts/test.sh runs one pytest process per core): a stale figure only unbalances the shards.
-CPU_LANE_SECONDS = {
-    "test_attention": 101, "test_group_norm": 91, "test_bench_scripts": 87, "test_pipeline": 85, "test_graphs": 61,
-    "test_csrc_compile": 39, "test_resnet_block": 36, "test_banded": 33, "test_bench_cli": 31, "test_patch": 28,
-    "test_step_choice": 26, "test_profile": 15, "test_triton_compile_sm90": 13, "test_precompile": 9,
-}
+# Seconds each test file takes in the CPU lane, to deal whole files out to shards (scripts/test.sh runs one pytest
+# process per core): a stale figure only unbalances the shards.
+with open(os.path.join(os.path.dirname(__file__), "durations.json")) as f:
+    CPU_LANE_SECONDS = json.load(f)["cpu_lane"]
 
 
 def shard_files(files, shards: int) -> list:
