@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import host_overhead  # noqa: E402  (the op cases, shared with the GPU script)
 
 import sdkernels  # noqa: E402
+import sdkernels.kernels.launch  # noqa: E402
 import sdkernels.kernels.utils  # noqa: E402
 
 REPEATS = 20  # the best of many short runs: robust to other processes taking the CPU
@@ -33,6 +34,7 @@ def stub_gpu() -> None:
     """Launches do nothing, autotuning picks the first config without timing, and CPU tensors pass the Triton
     backends' device checks."""
     triton.runtime.jit.JITFunction.run = lambda self, *args, grid, warmup, **kwargs: None
+    sdkernels.kernels.launch.ENABLED = False  # kernels/launch.py's cached launches go to the stub too (no driver here)
     triton.runtime.autotuner.Autotuner._bench = lambda self, *args, config, **kwargs: [1.0, 1.0, 1.0]
     original = sdkernels.kernels.utils.device_ok
 

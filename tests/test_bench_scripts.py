@@ -41,3 +41,16 @@ def test_sanitizer_shards_deal_each_case_family_to_one_shard(monkeypatch):
         assert owners[0] == owners[1] and owners[2] == owners[3] and owners[6] == owners[7]
         assert len({owner[0] for owner in owners}) == min(n, 7)  # 7 families: every shard gets work
     assert all(sanitize.shard_filter("")(label) for label in labels)
+
+
+def test_host_overhead_cpu_script_runs():
+    """scripts/host_overhead_cpu.py (host time per op call with launches stubbed) runs to its table on any machine:
+    kernels/launch.py's cached launch broke it once (it asked Triton for a driver the CPU machine does not have)."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "host_overhead_cpu.py"), "--calls", "40"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines()[1:]]
+    assert len(rows) >= 4 and all(float(row[-1]) > 0 for row in rows), proc.stdout
