@@ -1,7 +1,7 @@
 """Host (CPU) time of one whole UNet step, eager against patched (no CUDA graphs), and where the patched step's host
 time goes: the thread's CPU time per step (what a launch-bound step costs) and a cProfile of a few steps.
     python scripts/host_profile_step.py [--model sd15] [--batch 2] [--resolution 512] [--rows 30]
-        [--init unit|diffusers] [--ops a,b] [--each [--all-only]]
+        [--init unit|diffusers] [--ops a,b] [--no-step-choice] [--each [--all-only]]
 (--each: no profiles; the step's time with each patcher alone, then all, paired against an unpatched copy; the last
 row launches every Triton kernel through Triton's own path, kernels/launch.py's cache off)"""
 import argparse
@@ -150,6 +150,8 @@ def main():
     p.add_argument("--each", action="store_true", help="host time with each patcher alone, no profiles")
     p.add_argument("--all-only", action="store_true", help="--each: the rows of all patchers only")
     p.add_argument("--ops", default=None, help="comma-separated patchers to apply (default: patch()'s)")
+    p.add_argument("--no-step-choice", action="store_true",
+                   help="profile the patched modules even where patch()'s step choice would run the originals")
     args = p.parse_args()
     with torch.device("cuda"):
         model = models.build(args.model, init=args.init, dtype=torch.float16)
@@ -163,6 +165,8 @@ def main():
         profile(step, "eager", args.rows)
         runtime_calls(step, "eager", args.rows)
         sdkernels.patch(model, ops=args.ops.split(",") if args.ops else None)
+        if args.no_step_choice:
+            step_choice.uninstall(model)
         patched = host_ms(step)
         profile(step, "patched", args.rows)
         runtime_calls(step, "patched", args.rows)

@@ -277,13 +277,14 @@ def shard_filter(shard: str):
 
 def main():
     n, failures = 0, []
-    only = os.environ.get("SANITIZE_MATCH", "")  # e.g. "linear_geglu plan": just the cases whose label holds it
+    # e.g. "linear_geglu plan" or "bordered (2, 512, 8, 8)": just the cases whose label and arguments hold it
+    only = os.environ.get("SANITIZE_MATCH", "")
     skip = os.environ.get("SANITIZE_SKIP")  # e.g. "conv3x3_fused": all but those (two processes share the cases)
     in_shard = shard_filter(os.environ.get("SANITIZE_SHARD", ""))
     for label, backend, run, reference, args, bound in cases():
-        if only not in label or (skip and skip in label) or not in_shard(label):
-            continue
         what = f"{label} {describe_args(args)}"
+        if only not in what or (skip and skip in label) or not in_shard(label):
+            continue
         print(what, flush=True)  # the last line before a memory error names its case
         try:
             with sdkernels.use_backend(backend, strict=True):
