@@ -1,0 +1,84 @@
+"""Host (Python) cost of one whole UNet step, eager against patched, measured without a GPU: an SD1.5-shaped UNet
+(SD1.5's blocks, layers and attention layout at a few channels: head dims 40 and 80, one head) runs on tiny CPU
+fp16 tensors with every Triton launch stubbed out (scripts/host_overhead_cpu.py's stubs), so what differs between
+the two is the Python and dispatch work around the kernels, which a GPU host pays per step without CUDA graphs
+(issue 5). It prints Python function calls per step (deterministic: the metric to cut) and this thread's CPU ms per
+step (the best of several runs), and with --profile the patched step's functions by call count and by own time.
+    python scripts/host_step_cpu.py [--ops a,b] [--profile] [--rows 40]
+The patched path differs from a GPU's where a backend exists only there (the CUDA extension's GroupNorm, cuBLAS
+choices, the measured backend and step choices: tuning is off on a CPU)."""
+import argparse
+import cProfile
+import os
+import pstats
+import sys
+import time
+
+os.environ.pop("TRITON_INTERPRET", None)     # the compiled-kernel path, as on a GPU
+os.environ.pop("SDKERNELS_POISON_OUTPUTS", None)
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from host_overhead_cpu import stub_gpu  # noqa: E402  (scripts/)
+
+import sdkernels  # noqa: E402
+from sdkernels import models, step_choice  # noqa: E402
+
+# SD1.5's UNet (the diffusers defaults: four levels, two ResNet blocks a level, cross-attention in three) at 40-80
+# channels, one attention head a block: head dims 40 and 80 as SD1.5's levels have them, groups of 5 and 10 channels.
+SD15_SHAPED = dict(sample_size=8, block_out_channels=(40, 80, 80, 80), norm_num_groups=8, cross_attention_dim=32,
+                   attention_head_dim=1)
+ROUNDS, STEPS = 7, 5
+
+
+def python_calls(step) -> int:
+    """Python-level function calls (cProfile's count, builtins included) of one step."""
+    profiler = cProfile.Profile()
+    profiler.runcall(step)
+    return sum(row[1] for row in pstats.Stats(profiler).stats.values())
+
+
+def cpu_ms(step) -> float:
+    for _ in range(2):
+        step()
+    best = float("inf")
+    for _ in range(ROUNDS):
+        start = time.thread_time()
+        for _ in range(STEPS):
+            step()
+        best = min(best, (time.thread_time() - start) / STEPS * 1e3)
+    return best
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ops", default=None, help="comma-separated patchers (default: patch()'s)")
+    p.add_argument("--profile", action="store_true", help="the patched step's functions by calls and by own time")
+    p.add_argument("--rows", type=int, default=40)
+    args = p.parse_args()
+    stub_gpu()
+    from diffusers import UNet2DConditionModel
+    model = UNet2DConditionModel(**SD15_SHAPED).to(torch.float16).eval().requires_grad_(False)
+    call_args, call_kwargs = models.model_inputs(model, 2, 64)
+    step = lambda: models.model_call(model, call_args, call_kwargs)  # noqa: E731
+    print(f"SD1.5-shaped UNet, batch 2, 8 x 8 latents, fp16 on the CPU, Triton launches stubbed; torch "
+          f"{torch.__version__}")
+    with torch.no_grad():
+        eager = (python_calls(step), cpu_ms(step))
+        sdkernels.patch(model, ops=args.ops.split(",") if args.ops else None)
+        step_choice.uninstall(model)  # the patched modules, always
+        step()
+        patched = (python_calls(step), cpu_ms(step))
+        print(f"  Python calls per step: eager {eager[0]}, patched {patched[0]}")
+        print(f"  CPU ms per step:       eager {eager[1]:.2f}, patched {patched[1]:.2f}")
+        if args.profile:
+            profiler = cProfile.Profile()
+            profiler.runcall(step)
+            for order in ("ncalls", "tottime"):
+                print(f"\n== patched step, by {order}")
+                pstats.Stats(profiler).sort_stats(order).print_stats(args.rows)
+
+
+if __name__ == "__main__":
+    main()
