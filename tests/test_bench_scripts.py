@@ -43,14 +43,30 @@ def test_sanitizer_shards_deal_each_case_family_to_one_shard(monkeypatch):
     assert all(sanitize.shard_filter("")(label) for label in labels)
 
 
-def test_host_overhead_cpu_script_runs():
-    """scripts/host_overhead_cpu.py (host time per op call with launches stubbed) runs to its table on any machine:
-    kernels/launch.py's cached launch broke it once (it asked Triton for a driver the CPU machine does not have)."""
+def _run_script(name, *args) -> str:
+    """A scripts/ script's stdout, run as the compiled-kernel path runs it (no interpreter), asserted to succeed."""
     import subprocess
     import sys
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "host_overhead_cpu.py"), "--calls", "40"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", name), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [line.split() for line in proc.stdout.splitlines()[1:]]
-    assert len(rows) >= 4 and all(float(row[-1]) > 0 for row in rows), proc.stdout
+    return proc.stdout
+
+
+def test_host_overhead_cpu_script_runs():
+    """scripts/host_overhead_cpu.py (host time per op call with launches stubbed) runs to its table on any machine:
+    kernels/launch.py's cached launch broke it once (it asked Triton for a driver the CPU machine does not have)."""
+    out = _run_script("host_overhead_cpu.py", "--calls", "40")
+    rows = [line.split() for line in out.splitlines()[1:]]
+    assert len(rows) >= 4 and all(float(row[-1]) > 0 for row in rows), out
+
+
+def test_host_step_cpu_script_runs():
+    """scripts/host_step_cpu.py (Python calls and host time of a whole SD1.5-shaped step, launches stubbed) runs, and
+    the patched step really ran patched modules: it makes other Python calls than eager's."""
+    out = _run_script("host_step_cpu.py")
+    calls = [line for line in out.splitlines() if "Python calls per step" in line]
+    assert calls, out
+    eager, patched = (int(v.strip(" ,")) for v in calls[0].split()[-3::2])
+    assert eager > 1000 and patched != eager, out
