@@ -24,6 +24,7 @@ from .._env import getenv
 ENABLED = getenv("SDKERNELS_CACHED_LAUNCH", "1") != "0"
 MAX_SIGNATURES = 1024  # per kernel; shapes that keep changing start the cache over
 _PLAIN = (int, bool, str, type(None))
+_PLAIN_CLASSES = frozenset(_PLAIN)
 
 
 def _device():
@@ -36,15 +37,21 @@ def _stream(device):
 
 
 def signature_key(args, kwargs):
-    """The launch signature of (args, kwargs), or None where an argument is of a kind not keyed here."""
+    """The launch signature of (args, kwargs), or None where an argument is of a kind not keyed here. (By exact type
+    first: most arguments are ints, and this runs on every launch.)"""
     parts = []
     for a in args:
-        if isinstance(a, torch.Tensor):
+        cls = a.__class__
+        if cls in _PLAIN_CLASSES:
+            parts.append((cls, a))
+        elif cls is float:
+            parts.append(float)
+        elif isinstance(a, torch.Tensor):
             parts.append((a.dtype, a.data_ptr() % 16 == 0))
         elif isinstance(a, float):
             parts.append(float)
-        elif isinstance(a, _PLAIN):
-            parts.append((a.__class__, a))
+        elif isinstance(a, _PLAIN):  # a subclass of int or str (an IntEnum, say): keyed by its class and value
+            parts.append((cls, a))
         else:
             return None
     return _device(), tuple(parts), tuple(kwargs.items())

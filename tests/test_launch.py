@@ -33,6 +33,13 @@ def test_key_follows_what_triton_specializes_on(monkeypatch):
     assert key != signature_key((x, 7, 1e-5, True, None), {"BLOCK": 64, "num_warps": 4})
     assert key != signature_key((x, 7, 1e-5, True, None), {"BLOCK": 32, "num_warps": 8})
     assert signature_key((x, object()), {}) is None  # a kind not keyed (a TMA descriptor, say): Triton's path
+    # Subclasses (keyed after the exact types): an IntEnum by its class and value, a float subclass as a float
+    import enum
+    import numpy as np
+    Mode = enum.IntEnum("Mode", "A B")
+    assert signature_key((x, Mode.A), {}) != signature_key((x, 1), {})
+    assert signature_key((x, Mode.A), {}) != signature_key((x, Mode.B), {})
+    assert signature_key((x, np.float64(0.5)), {}) == signature_key((x, 0.25), {})
 
 
 class _StandInCompiled:

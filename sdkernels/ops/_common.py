@@ -58,6 +58,16 @@ def fail(op: str, reason: str, **inputs) -> None:
     raise SdkernelsInputError(f"sdkernels::{op}: {reason} (got {detail})")
 
 
+def requirements(op: str, **inputs):
+    """``need(ok, reason)`` for an op's input checks: fail(op, reason, **inputs) where not ok. ``reason`` is a string or
+    a function that formats one: checks run on every call, and a message formatting dtypes, devices or shapes costs
+    microseconds that only a failing call should pay."""
+    def need(ok, reason):
+        if not ok:
+            fail(op, reason() if callable(reason) else reason, **inputs)
+    return need
+
+
 def layout_cached(fn):
     """fn, a pure function of shapes, strides and other hashables, remembered per arguments: backends plan their
     launch from the layout on every call, which costs microseconds of Python, and a model meets few layouts.

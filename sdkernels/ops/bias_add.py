@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from .. import dispatch
-from ._common import KERNEL_DTYPES, call_op, fail, kernels, triton_available, triton_device_why_not
+from ._common import KERNEL_DTYPES, call_op, kernels, requirements, triton_available, triton_device_why_not
 from .group_norm import compute_dtype
 
 OP = "add_bias_residual_"
@@ -35,10 +35,7 @@ def add_bias_residual_reference(y, bias=None, residual=None, scale=1.0):
 
 def check_inputs(y, bias, residual, scale) -> None:
     inputs = dict(y=y, bias=bias, residual=residual)
-
-    def need(ok, reason):
-        if not ok:
-            fail(OP, reason, **inputs)
+    need = requirements(OP, **inputs)
 
     need(isinstance(y, torch.Tensor), "y must be a tensor")
     need(y.dim() >= 2 and y.is_floating_point(), "y must be a floating-point (N, C, ...) tensor")
@@ -47,11 +44,11 @@ def check_inputs(y, bias, residual, scale) -> None:
         t = inputs[name]
         if t is None:
             continue
-        need(isinstance(t, torch.Tensor), f"{name} must be a tensor or None")
-        need(tuple(t.shape) == expected[name], f"{name} must have shape {expected[name]}")
-        need(t.dtype == y.dtype, f"{name} has dtype {t.dtype} but y has {y.dtype} (one dtype: no promotion)")
-        need(t.device == y.device, f"{name} is on {t.device} but y is on {y.device}")
-    need(isinstance(scale, (int, float)) and math.isfinite(scale), f"scale={scale!r} must be a finite number")
+        need(isinstance(t, torch.Tensor), lambda: f"{name} must be a tensor or None")
+        need(tuple(t.shape) == expected[name], lambda: f"{name} must have shape {expected[name]}")
+        need(t.dtype == y.dtype, lambda: f"{name} has dtype {t.dtype} but y has {y.dtype} (one dtype: no promotion)")
+        need(t.device == y.device, lambda: f"{name} is on {t.device} but y is on {y.device}")
+    need(isinstance(scale, (int, float)) and math.isfinite(scale), lambda: f"scale={scale!r} must be a finite number")
 
 
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import dispatch
-from ._common import (KERNEL_DTYPES, call_op, fail, is_channels_last_like, kernels, poisoned, triton_available,
-                      triton_device_why_not)
+from ._common import (KERNEL_DTYPES, call_op, is_channels_last_like, kernels, poisoned, requirements,
+                      triton_available, triton_device_why_not)
 from .conv3x3_plain import tma_operands_why_not
 from .group_norm import compute_dtype, group_norm_stats_reference, normalize_reference
 
@@ -69,41 +69,40 @@ def check_inputs(x, weight, bias, norm_stats, norm_weight, norm_bias, add, resid
                  stats_groups, stats_eps) -> None:
     inputs = dict(x=x, weight=weight, bias=bias, norm_stats=norm_stats, norm_weight=norm_weight,
                   norm_bias=norm_bias, add=add, residual=residual)
-
-    def need(ok, reason):
-        if not ok:
-            fail(OP, reason, **inputs)
+    need = requirements(OP, **inputs)
 
     need(isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor), "x and weight must be tensors")
-    need(x.dim() == 4, f"x must be (N, Cin, H, W), not rank {x.dim()}")
+    need(x.dim() == 4, lambda: f"x must be (N, Cin, H, W), not rank {x.dim()}")
     N, Cin, H, W = x.shape
     need(weight.dim() == 4 and weight.shape[1:] == (Cin, 3, 3),
-         f"weight must be (Cout, {Cin}, 3, 3) for x's {Cin} channels, as nn.Conv2d stores a 3x3 kernel")
+         lambda: f"weight must be (Cout, {Cin}, 3, 3) for x's {Cin} channels, as nn.Conv2d stores a 3x3 kernel")
     Cout = weight.shape[0]
-    need(x.is_floating_point(), f"x must be floating point, not {x.dtype}")
-    need(weight.dtype == x.dtype, f"weight has dtype {weight.dtype} but x has {x.dtype} (as F.conv2d, one dtype)")
+    need(x.is_floating_point(), lambda: f"x must be floating point, not {x.dtype}")
+    need(weight.dtype == x.dtype,
+         lambda: f"weight has dtype {weight.dtype} but x has {x.dtype} (as F.conv2d, one dtype)")
     expected = {"bias": (Cout,), "norm_weight": (Cin,), "norm_bias": (Cin,), "add": (N, Cout),
                 "residual": (N, Cout, H, W)}
     for name, t in inputs.items():
         if t is None or name == "x":
             continue
-        need(isinstance(t, torch.Tensor) and t.is_floating_point(), f"{name} must be a floating-point tensor")
-        need(t.device == x.device, f"{name} is on {t.device} but x is on {x.device}")
+        need(isinstance(t, torch.Tensor) and t.is_floating_point(), lambda: f"{name} must be a floating-point tensor")
+        need(t.device == x.device, lambda: f"{name} is on {t.device} but x is on {x.device}")
         if name in expected:
-            need(tuple(t.shape) == expected[name], f"{name} must have shape {expected[name]}")
+            need(tuple(t.shape) == expected[name], lambda: f"{name} must have shape {expected[name]}")
     if norm_stats is not None:
         need(norm_stats.dim() == 3 and norm_stats.shape[0] == N and norm_stats.shape[2] == 2,
-             f"norm_stats must be ({N}, G, 2): (mean, rstd) per sample and group")
+             lambda: f"norm_stats must be ({N}, G, 2): (mean, rstd) per sample and group")
         G = norm_stats.shape[1]
-        need(G >= 1 and Cin % G == 0, f"norm_stats has {G} groups, which must divide x's {Cin} channels")
+        need(G >= 1 and Cin % G == 0, lambda: f"norm_stats has {G} groups, which must divide x's {Cin} channels")
     else:
         need(norm_weight is None and norm_bias is None, "norm_weight and norm_bias need norm_stats")
     need(isinstance(output_scale_factor, (int, float)) and math.isfinite(output_scale_factor)
-         and output_scale_factor != 0, f"output_scale_factor={output_scale_factor!r} must be finite and non-zero")
+         and output_scale_factor != 0,
+         lambda: f"output_scale_factor={output_scale_factor!r} must be finite and non-zero")
     need(isinstance(stats_groups, int) and stats_groups >= 0 and (stats_groups == 0 or Cout % stats_groups == 0),
-         f"stats_groups={stats_groups!r} must be 0 (no statistics) or a positive divisor of the {Cout} output "
+         lambda: f"stats_groups={stats_groups!r} must be 0 (no statistics) or a positive divisor of the {Cout} output "
          "channels")
-    need(stats_eps >= 0, f"stats_eps={stats_eps!r} must be non-negative")
+    need(stats_eps >= 0, lambda: f"stats_eps={stats_eps!r} must be non-negative")
 
 
 # ---- triton backend -------------------------------------------------------------------------------------------

@@ -41,8 +41,8 @@ import torch.nn.functional as F
 
 from .. import _ext, dispatch
 from .._env import getenv
-from ._common import (KERNEL_DTYPES, call_op, fail, is_channels_last_like, kernels, poisoned, triton_available,
-                      triton_device_why_not)
+from ._common import (KERNEL_DTYPES, call_op, is_channels_last_like, kernels, poisoned, requirements,
+                      triton_available, triton_device_why_not)
 from .bias_add import add_bias_residual_, operands_why_not as epilogue_operands_why_not
 from .winograd import forget_filter, tile_grid, transformed_filter
 
@@ -87,27 +87,24 @@ def conv3x3_eager(x, weight, bias=None, residual=None, scale=1.0):
 
 def check_inputs(x, weight, bias, residual, scale) -> None:
     inputs = dict(x=x, weight=weight, bias=bias, residual=residual)
-
-    def need(ok, reason):
-        if not ok:
-            fail(OP, reason, **inputs)
+    need = requirements(OP, **inputs)
 
     need(isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor), "x and weight must be tensors")
-    need(x.dim() == 4, f"x must be (N, C, H, W), not rank {x.dim()}")
-    need(x.is_floating_point(), f"x must be floating point, not {x.dtype}")
+    need(x.dim() == 4, lambda: f"x must be (N, C, H, W), not rank {x.dim()}")
+    need(x.is_floating_point(), lambda: f"x must be floating point, not {x.dtype}")
     N, C, H, W = x.shape
     need(weight.dim() == 4 and tuple(weight.shape[1:]) == (C, 3, 3),
-         f"weight must be (K, {C}, 3, 3) for x's {C} channels (a 3x3 kernel, one group)")
+         lambda: f"weight must be (K, {C}, 3, 3) for x's {C} channels (a 3x3 kernel, one group)")
     K = weight.shape[0]
     expected = {"weight": tuple(weight.shape), "bias": (K,), "residual": (N, K, H, W)}
     for name, t in inputs.items():
         if t is None or name == "x":
             continue
-        need(isinstance(t, torch.Tensor), f"{name} must be a tensor or None")
-        need(t.device == x.device, f"{name} is on {t.device} but x is on {x.device}")
-        need(t.dtype == x.dtype, f"{name} has dtype {t.dtype} but x has {x.dtype} (one dtype, as F.conv2d)")
-        need(tuple(t.shape) == expected[name], f"{name} must have shape {expected[name]}")
-    need(isinstance(scale, (int, float)) and math.isfinite(scale), f"scale={scale!r} must be a finite number")
+        need(isinstance(t, torch.Tensor), lambda: f"{name} must be a tensor or None")
+        need(t.device == x.device, lambda: f"{name} is on {t.device} but x is on {x.device}")
+        need(t.dtype == x.dtype, lambda: f"{name} has dtype {t.dtype} but x has {x.dtype} (one dtype, as F.conv2d)")
+        need(tuple(t.shape) == expected[name], lambda: f"{name} must have shape {expected[name]}")
+    need(isinstance(scale, (int, float)) and math.isfinite(scale), lambda: f"scale={scale!r} must be a finite number")
 
 
 def _empty(x, weight):
