@@ -10,8 +10,9 @@ and 0.76x for SDXL at batch 2 (H200, paired timing, scripts/host_profile_step.py
 which way is faster, so it is measured whole, once per signature.
 
 How: the first call of a signature times the step both ways (tuning.MeasuredChoice with the current objective:
-warm-up calls, then CUDA events around each call, about 18 steps in all), keeps the faster, and stores it with the
-op choices in the per-GPU tuning file, so a later process measures nothing. "originals" runs every patched module's
+warm-up calls, then CUDA events around each call, the two ways in alternation so that the host's drift does not
+read as a difference between them (tuning.alternating_ms), about 18 steps in all), keeps the faster, and stores it
+with the op choices in the per-GPU tuning file, so a later process measures nothing. "originals" runs every patched module's
 original code (``patch.running_originals``), which is what the unpatched model runs. Under torch.compile, during a
 capture, with autograd recording or off the GPU nothing is measured and the patched modules run, as without this.
 The VAE has none: its decode is GPU-bound, where the patched modules are the faster (4.2x eager at 1024 px on an
@@ -54,7 +55,7 @@ class StepChoice(Shadowing):
     """A model method shadowed on the instance by one that runs it with the patched or the original modules."""
 
     def __init__(self, model: nn.Module, method: str):
-        self.choices = tuning.MeasuredChoice(f"step_{type(model).__name__}_{method}")
+        self.choices = tuning.MeasuredChoice(f"step_{type(model).__name__}_{method}", alternate=True)
         super().__init__(model, method)
 
     def __call__(self, *args, **kwargs):

@@ -56,20 +56,41 @@ def signature(*args) -> tuple:
     return tuple(parts)
 
 
+def _event_ms(fn: Callable[[], object]) -> float:
+    """One call of fn() in ms from its launch on an idle GPU to its end, host time included (CUDA events)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
 def cuda_event_ms(fn: Callable[[], object]) -> float:
     """Median time of fn() in ms, CUDA events around each call after a warm-up. Not benchmarking.bench_ms: its
     do_bench allocates an L2-flush buffer and runs for ~100 ms per call, too much inside a model's first call."""
     for _ in range(WARMUP_CALLS):
         fn()
-    times = []
-    for _ in range(TIMED_CALLS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return statistics.median(_event_ms(fn) for _ in range(TIMED_CALLS))
+
+
+def alternating_ms(ways: dict) -> dict:
+    """{name: ms} for {name: zero-argument callable}: each way's median time as cuda_event_ms takes it, but the ways
+    timed in alternation, one call of each per round and the order reversed every other round. A shared host's speed
+    drifts by tens of percent within seconds, which ways timed one after the other read as a difference between them
+    where a call is host-bound (a whole UNet step without CUDA graphs: sdkernels.step_choice). Under the "device"
+    objective (GPU time alone, no host in it) each way is timed by device_ms."""
+    if objective() == "device":
+        return {name: device_ms(run) for name, run in ways.items()}
+    for run in ways.values():
+        for _ in range(WARMUP_CALLS):
+            run()
+    times = {name: [] for name in ways}
+    order = list(ways)
+    for i in range(TIMED_CALLS):
+        for name in order if i % 2 == 0 else reversed(order):
+            times[name].append(_event_ms(ways[name]))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 OBJECTIVES = ("call", "device")
@@ -150,12 +171,14 @@ def cache_path() -> Path:
 class MeasuredChoice:
     """Choices among named ways of computing the same thing, one per input signature, measured where
     ``can_measure`` allows and stored under ``name`` in the per-GPU file. ``timer`` and ``can_measure`` are
-    replaceable for tests on machines without a GPU."""
+    replaceable for tests on machines without a GPU; ``alternate`` times the ways in alternation (alternating_ms), for
+    host-bound ways on a drifting host."""
 
     def __init__(self, name: str, timer: Callable = measure_ms, can_measure: Optional[Callable[..., bool]] = None,
-                 path: Optional[Path] = None):
+                 path: Optional[Path] = None, alternate: bool = False):
         self.name = name
         self.timer = timer
+        self.alternate = alternate  # with the default timer: time the ways in alternation (alternating_ms)
         self.can_measure = can_measure or _can_measure
         self.path = path
         self.choices: dict = {}
@@ -180,7 +203,10 @@ class MeasuredChoice:
         return choice
 
     def _measure(self, key, ways: dict) -> str:
-        times = {name: self.timer(run) for name, run in ways.items()}
+        if self.alternate and self.timer is measure_ms:
+            times = alternating_ms(ways)
+        else:
+            times = {name: self.timer(run) for name, run in ways.items()}
         choice = min(times, key=times.get)
         with _lock:
             self.choices[key] = choice

@@ -43,6 +43,7 @@ def test_patch_installs_a_step_choice_without_graphs_only():
     unpatch(unet)
     patch(unet)
     assert step_choice.installed(unet) is not None and "forward" in unet.__dict__
+    assert step_choice.installed(unet).choices.alternate  # the two ways timed in alternation (host drift)
     patch(unet.to(DEVICE), ops=[], cuda_graph=True)  # graphs replace it: replays are GPU time only
     assert step_choice.installed(unet) is None
     unpatch(unet)

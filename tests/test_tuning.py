@@ -157,6 +157,26 @@ def test_device_time_starts_from_a_cold_l2():
     assert tuning.device_ms(lambda: x.sum()) > floor_ms
 
 
+def test_alternating_times_take_the_ways_in_turn(monkeypatch, tmp_path):
+    """alternating_ms times one call of each way per round, the order reversed every other round (a drifting host
+    then slows both ways alike), and takes each way's median; a MeasuredChoice with alternate=True and the default
+    timer measures that way (the step choice's: tests/test_step_choice.py)."""
+    calls, clock = [], iter(range(100))
+    monkeypatch.setattr(tuning, "_event_ms", lambda run: (run(), float(next(clock)))[1])
+    ways = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    times = tuning.alternating_ms(ways)
+    warm = tuning.WARMUP_CALLS
+    timed = calls[2 * warm:]
+    assert calls[:2 * warm] == ["a"] * warm + ["b"] * warm
+    assert timed[:4] == ["a", "b", "b", "a"] and len(timed) == 2 * tuning.TIMED_CALLS
+    # a drifting host (the clock rises every call) leaves the two medians one call apart, not a round's span
+    assert abs(times["a"] - times["b"]) <= 1
+    choice = tuning.MeasuredChoice("alternating_test", can_measure=lambda *a: True, path=tmp_path / "t.json",
+                                   alternate=True)
+    monkeypatch.setattr(tuning, "alternating_ms", lambda ways: {"a": 2.0, "b": 1.0})
+    assert choice.choose((torch.zeros(2),), lambda: ways) == "b"
+
+
 def test_signature_keeps_what_decides_speed():
     x = torch.randn(4, 6)
     assert tuning.signature(x, 1e-5, True, 3) == tuning.signature(torch.randn(4, 6), 1e-6, True, 3)
