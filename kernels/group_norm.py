@@ -22,7 +22,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .._env import getenv
-from .utils import cdiv, multiprocessor_count, next_power_of_2, programmatic_dependent, fix_cache_keys
+from .utils import cdiv, multiprocessor_count, next_power_of_2, poisoned, programmatic_dependent, fix_cache_keys
 from .launch import cached_launch
 
 ONE_PASS_MAX = 65536     # largest group held in one program's registers; above it channels_last takes rows
@@ -542,7 +542,7 @@ def plan_for(shape, num_groups: int, strides, channels_last: bool) -> str:
 def finalize_partials(partials, K: int, eps: float) -> torch.Tensor:
     """(N*G, 2) fp32 (mean, rstd) per group from partials (3, N*G*K), K per group (see channel_partials)."""
     groups = partials.shape[1] // K
-    stats = torch.empty((groups, 2), device=partials.device, dtype=torch.float32)
+    stats = poisoned(torch.empty((groups, 2), device=partials.device, dtype=torch.float32))
     _finalize_kernel[(groups,)](partials, stats, K, partials.shape[1], eps, CHUNK=MERGE_CHUNK, num_warps=4)
     return stats
 
@@ -572,7 +572,7 @@ def _split_stats(x, G, eps, plan, sx, layout, shift=None):
         per_program = cdiv(row_tiles, max(1, cdiv(4 * multiprocessor_count(x.device), N)))
         programs = cdiv(row_tiles, per_program)
         K = programs * Cg
-        partials = torch.empty((3, N * G * K), device=x.device, dtype=torch.float32)
+        partials = poisoned(torch.empty((3, N * G * K), device=x.device, dtype=torch.float32))
         _rows_partials_kernel[(programs, N)](x, partials, sh, G, Cg, C, S, sx[0], sx[2], shN, shC, programs,
                                              per_program, N * G * K, BLOCK_S=block_s, BLOCK_C=block_c,
                                              num_warps=_warps(ROW_TILE), **shift_flag)
@@ -589,7 +589,7 @@ def _flat_partials(x, G, sx, layout, shift=None, pdl=None):
     S = x.numel() // (N * C)
     Cg = C // G
     tiles = cdiv(Cg * S, TILE)
-    partials = torch.empty((3, N * G * tiles), device=x.device, dtype=torch.float32)
+    partials = poisoned(torch.empty((3, N * G * tiles), device=x.device, dtype=torch.float32))
     _flat_partials_kernel[(N * G * tiles,)](x, partials, sh, G, Cg, S, *sx, shN, shC, tiles, N * G * tiles,
                                             TILE_SIZE=TILE, num_warps=_warps(TILE), **layout, **shift_flag,
                                             **(pdl or {}))
@@ -614,7 +614,7 @@ def group_norm_stats_triton(x, num_groups, eps, strides):
     Cg = C // num_groups
     plan = choose_plan(Cg, S, C, channels_last, dense_rows)
     if plan == "tile":
-        stats = torch.empty((N * num_groups, 2), device=x.device, dtype=torch.float32)
+        stats = poisoned(torch.empty((N * num_groups, 2), device=x.device, dtype=torch.float32))
         block_c, block_s = _tile_block(Cg, S)
         _tile_kernel[(N * num_groups,)](x, x, x, x, stats, x, num_groups, S, eps, *sx, *sx, *sx, 0, 0, CG=Cg,
                                         BLOCK_C=block_c, BLOCK_S=block_s, CHANNELS_FAST=dense_rows,

@@ -20,7 +20,7 @@ from .._env import getenv
 from .flash_attention import (HEAD_DIM_CHUNKS, LOG2E, _LOG2E, _accumulate_pv, _bh_base, _load_query, _log2_scores,
                               _program_tile, _scores, _store_output, dot_precision, launch_config, mask_kind,
                               chunk1_start, mask_strides, stride_unit, tail_mode, view_strides, _zero_accumulators)
-from .utils import cdiv, multiprocessor_count, programmatic_dependent, fix_cache_keys
+from .utils import cdiv, multiprocessor_count, poisoned, programmatic_dependent, fix_cache_keys
 from .launch import cached_launch
 
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -242,7 +242,7 @@ def _row_stat_partials(q, k, scale, mask, splits=None, config=None, pdl=False):
     splits = min(splits, n_key_blocks)
     fold_tail = tail_mode(d, Nk, block_n) == 1
     blocks_per_split = cdiv(n_key_blocks if fold_tail else Nk // block_n, splits)
-    partials = torch.empty((splits, B * H, N, 2), device=q.device, dtype=torch.float32)
+    partials = poisoned(torch.empty((splits, B * H, N, 2), device=q.device, dtype=torch.float32))
     unit = stride_unit(q, k)
     _attention_row_stats[(cdiv(N, block_m), B * H, splits)](
         q, k, mask if mask is not None else q, partials, H, N, Nk, float(scale) * LOG2E, blocks_per_split,
@@ -260,7 +260,7 @@ def attention_row_stats_triton(q, k, scale, mask, splits=None, config=None):
     if splits == 1:
         return partials[0]
     rows = partials[0].numel() // 2
-    stats = torch.empty_like(partials[0])
+    stats = poisoned(torch.empty_like(partials[0]))
     _merge_row_stats[(cdiv(rows, MERGE_BLOCK),)](partials, stats, rows, splits, BLOCK=MERGE_BLOCK, num_warps=4)
     return stats
 

@@ -77,3 +77,13 @@ def fix_cache_keys(module_globals: dict) -> None:
     for value in list(module_globals.values()):
         if isinstance(value, JITFunction) and value.fn.__module__ == module_globals["__name__"]:
             value.cache_key  # noqa: B018  (computed and kept on first access)
+
+
+def poisoned(out: torch.Tensor) -> torch.Tensor:
+    """``out`` itself, filled with NaN under SDKERNELS_POISON_OUTPUTS=1 (the tests set it), so that an element a
+    kernel forgets to write fails the comparison; the ops' outputs and the launchers' own buffers (statistics,
+    partials) go through it. (It fills the tensor it is given: allocating another output beside it would hold two
+    at once.)"""
+    if getenv("SDKERNELS_POISON_OUTPUTS") == "1":
+        out.fill_(float("nan"))
+    return out

@@ -85,10 +85,11 @@ def _run(name, requires_grad=False):
 @pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.enable_grad, torch.inference_mode])
 @pytest.mark.parametrize("name", CASES)
 def test_eager_call_runs_the_dispatch_directly(name, grad_mode, op_path_calls):
+    dispatch._last_backend.clear()
     with grad_mode():
         _run(name)
     assert op_path_calls == []
-    assert dispatch.last_backend(name) != "reference"
+    assert dispatch.last_backend(name) not in (None, "reference")  # a backend of ours ran this very call
 
 
 @pytest.mark.parametrize("name", CASES)

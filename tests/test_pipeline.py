@@ -75,8 +75,9 @@ def test_every_step_matches_unpatched(schedule, no_tf32):
     sdkernels.patch(unet)
     try:
         assert sum(summary(unet).replaced.values()) > 0
+        dispatch._last_backend.clear()
         outputs = unet_trajectory(unet, schedule, kwargs)
-        assert dispatch.last_backend("group_norm") != "reference"  # a kernel of ours ran, not the fallback
+        assert dispatch.last_backend("group_norm") in ("triton", "cuda")  # a kernel of ours ran, not the fallback
     finally:
         sdkernels.unpatch(unet)
     errors = step_errors(outputs, expected)

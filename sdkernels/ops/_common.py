@@ -7,9 +7,9 @@ import sys
 
 import torch
 
-from .._env import getenv
 from ..dispatch import PLAIN_TENSORS
 from ..kernels import utils as kernel_utils  # imports no Triton
+from ..kernels.utils import poisoned  # noqa: F401  (the ops import it from here)
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -120,13 +120,6 @@ def new_output(like: torch.Tensor, shape=None) -> torch.Tensor:
     return poisoned(torch.empty_like(like) if shape is None else like.new_empty(shape))
 
 
-def poisoned(out: torch.Tensor) -> torch.Tensor:
-    """``out`` itself, filled with NaN under SDKERNELS_POISON_OUTPUTS=1 (the tests set it), so that an element a
-    kernel forgets to write fails the comparison. (It fills the tensor it is given: allocating another output
-    beside it would hold two at once.)"""
-    if getenv("SDKERNELS_POISON_OUTPUTS") == "1":
-        out.fill_(float("nan"))
-    return out
 
 
 @functools.lru_cache(maxsize=None)  # asked on every call; an import statement costs microseconds
