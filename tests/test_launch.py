@@ -112,8 +112,15 @@ def test_cached_launches_compute_what_triton_computes(monkeypatch):
     import sdkernels
     h = torch.randn(2, 320, 17, 19, device="cuda", dtype=torch.float16).to(memory_format=torch.channels_last)
     w, b = torch.randn(320, device="cuda", dtype=torch.float16), torch.randn(320, device="cuda", dtype=torch.float16)
-    monkeypatch.setattr(launch, "ENABLED", False)
-    expected = sdkernels.group_norm(h, 32, w, b, 1e-5, silu=True)
-    monkeypatch.setattr(launch, "ENABLED", True)
-    for _ in range(3):
-        assert torch.equal(sdkernels.group_norm(h, 32, w, b, 1e-5, silu=True), expected)
+    import sdkernels.kernels.group_norm as gn
+    kernels = [k for k in vars(gn).values() if isinstance(k, CachedLaunchJITFunction)]
+    for k in kernels:
+        k.__dict__.pop("_launches", None)
+    with sdkernels.use_backend("triton", op="group_norm", strict=True):  # the Triton kernels, not the CUDA one
+        monkeypatch.setattr(launch, "ENABLED", False)
+        expected = sdkernels.group_norm(h, 32, w, b, 1e-5, silu=True)
+        assert not any(k.__dict__.get("_launches") for k in kernels)  # Triton's own path remembers nothing here
+        monkeypatch.setattr(launch, "ENABLED", True)
+        for _ in range(3):
+            assert torch.equal(sdkernels.group_norm(h, 32, w, b, 1e-5, silu=True), expected)
+    assert any(k.__dict__.get("_launches") for k in kernels)  # the calls went through the cache
