@@ -12,9 +12,10 @@ which way is faster, so it is measured whole, once per signature.
 How: the first call of a signature times the step both ways (tuning.MeasuredChoice with the current objective:
 warm-up calls, then CUDA events around each call, the two ways in alternation so that the host's drift does not
 read as a difference between them (tuning.alternating_ms), about 18 steps in all), keeps the faster, and stores it
-with the op choices in the per-GPU tuning file, so a later process measures nothing. "originals" runs every patched module's
-original code (``patch.running_originals``), which is what the unpatched model runs. Under torch.compile, during a
-capture, with autograd recording or off the GPU nothing is measured and the patched modules run, as without this.
+with the op choices in the per-GPU tuning file, so a later process measures nothing. "originals" runs every patched
+module's original code (``patch.running_originals``), which is what the unpatched model runs. Under torch.compile,
+during a capture, with autograd recording or off the GPU nothing is measured and the patched modules run, as without
+this.
 The VAE has none: its decode is GPU-bound, where the patched modules are the faster (4.2x eager at 1024 px on an
 H200), and measuring it would cost seconds of decodes.
 """

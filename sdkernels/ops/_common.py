@@ -120,8 +120,6 @@ def new_output(like: torch.Tensor, shape=None) -> torch.Tensor:
     return poisoned(torch.empty_like(like) if shape is None else like.new_empty(shape))
 
 
-
-
 @functools.lru_cache(maxsize=None)  # asked on every call; an import statement costs microseconds
 def triton_available():
     """None where Triton can be imported, else why not (a Backend's ``available``)."""
