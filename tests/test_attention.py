@@ -2,6 +2,7 @@
 
 The accuracy criterion is the flash-attention repo's: our max error against the high-precision reference is at most
 twice eager PyTorch's (math attention in the input dtype) plus a small slack."""
+import contextlib
 import os
 import warnings
 from unittest import mock
@@ -312,16 +313,22 @@ def test_programmatic_launch_rule(monkeypatch):
 
 # ---- the descriptor (TMA) flash kernel ------------------------------------------------------------------------
 
-@pytest.fixture
-def tma_runs(monkeypatch):
-    """Force the flash backend's descriptor kernel wherever it can run (SDKERNELS_FLASH_TMA=1; on the CPU the
-    interpreter runs it) and count its launches."""
+@contextlib.contextmanager
+def counting_tma_launches():
+    """The flash backend's descriptor kernel forced wherever it can run (SDKERNELS_FLASH_TMA=1; on the CPU the
+    interpreter runs it), its launches counted in the list yielded."""
     from sdkernels.kernels import flash_attention_tma as ft
-    monkeypatch.setenv("SDKERNELS_FLASH_TMA", "1")
     launches = []
     launch = ft.flash_attention_tma
-    monkeypatch.setattr(ft, "flash_attention_tma", lambda *a, **kw: launches.append(1) or launch(*a, **kw))
-    return launches
+    with mock.patch.dict(os.environ, {"SDKERNELS_FLASH_TMA": "1"}), \
+            mock.patch.object(ft, "flash_attention_tma", lambda *a, **kw: launches.append(1) or launch(*a, **kw)):
+        yield launches
+
+
+@pytest.fixture
+def tma_runs():
+    with counting_tma_launches() as launches:
+        yield launches
 
 
 TMA_HEAD_DIMS = [40, 64, 80, 160]
@@ -354,10 +361,11 @@ def test_flash_descriptor_kernel_properties(batch, heads, n, nk, d, dtype, layou
     note(what)
     from sdkernels.kernels.flash_attention_tma import use_tma
     q, k, v, h = make_qkv(batch, heads, n, nk, d, dtype, layout)
-    with mock.patch.dict(os.environ, {"SDKERNELS_FLASH_TMA": "1"}):
+    with counting_tma_launches() as launches:
         q4, k4, v4 = (as_bhnd(t, h) for t in (q, k, v))
         assert use_tma(q4, k4, v4, torch.empty_like(q4), None), what
         check("flash", q, k, v, None, h, what=what)
+    assert launches == [1], f"{what}: the descriptor kernel ran {len(launches)} times, not once"
 
 
 @pytest.mark.parametrize("one_chunk", ["40,80", ""])

@@ -226,8 +226,23 @@ def test_every_tile_config(config, dtype):
     try:
         linear_geglu_triton(x, w, b, out, approximate_tanh=False, config=config)
     except OutOfResources as e:  # our estimate missed what Triton allocates; the autotuner would drop it too
+        if dtype != torch.float32:
+            raise  # in 16 bits every config must run (test_16_bit_configs_fit_this_gpu)
         pytest.skip(f"{config} in {dtype}: {e}")
     assert_close(out, reference64(x, w, b), dtype, reduction_size=200, what=f"config {config}")
+
+
+@pytest.mark.gpu
+def test_16_bit_configs_fit_this_gpu():
+    """The configs the autotuner offers all fit an sm_80/sm_90 GPU's shared memory in fp16 and bf16 (so that
+    test_every_tile_config runs them all, not skips them); fp32 (twice the bytes) keeps its default and some more."""
+    from sdkernels.kernels.linear_geglu import DEFAULT_CONFIGS, default_config, fits
+    device = torch.device(DEVICE)
+    for dtype in (torch.float16, torch.bfloat16):
+        assert [str(c) for c in EVERY_CONFIG if not fits(c, dtype, device)] == [], dtype
+        assert default_config(dtype, device) is DEFAULT_CONFIGS[0]
+    assert fits(default_config(torch.float32, device), torch.float32, device)
+    assert sum(fits(c, torch.float32, device) for c in EVERY_CONFIG) >= len(EVERY_CONFIG) // 2
 
 
 @pytest.mark.skipif(GPU, reason="CPU lane: the TMA branch in the interpreter (the GPU lane runs every TMA config)")
@@ -343,13 +358,26 @@ def test_plans_round_trip_through_their_stored_names():
 
 @pytest.mark.gpu
 def test_fp32_follows_torch_tf32_setting():
+    """TF32 off: IEEE fp32 dots within fp32's tolerance. TF32 on: the kernel's dots take TF32 as torch's matmul
+    does, and its error is of the size of torch's own TF32 linear, not more."""
+    from sdkernels.kernels.linear_geglu import input_precision
     x, w, b = make_case((300,), 512, 256, torch.float32)
     previous = torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = False
+        assert input_precision(torch.float32) == "ieee"
         check(x, w, b)  # fp32 tolerance: must be IEEE fp32, not tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert input_precision(torch.float32) == "tf32"
+        with sdkernels.use_backend("triton", op="linear_geglu", strict=True):
+            out = linear_geglu(x, w, b)
+        a, g = torch.nn.functional.linear(x, w, b).chunk(2, dim=-1)
+        eager_tf32 = a * torch.nn.functional.gelu(g)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
+    expected = reference64(x, w, b)
+    ours, torchs = relative_error(out, expected), relative_error(eager_tf32, expected)
+    assert 1e-5 < torchs and ours <= 2 * torchs, f"TF32 error {ours:.2e}, torch's TF32 linear {torchs:.2e}"
 
 
 def _capture(fn):
