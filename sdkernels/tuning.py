@@ -212,6 +212,7 @@ class MeasuredChoice:
             self.choices[key] = choice
             self.timings[key] = times
             self._save()
+        self._changed()
         return choice
 
     def _file(self) -> Path:
@@ -227,6 +228,10 @@ class MeasuredChoice:
             return
         for entry in stored:
             self.choices.setdefault(_as_key(entry["signature"]), entry["choice"])
+        self._changed()
+
+    def _changed(self) -> None:
+        """Called after choices were added."""
 
     def _save(self) -> None:
         path = self._file()
@@ -262,11 +267,26 @@ class MeasuredChooser(MeasuredChoice):
                 backend.release(*args)
         return choice
 
-    # dispatch remembers a selection per objective, and only once it was measured (the rule's answer is provisional)
-    scope = staticmethod(objective)
+    # dispatch remembers a selection per objective and per whether measuring is off, and only once it is final: the
+    # measured choice, or the rule's answer where the default can_measure never measures these inputs (measuring off,
+    # or no CUDA tensor first: the device is in dispatch's call key). A choice added later can answer for a remembered
+    # signature (signatures leave out the device), so it makes the op select afresh (_changed).
+    @staticmethod
+    def scope():
+        return objective(), _measuring_off()
 
     def settled(self, *args) -> bool:
-        return (objective(),) + signature(*args) in self.choices
+        if (objective(),) + signature(*args) in self.choices:
+            return True
+        if self.can_measure is not _can_measure:
+            return False
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        return _measuring_off() or first is None or not first.is_cuda
+
+    def _changed(self) -> None:
+        op = dispatch.ops().get(self.op_name)
+        if op is not None:
+            op.forget_selections()
 
     def _ways(self, args, timed: list) -> dict:
         op = dispatch.ops()[self.op_name]
@@ -305,8 +325,12 @@ def _as_key(value):
 _enabled = [False]  # set by enable(): measuring is what patch() asks for (tune=True), not a side effect of importing
 
 
+def _measuring_off() -> bool:
+    return not _enabled[0] or getenv("SDKERNELS_TUNING", "1") == "0"
+
+
 def _can_measure(*args) -> bool:
-    if not _enabled[0] or getenv("SDKERNELS_TUNING", "1") == "0":
+    if _measuring_off():
         return False
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     if not tensors or not tensors[0].is_cuda:
@@ -318,7 +342,8 @@ def _can_measure(*args) -> bool:
 
 def enable(op_names=None) -> dict:
     """Install a measured chooser on the given ops (default: every op but those that write into their inputs), each
-    keeping the op's own rule for what it has not measured; returns {op name: chooser}. Idempotent. From then on other MeasuredChoices may measure too."""
+    keeping the op's own rule for what it has not measured; returns {op name: chooser}. Idempotent. From then on
+    other MeasuredChoices may measure too."""
     _enabled[0] = True
     installed = {}
     for name, op in dispatch.ops().items():

@@ -199,6 +199,20 @@ def test_never_measures_on_cpu_or_when_turned_off(monkeypatch):
         assert not tuning._can_measure(x)
 
 
+def test_the_rules_answer_is_remembered_where_nothing_can_be_measured(fake_op, tmp_path):
+    """On a CPU input (or with measuring off) the default can_measure never measures: dispatch remembers the rule's
+    answer, until a choice measured for the same signature (signatures leave out the device) would answer instead."""
+    rule_calls = []
+    fake_op.chooser = choose = tuning.MeasuredChooser(OP, rule=lambda x: rule_calls.append(x) or "slow",
+                                                      path=tmp_path / "t.json")
+    x = torch.randn(4, 5)
+    assert choose.settled(x) and fake_op(x) == "slow" and fake_op(x) == "slow" and len(rule_calls) == 1
+    choose.choices[("call",) + tuning.signature(x)] = "fast"
+    choose._changed()  # as after a measurement
+    assert fake_op(x) == "fast" and len(rule_calls) == 1
+    assert not tuning.MeasuredChooser(OP, can_measure=lambda *a: False).settled(torch.randn(3))  # its own: unknown
+
+
 def test_enable_keeps_each_ops_rule_and_is_idempotent(fake_op):
     rule = lambda x: "slow"  # noqa: E731
     fake_op.chooser = rule
