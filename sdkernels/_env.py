@@ -20,11 +20,12 @@ def _dict_reader():
     keys = {}
 
     def getenv(name: str, default=None):
-        key = keys.get(name)
-        if key is None:
+        # Subscripts and `in`, not dict.get: no calls of their own (most variables read here are unset).
+        try:
+            key = keys[name]
+        except KeyError:
             key = keys[name] = encode(name)
-        value = data.get(key)
-        return default if value is None else decode(value)
+        return decode(data[key]) if key in data else default
 
     return getenv
 
