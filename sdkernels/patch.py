@@ -287,21 +287,32 @@ def must_run_original(*tensors) -> bool:
     if _originals.on:
         return True
     # Plain loops: torch.compile (2.11) cannot trace bool() of a list.
+    grad = torch.is_grad_enabled()
     first = None
     for t in tensors:
         if t is None:
             continue
-        if torch.is_grad_enabled() and t.requires_grad:
+        if grad and t.requires_grad:
             return True
         first = t if first is None else first
     return first is not None and _autocast_enabled(first.device.type)
 
 
-def _autocast_enabled(device_type: str) -> bool:
+def _autocast_enabled_before_2_4(device_type: str) -> bool:
+    """torch before 2.4 took no device type: the flag was CUDA's, and CPU had its own."""
+    return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+def _takes_device_type() -> bool:
     try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch before 2.4 took no device type: the flag was CUDA's, and CPU had its own
-        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+        torch.is_autocast_enabled("cpu")
+    except TypeError:
+        return False
+    return True
+
+
+# Asked on every patched module's call: torch's own function where it takes a device type, without a wrapper.
+_autocast_enabled = torch.is_autocast_enabled if _takes_device_type() else _autocast_enabled_before_2_4
 
 
 def _replaced_by(module) -> str:
