@@ -34,6 +34,8 @@ MAX_SELECTIONS = 4096
 # Tensor types a backend may run directly on (a Parameter is a plain tensor to the kernels); any other subclass (a
 # fake or functional tensor, DTensor, ...) goes through torch.ops, where its own dispatch handles it.
 PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+# Argument types known not to be tensors: keyed without an isinstance check.
+SCALARS = (int, float, bool, str, type(None))
 
 
 class SdkernelsFallbackWarning(UserWarning):
@@ -128,10 +130,14 @@ class Op:
 
     def __call__(self, *args):
         key = self._call_key(args)
-        try:
-            selection = self._selections.get(key) if key is not None else None
-        except TypeError:  # an unhashable argument (a list, say): selected each time
-            key = selection = None
+        selection = None
+        if key is not None:
+            try:
+                selection = self._selections[key]
+            except KeyError:
+                pass
+            except TypeError:  # an unhashable argument (a list, say): selected each time
+                key = None
         if selection is None:
             selection = self._select(args)
             if key is not None and self._settled(args):
@@ -149,17 +155,18 @@ class Op:
 
     def _call_key(self, args):
         """What the selection depends on (see the module docstring), or None where it must not be remembered."""
-        if getattr(_local, "stack", None) or getenv("SDKERNELS_BACKEND"):
+        if _local.stack or getenv("SDKERNELS_BACKEND"):
             return None
         scope = getattr(self._chooser, "scope", None)
         parts = [scope() if scope is not None else None, self.scope() if self.scope is not None else None]
         for a in args:
-            if isinstance(a, torch.Tensor):
-                if type(a) not in PLAIN_TENSORS:
-                    return None
+            cls = type(a)
+            if cls in PLAIN_TENSORS:
                 parts.append((a.dtype, a.shape, a.stride(), a.device, a.data_ptr() % 16))
+            elif cls not in SCALARS and isinstance(a, torch.Tensor):
+                return None
             else:  # with its type: 1, 1.0 and True are one dict key, but a check may tell them apart
-                parts.append((a.__class__, a))
+                parts.append((cls, a))
         return tuple(parts)
 
     def _settled(self, args) -> bool:
@@ -173,7 +180,11 @@ class Op:
 _ops: dict[str, Op] = {}
 _last_backend: dict[str, str] = {}
 _warned: set = set()
-_local = threading.local()
+class _Local(threading.local):
+    stack = ()  # a class default: read on every op call, without getattr's call
+
+
+_local = _Local()
 
 
 def define(name: str, reference: Callable, scope: Optional[Callable[[], object]] = None, in_place: bool = False) -> Op:
@@ -205,8 +216,8 @@ def last_backend(op_name: str) -> str | None:
 @contextlib.contextmanager
 def use_backend(name: str, op: str | None = None, strict: bool = False):
     """Force a backend (for one op, or all) inside the block."""
-    stack = getattr(_local, "stack", [])
-    _local.stack = stack + [(op, name, strict)]
+    stack = _local.stack
+    _local.stack = stack + ((op, name, strict),)
     try:
         yield
     finally:
@@ -219,7 +230,7 @@ def forced_backend(op_name: str) -> str | None:
 
 
 def _forced(op_name: str):
-    for op, name, strict in reversed(getattr(_local, "stack", ())):
+    for op, name, strict in reversed(_local.stack):
         if op is None or op == op_name:
             return name, strict
     env = getenv("SDKERNELS_BACKEND", "").strip()

@@ -273,7 +273,7 @@ class MeasuredChooser(MeasuredChoice):
     # signature (signatures leave out the device), so it makes the op select afresh (_changed).
     @staticmethod
     def scope():
-        return objective(), _measuring_off()
+        return _objective.value, _measuring_off()
 
     def settled(self, *args) -> bool:
         if (objective(),) + signature(*args) in self.choices:

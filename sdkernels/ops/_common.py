@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from ..dispatch import PLAIN_TENSORS
+from ..dispatch import PLAIN_TENSORS, SCALARS
 from ..kernels import utils as kernel_utils  # imports no Triton
 from ..kernels.utils import poisoned  # noqa: F401  (the ops import it from here)
 
@@ -30,7 +30,11 @@ def _nothing_intercepts(args) -> bool:
         return False
     grad = torch.is_grad_enabled()
     for a in args:
-        if isinstance(a, torch.Tensor) and (type(a) not in PLAIN_TENSORS or (grad and a.requires_grad)):
+        cls = type(a)
+        if cls in PLAIN_TENSORS:
+            if grad and a.requires_grad:
+                return False
+        elif cls not in SCALARS and isinstance(a, torch.Tensor):
             return False
     return True
 
