@@ -157,17 +157,14 @@ class Op:
         """What the selection depends on (see the module docstring), or None where it must not be remembered."""
         if _local.stack or getenv("SDKERNELS_BACKEND"):
             return None
+        # Each argument's part, None for a tensor subclass (a fake or functional tensor, ...), which is not keyed; the
+        # others with their type: 1, 1.0 and True are one dict key, but a check may tell them apart.
+        parts = [(a.dtype, a.shape, a.stride(), a.device, a.data_ptr() % 16) if type(a) in PLAIN_TENSORS
+                 else (type(a), a) if type(a) in SCALARS or not isinstance(a, torch.Tensor) else None for a in args]
+        if None in parts:
+            return None
         scope = getattr(self._chooser, "scope", None)
-        parts = [scope() if scope is not None else None, self.scope() if self.scope is not None else None]
-        for a in args:
-            cls = type(a)
-            if cls in PLAIN_TENSORS:
-                parts.append((a.dtype, a.shape, a.stride(), a.device, a.data_ptr() % 16))
-            elif cls not in SCALARS and isinstance(a, torch.Tensor):
-                return None
-            else:  # with its type: 1, 1.0 and True are one dict key, but a check may tell them apart
-                parts.append((cls, a))
-        return tuple(parts)
+        return (scope() if scope is not None else None, self.scope() if self.scope is not None else None, *parts)
 
     def _settled(self, args) -> bool:
         settled = getattr(self._chooser, "settled", None)
