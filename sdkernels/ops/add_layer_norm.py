@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dispatch
-from ._common import (KERNEL_DTYPES, call_op, kernels, new_output, requirements, triton_available,
+from ._common import (KERNEL_DTYPES, call_op, fail, kernels, new_output, triton_available,
                       triton_device_why_not)
 from .group_norm import compute_dtype
 
@@ -41,27 +41,42 @@ def add_layer_norm_reference(x, residual, weight=None, bias=None, eps=1e-5):
 
 
 def check_inputs(x, residual, weight, bias, eps) -> None:
-    inputs = dict(x=x, residual=residual, weight=weight, bias=bias)
-    need = requirements(OP, **inputs)
+    reason = _invalid(x, residual, weight, bias, eps)
+    if reason is not None:
+        fail(OP, reason, x=x, residual=residual, weight=weight, bias=bias)
 
-    need(isinstance(x, torch.Tensor), "x must be a tensor")
-    need(x.is_floating_point(), lambda: f"x must be floating point, not {x.dtype}")
-    need(x.dim() >= 2, lambda: f"x must be (..., C) with at least 2 dims (rows of C), not rank {x.dim()}")
-    need(isinstance(residual, torch.Tensor), "residual must be a tensor")
-    need(tuple(residual.shape) == tuple(x.shape), lambda: f"residual must have x's shape {tuple(x.shape)}")
-    need(residual.dtype == x.dtype, lambda: f"residual has dtype {residual.dtype} but x has {x.dtype} (one dtype: no "
-                                    "promotion)")
-    need(residual.device == x.device, lambda: f"residual is on {residual.device} but x is on {x.device}")
+
+def _invalid(x, residual, weight, bias, eps) -> Optional[str]:
+    """Why these inputs are invalid, or None (plain tests: they run on every call)."""
+    if not isinstance(x, torch.Tensor):
+        return "x must be a tensor"
+    if not x.is_floating_point():
+        return f"x must be floating point, not {x.dtype}"
+    if x.dim() < 2:
+        return f"x must be (..., C) with at least 2 dims (rows of C), not rank {x.dim()}"
+    if not isinstance(residual, torch.Tensor):
+        return "residual must be a tensor"
+    if tuple(residual.shape) != tuple(x.shape):
+        return f"residual must have x's shape {tuple(x.shape)}"
+    if residual.dtype != x.dtype:
+        return f"residual has dtype {residual.dtype} but x has {x.dtype} (one dtype: no promotion)"
+    if residual.device != x.device:
+        return f"residual is on {residual.device} but x is on {x.device}"
     C = x.shape[-1]
     for name, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue
-        need(isinstance(t, torch.Tensor), lambda: f"{name} must be a tensor or None")
-        need(tuple(t.shape) == (C,), lambda: f"{name} must have shape ({C},) for rows of {C}")
-        need(t.dtype == x.dtype, lambda: f"{name} has dtype {t.dtype} but x has {x.dtype} (one dtype: no promotion)")
-        need(t.device == x.device, lambda: f"{name} is on {t.device} but x is on {x.device}")
-    need(isinstance(eps, (int, float)) and not isinstance(eps, bool) and math.isfinite(eps) and eps >= 0,
-         lambda: f"eps={eps!r} must be a finite non-negative number")
+        if not isinstance(t, torch.Tensor):
+            return f"{name} must be a tensor or None"
+        if tuple(t.shape) != (C,):
+            return f"{name} must have shape ({C},) for rows of {C}"
+        if t.dtype != x.dtype:
+            return f"{name} has dtype {t.dtype} but x has {x.dtype} (one dtype: no promotion)"
+        if t.device != x.device:
+            return f"{name} is on {t.device} but x is on {x.device}"
+    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and math.isfinite(eps) and eps >= 0):
+        return f"eps={eps!r} must be a finite non-negative number"
+    return None
 
 
 # ---- triton backend -------------------------------------------------------------------------------------------

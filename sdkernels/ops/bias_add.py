@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from .. import dispatch
-from ._common import KERNEL_DTYPES, call_op, kernels, requirements, triton_available, triton_device_why_not
+from ._common import KERNEL_DTYPES, call_op, fail, kernels, triton_available, triton_device_why_not
 from .group_norm import compute_dtype
 
 OP = "add_bias_residual_"
@@ -34,21 +34,32 @@ def add_bias_residual_reference(y, bias=None, residual=None, scale=1.0):
 
 
 def check_inputs(y, bias, residual, scale) -> None:
-    inputs = dict(y=y, bias=bias, residual=residual)
-    need = requirements(OP, **inputs)
+    reason = _invalid(y, bias, residual, scale)
+    if reason is not None:
+        fail(OP, reason, y=y, bias=bias, residual=residual)
 
-    need(isinstance(y, torch.Tensor), "y must be a tensor")
-    need(y.dim() >= 2 and y.is_floating_point(), "y must be a floating-point (N, C, ...) tensor")
-    expected = {"bias": (y.shape[1],), "residual": tuple(y.shape)}
-    for name in ("bias", "residual"):
-        t = inputs[name]
+
+def _invalid(y, bias, residual, scale) -> Optional[str]:
+    """Why these inputs are invalid, or None (plain tests: they run on every call)."""
+    if not isinstance(y, torch.Tensor):
+        return "y must be a tensor"
+    if not (y.dim() >= 2 and y.is_floating_point()):
+        return "y must be a floating-point (N, C, ...) tensor"
+    for name, t in (("bias", bias), ("residual", residual)):
         if t is None:
             continue
-        need(isinstance(t, torch.Tensor), lambda: f"{name} must be a tensor or None")
-        need(tuple(t.shape) == expected[name], lambda: f"{name} must have shape {expected[name]}")
-        need(t.dtype == y.dtype, lambda: f"{name} has dtype {t.dtype} but y has {y.dtype} (one dtype: no promotion)")
-        need(t.device == y.device, lambda: f"{name} is on {t.device} but y is on {y.device}")
-    need(isinstance(scale, (int, float)) and math.isfinite(scale), lambda: f"scale={scale!r} must be a finite number")
+        if not isinstance(t, torch.Tensor):
+            return f"{name} must be a tensor or None"
+        expected = (y.shape[1],) if name == "bias" else tuple(y.shape)
+        if tuple(t.shape) != expected:
+            return f"{name} must have shape {expected}"
+        if t.dtype != y.dtype:
+            return f"{name} has dtype {t.dtype} but y has {y.dtype} (one dtype: no promotion)"
+        if t.device != y.device:
+            return f"{name} is on {t.device} but y is on {y.device}"
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        return f"scale={scale!r} must be a finite number"
+    return None
 
 
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
