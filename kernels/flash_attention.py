@@ -300,8 +300,11 @@ def stride_unit(*tensors) -> int:
     """16 bytes in elements if every batch, head and token stride of the (B, H, tokens, d) views is a multiple of
     it, else 1: the kernels take those strides divided by this unit (see the module docstring)."""
     unit = 16 // tensors[0].element_size()
-    ok = all(s % unit == 0 for t in tensors for s in t.stride()[:3])
-    return unit if ok else 1
+    for t in tensors:  # plain loops: this runs on every launch, and a generator costs a call per item
+        for s in t.stride()[:3]:
+            if s % unit:
+                return 1
+    return unit
 
 
 def view_strides(t, unit):

@@ -526,7 +526,10 @@ def choose_plan(Cg: int, S: int, C: int, channels_last: bool, dense_rows: bool) 
 
 def _channels_dense(*strides) -> bool:
     """Whether every one of these (sN, sC, sS) triples has channel stride 1."""
-    return all(st[1] == 1 for st in strides)
+    for st in strides:  # a plain loop: this runs on every launch, and a generator costs a call per item
+        if st[1] != 1:
+            return False
+    return True
 
 
 def plan_for(shape, num_groups: int, strides, channels_last: bool) -> str:
@@ -597,7 +600,12 @@ def _flat_partials(x, G, sx, layout, shift=None, pdl=None):
 
 
 def _layout_flags(channels_last, *tensors):
-    return dict(CHANNELS_LAST=channels_last, FLAT=all(t is None or t.is_contiguous() for t in tensors))
+    flat = True
+    for t in tensors:  # a plain loop, as in _channels_dense
+        if t is not None and not t.is_contiguous():
+            flat = False
+            break
+    return dict(CHANNELS_LAST=channels_last, FLAT=flat)
 
 
 def group_norm_stats_triton(x, num_groups, eps, strides):

@@ -15,9 +15,16 @@ def interpreting() -> bool:
 
 def device_ok(*tensors) -> bool:
     """Triton runs CUDA tensors, or CPU tensors under the interpreter."""
+    # Plain loops: this runs on every call, and a generator costs a call per item.
     if interpreting():
-        return all(t is None or t.device.type == "cpu" for t in tensors)
-    return all(t is None or t.is_cuda for t in tensors)  # is_cuda: a tenth of device.type's cost
+        for t in tensors:
+            if t is not None and t.device.type != "cpu":
+                return False
+        return True
+    for t in tensors:
+        if t is not None and not t.is_cuda:  # is_cuda: a tenth of device.type's cost
+            return False
+    return True
 
 
 def multiprocessor_count(device: torch.device) -> int:
@@ -59,7 +66,8 @@ def cdiv(a: int, b: int) -> int:
 
 def next_power_of_2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1), as triton.next_power_of_2."""
-    return 1 << (max(int(n), 1) - 1).bit_length()
+    n = int(n)
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 def fix_cache_keys(module_globals: dict) -> None:

@@ -84,7 +84,7 @@ class LinearGroup:
         return True
 
     def _current_pointers(self) -> tuple:
-        return tuple(t.data_ptr() for t in self._parameters())
+        return tuple([t.data_ptr() for t in self._parameters()])  # a list, not a generator: one call, not one an item
 
     def _parameters(self) -> list:
         params = [m.weight for m in self.members]

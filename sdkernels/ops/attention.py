@@ -94,7 +94,7 @@ def _sdpa_fallback(q, k, v, scale, attn_mask, heads):
     N x Nk fp32 reference, which would not fit in memory at SD sizes), in the op's output layout. For a contiguous
     (B, N, H*d) q that is what AttnProcessor2_0 makes of SDPA's output (transpose, reshape: no copy where SDPA wrote
     (B, N, H, d) memory); otherwise a copy into output_like."""
-    q4, k4, v4 = (as_bhnd(t, heads) for t in (q, k, v))
+    q4, k4, v4 = as_bhnd(q, heads), as_bhnd(k, heads), as_bhnd(v, heads)
     mask = attn_mask
     if mask is not None and mask.dtype != torch.bool and mask.dtype != q.dtype:
         mask = mask.to(q.dtype)
@@ -211,7 +211,7 @@ def _triton_why_not(q, k, v, scale, attn_mask, heads):
 
 def _run_on_views(kernel, q, k, v, scale, attn_mask, heads, **kwargs):
     out = output_like(q, v, heads)
-    q4, k4, v4, o4 = (as_bhnd(t, heads) for t in (q, k, v, out))
+    q4, k4, v4, o4 = as_bhnd(q, heads), as_bhnd(k, heads), as_bhnd(v, heads), as_bhnd(out, heads)
     kernel(q4, k4, v4, o4, float(scale), broadcast_mask(attn_mask, q4, k4), **kwargs)
     return out
 
