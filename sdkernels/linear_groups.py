@@ -165,12 +165,13 @@ def project(module: nn.Module, x: torch.Tensor, plus: Optional[torch.Tensor] = N
     if entry is not None:
         group, index = entry
         if (plus is group.extras[index] and type(module) is nn.Linear and not module._forward_hooks
-                and not module._forward_pre_hooks and isinstance(x, torch.Tensor)
-                and x.dtype == module.weight.dtype and x.device == module.weight.device
-                and x.dim() >= 1 and x.shape[-1] == module.in_features
-                and not torch.compiler.is_compiling() and not must_run_original(x, module.weight)):
-            out = group.output(index, x)
-            if out is not None:
-                return out
+                and not module._forward_pre_hooks and isinstance(x, torch.Tensor)):
+            weight = module.weight  # once: a Module attribute lookup is a Python call
+            if (x.dtype == weight.dtype and x.device == weight.device
+                    and x.dim() >= 1 and x.shape[-1] == module.in_features
+                    and not torch.compiler.is_compiling() and not must_run_original(x, weight)):
+                out = group.output(index, x)
+                if out is not None:
+                    return out
     out = module(x)
     return out if plus is None else out + plus

@@ -75,6 +75,7 @@ def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
             or (self.time_embedding_norm == "scale_shift" and temb is None)
             or must_run_original(input_tensor, temb, norm1.weight, norm1.bias, norm2.weight, norm2.bias)):
         return original_forward(self)(input_tensor, temb, *args, **kwargs)
+    conv1, conv2 = self.conv1, self.conv2  # once each: a submodule lookup is a Python call (Module.__getattr__)
     if (banded.wants_bands(self, input_tensor) and _bands_fit(self)
             and (temb is None or temb.dtype == input_tensor.dtype)):  # (the bands add temb in place)
         return banded.resnet_forward(self, input_tensor, temb)
@@ -101,18 +102,18 @@ def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
     if bias_joined or _folds_bias_into_temb(self, hidden_states, temb):
         # conv1's bias joins the time embedding, and both join norm2's input as it is read (a per-(sample, channel)
         # shift): no pass over the activation for either (PyTorch adds a conv's bias in a strided pass of its own)
-        hidden_states = conv_without_bias(self.conv1, hidden_states)
+        hidden_states = conv_without_bias(conv1, hidden_states)
         if not bias_joined:
-            temb = temb + self.conv1.bias[:, None, None]
+            temb = temb + conv1.bias[:, None, None]
         if temb.shape[0] == hidden_states.shape[0]:
             shift = temb.flatten(1)
     elif (temb is None and self.time_embedding_norm != "scale_shift"
-          and _conv_bias_foldable(self.conv1, hidden_states)):
+          and _conv_bias_foldable(conv1, hidden_states)):
         # no time embedding (the VAE's blocks): conv1's bias alone is norm2's shift, broadcast over the batch
-        hidden_states = conv_without_bias(self.conv1, hidden_states)
-        shift = self.conv1.bias.expand(hidden_states.shape[0], -1)
+        hidden_states = conv_without_bias(conv1, hidden_states)
+        shift = conv1.bias.expand(hidden_states.shape[0], -1)
     else:
-        hidden_states = self.conv1(hidden_states)
+        hidden_states = conv1(hidden_states)
 
     if self.time_embedding_norm == "scale_shift":  # scale and shift sit between norm2 and the SiLU
         time_scale, time_shift = torch.chunk(temb, 2, dim=1)
@@ -126,26 +127,26 @@ def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
 
     hidden_states = self.dropout(hidden_states)
     shortcut_done = False
-    if (conv3x3_takes(self.conv2, hidden_states)  # the conv3x3 patcher took conv2: the shortcut joins its epilogue
-            and not (self.conv2._forward_hooks or self.conv2._forward_pre_hooks)):  # (hooks: conv2 is called)
+    if (conv3x3_takes(conv2, hidden_states)  # the conv3x3 patcher took conv2: the shortcut joins its epilogue
+            and not (conv2._forward_hooks or conv2._forward_pre_hooks)):  # (hooks: conv2 is called)
         input_tensor, shortcut_done = _shortcut(self, input_tensor), True
         if (input_tensor.dtype == hidden_states.dtype
-                and input_tensor.shape == (hidden_states.shape[0], self.conv2.out_channels, *hidden_states.shape[2:])):
-            return conv_plus_residual(self.conv2, hidden_states, input_tensor, 1.0 / self.output_scale_factor)
-    bias_joins_shortcut = _conv_bias_foldable(self.conv2, hidden_states)
+                and input_tensor.shape == (hidden_states.shape[0], conv2.out_channels, *hidden_states.shape[2:])):
+            return conv_plus_residual(conv2, hidden_states, input_tensor, 1.0 / self.output_scale_factor)
+    bias_joins_shortcut = _conv_bias_foldable(conv2, hidden_states)
     if bias_joins_shortcut:
-        hidden_states = conv_without_bias(self.conv2, hidden_states)
+        hidden_states = conv_without_bias(conv2, hidden_states)
     else:
-        hidden_states = self.conv2(hidden_states)
+        hidden_states = conv2(hidden_states)
 
     if not shortcut_done:
         input_tensor = _shortcut(self, input_tensor)
 
     if bias_joins_shortcut and _epilogue_takes(hidden_states, input_tensor):
         # conv2's bias, the shortcut and the output scale in one pass over conv2's own output
-        return add_bias_residual_(hidden_states, self.conv2.bias, input_tensor, 1.0 / self.output_scale_factor)
+        return add_bias_residual_(hidden_states, conv2.bias, input_tensor, 1.0 / self.output_scale_factor)
     if bias_joins_shortcut:
-        hidden_states = hidden_states + self.conv2.bias[:, None, None]
+        hidden_states = hidden_states + conv2.bias[:, None, None]
     out = _add_into_fresh(hidden_states, input_tensor)
     if self.output_scale_factor != 1.0:  # (x / 1.0 == x: eager's division there only copies)
         out = out.div_(self.output_scale_factor)  # out is ours: conv2's output or a fresh sum
@@ -185,21 +186,23 @@ def conv_without_bias(conv, x):
 def _conv_bias_foldable(conv, x) -> bool:
     """Whether the conv can run without its bias for the caller to add it later: a plain nn.Conv2d (no hooks, no
     subclass) with a bias of x's dtype (eager's add would not promote)."""
-    return (type(conv) is nn.Conv2d and conv.bias is not None and not (conv._forward_hooks or conv._forward_pre_hooks)
-            and conv.bias.dtype == x.dtype)
+    if type(conv) is not nn.Conv2d or conv._forward_hooks or conv._forward_pre_hooks:
+        return False
+    bias = conv.bias  # once: a parameter lookup is a Python call (Module.__getattr__)
+    return bias is not None and bias.dtype == x.dtype
 
 
 def _project_time_embedding(block, hidden_states, temb):
     """(time_emb_proj(temb) as (N, C, 1, 1), whether conv1's bias is in it): the projection and the bias come from
     the model's shared_projections group in one GEMM for all blocks where it has them (linear_groups.project), when
     the bias may join the time embedding at all (_folds_bias_into_temb's conditions)."""
-    bias = block.conv1.bias
-    if (block.time_embedding_norm == "default" and _conv_bias_foldable(block.conv1, hidden_states)
+    conv1, time_emb_proj = block.conv1, block.time_emb_proj
+    if (block.time_embedding_norm == "default" and _conv_bias_foldable(conv1, hidden_states)
             and temb.dtype == hidden_states.dtype):
-        projected = project(block.time_emb_proj, temb, plus=bias)
+        projected = project(time_emb_proj, temb, plus=conv1.bias)
         if projected.dtype == hidden_states.dtype:
             return projected[:, :, None, None], True
-    return block.time_emb_proj(temb)[:, :, None, None], False
+    return time_emb_proj(temb)[:, :, None, None], False
 
 
 def _folds_bias_into_temb(block, hidden_states, temb) -> bool:
