@@ -4,7 +4,7 @@ fp16 tensors with every Triton launch stubbed out (scripts/host_overhead_cpu.py'
 the two is the Python and dispatch work around the kernels, which a GPU host pays per step without CUDA graphs
 (issue 5). It prints Python function calls per step (deterministic: the metric to cut) and this thread's CPU ms per
 step (the best of several runs), and with --profile the patched step's functions by call count and by own time.
-    python scripts/host_step_cpu.py [--ops a,b] [--profile] [--rows 40]
+    python scripts/host_step_cpu.py [--ops a,b] [--profile] [--rows 40] [--rounds 7]
 The patched path differs from a GPU's where a backend exists only there (the CUDA extension's GroupNorm, cuBLAS
 choices, the measured backend and step choices: tuning is off on a CPU)."""
 import argparse
@@ -39,11 +39,11 @@ def python_calls(step) -> int:
     return sum(row[1] for row in pstats.Stats(profiler).stats.values())
 
 
-def cpu_ms(step) -> float:
+def cpu_ms(step, rounds: int = ROUNDS) -> float:
     for _ in range(2):
         step()
     best = float("inf")
-    for _ in range(ROUNDS):
+    for _ in range(rounds):
         start = time.thread_time()
         for _ in range(STEPS):
             step()
@@ -56,6 +56,7 @@ def main():
     p.add_argument("--ops", default=None, help="comma-separated patchers (default: patch()'s)")
     p.add_argument("--profile", action="store_true", help="the patched step's functions by calls and by own time")
     p.add_argument("--rows", type=int, default=40)
+    p.add_argument("--rounds", type=int, default=ROUNDS, help="timed rounds (the best is kept)")
     args = p.parse_args()
     stub_gpu()
     from diffusers import UNet2DConditionModel
@@ -65,11 +66,11 @@ def main():
     print(f"SD1.5-shaped UNet, batch 2, 8 x 8 latents, fp16 on the CPU, Triton launches stubbed; torch "
           f"{torch.__version__}")
     with torch.no_grad():
-        eager = (python_calls(step), cpu_ms(step))
+        eager = (python_calls(step), cpu_ms(step, args.rounds))
         sdkernels.patch(model, ops=args.ops.split(",") if args.ops else None)
         step_choice.uninstall(model)  # the patched modules, always
         step()
-        patched = (python_calls(step), cpu_ms(step))
+        patched = (python_calls(step), cpu_ms(step, args.rounds))
         print(f"  Python calls per step: eager {eager[0]}, patched {patched[0]}")
         print(f"  CPU ms per step:       eager {eager[1]:.2f}, patched {patched[1]:.2f}")
         if args.profile:
