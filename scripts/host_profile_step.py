@@ -2,9 +2,8 @@
 time goes: the thread's CPU time per step (what a launch-bound step costs) and a cProfile of a few steps.
     python scripts/host_profile_step.py [--model sd15] [--batch 2] [--resolution 512] [--rows 30]
         [--init unit|diffusers] [--ops a,b] [--no-step-choice] [--each [--all-only]]
-(--each: no profiles; the step's time with each patcher alone, then all (its ops' choices for the default "call"
-objective, then for "host"), as patch() leaves it and with the originals forced, paired against an unpatched copy; a
-last row, not with --all-only, launches every Triton kernel through Triton's own path, kernels/launch.py's cache off)"""
+(--each: no profiles; the step's time with each patcher alone, then all, paired against an unpatched copy; the last
+row launches every Triton kernel through Triton's own path, kernels/launch.py's cache off)"""
 import argparse
 from collections import Counter
 import cProfile
@@ -15,7 +14,7 @@ import time
 import torch
 
 import sdkernels
-from sdkernels import models, step_choice, tuning
+from sdkernels import models, step_choice
 from sdkernels.kernels import launch
 
 STEPS = 10
@@ -126,15 +125,10 @@ def host_time_by_patcher(model, args) -> None:
 
     print(f"{args.model} B={args.batch} {args.resolution} px on {torch.cuda.get_device_name()}: ms per step "
           "(medians of alternating runs), CPU time of this thread and wall time")
-    def host_choices_step():  # every op's backend chosen for its host time alone (tuning's "host" objective)
-        with tuning.optimizing_for("host"):
-            return patched_step()
-
     rows = [] if args.all_only else [(name, [name], patched_step, False) for name in sdkernels.default_ops()]
-    rows += [("all", None, patched_step, False), ("all, host choices", None, host_choices_step, False),
-             ("all, as patched", None, patched_step, True), ("all, originals", None, originals_step, False)]
-    if not args.all_only:
-        rows.append(("all, uncached launches", None, triton_launch_step, False))
+    rows += [("all", None, patched_step, False), ("all, as patched", None, patched_step, True),
+             ("all, originals", None, originals_step, False),
+             ("all, uncached launches", None, triton_launch_step, False)]
     for label, ops, step, with_step_choice in rows:
         sdkernels.patch(patched_model, ops=ops)
         if not with_step_choice:

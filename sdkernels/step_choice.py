@@ -9,15 +9,11 @@ than the per-op measurement (sdkernels.tuning) sees in isolation: with every mod
 and 0.76x for SDXL at batch 2 (H200, paired timing, scripts/host_profile_step.py --each). Only the whole step says
 which way is faster, so it is measured whole, once per signature.
 
-How: the first call of a signature times the step three ways (tuning.MeasuredChoice with the current objective:
-warm-up calls, then CUDA events around each call, the ways in alternation so that the host's drift does not read as
-a difference between them (tuning.alternating_ms), about 27 steps in all), keeps the fastest, and stores it with the
-op choices in the per-GPU tuning file, so a later process measures nothing. "patched" runs the patched modules with
-the op choices of the current objective ("call": each op's launch-to-end time on an idle GPU, host and GPU time
-added); "patched_host" with their choices for the "host" objective (each op's host time alone: inside a host-bound
-step the GPU runs behind the host, so a backend's GPU time costs nothing while the step stays host-bound, which only
-the whole step's time tells); "originals" runs every patched module's original code (``patch.running_originals``),
-which is what the unpatched model runs. Under torch.compile,
+How: the first call of a signature times the step both ways (tuning.MeasuredChoice with the current objective:
+warm-up calls, then CUDA events around each call, the two ways in alternation so that the host's drift does not
+read as a difference between them (tuning.alternating_ms), about 18 steps in all), keeps the faster, and stores it
+with the op choices in the per-GPU tuning file, so a later process measures nothing. "originals" runs every patched
+module's original code (``patch.running_originals``), which is what the unpatched model runs. Under torch.compile,
 during a capture, with autograd recording or off the GPU nothing is measured and the patched modules run, as without
 this.
 The VAE has none: its decode is GPU-bound, where the patched modules are the faster (4.2x eager at 1024 px on an
@@ -35,7 +31,7 @@ from . import tuning
 from .shadow import Shadowing, attach, detach
 
 _CHOICE = "_sdkernels_step_choice"  # on a model: its StepChoice
-PATCHED, PATCHED_HOST, ORIGINALS = "patched", "patched_host", "originals"
+PATCHED, ORIGINALS = "patched", "originals"
 
 
 def install(model: nn.Module) -> bool:
@@ -68,18 +64,10 @@ class StepChoice(Shadowing):
             return self.original(*args, **kwargs)
         leaves = tuple(tree_flatten((args, kwargs))[0])
         ways = lambda: {PATCHED: lambda: self.original(*args, **kwargs),  # noqa: E731
-                        PATCHED_HOST: lambda: self._for_host(*args, **kwargs),
                         ORIGINALS: lambda: self._originals(*args, **kwargs)}
-        choice = self.choices.choose(leaves, ways, default=PATCHED)
-        if choice == ORIGINALS:
+        if self.choices.choose(leaves, ways, default=PATCHED) == ORIGINALS:
             return self._originals(*args, **kwargs)
-        if choice == PATCHED_HOST:
-            return self._for_host(*args, **kwargs)
         return self.original(*args, **kwargs)
-
-    def _for_host(self, *args, **kwargs):
-        with tuning.optimizing_for("host"):
-            return self.original(*args, **kwargs)
 
     def _originals(self, *args, **kwargs):
         from .patch import running_originals

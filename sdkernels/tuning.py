@@ -15,10 +15,8 @@ resnet_block patcher's fused block against the unfused one.
 What a choice minimizes depends on how the call will run (``optimizing_for``): "call" (the default), one call's time
 from its launch on an idle GPU, host overhead included, which is what a step without CUDA graphs pays (launch-bound
 at SD sizes); "device", the GPU time alone (calls queued behind a sleeping kernel, each after an L2 flush, as inside a
-step), which is what a CUDA-graph replay pays; "host", the host time alone (from the call to its return, the GPU idle
-before it), which is what each call costs inside a step whose host is the bottleneck, the GPU running behind it
-(sdkernels.step_choice tries it as a whole step, which says whether the step stays host-bound). sdkernels.graphs
-measures its warm-up calls for "device". Each signature is measured once per objective.
+step), which is what a CUDA-graph replay pays. sdkernels.graphs measures its warm-up calls for "device". Each
+signature is measured once per objective.
 """
 from __future__ import annotations
 
@@ -95,7 +93,7 @@ def alternating_ms(ways: dict) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-OBJECTIVES = ("call", "device", "host")
+OBJECTIVES = ("call", "device")
 
 
 class _Objective(threading.local):
@@ -106,13 +104,13 @@ _objective = _Objective()
 
 
 def objective() -> str:
-    """What choices made now minimize: "call", "device" or "host" (see the module docstring)."""
+    """What choices made now minimize: "call" or "device" (see the module docstring)."""
     return _objective.value
 
 
 @contextlib.contextmanager
 def optimizing_for(name: str):
-    """Choices made inside minimize ``name`` (one of OBJECTIVES), e.g. the warm-up calls before a CUDA-graph
+    """Choices made inside minimize ``name`` ("call" or "device"), e.g. the warm-up calls before a CUDA-graph
     capture, whose replays pay GPU time only."""
     if name not in OBJECTIVES:
         raise ValueError(f"sdkernels.tuning: unknown objective {name!r}; known: {', '.join(OBJECTIVES)}")
@@ -154,25 +152,9 @@ def device_ms(fn: Callable[[], object]) -> float:
 FLUSH_HOST_S = 50e-6  # host time of queuing one flush and two events, generously
 
 
-def host_ms(fn: Callable[[], object]) -> float:
-    """Host time of one call of fn() in ms (median after a warm-up): from the call to its return, the GPU idle
-    before it, so that a launch never waits for room in the queue; the GPU's work is not waited for."""
-    for _ in range(WARMUP_CALLS):
-        fn()
-    times = []
-    for _ in range(TIMED_CALLS):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    torch.cuda.synchronize()
-    return statistics.median(times)
-
-
 def measure_ms(fn: Callable[[], object]) -> float:
-    """fn's time by the current objective: cuda_event_ms for "call", device_ms for "device", host_ms for "host"."""
-    name = objective()
-    return device_ms(fn) if name == "device" else host_ms(fn) if name == "host" else cuda_event_ms(fn)
+    """fn's time by the current objective: cuda_event_ms for "call", device_ms for "device"."""
+    return device_ms(fn) if objective() == "device" else cuda_event_ms(fn)
 
 
 def cache_path() -> Path:
