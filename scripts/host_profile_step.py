@@ -1,9 +1,10 @@
 """Host (CPU) time of one whole UNet step, eager against patched (no CUDA graphs), and where the patched step's host
 time goes: the thread's CPU time per step (what a launch-bound step costs) and a cProfile of a few steps.
     python scripts/host_profile_step.py [--model sd15] [--batch 2] [--resolution 512] [--rows 30]
-        [--init unit|diffusers] [--ops a,b] [--no-step-choice] [--each [--all-only]]
+        [--init unit|diffusers] [--ops a,b] [--no-step-choice] [--each [--all-only]] [--compare]
 (--each: no profiles; the step's time with each patcher alone, then all, paired against an unpatched copy; the last
-row launches every Triton kernel through Triton's own path, kernels/launch.py's cache off)"""
+row launches every Triton kernel through Triton's own path, kernels/launch.py's cache off; --compare: no cProfile,
+each op's and CUDA runtime call's self CPU time in an eager and a patched step, profiled in alternation)"""
 import argparse
 from collections import Counter
 import cProfile
@@ -75,6 +76,44 @@ def runtime_calls(step, label, rows) -> None:
         torch.cuda.synchronize()
     print(f"\n== {label}: 3 steps, torch.profiler by self CPU time")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def alternating_op_host_us(steps: dict, rounds: int = 4) -> dict:
+    """{label: {op or runtime call: (calls per step, self CPU us per call)}}: torch.profiler around one step of each
+    labelled step in turn, ``rounds`` times, the order reversed every other round, so that a host whose speed drifts
+    between runs slows every label alike (sequential profiles read the drift as a difference in every op's cost)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    totals = {label: {} for label in steps}
+    for r in range(rounds):
+        for label in list(steps) if r % 2 == 0 else reversed(list(steps)):
+            with torch_profile(activities=activities) as prof:
+                steps[label]()
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+            for event in prof.key_averages():
+                calls, us = totals[label].get(event.key, (0, 0.0))
+                totals[label][event.key] = (calls + event.count, us + event.self_cpu_time_total)
+    return {label: {key: (calls / rounds, us / calls) for key, (calls, us) in ops.items() if calls}
+            for label, ops in totals.items()}
+
+
+def compare_op_host_time(eager_step, patched_step, rows: int) -> None:
+    """Each op's and runtime call's host time in an eager and a patched step, profiled in alternation."""
+    times = alternating_op_host_us({"eager": eager_step, "patched": patched_step})
+    eager, patched = times["eager"], times["patched"]
+    total = {key: sum(n * us for n, us in (eager.get(key, (0, 0.0)), patched.get(key, (0, 0.0))))
+             for key in set(eager) | set(patched)}
+    print("\n== self CPU time per step, eager and patched steps profiled in alternation (calls per step, us per call, "
+          "ms per step)")
+    print(f"{'':52s} {'eager':>25s} {'patched':>25s}")
+    for key in sorted(total, key=total.get, reverse=True)[:rows]:
+        cells = []
+        for n, us in (eager.get(key, (0, 0.0)), patched.get(key, (0, 0.0))):
+            cells.append(f"{n:7.1f} {us:8.2f} {n * us / 1e3:7.3f}")
+        print(f"{key[:52]:52s} {cells[0]}   {cells[1]}")
+    for label, ops in times.items():
+        print(f"{label}: {sum(n * us for n, us in ops.values()) / 1e3:.2f} ms of self CPU time per step in all")
 
 
 def paired_ms(eager_step, patched_step, rounds=12, steps=4) -> dict:
@@ -150,6 +189,8 @@ def main():
     p.add_argument("--each", action="store_true", help="host time with each patcher alone, no profiles")
     p.add_argument("--all-only", action="store_true", help="--each: the rows of all patchers only")
     p.add_argument("--ops", default=None, help="comma-separated patchers to apply (default: patch()'s)")
+    p.add_argument("--compare", action="store_true",
+                   help="each op's host time in eager and patched steps, profiled in alternation, side by side")
     p.add_argument("--no-step-choice", action="store_true",
                    help="profile the patched modules even where patch()'s step choice would run the originals")
     args = p.parse_args()
@@ -161,6 +202,16 @@ def main():
     with torch.no_grad():
         if args.each:
             return host_time_by_patcher(model, args)
+        if args.compare:
+            import copy
+            patched_model = copy.deepcopy(model)
+            sdkernels.patch(patched_model, ops=args.ops.split(",") if args.ops else None)
+            if args.no_step_choice:
+                step_choice.uninstall(patched_model)
+            patched_step = lambda: models.model_call(patched_model, call_args, call_kwargs)  # noqa: E731
+            for run in (step, patched_step, step, patched_step):  # warm-up (the step choice measures here)
+                run()
+            return compare_op_host_time(step, patched_step, args.rows)
         eager = host_ms(step)
         profile(step, "eager", args.rows)
         runtime_calls(step, "eager", args.rows)

@@ -70,3 +70,17 @@ def test_host_step_cpu_script_runs():
     assert calls, out
     eager, patched = (int(v.strip(" ,")) for v in calls[0].split()[-3::2])
     assert eager > 1000 and patched != eager, out
+
+
+def test_alternating_op_profiles_count_each_steps_ops():
+    """scripts/host_profile_step.py --compare: each op's calls per step and host time, per step function, from
+    profiles taken in alternation (on the CPU here: the GPU lane's machine runs the script itself)."""
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from host_profile_step import alternating_op_host_us
+    import torch
+    a, b = torch.randn(8, 8), torch.randn(8, 8)
+    times = alternating_op_host_us({"one": lambda: a @ b, "two": lambda: (a @ b) + b}, rounds=3)
+    assert times["one"]["aten::mm"][0] == times["two"]["aten::mm"][0] == 1
+    assert times["two"]["aten::add"][0] == 1 and "aten::add" not in times["one"]
+    assert all(us >= 0 for ops in times.values() for _, us in ops.values())
