@@ -422,6 +422,25 @@ def test_output_layouts():
     assert out.stride() == q.stride()  # (B, N, H, d) in memory: the processor's reshape back is free
 
 
+def test_sdpa_route_returns_sdpa_output_without_a_copy(monkeypatch):
+    """The SDPA route's output for q as diffusers' projections give it (contiguous, or a slice of a fused qkv
+    projection): SDPA's own (B, N, H, d) memory reshaped, contiguous as output_like would make it, never a copy into a
+    new output; q of another layout gets output_like's layout (check)."""
+    for layout in ("bnhd", "fused_qkv"):
+        q, k, v, h = make_qkv(2, 3, 9, 12, 40, torch.float16, layout)
+        assert attn_ops.output_like(q, v, h).is_contiguous()
+        with monkeypatch.context() as m:
+            m.setattr(attn_ops, "output_like", lambda *a: pytest.fail(f"{layout}: copied into a new output"))
+            out = run("reference", q, k, v, 40 ** -0.5, None, h)
+        assert out.shape == q.shape and out.is_contiguous(), layout
+        check_accuracy(out, q, k, v, 40 ** -0.5, None, h, what=f"SDPA route {layout}")
+    for layout in ("bhnd", "bhnd_transposed", "head_dim_strided"):
+        q, k, v, h = make_qkv(2, 3, 9, 12, 40, torch.float16, layout)
+        out = run("reference", q, k, v, 40 ** -0.5, None, h)
+        assert out.stride() == attn_ops.output_like(q, v, h).stride(), layout
+        check_accuracy(out, q, k, v, 40 ** -0.5, None, h, what=f"SDPA route {layout}")
+
+
 # ---- fallbacks and errors -------------------------------------------------------------------------------------
 
 def test_unsupported_head_dim_falls_back_once_with_warning():

@@ -89,11 +89,21 @@ def attention_reference(q, k, v, scale, attn_mask=None, heads=0):
     return from_bhnd(out, heads).to(q.dtype)
 
 
+def _contiguous_output(q, v) -> bool:
+    """Whether output_like makes a contiguous output for this (B, N, H*d) q: q contiguous, v of another width, or q
+    the rows of a wider buffer (a slice of a fused projection: not dense, so empty_like does not keep its strides)."""
+    if q.is_contiguous() or v.shape[-1] != q.shape[-1]:
+        return True
+    s0, s1, s2 = q.stride()
+    return s2 == 1 and s1 > q.shape[2] and s0 >= q.shape[1] * s1
+
+
 def _sdpa_fallback(q, k, v, scale, attn_mask, heads):
     """What runs when no backend fits, or where SDPA was measured faster: torch's SDPA in the input dtype (never the
     N x Nk fp32 reference, which would not fit in memory at SD sizes), in the op's output layout. For a contiguous
     (B, N, H*d) q that is what AttnProcessor2_0 makes of SDPA's output (transpose, reshape: no copy where SDPA wrote
-    (B, N, H, d) memory); otherwise a copy into output_like."""
+    (B, N, H, d) memory), and for a slice of a fused projection, whose output_like is contiguous too (a copy there
+    cost a launch per self-attention call); otherwise a copy into output_like."""
     q4, k4, v4 = as_bhnd(q, heads), as_bhnd(k, heads), as_bhnd(v, heads)
     mask = attn_mask
     if mask is not None and mask.dtype != torch.bool and mask.dtype != q.dtype:
@@ -103,7 +113,7 @@ def _sdpa_fallback(q, k, v, scale, attn_mask, heads):
     else:  # SDPA's flash backend on an H100 returned NaN for a negative scale: the math backend gets it right
         attend = _sdpa_math
     result = attend(q4, k4, v4, attn_mask=mask, scale=scale)
-    if heads and q.is_contiguous():  # output_like(q) is contiguous, as the reshape's result always is
+    if heads and _contiguous_output(q, v):  # as the reshape's result always is
         return result.transpose(1, 2).reshape(q.shape[:-1] + (heads * v4.shape[-1],))
     out = output_like(q, v, heads)
     as_bhnd(out, heads).copy_(result)
