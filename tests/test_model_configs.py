@@ -42,13 +42,15 @@ def unet_configs(draw):
 
 
 def unet_inputs(config, batch, height, width):
+    """(sample, timestep, text embeddings, added_cond_kwargs or None) on DEVICE, from a seeded CPU generator."""
     g = torch.Generator().manual_seed(0)
-    sample = torch.randn(batch, 4, height, width, generator=g)
-    timestep = torch.tensor([10, 700][:batch])
-    text = torch.randn(batch, 5, config["cross_attention_dim"], generator=g)
+    sample = torch.randn(batch, 4, height, width, generator=g).to(DEVICE)
+    timestep = torch.tensor([10, 700][:batch], device=DEVICE)
+    text = torch.randn(batch, 5, config["cross_attention_dim"], generator=g).to(DEVICE)
     added = None
     if config.get("addition_embed_type") == "text_time":
-        added = dict(text_embeds=torch.randn(batch, 16, generator=g), time_ids=torch.randn(batch, 6, generator=g))
+        added = dict(text_embeds=torch.randn(batch, 16, generator=g).to(DEVICE),
+                     time_ids=torch.randn(batch, 6, generator=g).to(DEVICE))
     return sample, timestep, text, added
 
 
@@ -58,24 +60,27 @@ def unet_inputs(config, batch, height, width):
 def test_patched_unet_matches_unpatched(config, batch, height, width, channels_last):
     note(f"{config} batch={batch} {height}x{width} channels_last={channels_last}")
     unet = randomize_weights(UNet2DConditionModel(**config)).to(DEVICE)
-    sample, timestep, text, added = (t if not isinstance(t, torch.Tensor) else t.to(DEVICE)
-                                     for t in unet_inputs(config, batch, height, width))
-    if added is not None:
-        added = {k: v.to(DEVICE) for k, v in added.items()}
+    sample, timestep, text, added = unet_inputs(config, batch, height, width)
+    check_patched_matches_unpatched(
+        unet, lambda: unet(sample, timestep, text, added_cond_kwargs=added).sample, channels_last,
+        reduction_size=9 * 2 * config["block_out_channels"][1])
 
+
+def check_patched_matches_unpatched(model, forward, channels_last, reduction_size):
+    """forward() of the patched model (every default patcher, tune off) against the unpatched one in fp32, our ops
+    really running; unpatch restores the unpatched output bit for bit."""
     def run():
         with torch.no_grad(), tf32_off():  # fp32 comparisons: no TF32 in cuDNN's convolutions on a GPU
-            return unet(sample, timestep, text, added_cond_kwargs=added).sample
+            return forward()
 
     expected = run()
-    patch(unet, channels_last=channels_last, tune=False)
+    patch(model, channels_last=channels_last, tune=False)
     dispatch._last_backend.clear()
     out = run()
     assert dispatch.last_backend("group_norm") is not None  # the patched modules ran our ops
     note(f"relative error {relative_error(out, expected):.2e}")
-    assert_close(out, expected, torch.float32, reduction_size=9 * 2 * config["block_out_channels"][1],
-                 what="patched UNet")
-    unpatch(unet)
+    assert_close(out, expected, torch.float32, reduction_size=reduction_size, what=f"patched {type(model).__name__}")
+    unpatch(model)
     assert torch.equal(run(), expected)
 
 
@@ -95,18 +100,6 @@ def test_patched_vae_matches_unpatched(config, height, width, channels_last):
     note(f"{config} {height}x{width} channels_last={channels_last}")
     vae = randomize_weights(AutoencoderKL(**config)).to(DEVICE)
     image = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(0)).to(DEVICE)
-
-    def run():
-        with torch.no_grad(), tf32_off():  # fp32 comparisons: no TF32 in cuDNN's convolutions on a GPU
-            return vae(image).sample  # encode (the posterior's mode), then decode
-
-    expected = run()
-    patch(vae, channels_last=channels_last, tune=False)
-    dispatch._last_backend.clear()
-    out = run()
-    assert dispatch.last_backend("group_norm") is not None  # the patched modules ran our ops
-    note(f"relative error {relative_error(out, expected):.2e}")
-    assert_close(out, expected, torch.float32, reduction_size=9 * 2 * config["block_out_channels"][1],
-                 what="patched VAE")
-    unpatch(vae)
-    assert torch.equal(run(), expected)
+    # encode (the posterior's mode), then decode
+    check_patched_matches_unpatched(vae, lambda: vae(image).sample, channels_last,
+                                    reduction_size=9 * 2 * config["block_out_channels"][1])
