@@ -4,7 +4,8 @@ fp16 tensors with every Triton launch stubbed out (scripts/host_overhead_cpu.py'
 the two is the Python and dispatch work around the kernels, which a GPU host pays per step without CUDA graphs
 (issue 5). It prints Python function calls per step (deterministic: the metric to cut) and this thread's CPU ms per
 step (the best of several runs), and with --profile the patched step's functions by call count and by own time.
-    python scripts/host_step_cpu.py [--ops a,b] [--profile] [--rows 40] [--rounds 7]
+    python scripts/host_step_cpu.py [--ops a,b] [--profile] [--rows 40] [--rounds 7] [--flat]
+(--flat: also the steps flattened by sdkernels.flat, eager's and patch(flat=True)'s: the Python left around the ops)
 The patched path differs from a GPU's where a backend exists only there (the CUDA extension's GroupNorm, cuBLAS
 choices, the measured backend and step choices: tuning is off on a CPU)."""
 import argparse
@@ -57,6 +58,7 @@ def main():
     p.add_argument("--profile", action="store_true", help="the patched step's functions by calls and by own time")
     p.add_argument("--rows", type=int, default=40)
     p.add_argument("--rounds", type=int, default=ROUNDS, help="timed rounds (the best is kept)")
+    p.add_argument("--flat", action="store_true", help="also the flat steps (sdkernels.flat)")
     args = p.parse_args()
     stub_gpu()
     from diffusers import UNet2DConditionModel
@@ -67,12 +69,24 @@ def main():
           f"{torch.__version__}")
     with torch.no_grad():
         eager = (python_calls(step), cpu_ms(step, args.rounds))
+        if args.flat:
+            import copy
+            from sdkernels import flat
+            flat_model = torch.compile(copy.deepcopy(model), backend=flat.flat_backend)
+            flat_step = lambda: models.model_call(flat_model, call_args, call_kwargs)  # noqa: E731
+            flat_step()  # traced
+            print(f"  flat eager: Python calls per step {python_calls(flat_step)}")
         sdkernels.patch(model, ops=args.ops.split(",") if args.ops else None)
         step_choice.uninstall(model)  # the patched modules, always
         step()
         patched = (python_calls(step), cpu_ms(step, args.rounds))
         print(f"  Python calls per step: eager {eager[0]}, patched {patched[0]}")
         print(f"  CPU ms per step:       eager {eager[1]:.2f}, patched {patched[1]:.2f}")
+        if args.flat:
+            sdkernels.patch(model, ops=args.ops.split(",") if args.ops else None, flat=True)
+            step_choice.uninstall(model)
+            step(), step()  # eager, then traced
+            print(f"  flat patched: Python calls per step {python_calls(step)}")
         if args.profile:
             profiler = cProfile.Profile()
             profiler.runcall(step)

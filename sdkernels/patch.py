@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
@@ -29,7 +28,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from . import banded, graphs, layout, precompile, step_choice, tuning, weights
+from . import banded, flat as flat_steps, graphs, layout, precompile, step_choice, tuning, weights
 
 logger = logging.getLogger("sdkernels")
 
@@ -103,7 +102,7 @@ class PatchSummary:
 
 
 def patch(pipe_or_model, *, ops: Optional[Iterable[str]] = None, cuda_graph: bool = False,
-          channels_last: bool = True, tune: bool = True, low_memory: bool = False):
+          channels_last: bool = True, tune: bool = True, low_memory: bool = False, flat: bool = False):
     """Apply the patchers named in ``ops`` (default: default_ops()) to every model of a pipeline, or to one nn.Module.
     Logs one line per model on the "sdkernels" logger and returns its argument; ``summary()`` reads the result.
     With ``channels_last``, each model's 4-D weights are laid out channels_last first (sdkernels.layout), so its
@@ -118,7 +117,11 @@ def patch(pipe_or_model, *, ops: Optional[Iterable[str]] = None, cuda_graph: boo
     without ``cuda_graph``, a UNet's first step of each input signature is timed with the patched modules and with
     the original ones, and the faster runs from then on (sdkernels.step_choice). With ``low_memory``, activations of
     64 MiB and more (the VAE decoder from 512 px on) go through their ResNet blocks and upsamplers in bands of rows
-    (sdkernels.banded): the same result with a lower peak, at some speed."""
+    (sdkernels.banded): the same result with a lower peak, at some speed. With ``flat`` (no ``cuda_graph``), each
+    UNet's forward runs as one dynamo-traced graph per input signature, without diffusers' module code around the ops
+    (sdkernels.flat): less host time a step, after a trace of seconds on the second call."""
+    if flat and cuda_graph:
+        raise ValueError("sdkernels.patch: flat=True and cuda_graph=True: choose one (a graph replays no Python)")
     selected = _select(ops)
     if tune:
         tuning.enable()
@@ -135,9 +138,16 @@ def patch(pipe_or_model, *, ops: Optional[Iterable[str]] = None, cuda_graph: boo
             precompile.install(model, _precompiled_method(model))
         if cuda_graph:
             step_choice.uninstall(model)  # graphs replay GPU time only, where the patched modules are the faster
+            flat_steps.uninstall(model)
             if not graphs.install(model, label):
                 logger.info("sdkernels.patch %s: no CUDA graphs: only UNet2DConditionModel and AutoencoderKL take "
                             "them", label)
+        elif flat:
+            graphs.uninstall(model)
+            step_choice.uninstall(model)  # back on top of the flat call: it then weighs two flat steps
+            flat_steps.install(model)
+            if tune and any(result.replaced.values()):
+                step_choice.install(model)
         elif tune and any(result.replaced.values()) and graphs.graphed(model) is None:
             step_choice.install(model)
     return pipe_or_model
@@ -149,7 +159,8 @@ def unpatch(pipe_or_model):
     by_name = {p.name: p for p in _registry}
     for _, model in _models(pipe_or_model):
         graphs.uninstall(model)
-        step_choice.uninstall(model)
+        step_choice.uninstall(model)  # outermost shadow first
+        flat_steps.uninstall(model)
         precompile.uninstall(model)
         weights.uninstall(model)
         _mark_low_memory(model, False)
@@ -261,30 +272,35 @@ def why_not_plain(module, cls: type, what: str, *, hooks_matter: bool) -> Option
     return None
 
 
-class _Originals(threading.local):
-    on = False  # a class default: read on every patched module's call
-
-
-_originals = _Originals()
+# Whether running_originals is on: a module global, not a threading.local, because dynamo before torch 2.13 reads a
+# threading.local's class default instead of the thread's value, so the flat graph traced for the original modules
+# (sdkernels.flat) ran the patched ones (seen with torch 2.11). Process-wide: another thread's patched calls inside
+# the block run the original code too, which computes the same.
+_running_originals = False
 
 
 @contextlib.contextmanager
 def running_originals():
     """Inside, every patched module runs its original code, as the unpatched model would (sdkernels.step_choice
     times a step both ways)."""
-    previous = _originals.on
-    _originals.on = True
+    global _running_originals
+    previous = _running_originals
+    _running_originals = True
     try:
         yield
     finally:
-        _originals.on = previous
+        _running_originals = previous
+
+
+def originals_running() -> bool:
+    return _running_originals
 
 
 def must_run_original(*tensors) -> bool:
     """True when our ops cannot stand in for the original module: autograd has to record it (our ops have no
     backward), autocast is on for the tensors' device (it changes dtypes in ways the original module defines), or
     inside ``running_originals``."""
-    if _originals.on:
+    if _running_originals:
         return True
     # Plain loops: torch.compile (2.11) cannot trace bool() of a list.
     grad = torch.is_grad_enabled()

@@ -34,13 +34,18 @@ def _activation_classes():
     return GEGLU, GELU
 
 
-@functools.lru_cache(maxsize=None)  # asked on every forward
+_LORA_COMPATIBLE = []  # [diffusers' LoRACompatibleLinear or None] once asked (not lru_cache: dynamo warns on it)
+
+
 def _lora_compatible_linear():
-    try:
-        from diffusers.models.lora import LoRACompatibleLinear
-    except ImportError:
-        return None
-    return LoRACompatibleLinear
+    """Asked on every forward."""
+    if not _LORA_COMPATIBLE:
+        try:
+            from diffusers.models.lora import LoRACompatibleLinear
+        except ImportError:
+            LoRACompatibleLinear = None
+        _LORA_COMPATIBLE.append(LoRACompatibleLinear)
+    return _LORA_COMPATIBLE[0]
 
 
 def _named(model: nn.Module, cls):

@@ -1,0 +1,134 @@
+"""Flat steps without CUDA graphs: ``sdkernels.patch(pipe, flat=True)``.
+
+Without graphs an SD UNet step is host-bound on the GPU hosts measured here: Python and launches take longer than the
+GPU's work, and diffusers' module code is much of that Python (about 12,500 Python calls an SD1.5 step, and twice
+that with the patched modules, whose op calls each pass through input checks, dispatch and a launcher). With
+``flat=True`` the UNet's forward is traced by dynamo, torch.compile's front end, into one FX graph per input
+signature, and that graph runs as plain Python: one line per op, no nn.Module calls, none of diffusers' branches.
+There is no code generation and no CUDA graph: the ops are the same calls, sdkernels' ops call their own
+implementation (the same input checks and dispatch, without torch.library's Python layers), and tracing takes
+seconds, not the minutes Inductor's compile takes.
+
+What tracing fixes stays fixed until dynamo's guards see a change (a new shape, dtype or module, which traces
+again): environment knobs the patched modules read, and the paths that only run eagerly (the fused projections of
+sdkernels.linear_groups, the shared time-embedding SiLU, the pending transformer norms: under tracing each module
+runs on its own). The first call of a model runs eagerly (precompile and the measured op choices happen there).
+Calls with autograd recording, under torch.compile, a dispatch or function mode, or a functorch transform run the
+forward as it is. Inside ``patch.running_originals`` (the step choice's other way) a second graph is traced with
+the original modules, so that sdkernels.step_choice, installed over this, weighs two flat steps.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .shadow import Shadowing, attach, detach
+
+logger = logging.getLogger("sdkernels")
+
+_FLAT = "_sdkernels_flat"  # on a model: its FlatCall
+
+
+def install(model: nn.Module) -> bool:
+    """Put a FlatCall on a UNet2DConditionModel's forward (nothing if one is there already); False for any other
+    model (the VAE's decode is GPU-bound: flattening its few Python calls would not pay for the trace)."""
+    from diffusers import UNet2DConditionModel
+    if not isinstance(model, UNet2DConditionModel):
+        return False
+    attach(model, _FLAT, lambda: FlatCall(model, "forward"))
+    return True
+
+
+def uninstall(model: nn.Module) -> None:
+    detach(model, _FLAT)
+
+
+def installed(model: nn.Module) -> Optional["FlatCall"]:
+    return model.__dict__.get(_FLAT)
+
+
+def _op_implementations() -> dict:
+    """{"sdkernels::name": the function the op was defined from} (torch.library.custom_op keeps them)."""
+    try:
+        from torch._library.custom_ops import OPDEFS
+    except ImportError:  # pragma: no cover - torch 2.4 has it
+        return {}
+    return {name: d._init_fn for name, d in OPDEFS.items() if name.startswith("sdkernels::")}
+
+
+def _op_name(target) -> Optional[str]:
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.name
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return target._qualified_op_name
+    return None
+
+
+def direct_calls(gm: torch.fx.GraphModule) -> int:
+    """Point gm's sdkernels op nodes at the ops' own implementations; returns how many it changed."""
+    implementations = _op_implementations()
+    changed = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            implementation = implementations.get(_op_name(node.target))
+            if implementation is not None:
+                node.target = implementation
+                changed += 1
+    if changed:
+        gm.recompile()
+    return changed
+
+
+def flat_backend(gm: torch.fx.GraphModule, example_inputs):
+    """A dynamo backend that runs the traced graph as it is, its sdkernels ops called directly."""
+    direct_calls(gm)
+    return gm.forward
+
+
+def _intercepted() -> bool:
+    """Something that must see each op through torch's dispatcher is active (a dispatch or function mode, say)."""
+    return bool(torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
+                or torch._C._are_functorch_transforms_active())
+
+
+class FlatCall(Shadowing):
+    """A model method shadowed on the instance by its dynamo-traced flat graph (one per input signature)."""
+
+    def __init__(self, model: nn.Module, method: str):
+        super().__init__(model, method)
+        self.flat = {}    # {running the originals: the traced callable}, each made on its way's second call
+        self.calls = {}
+
+    def __getstate__(self):  # a copy traces its own model
+        state = self.__dict__.copy()
+        state["flat"], state["calls"] = {}, {}
+        return state
+
+    def __call__(self, *args, **kwargs):
+        if (not self.open or torch.compiler.is_compiling() or torch.is_grad_enabled() or _intercepted()):
+            return self.original(*args, **kwargs)
+        from .patch import originals_running
+        way = originals_running()
+        calls = self.calls[way] = self.calls.get(way, 0) + 1
+        if calls == 1:  # eager once: precompile, op choices
+            return self.original(*args, **kwargs)
+        flat = self.flat.get(way)
+        if flat is None:
+            flat = self.flat[way] = _traced(self.original, way)
+        return flat(*args, **kwargs)
+
+
+def _traced(method, originals: bool):
+    """torch.compile of ``method`` with flat_backend. Each way gets a function of its own: dynamo keeps its traced
+    graphs per code object, and a graph traced with the original modules must never serve the patched ones."""
+    if originals:
+        def run_originals(*args, **kwargs):
+            return method(*args, **kwargs)
+        return torch.compile(run_originals, backend=flat_backend)
+
+    def run_patched(*args, **kwargs):
+        return method(*args, **kwargs)
+    return torch.compile(run_patched, backend=flat_backend)

@@ -1,0 +1,120 @@
+"""patch(unet, flat=True): the UNet's forward runs as a dynamo-traced graph from its second call, with the same
+result as the patched model unflattened, every sdkernels op node calling the op's implementation directly;
+unpatch, deep copies, autograd and the wrong combination with cuda_graph behave."""
+import copy
+
+import pytest
+import torch
+
+import sdkernels
+from sdkernels import dispatch, flat
+from sdkernels.patch import patch, unpatch
+from sdkernels.testing import assert_close
+
+pytest.importorskip("diffusers")
+from test_patch import on_device, run_unet, tiny_unet, unet_inputs  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def traced_graphs(monkeypatch) -> list:
+    """The graphs flat_backend receives, with how many op nodes it pointed at implementations."""
+    seen, real = [], flat.direct_calls
+
+    def counting(gm):
+        n = real(gm)
+        seen.append((gm, n))
+        return n
+
+    monkeypatch.setattr(flat, "direct_calls", counting)
+    return seen
+
+
+def test_flat_unet_matches_the_unflattened_patched_one(monkeypatch, no_tf32):
+    graphs = traced_graphs(monkeypatch)
+    unet, inputs = on_device(tiny_unet(), *unet_inputs(batch=2))
+    expected = run_unet(unet, inputs)
+    patch(unet, flat=True)
+    first = run_unet(unet, inputs)  # eager: precompile and the op choices
+    assert graphs == []
+    dispatch._last_backend.clear()
+    out = run_unet(unet, inputs)    # traced, then run flat
+    assert len(graphs) >= 1 and sum(n for _, n in graphs) > 0  # sdkernels ops in the graph, called directly
+    gm = graphs[0][0]
+    assert not any(str(flat._op_name(node.target)).startswith("sdkernels::") for node in gm.graph.nodes)
+    assert dispatch.last_backend("group_norm") is not None  # the op ran, called from the graph
+    assert set(flat.installed(unet).flat) == {False}
+    assert_close(first, expected, torch.float32, reduction_size=64 * 9, what="patched")
+    assert_close(out, expected, torch.float32, reduction_size=64 * 9, what="flat")
+    again = run_unet(unet, [torch.randn_like(inputs[0]), inputs[1], inputs[2]])  # no new trace for new values
+    assert len(graphs) == 1 and again.shape == out.shape
+    unpatch(unet)
+    assert flat.installed(unet) is None and "forward" not in unet.__dict__
+    assert torch.equal(run_unet(unet, inputs), expected)
+
+
+def test_flat_and_graphs_are_exclusive():
+    with pytest.raises(ValueError, match="flat=True and cuda_graph=True"):
+        patch(tiny_unet(), flat=True, cuda_graph=True)
+
+
+def test_flat_skips_what_is_not_a_unet_and_sits_under_the_step_choice():
+    from diffusers import AutoencoderKL
+    vae = AutoencoderKL(block_out_channels=(32,), norm_num_groups=8, latent_channels=4, layers_per_block=1,
+                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
+    patch(vae, flat=True)
+    assert flat.installed(vae) is None
+    unet = patch(tiny_unet(), flat=True)
+    assert sdkernels.step_choice.installed(unet).original.owner is flat.installed(unet)
+    assert patch(unet, flat=True, tune=False) is unet and sdkernels.step_choice.installed(unet) is None
+    patch(unet, cuda_graph=True)
+    assert flat.installed(unet) is None
+
+
+def test_the_original_modules_get_a_graph_of_their_own(monkeypatch, no_tf32):
+    """Inside running_originals (the step choice's other way) the flat call traces and runs the original modules."""
+    from sdkernels.patch import running_originals
+    graphs = traced_graphs(monkeypatch)
+    unet, inputs = on_device(tiny_unet(), *unet_inputs())
+    expected = run_unet(unet, inputs)
+    patch(unet, flat=True, tune=False, channels_last=False)  # NHWC weights would change the convs' rounding
+    with running_originals():
+        for _ in range(2):
+            out = run_unet(unet, inputs)
+    assert len(graphs) == 1 and graphs[0][1] == 0  # no sdkernels op in the originals' graph
+    assert_close(out, expected, torch.float32, reduction_size=64 * 9, what="originals, flat")
+    for _ in range(2):
+        run_unet(unet, inputs)
+    assert len(graphs) == 2 and graphs[1][1] > 0
+
+
+def test_deep_copy_traces_its_own_model(monkeypatch):
+    graphs = traced_graphs(monkeypatch)
+    unet, inputs = on_device(tiny_unet(), *unet_inputs())
+    patch(unet, flat=True)
+    for _ in range(2):
+        run_unet(unet, inputs)
+    twin = copy.deepcopy(unet)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)
+    assert flat.installed(twin).flat == {} and flat.installed(twin).model is twin
+    expected = run_unet(twin, inputs)  # the copy's first call: eager
+    out = run_unet(twin, inputs)
+    assert len(graphs) == 2
+    assert_close(out, expected, torch.float32, reduction_size=64 * 9, what="copy, flat")
+    assert not torch.allclose(out, run_unet(unet, inputs))
+
+
+def test_autograd_runs_unflattened():
+    unet, inputs = on_device(tiny_unet(), *unet_inputs())
+    patch(unet, flat=True)
+    for _ in range(2):
+        out = unet(*inputs).sample  # grad mode: the forward as it is, never traced
+    out.float().sum().backward()
+    assert flat.installed(unet).flat == {}
