@@ -15,7 +15,9 @@ sdkernels.linear_groups, the shared time-embedding SiLU, the pending transformer
 runs on its own). The first call of a model runs eagerly (precompile and the measured op choices happen there).
 Calls with autograd recording, under torch.compile, a dispatch or function mode, or a functorch transform run the
 forward as it is. Inside ``patch.running_originals`` (the step choice's other way) a second graph is traced with
-the original modules, so that sdkernels.step_choice, installed over this, weighs two flat steps.
+the original modules, so that sdkernels.step_choice, installed over this, weighs two flat steps. Dynamo keeps its
+graphs per code object, up to its recompile limit (8 by default, torch._dynamo.config): past that many signatures
+(resolutions, batch sizes, dtypes) and models, further ones run the forward eagerly, as without ``flat``.
 """
 from __future__ import annotations
 
