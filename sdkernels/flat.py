@@ -10,9 +10,10 @@ implementation (the same input checks and dispatch, without torch.library's Pyth
 seconds, not the minutes Inductor's compile takes.
 
 What tracing fixes stays fixed until dynamo's guards see a change (a new shape, dtype or module, which traces
-again): environment knobs the patched modules read, and the paths that only run eagerly (the fused projections of
-sdkernels.linear_groups, the shared time-embedding SiLU, the pending transformer norms: under tracing each module
-runs on its own). The first call of a model runs eagerly (precompile and the measured op choices happen there).
+again): environment knobs the patched modules read, and the paths that only run eagerly (the shared time-embedding
+SiLU, the pending transformer norms: under tracing each module runs on its own). sdkernels.linear_groups' fused
+projections keep their state across calls, which a trace cannot hold: while a flat graph is traced (``tracing()``)
+each member's projection becomes one call of the op ``sdkernels::linear_group_output``, which runs the group. The first call of a model runs eagerly (precompile and the measured op choices happen there).
 Calls with autograd recording, under torch.compile, a dispatch or function mode, or a functorch transform run the
 forward as it is. Inside ``patch.running_originals`` (the step choice's other way) a second graph is traced with
 the original modules, so that sdkernels.step_choice, installed over this, weighs two flat steps. Dynamo keeps its
@@ -32,6 +33,12 @@ from .shadow import Shadowing, attach, detach
 logger = logging.getLogger("sdkernels")
 
 _FLAT = "_sdkernels_flat"  # on a model: its FlatCall
+_tracing = False  # True while a FlatCall runs its traced callable (dynamo guards on it: the graphs need it True)
+
+
+def tracing() -> bool:
+    """Whether the code running now is being traced (or run) as a flat graph's (see the module docstring)."""
+    return _tracing
 
 
 def install(model: nn.Module) -> bool:
@@ -120,7 +127,12 @@ class FlatCall(Shadowing):
         flat = self.flat.get(way)
         if flat is None:
             flat = self.flat[way] = _traced(self.original, way)
-        return flat(*args, **kwargs)
+        global _tracing
+        previous, _tracing = _tracing, True
+        try:
+            return flat(*args, **kwargs)
+        finally:
+            _tracing = previous
 
 
 def _traced(method, originals: bool):

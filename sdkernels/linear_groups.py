@@ -14,9 +14,12 @@ again, so a CUDA graph captures the GEMM in every forward it records, and a resu
 made it. A member whose weight no longer is its view (``weight.data = ...``, ``model.to(...)``) makes the group lay
 the current weights out again before it computes. Where a call cannot take the group's result (another input, a
 member wrapped by LoRA or given hooks, autograd or autocast, torch.compile), the member runs as the module it is.
+A flat graph (sdkernels.flat) keeps the group: its trace records each member's projection as one call of the op
+``sdkernels::linear_group_output``, whose implementation is ``LinearGroup.output`` at run time.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import weakref
 from typing import Optional, Sequence
@@ -25,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import flat
 from .patch import must_run_original
 
 logger = logging.getLogger("sdkernels")
@@ -32,6 +36,9 @@ logger = logging.getLogger("sdkernels")
 _LINK = "_sdkernels_linear_group"  # member.__dict__ key: (group, index)
 # Results made and replaced before a second member took theirs: members that do not share their input after all.
 _MAX_WASTED = 3
+# Every LinearGroup by its ``ident``, for the op that flat graphs call (an op takes ints, not objects).
+_GROUPS = weakref.WeakValueDictionary()
+_IDENTS = itertools.count()
 
 
 class LinearGroup:
@@ -51,11 +58,20 @@ class LinearGroup:
         self._result = None  # (weak reference to the input, its version, capturing, output, served flags)
         self._wasted = 0
         self.broken = None  # why the group no longer computes (its members then run as modules)
+        self._register()
         self._link()
+
+    def _register(self) -> None:
+        self.ident = next(_IDENTS)
+        _GROUPS[self.ident] = self
 
     def __getstate__(self):
         # (a pickled model: a result held mid-forward refers to its input weakly, which does not pickle)
         return {**self.__dict__, "_result": None}
+
+    def __setstate__(self, state):  # a copy (deepcopy, torch.load) is a group of its own
+        self.__dict__.update(state)
+        self._register()
 
     # ---- the buffers ----------------------------------------------------------------------------------------------
 
@@ -139,6 +155,29 @@ class LinearGroup:
             self._result = None  # every member has its columns: hold no memory past this forward
         return result[3][..., self.columns[index]]
 
+    def output_or_member(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """output(index, x), or where the group has stopped, the member's own output plus its extra."""
+        out = self.output(index, x)
+        if out is None:
+            out = self.members[index](x)
+            extra = self.extras[index]
+            out = out if extra is None else out + extra
+        return out
+
+
+@torch.library.custom_op("sdkernels::linear_group_output", mutates_args=())
+def _group_output_op(x: torch.Tensor, group: int, index: int) -> torch.Tensor:
+    """Member ``index`` of LinearGroup ``group``: its projection of x (plus its extra), a view of the group's result.
+    Called from flat graphs only (sdkernels.flat), whose backend calls this function directly."""
+    return _GROUPS[group].output_or_member(index, x)
+
+
+@_group_output_op.register_fake
+def _(x, group, index):
+    g = _GROUPS[group]
+    columns = g.columns[index]
+    return x.new_empty((*x.shape[:-1], g.columns[-1].stop))[..., columns]  # the strides of the real view
+
 
 def _side_by_side(tensors, params, columns) -> torch.Tensor:
     """One buffer holding ``tensors`` one after the other along dim 0; each of ``params`` becomes its view."""
@@ -168,10 +207,12 @@ def project(module: nn.Module, x: torch.Tensor, plus: Optional[torch.Tensor] = N
                 and not module._forward_pre_hooks and isinstance(x, torch.Tensor)):
             weight = module.weight  # once: a Module attribute lookup is a Python call
             if (x.dtype == weight.dtype and x.device == weight.device
-                    and x.dim() >= 1 and x.shape[-1] == module.in_features
-                    and not torch.compiler.is_compiling() and not must_run_original(x, weight)):
-                out = group.output(index, x)
-                if out is not None:
-                    return out
+                    and x.dim() >= 1 and x.shape[-1] == module.in_features and not must_run_original(x, weight)):
+                if not torch.compiler.is_compiling():
+                    out = group.output(index, x)
+                    if out is not None:
+                        return out
+                elif flat.tracing() and group.broken is None:
+                    return torch.ops.sdkernels.linear_group_output(x, group.ident, index)
     out = module(x)
     return out if plus is None else out + plus

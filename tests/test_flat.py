@@ -118,3 +118,25 @@ def test_autograd_runs_unflattened():
         out = unet(*inputs).sample  # grad mode: the forward as it is, never traced
     out.float().sum().backward()
     assert flat.installed(unet).flat == {}
+
+
+def test_fused_projections_stay_fused_in_the_flat_graph(monkeypatch, no_tf32):
+    """The linear groups' projections (self-attention q/k/v, the shared time-embedding projections) are calls of
+    sdkernels::linear_group_output in the flat graph, each running its group, with the unflattened result."""
+    from torch._library.custom_ops import OPDEFS
+    from sdkernels import linear_groups
+    graphs = traced_graphs(monkeypatch)
+    unet, inputs = on_device(tiny_unet(), *unet_inputs(batch=2))
+    patch(unet, flat=True, tune=False)
+    expected = run_unet(unet, inputs)  # eager: the groups run
+    grouped = [g for g in linear_groups._GROUPS.values() if any(m in set(unet.modules()) for m in g.members)]
+    assert grouped, "the tiny UNet has linear groups"
+    computed = []
+    real = linear_groups.LinearGroup.output
+    monkeypatch.setattr(linear_groups.LinearGroup, "output",
+                        lambda self, index, x: computed.append(self.ident) or real(self, index, x))
+    out = run_unet(unet, inputs)
+    implementation = OPDEFS["sdkernels::linear_group_output"]._init_fn
+    nodes = [n for n in graphs[0][0].graph.nodes if n.target is implementation]
+    assert len(nodes) == sum(len(g.members) for g in grouped) == len(computed)
+    assert_close(out, expected, torch.float32, reduction_size=64 * 9, what="flat, grouped")
