@@ -10,10 +10,11 @@ implementation (the same input checks and dispatch, without torch.library's Pyth
 seconds, not the minutes Inductor's compile takes.
 
 What tracing fixes stays fixed until dynamo's guards see a change (a new shape, dtype or module, which traces
-again): environment knobs the patched modules read, and the paths that only run eagerly (the shared time-embedding
-SiLU, the pending transformer norms: under tracing each module runs on its own). sdkernels.linear_groups' fused
-projections keep their state across calls, which a trace cannot hold: while a flat graph is traced (``tracing()``)
-each member's projection becomes one call of the op ``sdkernels::linear_group_output``, which runs the group. The first call of a model runs eagerly (precompile and the measured op choices happen there).
+again): environment knobs the patched modules read, and the paths that only run eagerly (the pending transformer
+norms: under tracing each block runs on its own). sdkernels.linear_groups' fused projections and the ResNet blocks'
+shared time-embedding SiLU keep state across calls, which a trace cannot hold: while a flat graph is traced
+(``tracing()``) they become calls of the ops ``sdkernels::linear_group_output`` and ``sdkernels::shared_silu``, which
+keep that state at run time. The first call of a model runs eagerly (precompile and the measured op choices).
 Calls with autograd recording, under torch.compile, a dispatch or function mode, or a functorch transform run the
 forward as it is. Inside ``patch.running_originals`` (the step choice's other way) a second graph is traced with
 the original modules, so that sdkernels.step_choice, installed over this, weighs two flat steps. Dynamo keeps its
