@@ -140,3 +140,20 @@ def test_fused_projections_stay_fused_in_the_flat_graph(monkeypatch, no_tf32):
     nodes = [n for n in graphs[0][0].graph.nodes if n.target is implementation]
     assert len(nodes) == sum(len(g.members) for g in grouped) == len(computed)
     assert_close(out, expected, torch.float32, reduction_size=64 * 9, what="flat, grouped")
+
+
+def test_the_flat_graphs_ops_pass_opcheck_and_compute_their_modules():
+    from torch import nn
+    from sdkernels import linear_groups
+    t = torch.randn(2, 8)
+    torch.library.opcheck(torch.ops.sdkernels.shared_silu.default, (t,))
+    assert torch.equal(torch.ops.sdkernels.shared_silu(t), torch.nn.functional.silu(t))
+    members = [nn.Linear(8, 4), nn.Linear(8, 6)]
+    group = linear_groups.LinearGroup("two", members)
+    x = torch.randn(3, 8)
+    torch.library.opcheck(torch.ops.sdkernels.linear_group_output.default, (x, group.ident, 1))
+    for index, m in enumerate(members):
+        assert_close(torch.ops.sdkernels.linear_group_output(x, group.ident, index), m(x), torch.float32,
+                     reduction_size=8, what=f"member {index}")
+    twin = copy.deepcopy(group)
+    assert twin.ident != group.ident and linear_groups._GROUPS[twin.ident] is twin
