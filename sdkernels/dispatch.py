@@ -16,6 +16,11 @@ microseconds of Python per call, which a step without CUDA graphs pays for every
 ``why_not``, ``available`` and a plain chooser are functions of that key; a chooser that is not (a measured one
 before it has measured) says so through ``settled(*args)``, and nothing is remembered while a backend is forced.
 Whatever changes a rule (a test patching a module constant) calls ``forget_selections()``.
+
+An op's input check (``check(*args)``, which raises for invalid inputs) runs in the dispatch where the call key
+misses or where there is none: a remembered key passed it, so it must be a function of the key as well (what it
+reads of a tensor: dtype, shape, strides, device; of another argument: its type and value). An invalid input is
+never remembered, so it fails the same way at every call.
 """
 from __future__ import annotations
 
@@ -61,7 +66,7 @@ class Op:
     """An op's backends (``register``, fastest first), its reference and its chooser (see the module docstring)."""
 
     def __init__(self, name: str, reference: Callable, scope: Optional[Callable[[], object]] = None,
-                 in_place: bool = False):
+                 in_place: bool = False, check: Optional[Callable[..., None]] = None):
         self.name = name
         self.reference = reference
         # Writes into its inputs: running it again on the same arguments gives another result, so it must never be
@@ -69,6 +74,9 @@ class Op:
         self.in_place = in_place
         # What the backends' rules read besides the inputs (a hashable, part of the call key), or None
         self.scope = scope
+        # The op's input check (raises for invalid inputs), or None: run where the call key misses (see the module
+        # docstring), before any backend is selected.
+        self.check = check
         self.backends: list = []
         self._chooser: Optional[Callable[..., Optional[str]]] = None
         self._selections: dict = {}  # call key -> (backend or None for the reference, fallback warning or None)
@@ -129,7 +137,12 @@ class Op:
         return None, detail
 
     def __call__(self, *args):
-        key = self._call_key(args)
+        try:
+            key = self._call_key(args)
+        except Exception:  # an input without strides (a sparse tensor, say): the check's error first, as before
+            if self.check is not None:
+                self.check(*args)
+            raise
         selection = None
         if key is not None:
             try:
@@ -139,6 +152,8 @@ class Op:
             except TypeError:  # an unhashable argument (a list, say): selected each time
                 key = None
         if selection is None:
+            if self.check is not None:
+                self.check(*args)
             selection = self._select(args)
             if key is not None and self._settled(args):
                 if len(self._selections) >= MAX_SELECTIONS:  # shapes that keep changing: start over
@@ -184,8 +199,9 @@ class _Local(threading.local):
 _local = _Local()
 
 
-def define(name: str, reference: Callable, scope: Optional[Callable[[], object]] = None, in_place: bool = False) -> Op:
-    op = Op(name, reference, scope, in_place)
+def define(name: str, reference: Callable, scope: Optional[Callable[[], object]] = None, in_place: bool = False,
+           check: Optional[Callable[..., None]] = None) -> Op:
+    op = Op(name, reference, scope, in_place, check)
     _ops[name] = op
     return op
 

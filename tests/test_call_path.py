@@ -275,6 +275,31 @@ def test_a_remembered_fallback_still_warns_once_per_reason():
     assert dispatch.last_backend(op.name) == dispatch.REFERENCE
 
 
+def test_the_input_check_runs_where_the_call_key_is_new(monkeypatch):
+    """An op checks its inputs in its dispatch where their call key misses: a remembered key passed the check, and an
+    invalid input, never remembered, fails the same way at every call (the public function's and the op's own)."""
+    from sdkernels.ops._common import SdkernelsInputError
+    from sdkernels.ops.group_norm import _group_norm_op
+    op = dispatch.ops()["group_norm"]
+    checks = []
+    check = op.check
+    monkeypatch.setattr(op, "check", lambda *args: checks.append(args) or check(*args))
+    op.forget_selections()
+    x, w = _rand(2, 8, 4, 4), _rand(8)
+    with torch.no_grad():
+        for _ in range(3):
+            sdkernels.group_norm(x, 4, w, w)
+        assert len(checks) == 1
+        messages = []
+        for call in (lambda: sdkernels.group_norm(x, 3, w, w), lambda: _group_norm_op._init_fn(x, 3, w, w, 1e-5,
+                                                                                                False, None, None)):
+            for _ in range(2):
+                with pytest.raises(SdkernelsInputError, match="must be a positive integer that divides") as info:
+                    call()
+                messages.append(str(info.value))
+        assert len(set(messages)) == 1 and len(checks) == 5
+
+
 def test_remembered_selections_give_the_first_calls_results():
     """Every op, called twice with one key: the second call (a remembered selection) computes what the first did."""
     for name, (fn, args) in CASES.items():

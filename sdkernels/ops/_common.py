@@ -42,10 +42,14 @@ def _nothing_intercepts(args) -> bool:
 def call_op(op, *args):
     """torch.ops.sdkernels.<op.name>(*args), or op(*args) (its dispatch) straight away where nothing intercepts the
     call: the same backend runs, without torch.library.custom_op's Python layers (autograd, redispatch, a dynamo
-    disable wrapper), which cost more host time per call (~50 us) than a small kernel takes on the GPU. The caller
-    has checked args (as the op's implementation does again). Under torch.compile this traces to the op."""
+    disable wrapper), which cost more host time per call (~50 us) than a small kernel takes on the GPU. Under
+    torch.compile this traces to the op. The op's check (op.check) runs in its dispatch where the call key is new,
+    and before torch.ops, whose schema would refuse some invalid inputs with an error of its own (the op's
+    implementation, or its fake, checks again)."""
     if _nothing_intercepts(args):
         return op(*args)
+    if op.check is not None:
+        op.check(*args)
     return getattr(torch.ops.sdkernels, op.name)(*args)
 
 

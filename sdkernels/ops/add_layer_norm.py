@@ -108,7 +108,7 @@ def _reference_contiguous(x, residual, weight, bias, eps):
 
 # Not in place, so sdkernels.tuning (patch(tune=True)) may time the kernel against the reference per shape; without
 # a measurement the kernel, the only backend, runs wherever its why_not allows.
-add_layer_norm_dispatch = dispatch.define(OP, add_layer_norm_reference)
+add_layer_norm_dispatch = dispatch.define(OP, add_layer_norm_reference, check=check_inputs)
 add_layer_norm_dispatch.register(dispatch.Backend("triton", _triton_run, _triton_why_not, available=triton_available))
 add_layer_norm_dispatch.reference = _reference_contiguous
 
@@ -118,7 +118,6 @@ add_layer_norm_dispatch.reference = _reference_contiguous
 @torch.library.custom_op("sdkernels::add_layer_norm", mutates_args=())
 def _add_layer_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor],
                        bias: Optional[torch.Tensor], eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    check_inputs(x, residual, weight, bias, eps)
     return add_layer_norm_dispatch(x, residual, weight, bias, eps)
 
 
@@ -131,5 +130,7 @@ def _(x, residual, weight, bias, eps):
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor] = None,
                    bias: Optional[torch.Tensor] = None, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + residual, layer_norm(x + residual, (C,), weight, bias, eps)) in one pass; see the module docstring."""
-    check_inputs(x, residual, weight, bias, eps)
-    return call_op(add_layer_norm_dispatch, x, residual, weight, bias, float(eps))
+    if type(eps) is not float:  # checked as given, then converted (the op checks that)
+        check_inputs(x, residual, weight, bias, eps)
+        eps = float(eps)
+    return call_op(add_layer_norm_dispatch, x, residual, weight, bias, eps)

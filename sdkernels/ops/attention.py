@@ -276,7 +276,7 @@ def _partial_softmax_cuda_run(q, k, v, scale, attn_mask, heads):
     return _run_on_views(launch, q, k, v, scale, attn_mask, heads, row_stats=cuda_row_stats)
 
 
-attention_dispatch = dispatch.define(OP, attention_reference)
+attention_dispatch = dispatch.define(OP, attention_reference, check=check_inputs)
 attention_dispatch.register(dispatch.Backend("flash", _flash_run, _triton_why_not, available=triton_available))
 attention_dispatch.register(dispatch.Backend("partial_softmax", _partial_softmax_run, _triton_why_not,
                                              available=triton_available))
@@ -289,7 +289,6 @@ attention_dispatch.reference = _sdpa_fallback
 @torch.library.custom_op("sdkernels::flash_attention", mutates_args=())
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, attn_mask: Optional[torch.Tensor],
                   heads: int) -> torch.Tensor:
-    check_inputs(q, k, v, scale, attn_mask, heads)
     return attention_dispatch(q, k, v, scale, attn_mask, heads)
 
 
@@ -304,7 +303,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Op
     """softmax(scale * q k^T + attn_mask) v; ``scale`` defaults to head_dim ** -0.5. Pass ``heads`` for
     diffusers' (B, tokens, heads * head_dim) layout; without it q, k, v are (B, heads, tokens, head_dim)."""
     heads = int(heads or 0)
-    check_inputs(q, k, v, 1.0 if scale is None else scale, attn_mask, heads)
-    if scale is None:
-        scale = head_dim(q, heads) ** -0.5
-    return call_op(attention_dispatch, q, k, v, float(scale), attn_mask, heads)
+    if type(scale) is not float:  # checked as given, then converted (the op checks that)
+        check_inputs(q, k, v, 1.0 if scale is None else scale, attn_mask, heads)
+        scale = float(head_dim(q, heads) ** -0.5 if scale is None else scale)
+    return call_op(attention_dispatch, q, k, v, scale, attn_mask, heads)

@@ -98,7 +98,7 @@ def _triton_run(y, bias, residual, scale):
 
 # in_place: never timed by sdkernels.tuning (each timed call would add the bias again); its one kernel beats the
 # eager reference wherever it runs, so the priority order is the choice.
-add_bias_residual_dispatch = dispatch.define(OP, add_bias_residual_reference, in_place=True)
+add_bias_residual_dispatch = dispatch.define(OP, add_bias_residual_reference, in_place=True, check=check_inputs)
 add_bias_residual_dispatch.register(dispatch.Backend("triton", _triton_run, _triton_why_not,
                                                      available=triton_available))
 
@@ -106,7 +106,6 @@ add_bias_residual_dispatch.register(dispatch.Backend("triton", _triton_run, _tri
 @torch.library.custom_op("sdkernels::add_bias_residual_", mutates_args=("y",))
 def _add_bias_residual_op(y: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
                           scale: float = 1.0) -> None:
-    check_inputs(y, bias, residual, scale)
     add_bias_residual_dispatch(y, bias, residual, scale)
 
 
@@ -118,6 +117,8 @@ def _(y, bias, residual, scale=1.0):
 def add_bias_residual_(y: torch.Tensor, bias: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
                        scale: float = 1.0) -> torch.Tensor:
     """(y + bias + residual) * scale written into y, one rounding; returns y. See the module docstring."""
-    check_inputs(y, bias, residual, scale)
-    call_op(add_bias_residual_dispatch, y, bias, residual, float(scale))
+    if type(scale) is not float:  # checked as given, then converted (the op checks that)
+        check_inputs(y, bias, residual, scale)
+        scale = float(scale)
+    call_op(add_bias_residual_dispatch, y, bias, residual, scale)
     return y

@@ -163,7 +163,7 @@ def _bordered_run(x, weight, bias, norm_stats, norm_weight, norm_bias, add, resi
     return out, (stats.view(x.shape[0], stats_groups, 2) if stats is not None else _no_stats(x))
 
 
-conv3x3_dispatch = dispatch.define(OP, _reference_into_layout)
+conv3x3_dispatch = dispatch.define(OP, _reference_into_layout, check=check_inputs)
 conv3x3_dispatch.register(dispatch.Backend("triton_bordered", _bordered_run, _bordered_why_not,
                                            available=triton_available))
 conv3x3_dispatch.register(dispatch.Backend("triton", _triton_run, _triton_why_not, available=triton_available))
@@ -178,7 +178,6 @@ def _conv3x3_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                 output_scale_factor: float, stats_groups: int, stats_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     args = (x, weight, bias, norm_stats, norm_weight, norm_bias, add, residual, output_scale_factor, stats_groups,
             stats_eps)
-    check_inputs(*args)
     return conv3x3_dispatch(*args)
 
 
@@ -199,5 +198,4 @@ def conv3x3_fused(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     """(out, stats) of the fused 3x3 convolution; see the module docstring."""
     args = (x, weight, bias, norm_stats, norm_weight, norm_bias, add, residual, float(output_scale_factor),
             stats_groups, float(stats_eps))
-    check_inputs(*args)
-    return call_op(conv3x3_dispatch, *args)
+    return call_op(conv3x3_dispatch, *args)  # checks args where its dispatch has not seen their key

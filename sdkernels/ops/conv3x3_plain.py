@@ -281,7 +281,7 @@ def _cudnn_epilogue_run(x, weight, bias, residual, scale):
     return add_bias_residual_(_in_layout_of(F.conv2d(x, weight, None, padding=1), x), bias, residual, scale)
 
 
-conv3x3_dispatch = dispatch.define(OP, conv3x3_eager)
+conv3x3_dispatch = dispatch.define(OP, conv3x3_eager, check=check_inputs)
 # Ahead of cudnn: with a residual (ResnetBlock2D's skip-add) eager's epilogue takes two passes over the output (the
 # bias, then the residual; three with a scale), this one pass, rounded once.
 conv3x3_dispatch.register(dispatch.Backend("cudnn_epilogue", _cudnn_epilogue_run, _cudnn_epilogue_why_not,
@@ -304,7 +304,6 @@ conv3x3_dispatch.register(dispatch.Backend("triton_winograd", _triton_winograd_r
 @torch.library.custom_op("sdkernels::conv3x3", mutates_args=())
 def _conv3x3_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 residual: Optional[torch.Tensor], scale: float = 1.0) -> torch.Tensor:
-    check_inputs(x, weight, bias, residual, scale)
     return conv3x3_dispatch(x, weight, bias, residual, scale)
 
 
@@ -317,5 +316,7 @@ def _(x, weight, bias, residual, scale=1.0):
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
             residual: Optional[torch.Tensor] = None, scale: float = 1.0) -> torch.Tensor:
     """(conv2d(x, weight, bias, padding=1) + residual) * scale in one op; see the module docstring."""
-    check_inputs(x, weight, bias, residual, scale)
-    return call_op(conv3x3_dispatch, x, weight, bias, residual, float(scale))
+    if type(scale) is not float:  # checked as given, then converted (the op checks that)
+        check_inputs(x, weight, bias, residual, scale)
+        scale = float(scale)
+    return call_op(conv3x3_dispatch, x, weight, bias, residual, scale)

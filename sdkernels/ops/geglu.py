@@ -324,10 +324,10 @@ def _contiguous(reference):
     return lambda *args: reference(*args).contiguous()
 
 
-gelu_dispatch = dispatch.define("gelu", _reference_keeping_layout)
+gelu_dispatch = dispatch.define("gelu", _reference_keeping_layout, check=check_gelu_inputs)
 gelu_dispatch.register(dispatch.Backend("triton", _gelu_triton_run, _gelu_triton_why_not,
                                         available=triton_available))
-geglu_dispatch = dispatch.define("geglu", _contiguous(geglu_reference))
+geglu_dispatch = dispatch.define("geglu", _contiguous(geglu_reference), check=check_geglu_inputs)
 geglu_dispatch.register(dispatch.Backend("triton", _geglu_triton_run, _geglu_triton_why_not,
                                          available=triton_available))
 def _cublas_scope():
@@ -337,7 +337,8 @@ def _cublas_scope():
             matmul.allow_bf16_reduced_precision_reduction)
 
 
-linear_geglu_dispatch = dispatch.define("linear_geglu", _contiguous(linear_geglu_reference), scope=_cublas_scope)
+linear_geglu_dispatch = dispatch.define("linear_geglu", _contiguous(linear_geglu_reference), scope=_cublas_scope,
+                                        check=check_linear_geglu_inputs)
 linear_geglu_dispatch.register(dispatch.Backend("triton", _linear_geglu_triton_run, _linear_geglu_triton_why_not,
                                                 available=triton_available))
 # Second in priority: the fused kernel runs unless measurement (sdkernels.tuning, patch(tune=True)) finds this faster.
@@ -349,7 +350,6 @@ linear_geglu_dispatch.register(dispatch.Backend("cublas", _linear_geglu_cublas_r
 
 @torch.library.custom_op("sdkernels::gelu", mutates_args=())
 def _gelu_op(x: torch.Tensor, approximate: str) -> torch.Tensor:
-    check_gelu_inputs(x, approximate)
     return gelu_dispatch(x, approximate)
 
 
@@ -361,7 +361,6 @@ def _(x, approximate):
 
 @torch.library.custom_op("sdkernels::geglu", mutates_args=())
 def _geglu_op(h: torch.Tensor, approximate: str) -> torch.Tensor:
-    check_geglu_inputs(h, approximate)
     return geglu_dispatch(h, approximate)
 
 
@@ -374,7 +373,6 @@ def _(h, approximate):
 @torch.library.custom_op("sdkernels::linear_geglu", mutates_args=())
 def _linear_geglu_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                      approximate: str) -> torch.Tensor:
-    check_linear_geglu_inputs(x, weight, bias, approximate)
     return linear_geglu_dispatch(x, weight, bias, approximate)
 
 
@@ -386,18 +384,15 @@ def _(x, weight, bias, approximate):
 
 def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """F.gelu(x, approximate) with fp32 math; the output keeps x's layout."""
-    check_gelu_inputs(x, approximate)
     return call_op(gelu_dispatch, x, approximate)
 
 
 def geglu(h: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """a * gelu(g) with a, g = h.chunk(2, -1), as diffusers' GEGLU after its projection."""
-    check_geglu_inputs(h, approximate)
     return call_op(geglu_dispatch, h, approximate)
 
 
 def linear_geglu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                  approximate: str = "none") -> torch.Tensor:
     """geglu(F.linear(x, weight, bias)) in one matmul whose epilogue applies the gate; weight is (2 * inner, K)."""
-    check_linear_geglu_inputs(x, weight, bias, approximate)
     return call_op(linear_geglu_dispatch, x, weight, bias, approximate)

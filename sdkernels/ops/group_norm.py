@@ -172,7 +172,7 @@ def _cuda_run(x, num_groups, weight, bias, eps, silu, residual, shift=None):
     return out
 
 
-group_norm_dispatch = dispatch.define(OP, group_norm_reference)
+group_norm_dispatch = dispatch.define(OP, group_norm_reference, check=check_inputs)
 group_norm_dispatch.register(dispatch.Backend("cuda", _cuda_run, _cuda_why_not, available=_ext.unavailable_reason))
 group_norm_dispatch.register(dispatch.Backend("triton", _triton_run, _triton_why_not, available=triton_available))
 
@@ -225,7 +225,6 @@ group_norm_dispatch.reference = _reference_into_layout
 def _group_norm_op(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                    eps: float, silu: bool, residual: Optional[torch.Tensor],
                    shift: Optional[torch.Tensor] = None) -> torch.Tensor:
-    check_inputs(x, num_groups, weight, bias, eps, silu, residual, shift)
     return group_norm_dispatch(x, num_groups, weight, bias, eps, silu, residual, shift)
 
 
@@ -240,8 +239,10 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] 
                residual: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None) -> torch.Tensor:
     """GroupNorm of x (+ the (N, C) ``shift``), then SiLU if ``silu``, then ``+ residual`` if given; see the module
     docstring."""
-    check_inputs(x, num_groups, weight, bias, eps, silu, residual, shift)
-    return call_op(group_norm_dispatch, x, num_groups, weight, bias, float(eps), bool(silu), residual, shift)
+    if type(eps) is not float or type(silu) is not bool:  # checked as given, then converted (the op checks those)
+        check_inputs(x, num_groups, weight, bias, eps, silu, residual, shift)
+        eps, silu = float(eps), bool(silu)
+    return call_op(group_norm_dispatch, x, num_groups, weight, bias, eps, silu, residual, shift)
 
 
 # ---- sdkernels::group_norm_stats: the statistics alone, for a consumer that normalizes as it loads --------------
@@ -259,14 +260,17 @@ def _stats_triton_run(x, num_groups, eps):
     return stats.view(x.shape[0], num_groups, 2)
 
 
-group_norm_stats_dispatch = dispatch.define(STATS_OP, group_norm_stats_reference)
+def check_stats_inputs(x, num_groups, eps) -> None:
+    check_inputs(x, num_groups, None, None, eps, False, None, op=STATS_OP)
+
+
+group_norm_stats_dispatch = dispatch.define(STATS_OP, group_norm_stats_reference, check=check_stats_inputs)
 group_norm_stats_dispatch.register(dispatch.Backend("triton", _stats_triton_run, _stats_triton_why_not,
                                                     available=triton_available))
 
 
 @torch.library.custom_op("sdkernels::group_norm_stats", mutates_args=())
 def _group_norm_stats_op(x: torch.Tensor, num_groups: int, eps: float) -> torch.Tensor:
-    check_inputs(x, num_groups, None, None, eps, False, None, op=STATS_OP)
     return group_norm_stats_dispatch(x, num_groups, eps)
 
 
@@ -279,8 +283,10 @@ def _(x, num_groups, eps):
 def group_norm_stats(x: torch.Tensor, num_groups: int, eps: float = 1e-5) -> torch.Tensor:
     """(N, G, 2) (mean, rstd = 1 / sqrt(var + eps)) of x's groups, fp32 (fp64 for fp64 x): what group_norm
     normalizes with, for an op that applies it as it loads x (sdkernels::conv3x3_fused's prologue)."""
-    check_inputs(x, num_groups, None, None, eps, False, None, op=STATS_OP)
-    return call_op(group_norm_stats_dispatch, x, num_groups, float(eps))
+    if type(eps) is not float:
+        check_stats_inputs(x, num_groups, eps)
+        eps = float(eps)
+    return call_op(group_norm_stats_dispatch, x, num_groups, eps)
 
 
 # ---- sdkernels::group_norm_apply: normalize with statistics taken elsewhere --------------------------------------
@@ -327,7 +333,7 @@ def _apply_reference_into_layout(x, stats, weight, bias, silu):
     return out
 
 
-group_norm_apply_dispatch = dispatch.define(APPLY_OP, group_norm_apply_reference)
+group_norm_apply_dispatch = dispatch.define(APPLY_OP, group_norm_apply_reference, check=check_apply_inputs)
 group_norm_apply_dispatch.register(dispatch.Backend("triton", _apply_run, _apply_why_not, available=triton_available))
 group_norm_apply_dispatch.reference = _apply_reference_into_layout
 
@@ -335,7 +341,6 @@ group_norm_apply_dispatch.reference = _apply_reference_into_layout
 @torch.library.custom_op("sdkernels::group_norm_apply", mutates_args=())
 def _group_norm_apply_op(x: torch.Tensor, stats: torch.Tensor, weight: Optional[torch.Tensor],
                          bias: Optional[torch.Tensor], silu: bool) -> torch.Tensor:
-    check_apply_inputs(x, stats, weight, bias, silu)
     return group_norm_apply_dispatch(x, stats, weight, bias, silu)
 
 
@@ -349,5 +354,7 @@ def group_norm_apply(x: torch.Tensor, stats: torch.Tensor, weight: Optional[torc
                      bias: Optional[torch.Tensor] = None, silu: bool = False) -> torch.Tensor:
     """GroupNorm's normalization with given (N, G, 2) fp32 (mean, rstd) statistics (sdkernels.group_norm_stats of
     this x or of a tensor x is a slice of), then the affine, then SiLU if ``silu``: x's dtype and layout out."""
-    check_apply_inputs(x, stats, weight, bias, silu)
-    return call_op(group_norm_apply_dispatch, x, stats, weight, bias, bool(silu))
+    if type(silu) is not bool:
+        check_apply_inputs(x, stats, weight, bias, silu)
+        silu = bool(silu)
+    return call_op(group_norm_apply_dispatch, x, stats, weight, bias, silu)
