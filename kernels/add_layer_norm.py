@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._env import getenv
+from .._env import ENVIRON, env_key, getenv
 from .utils import cdiv, interpreting, next_power_of_2, fix_cache_keys
 from .launch import cached_launch
 
@@ -24,6 +24,7 @@ from .launch import cached_launch
 TILE_ELEMENTS = 2048
 ONE_ROW_WIDTH = 1024
 TILE_KNOB = "SDKERNELS_ADD_LN_TILE"  # overrides TILE_ELEMENTS, for benchmarks comparing tilings
+_TILE_KNOB_KEY = env_key(TILE_KNOB)  # read per launch: `in ENVIRON` first, no call where it is unset
 
 
 @triton.jit
@@ -83,7 +84,7 @@ def add_layer_norm_triton(x, residual, weight, bias, eps: float, total, out):
     rows = x.numel() // C if C else 0
     if rows == 0:
         return total, out
-    knob = getenv(TILE_KNOB)
+    knob = getenv(TILE_KNOB) if _TILE_KNOB_KEY in ENVIRON else None
     block_r, block_c, warps = tile_plan(rows, C, int(knob) if knob else TILE_ELEMENTS)
     # Unused pointers still need a tensor; nothing is read through them while the flags are off.
     w, b = (weight if weight is not None else x), (bias if bias is not None else x)

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._env import getenv
+from .._env import ENVIRON, env_key, getenv
 from .flash_attention import (HEAD_DIM_CHUNKS, INTERPRETER_CONFIG, LOG2E, SHORT_KEYS, _dot, dot_precision,
                               tail_mode, too_few_tiles, _zero_accumulators)
 from .utils import capability_major, cdiv, interpreting, next_power_of_2, fix_cache_keys
@@ -30,6 +30,7 @@ MIN_COMPUTE_CAPABILITY = 90
 # 167.0 us (0.96x SDPA) against 174.9 us as 32 + 16 in session 20's probe (H200): one dot of each kind beat two
 # narrower ones despite the 33% more multiplies.
 ONE_CHUNK_HEAD_DIMS = "40"
+_TMA_KNOB = env_key("SDKERNELS_FLASH_TMA")  # read per call: `in ENVIRON` first, no call where it is unset
 TMA_CONFIGS = {
     40: (128, 64, 4, 3),
     64: (64, 128, 4, 2),
@@ -141,7 +142,7 @@ def use_tma(q, k, v, out, mask) -> bool:
     """Whether flash_attention_triton takes the descriptor kernel: on sm_90+ where it can (tma_why_not) and the
     keys are more than SHORT_KEYS; SDKERNELS_FLASH_TMA=0 never, =1 wherever it can (also under the interpreter).
     The cheap tests first: this runs on every call."""
-    knob = getenv("SDKERNELS_FLASH_TMA", "")
+    knob = getenv("SDKERNELS_FLASH_TMA", "") if _TMA_KNOB in ENVIRON else ""
     if knob == "0":
         return False
     if knob != "1" and (k.shape[2] <= SHORT_KEYS or interpreting()

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from .._env import getenv
+from .._env import ENVIRON, env_key, getenv
 from .utils import cdiv, multiprocessor_count, next_power_of_2, poisoned, programmatic_dependent, fix_cache_keys
 from .launch import cached_launch
 
@@ -37,6 +37,9 @@ TILE = 4096              # elements per program in the flat plan
 ROW_TILE = 8192          # elements per program in the rows plan (rows x all channels)
 MERGE_CHUNK = 1024       # partials merged per step in the finalize kernel
 FLAT_STATS_MAX = 524288  # largest group group_norm_stats takes through the flat plan where choose_plan says rows
+# Probe knobs read per launch, asked `in ENVIRON` before getenv: no call where they are unset (sdkernels._env).
+_PLAN_KNOB, _TILE_WARPS_KNOB, _TILE_SUMS_KNOB = (env_key("SDKERNELS_GN_PLAN"), env_key("SDKERNELS_GN_TILE_WARPS"),
+                                                 env_key("SDKERNELS_GN_TILE_SUMS"))
 
 
 @triton.jit
@@ -479,7 +482,8 @@ def _tile_variant(block: int, S: int, channels_fast: bool) -> dict:
         warps, sums = 16, SUMS_PER_STATISTIC.value
     else:
         warps, sums = _warps(block, 32), SUMS_PER_STATISTIC.value
-    knob_warps, knob_sums = getenv("SDKERNELS_GN_TILE_WARPS"), getenv("SDKERNELS_GN_TILE_SUMS")
+    knob_warps = getenv("SDKERNELS_GN_TILE_WARPS") if _TILE_WARPS_KNOB in ENVIRON else None
+    knob_sums = getenv("SDKERNELS_GN_TILE_SUMS") if _TILE_SUMS_KNOB in ENVIRON else None
     return dict(num_warps=int(knob_warps) if knob_warps else warps,
                 SUMS=TILE_SUMS[knob_sums] if knob_sums else sums)
 
@@ -506,7 +510,7 @@ def choose_plan(Cg: int, S: int, C: int, channels_last: bool, dense_rows: bool) 
     the CUDA kernel 7.3), 2x960x32x32 9.9 (CUDA 11.4), but behind the CUDA kernel from 40960-element groups
     (2x1280x32x32 14.6 against 12.2). one_pass only for small groups (2x640x32x32 channels_last: 39.4 us, flat 12.5);
     flat for the rest but the largest channels_last groups, which the rows plan was built for (the VAE's)."""
-    forced = getenv("SDKERNELS_GN_PLAN")  # a knob for benchmarks comparing plans
+    forced = _PLAN_KNOB in ENVIRON and getenv("SDKERNELS_GN_PLAN")  # a knob for benchmarks comparing plans
     if forced:
         return forced
     size = Cg * S

@@ -24,10 +24,12 @@ import triton
 import triton.language as tl
 
 from .. import tuning
-from .._env import getenv
+from .._env import ENVIRON, env_key, getenv
 from .geglu import gelu_fp32
 from .utils import capability_major, cdiv, interpreting, fix_cache_keys
 from .launch import cached_launch
+
+_AUTOTUNE_KNOB = env_key("SDKERNELS_AUTOTUNE")  # read per launch: `in ENVIRON` first, no call where it is unset
 
 
 def _set_block_shapes(nargs):
@@ -329,7 +331,8 @@ def _pick_plan(launch):
     x2d, weight, M, N, K = launch.x2d, launch.weight, launch.M, launch.N, launch.K
     if interpreting():
         return ((INTERPRETER_CONFIG, 0, N),)
-    if getenv("SDKERNELS_AUTOTUNE", "1") == "0":  # e.g. tests over many shapes: one compile, no timing
+    # SDKERNELS_AUTOTUNE=0: e.g. tests over many shapes: one compile, no timing
+    if _AUTOTUNE_KNOB in ENVIRON and getenv("SDKERNELS_AUTOTUNE", "1") == "0":
         return ((default_config(x2d.dtype, x2d.device), 0, N),)
     tma = tma_ok(x2d, weight)
     # Plans are timed by the current objective: a split's second launch costs host time that CUDA graphs hide.

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from .._env import getenv
+from .._env import ENVIRON, env_key, getenv
 from .flash_attention import (HEAD_DIM_CHUNKS, LOG2E, _LOG2E, _accumulate_pv, _bh_base, _load_query, _log2_scores,
                               _program_tile, _scores, _store_output, dot_precision, launch_config, mask_kind,
                               chunk1_start, mask_strides, stride_unit, tail_mode, view_strides, _zero_accumulators)
@@ -211,12 +211,13 @@ def programmatic_launch(q, Nk: int) -> bool:
 # d = 80 25.9/27.8; N = Nk = 256 d = 160 10.9/11.1; Nk = 4096 even at d = 40 and 64 but 452.6/414.6 at d = 128;
 # Nk = 16384 4938/4732.
 ONE_LAUNCH_MAX_KEYS = 1024
+_ONE_LAUNCH_KNOB = env_key("SDKERNELS_PARTIAL_ONE_LAUNCH")  # read per launch: `in ENVIRON` first (no call if unset)
 
 
 def one_launch(Nk: int) -> bool:
     """Whether partial_softmax_attention_triton runs both passes in one kernel: at Nk <= ONE_LAUNCH_MAX_KEYS;
     SDKERNELS_PARTIAL_ONE_LAUNCH=0 never, =1 always."""
-    knob = getenv("SDKERNELS_PARTIAL_ONE_LAUNCH")
+    knob = getenv("SDKERNELS_PARTIAL_ONE_LAUNCH") if _ONE_LAUNCH_KNOB in ENVIRON else None
     if knob in ("0", "1"):
         return knob == "1"
     return Nk <= ONE_LAUNCH_MAX_KEYS

@@ -5,12 +5,17 @@ import functools
 
 import torch
 
-from .._env import getenv
+from .._env import ENVIRON, env_key, getenv
+
+# Variables read on every launch, asked `in ENVIRON` before getenv: no call where they are unset (sdkernels._env).
+_INTERPRET = env_key("TRITON_INTERPRET")
+_POISON = env_key("SDKERNELS_POISON_OUTPUTS")
+_KNOBS: dict = {}  # programmatic_dependent's knobs -> env_key
 
 
 def interpreting() -> bool:
     """True when Triton runs kernels on the CPU in its interpreter (TRITON_INTERPRET=1)."""
-    return getenv("TRITON_INTERPRET", "0") not in ("", "0")
+    return _INTERPRET in ENVIRON and getenv("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def device_ok(*tensors) -> bool:
@@ -54,8 +59,12 @@ def programmatic_dependent(knob: str, device: torch.device, wanted: bool = True)
     """Whether a kernel launches as a programmatic dependent of the kernel before it (Hopper's griddepcontrol):
     never in the interpreter or where the env knob is "0", always where it is "1" (compile_check's sm_90 scenarios
     run on the CPU), else where the launcher wants it on an sm_90+ device."""
-    value = getenv(knob)
-    if value == "0" or interpreting():
+    try:
+        key = _KNOBS[knob]
+    except KeyError:
+        key = _KNOBS[knob] = env_key(knob)
+    value = getenv(knob) if key in ENVIRON else None
+    if value == "0" or (_INTERPRET in ENVIRON and interpreting()):
         return False
     return value == "1" or (wanted and capability_major(device) >= 9)
 
@@ -92,6 +101,6 @@ def poisoned(out: torch.Tensor) -> torch.Tensor:
     kernel forgets to write fails the comparison; the ops' outputs and the launchers' own buffers (statistics,
     partials) go through it. (It fills the tensor it is given: allocating another output beside it would hold two
     at once.)"""
-    if getenv("SDKERNELS_POISON_OUTPUTS") == "1":
+    if _POISON in ENVIRON and getenv("SDKERNELS_POISON_OUTPUTS") == "1":
         out.fill_(float("nan"))
     return out

@@ -9,13 +9,28 @@ from __future__ import annotations
 import os
 
 
-def _dict_reader():
-    """getenv over os.environ's own dict (CPython's os._Environ keeps the encoded variables in ``_data``), or plain
-    os.environ.get where that dict is not there."""
+def _environ_data():
+    """(os.environ's own dict of encoded variables (CPython's os._Environ keeps it in ``_data``), its key encoder), or
+    (os.environ, str) where that dict is not there."""
     environ = os.environ
     data = getattr(environ, "_data", None)
     encode, decode = getattr(environ, "encodekey", None), getattr(environ, "decodevalue", None)
     if not isinstance(data, dict) or encode is None or decode is None:
+        return environ, str
+    return data, encode
+
+
+# ``env_key(name) in ENVIRON`` is ``name in os.environ`` (live) without a call: the hot paths ask it before getenv,
+# ``KEY in ENVIRON and getenv(name)``, so that a variable that is not set (most of them, on most calls) costs no call.
+ENVIRON, env_key = _environ_data()
+
+
+def _dict_reader():
+    """getenv over os.environ's own dict (see _environ_data), or plain os.environ.get where that dict is not there."""
+    environ = os.environ
+    data = ENVIRON
+    decode = getattr(environ, "decodevalue", None)
+    if data is environ:
         return environ.get
     keys = {}
 
@@ -24,7 +39,7 @@ def _dict_reader():
         try:
             key = keys[name]
         except KeyError:
-            key = keys[name] = encode(name)
+            key = keys[name] = env_key(name)
         return decode(data[key]) if key in data else default
 
     return getenv

@@ -32,9 +32,10 @@ from typing import Callable, Optional
 
 import torch
 
-from ._env import getenv
+from ._env import ENVIRON, env_key, getenv
 
 REFERENCE = "reference"
+_BACKEND_KNOB = env_key("SDKERNELS_BACKEND")  # (`in ENVIRON` before getenv: no call where it is unset)
 MAX_SELECTIONS = 4096
 # Tensor types a backend may run directly on (a Parameter is a plain tensor to the kernels); any other subclass (a
 # fake or functional tensor, DTensor, ...) goes through torch.ops, where its own dispatch handles it.
@@ -170,7 +171,7 @@ class Op:
 
     def _call_key(self, args):
         """What the selection depends on (see the module docstring), or None where it must not be remembered."""
-        if _local.stack or getenv("SDKERNELS_BACKEND"):
+        if _local.stack or (_BACKEND_KNOB in ENVIRON and getenv("SDKERNELS_BACKEND")):
             return None
         # Each argument's part, None for a tensor subclass (a fake or functional tensor, ...), which is not keyed; the
         # others with their type: 1, 1.0 and True are one dict key, but a check may tell them apart.

@@ -34,7 +34,7 @@ from typing import Callable, Optional
 import torch
 
 from . import dispatch
-from ._env import cache_dir, getenv
+from ._env import ENVIRON, cache_dir, env_key, getenv
 from .benchmarking import l2_cache_bytes
 
 WARMUP_CALLS = 2
@@ -323,10 +323,11 @@ def _as_key(value):
 
 
 _enabled = [False]  # set by enable(): measuring is what patch() asks for (tune=True), not a side effect of importing
+_TUNING_KNOB = env_key("SDKERNELS_TUNING")  # read per op call: `in ENVIRON` first, no call where it is unset
 
 
 def _measuring_off() -> bool:
-    return not _enabled[0] or getenv("SDKERNELS_TUNING", "1") == "0"
+    return not _enabled[0] or (_TUNING_KNOB in ENVIRON and getenv("SDKERNELS_TUNING", "1") == "0")
 
 
 def _can_measure(*args) -> bool:

@@ -11,7 +11,7 @@ from torch.overrides import TorchFunctionMode
 
 import sdkernels
 from sdkernels import dispatch
-from sdkernels._env import getenv
+from sdkernels._env import ENVIRON, env_key, getenv
 from sdkernels.ops import conv3x3_fused, group_norm_stats
 from conftest import DEVICE
 
@@ -162,6 +162,17 @@ def test_getenv_follows_the_environment(monkeypatch):
     assert getenv("SDKERNELS_TEST_VARIABLE") == "ü"
     monkeypatch.delenv("SDKERNELS_TEST_VARIABLE")
     assert getenv("SDKERNELS_TEST_VARIABLE") is None
+
+
+def test_env_key_in_environ_follows_the_environment(monkeypatch):
+    """The hot paths ask ``KEY in ENVIRON`` before getenv (no call where a variable is unset)."""
+    key = env_key("SDKERNELS_TEST_VARIABLE")
+    monkeypatch.delenv("SDKERNELS_TEST_VARIABLE", raising=False)
+    assert key not in ENVIRON
+    monkeypatch.setenv("SDKERNELS_TEST_VARIABLE", "")
+    assert key in ENVIRON
+    os.environ.pop("SDKERNELS_TEST_VARIABLE")
+    assert key not in ENVIRON
 
 
 def test_forced_backend_from_the_environment_is_read_per_call(monkeypatch):
