@@ -16,6 +16,8 @@ x is seen as (N, C, S), S the flattened spatial size, with strides (sN, sC, sS).
 Statistics are fp32: each tile's mean and M2 are computed two-pass from registers and tiles are merged with Chan's
 formula, so groups of 4 M elements with a large mean (the VAE decoder at 1024 px) keep their precision.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -499,6 +501,7 @@ def programmatic_launch(x) -> dict:
     return dict(PDL=True, launch_pdl=True) if programmatic_dependent("SDKERNELS_GN_PDL", x.device) else {}
 
 
+@functools.lru_cache(maxsize=4096)  # a pure function of two sizes, asked on every launch
 def _tile_block(Cg: int, S: int) -> tuple:
     return next_power_of_2(Cg), next_power_of_2(S)
 

@@ -73,6 +73,7 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@functools.lru_cache(maxsize=4096)  # launchers ask it for a model's few sizes on every launch; a hit costs no call
 def next_power_of_2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1), as triton.next_power_of_2."""
     n = int(n)

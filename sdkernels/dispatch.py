@@ -80,6 +80,7 @@ class Op:
         self.check = check
         self.backends: list = []
         self._chooser: Optional[Callable[..., Optional[str]]] = None
+        self._chooser_scope: Optional[Callable[[], object]] = None  # the chooser's ``scope``, read when it is set
         self._selections: dict = {}  # call key -> (backend or None for the reference, fallback warning or None)
 
     # A per-input preference among the backends (a rule from measurements, e.g. by size), consulted only when no
@@ -92,6 +93,7 @@ class Op:
     @chooser.setter
     def chooser(self, chooser) -> None:
         self._chooser = chooser
+        self._chooser_scope = getattr(chooser, "scope", None)
         self._selections.clear()
 
     def register(self, backend: Backend) -> Backend:
@@ -173,13 +175,19 @@ class Op:
         """What the selection depends on (see the module docstring), or None where it must not be remembered."""
         if _local.stack or (_BACKEND_KNOB in ENVIRON and getenv("SDKERNELS_BACKEND")):
             return None
-        # Each argument's part, None for a tensor subclass (a fake or functional tensor, ...), which is not keyed; the
-        # others with their type: 1, 1.0 and True are one dict key, but a check may tell them apart.
-        parts = [(a.dtype, a.shape, a.stride(), a.device, a.data_ptr() % 16) if type(a) in PLAIN_TENSORS
-                 else (type(a), a) if type(a) in SCALARS or not isinstance(a, torch.Tensor) else None for a in args]
-        if None in parts:
-            return None
-        scope = getattr(self._chooser, "scope", None)
+        # Each argument's part; a tensor subclass (a fake or functional tensor, ...) is not keyed; the others with
+        # their type: 1, 1.0 and True are one dict key, but a check may tell them apart. (A plain loop: a list
+        # comprehension is a call of its own.)
+        parts = ()
+        for a in args:
+            cls = type(a)
+            if cls in PLAIN_TENSORS:
+                parts += ((a.dtype, a.shape, a.stride(), a.device, a.data_ptr() % 16),)
+            elif cls in SCALARS or not isinstance(a, torch.Tensor):
+                parts += ((cls, a),)
+            else:
+                return None
+        scope = self._chooser_scope
         return (scope() if scope is not None else None, self.scope() if self.scope is not None else None, *parts)
 
     def _settled(self, args) -> bool:

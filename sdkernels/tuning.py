@@ -272,8 +272,9 @@ class MeasuredChooser(MeasuredChoice):
     # or no CUDA tensor first: the device is in dispatch's call key). A choice added later can answer for a remembered
     # signature (signatures leave out the device), so it makes the op select afresh (_changed).
     @staticmethod
-    def scope():
-        return _objective.value, _measuring_off()
+    def scope():  # _measuring_off() written out: this runs on every op call
+        return _objective.value, (not _enabled[0]
+                                  or (_TUNING_KNOB in ENVIRON and getenv("SDKERNELS_TUNING", "1") == "0"))
 
     def settled(self, *args) -> bool:
         if (objective(),) + signature(*args) in self.choices:

@@ -7,6 +7,7 @@ import sys
 
 import torch
 
+from .._env import ENVIRON, env_key
 from ..dispatch import PLAIN_TENSORS, SCALARS
 from ..kernels import utils as kernel_utils  # imports no Triton
 from ..kernels.utils import poisoned  # noqa: F401  (the ops import it from here)
@@ -123,9 +124,13 @@ def channels_last_like(shape, nsc) -> bool:
     return nsc is not None and nsc[1] == 1 and shape[1] > 1 and nsc[2] >= shape[1]
 
 
+_POISON = env_key("SDKERNELS_POISON_OUTPUTS")
+
+
 def new_output(like: torch.Tensor, shape=None) -> torch.Tensor:
     """An output with ``like``'s dtype and device: with its shape and layout, or contiguous of ``shape`` (poisoned)."""
-    return poisoned(torch.empty_like(like) if shape is None else like.new_empty(shape))
+    out = torch.empty_like(like) if shape is None else like.new_empty(shape)
+    return poisoned(out) if _POISON in ENVIRON else out  # (poisoned only where the variable is set: no call here)
 
 
 @functools.lru_cache(maxsize=None)  # asked on every call; an import statement costs microseconds
@@ -153,5 +158,8 @@ def kernels(module: str):
     """The launcher module sdkernels.kernels.<module>, imported on first use (sdkernels imports without Triton): an
     import statement in the backend would cost ~3 us on every call, this a dict lookup."""
     name = f"{_KERNELS}.{module}"
-    found = sys.modules.get(name)
+    try:
+        found = sys.modules[name]  # a subscript: no call
+    except KeyError:
+        found = None
     return found if found is not None else importlib.import_module(name)
