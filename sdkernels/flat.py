@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .shadow import Shadowing, attach, detach
+from .shadow import Shadowing, attach_to_unet, detach
 
 logger = logging.getLogger("sdkernels")
 
@@ -45,11 +45,7 @@ def tracing() -> bool:
 def install(model: nn.Module) -> bool:
     """Put a FlatCall on a UNet2DConditionModel's forward (nothing if one is there already); False for any other
     model (the VAE's decode is GPU-bound: flattening its few Python calls would not pay for the trace)."""
-    from diffusers import UNet2DConditionModel
-    if not isinstance(model, UNet2DConditionModel):
-        return False
-    attach(model, _FLAT, lambda: FlatCall(model, "forward"))
-    return True
+    return attach_to_unet(model, _FLAT, lambda: FlatCall(model, "forward"))
 
 
 def uninstall(model: nn.Module) -> None:

@@ -58,6 +58,15 @@ def attach(model, attr: str, make: Callable[[], object]) -> None:
         model.__dict__[attr] = make()
 
 
+def attach_to_unet(model, attr: str, make: Callable[[], object]) -> bool:
+    """attach() where ``model`` is a diffusers UNet2DConditionModel; False, attaching nothing, for any other model."""
+    from diffusers import UNet2DConditionModel
+    if not isinstance(model, UNet2DConditionModel):
+        return False
+    attach(model, attr, make)
+    return True
+
+
 def detach(model, attr: str) -> None:
     """Take the owner kept under ``attr`` off the model and close it."""
     owner = model.__dict__.pop(attr, None)

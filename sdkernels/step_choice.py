@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from . import tuning
-from .shadow import Shadowing, attach, detach
+from .shadow import Shadowing, attach_to_unet, detach
 
 _CHOICE = "_sdkernels_step_choice"  # on a model: its StepChoice
 PATCHED, ORIGINALS = "patched", "originals"
@@ -37,11 +37,7 @@ PATCHED, ORIGINALS = "patched", "originals"
 def install(model: nn.Module) -> bool:
     """Put a StepChoice on a UNet2DConditionModel's forward (nothing if one is there already); False for any other
     model."""
-    from diffusers import UNet2DConditionModel
-    if not isinstance(model, UNet2DConditionModel):
-        return False
-    attach(model, _CHOICE, lambda: StepChoice(model, "forward"))
-    return True
+    return attach_to_unet(model, _CHOICE, lambda: StepChoice(model, "forward"))
 
 
 def uninstall(model: nn.Module) -> None:
