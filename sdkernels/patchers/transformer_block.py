@@ -83,6 +83,8 @@ def _plain_norm(norm) -> bool:
 
 def _first_norm(block, hidden_states):
     """norm1(hidden_states): the one its producer computed with its add, if any; learns the link otherwise."""
+    if torch.compiler.is_compiling():  # a trace must not read _PENDING: dynamo would guard on what it held then
+        return block.norm1(hidden_states)
     ref, version, norm, normed, producer = _PENDING
     if ref is not None and ref() is hidden_states and _tracks(hidden_states) and version == hidden_states._version:
         _PENDING[:] = _EMPTY
