@@ -9,7 +9,7 @@ from .._env import ENVIRON, env_key, getenv
 
 # Variables read on every launch, asked `in ENVIRON` before getenv: no call where they are unset (sdkernels._env).
 _INTERPRET = env_key("TRITON_INTERPRET")
-_POISON = env_key("SDKERNELS_POISON_OUTPUTS")
+POISON_KNOB = env_key("SDKERNELS_POISON_OUTPUTS")  # (ops/_common.new_output asks it too)
 _KNOBS: dict = {}  # programmatic_dependent's knobs -> env_key
 
 
@@ -102,6 +102,6 @@ def poisoned(out: torch.Tensor) -> torch.Tensor:
     kernel forgets to write fails the comparison; the ops' outputs and the launchers' own buffers (statistics,
     partials) go through it. (It fills the tensor it is given: allocating another output beside it would hold two
     at once.)"""
-    if _POISON in ENVIRON and getenv("SDKERNELS_POISON_OUTPUTS") == "1":
+    if POISON_KNOB in ENVIRON and getenv("SDKERNELS_POISON_OUTPUTS") == "1":
         out.fill_(float("nan"))
     return out

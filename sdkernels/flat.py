@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .ops._common import _nothing_intercepts
 from .shadow import Shadowing, attach_to_unet, detach
 
 logger = logging.getLogger("sdkernels")
@@ -94,12 +95,6 @@ def flat_backend(gm: torch.fx.GraphModule, example_inputs):
     return gm.forward
 
 
-def _intercepted() -> bool:
-    """Something that must see each op through torch's dispatcher is active (a dispatch or function mode, say)."""
-    return bool(torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
-                or torch._C._are_functorch_transforms_active())
-
-
 class FlatCall(Shadowing):
     """A model method shadowed on the instance by its dynamo-traced flat graph (one per input signature)."""
 
@@ -114,7 +109,8 @@ class FlatCall(Shadowing):
         return state
 
     def __call__(self, *args, **kwargs):
-        if (not self.open or torch.compiler.is_compiling() or torch.is_grad_enabled() or _intercepted()):
+        # (_nothing_intercepts of no arguments: no compiling, tracing, dispatch or function mode, functorch transform)
+        if not self.open or torch.is_grad_enabled() or not _nothing_intercepts(()):
             return self.original(*args, **kwargs)
         from .patch import originals_running
         way = originals_running()

@@ -7,18 +7,16 @@ import sys
 
 import torch
 
-from .._env import ENVIRON, env_key
+from .._env import ENVIRON
 from ..dispatch import PLAIN_TENSORS, SCALARS
 from ..kernels import utils as kernel_utils  # imports no Triton
-from ..kernels.utils import poisoned  # noqa: F401  (the ops import it from here)
+from ..kernels.utils import POISON_KNOB, poisoned  # noqa: F401  (the ops import poisoned from here)
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class SdkernelsInputError(ValueError):
     """Invalid input to an sdkernels op (as opposed to a valid input that only the reference supports)."""
-
-
 
 
 def _nothing_intercepts(args) -> bool:
@@ -124,13 +122,11 @@ def channels_last_like(shape, nsc) -> bool:
     return nsc is not None and nsc[1] == 1 and shape[1] > 1 and nsc[2] >= shape[1]
 
 
-_POISON = env_key("SDKERNELS_POISON_OUTPUTS")
-
 
 def new_output(like: torch.Tensor, shape=None) -> torch.Tensor:
     """An output with ``like``'s dtype and device: with its shape and layout, or contiguous of ``shape`` (poisoned)."""
     out = torch.empty_like(like) if shape is None else like.new_empty(shape)
-    return poisoned(out) if _POISON in ENVIRON else out  # (poisoned only where the variable is set: no call here)
+    return poisoned(out) if POISON_KNOB in ENVIRON else out  # (poisoned only where the variable is set: no call here)
 
 
 @functools.lru_cache(maxsize=None)  # asked on every call; an import statement costs microseconds
