@@ -22,6 +22,8 @@ from triton.runtime.jit import JITFunction
 from .._env import getenv
 
 ENABLED = getenv("SDKERNELS_CACHED_LAUNCH", "1") != "0"
+# While sdkernels.replay records an op call: the recorder, told of every launch (see CachedLaunchJITFunction.run)
+recorder = None
 MAX_SIGNATURES = 1024  # per kernel; shapes that keep changing start the cache over
 _PLAIN = (int, bool, str, type(None))
 _PLAIN_CLASSES = frozenset(_PLAIN)
@@ -76,15 +78,19 @@ class CachedLaunchJITFunction(JITFunction):
         except TypeError:  # an unhashable keyword value
             key = hit = None
         if hit is None:
+            if recorder is not None:
+                recorder.spoil("a kernel's first launch of a signature")
             kernel = super().run(*args, grid=grid, warmup=warmup, **kwargs)
             if key is not None and kernel is not None:
                 self._remember(key, kernel, len(args), kwargs)
             return kernel
         kernel, tail = hit
         values = (*args, *[kwargs[name] if name in kwargs else default for name, default in tail])
-        stream = _stream(key[0])
-        kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
-                   kernel.function, kernel.packed_metadata, None, None, None, *values)
+        grid = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+        kernel.run(*grid, _stream(key[0]), kernel.function, kernel.packed_metadata, None, None, None, *values)
+        if recorder is not None:
+            recorder.launched(kernel.run, grid, key[0], (kernel.function, kernel.packed_metadata, None, None, None,
+                                                         *values))
         return kernel
 
     def _remember(self, key, kernel, n_args, kwargs):

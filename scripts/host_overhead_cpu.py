@@ -33,8 +33,17 @@ REPEATS = 20  # the best of many short runs: robust to other processes taking th
 def stub_gpu() -> None:
     """Launches do nothing, autotuning picks the first config without timing, and CPU tensors pass the Triton
     backends' device checks."""
+    launch = sdkernels.kernels.launch
     triton.runtime.jit.JITFunction.run = lambda self, *args, grid, warmup, **kwargs: None
-    sdkernels.kernels.launch.ENABLED = False  # kernels/launch.py's cached launches go to the stub too (no driver here)
+
+    def cached_run(self, *args, grid, warmup, **kwargs):
+        # kernels/launch.py's cached launches (no driver here): a stub that sdkernels.replay can record, as it records
+        # a cached launch's repeat on a GPU
+        if launch.recorder is not None:
+            launch.recorder.launched(lambda *a: None, (1, 1, 1), None, (*args, *kwargs.values()))
+
+    launch.CachedLaunchJITFunction.run = cached_run
+    launch._stream = lambda device: None
     triton.runtime.autotuner.Autotuner._bench = lambda self, *args, config, **kwargs: [1.0, 1.0, 1.0]
     original = sdkernels.kernels.utils.device_ok
 

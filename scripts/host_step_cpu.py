@@ -52,6 +52,20 @@ def cpu_ms(step, rounds: int = ROUNDS) -> float:
     return best
 
 
+def report_replay() -> None:
+    """Which flat-graph op nodes replay, and why the others do not (sdkernels.replay)."""
+    import collections
+    import gc
+    from sdkernels.replay import RecordedCall
+    states = collections.Counter()
+    for obj in gc.get_objects():
+        if type(obj) is RecordedCall:
+            replays = any(p.__class__ is tuple for p in obj.programs.values())
+            states[(obj.op_name, "replays" if replays else f"runs: {obj.why_not}")] += 1
+    for (name, state), n in sorted(states.items()):
+        print(f"  {n:4d} {name}: {state}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ops", default=None, help="comma-separated patchers (default: patch()'s)")
@@ -75,7 +89,7 @@ def main():
             flat_model = torch.compile(copy.deepcopy(model), backend=flat.flat_backend)
             flat_step = lambda: models.model_call(flat_model, call_args, call_kwargs)  # noqa: E731
             flat_step()  # traced
-            print(f"  flat eager: Python calls per step {python_calls(flat_step)}")
+            print(f"  flat eager: Python calls per step {python_calls(flat_step)}, CPU ms {cpu_ms(flat_step, args.rounds):.2f}")
         sdkernels.patch(model, ops=args.ops.split(",") if args.ops else None)
         step_choice.uninstall(model)  # the patched modules, always
         step()
@@ -86,7 +100,8 @@ def main():
             sdkernels.patch(model, ops=args.ops.split(",") if args.ops else None, flat=True)
             step_choice.uninstall(model)
             step(), step()  # eager, then traced
-            print(f"  flat patched: Python calls per step {python_calls(step)}")
+            print(f"  flat patched: Python calls per step {python_calls(step)}, CPU ms {cpu_ms(step, args.rounds):.2f}")
+            if args.profile: report_replay()
         if args.profile:
             profiler = cProfile.Profile()
             profiler.runcall(step)

@@ -15,6 +15,8 @@ from ._env import cache_dir
 _module = None
 _reason = None
 _tried = False
+# While sdkernels.replay records an op call: the recorder, which runs and records each extension call
+recorder = None
 
 
 def sources() -> list:
@@ -48,6 +50,8 @@ class _Checked:
         function = getattr(self._module, name)
 
         def call(*args, **kwargs):
+            if recorder is not None:
+                return recorder.extension_call(call, function, args, kwargs)
             error = function(*args, **kwargs)
             if error:
                 raise RuntimeError(error)

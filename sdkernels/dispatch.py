@@ -140,6 +140,7 @@ class Op:
         return None, detail
 
     def __call__(self, *args):
+        global misses
         try:
             key = self._call_key(args)
         except Exception:  # an input without strides (a sparse tensor, say): the check's error first, as before
@@ -155,6 +156,7 @@ class Op:
             except TypeError:  # an unhashable argument (a list, say): selected each time
                 key = None
         if selection is None:
+            misses += 1
             if self.check is not None:
                 self.check(*args)
             selection = self._select(args)
@@ -199,6 +201,7 @@ class Op:
 
 
 _ops: dict[str, Op] = {}
+misses = 0  # calls that selected afresh (sdkernels.replay records only calls whose every dispatch remembered)
 _last_backend: dict[str, str] = {}
 _warned: set = set()
 class _Local(threading.local):

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import flat
+from . import flat, replay
 from .patch import must_run_original
 
 logger = logging.getLogger("sdkernels")
@@ -170,6 +170,9 @@ def _group_output_op(x: torch.Tensor, group: int, index: int) -> torch.Tensor:
     """Member ``index`` of LinearGroup ``group``: its projection of x (plus its extra), a view of the group's result.
     Called from flat graphs only (sdkernels.flat), whose backend calls this function directly."""
     return _GROUPS[group].output_or_member(index, x)
+
+
+replay.never_replay("sdkernels::linear_group_output")  # its group computes every member's output at the first
 
 
 @_group_output_op.register_fake

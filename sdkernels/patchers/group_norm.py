@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import banded, flat
+from .. import banded, flat, replay
 from ..linear_groups import project
 from ..ops.bias_add import add_bias_residual_
 from ..ops.group_norm import group_norm
@@ -192,6 +192,9 @@ def _shared_silu_op(temb: torch.Tensor) -> torch.Tensor:
     """SiLU of temb, the same tensor for every call on that very tensor (see shared_silu). Called from flat graphs
     only, whose backend calls this function directly."""
     return F.silu(temb) if temb.is_inference() else _kept_silu(temb, F.silu)
+
+
+replay.never_replay("sdkernels::shared_silu")  # its result is kept for the next call's
 
 
 @_shared_silu_op.register_fake
