@@ -5,7 +5,8 @@ the two is the Python and dispatch work around the kernels, which a GPU host pay
 (issue 5). It prints Python function calls per step (deterministic: the metric to cut) and this thread's CPU ms per
 step (the best of several runs), and with --profile the patched step's functions by call count and by own time.
     python scripts/host_step_cpu.py [--ops a,b] [--profile] [--rows 40] [--rounds 7] [--flat]
-(--flat: also the steps flattened by sdkernels.flat, eager's and patch(flat=True)'s: the Python left around the ops)
+(--flat: also the steps flattened by sdkernels.flat, eager's and patch(flat=True)'s: the Python left around the ops;
+with --profile, which op nodes replay their recorded calls, sdkernels.replay)
 The patched path differs from a GPU's where a backend exists only there (the CUDA extension's GroupNorm, cuBLAS
 choices, the measured backend and step choices: tuning is off on a CPU)."""
 import argparse
@@ -89,7 +90,8 @@ def main():
             flat_model = torch.compile(copy.deepcopy(model), backend=flat.flat_backend)
             flat_step = lambda: models.model_call(flat_model, call_args, call_kwargs)  # noqa: E731
             flat_step()  # traced
-            print(f"  flat eager: Python calls per step {python_calls(flat_step)}, CPU ms {cpu_ms(flat_step, args.rounds):.2f}")
+            print(f"  flat eager: Python calls per step {python_calls(flat_step)}, "
+                  f"CPU ms {cpu_ms(flat_step, args.rounds):.2f}")
         sdkernels.patch(model, ops=args.ops.split(",") if args.ops else None)
         step_choice.uninstall(model)  # the patched modules, always
         step()
@@ -101,7 +103,8 @@ def main():
             step_choice.uninstall(model)
             step(), step()  # eager, then traced
             print(f"  flat patched: Python calls per step {python_calls(step)}, CPU ms {cpu_ms(step, args.rounds):.2f}")
-            if args.profile: report_replay()
+            if args.profile:
+                report_replay()
         if args.profile:
             profiler = cProfile.Profile()
             profiler.runcall(step)

@@ -17,7 +17,9 @@ A recording is kept only where it is complete and repeatable; otherwise the node
   every Triton launch was a cached launch's repeat (a first launch compiles; launches outside kernels.launch, and
   the interpreter's, are not seen);
 - no aten op's result depends on tensor values (a host read such as ``.item()``, a data-dependent shape), and no
-  step returned anything but tensors.
+  step returned anything but tensors, ints (sizes) and None.
+Composite aten ops (SDPA) are recorded as the ops they run (the dispatch mode sees those); their choices, made in
+C++ from shapes and global flags (torch.backends' SDPA switches), are fixed at the recording.
 Recordings are kept per node and per tuple of its tensors' alignments (the one thing dynamo does not guard); a node
 whose recording failed MAX_ATTEMPTS times runs its implementation for good. Ops that keep state across calls
 (``never_replay``) are never recorded. Nothing is replayed while a backend is forced (``use_backend``,
@@ -118,12 +120,17 @@ class _Recording(TorchDispatchMode):
                         self.index[id(value)] = len(self.tensors)
                         self.tensors.append(value)
                         new.append(position)
-                elif value is not None:
-                    self.spoil(f"a step returned a {type(value).__name__}")
+                else:
+                    self._check_plain(value)
             return tuple(new) or None
-        if result is not None:
-            self.spoil(f"a step returned a {type(result).__name__}")
+        self._check_plain(result)
         return None
+
+    def _check_plain(self, value) -> None:
+        """A step's result besides tensors may be None or an int (a size: SDPA's inner ops return the sequence
+        lengths to SDPA's C++ code), never a bool or a float (a value read from a tensor, such as is_nonzero's)."""
+        if value is not None and (type(value) is not int):
+            self.spoil(f"a step returned a {type(value).__name__}")
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

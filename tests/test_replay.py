@@ -73,6 +73,7 @@ _CACHED = torch.randn(5)
     (lambda x: x + _CACHED, "outside the call's arguments"),                # a cache kept across calls
     (lambda x: x * float(x.sum()), "depends on tensor values"),             # a host read of a value
     (lambda x: x[x > 0].sum() + x, "depends on tensor values"),             # a data-dependent shape
+    (lambda x: x * x.sum().is_nonzero(), "depends on tensor values"),      # a bool read from a value
     (lambda x: [x + 1, len(x)], "returned"),                                 # not a tensor
 ])
 def test_calls_it_cannot_replay_run_their_implementation(replaying, body, why):
@@ -88,6 +89,16 @@ def test_calls_it_cannot_replay_run_their_implementation(replaying, body, why):
     assert implementation.calls == replay.MAX_ATTEMPTS + 2
     assert not recorded(call) and why in call.why_not
     assert call.programs[next(iter(call.programs))] == replay.MAX_ATTEMPTS  # it stopped trying
+
+
+@pytest.mark.parametrize("result, spoils", [(lambda t: (t, 7, None), None), (lambda t: (t, True), "bool"),
+                                             (lambda t: 2.5, "float")])
+def test_a_step_may_return_sizes_but_not_values(result, spoils):
+    """Besides tensors, an aten op's results may be sizes (SDPA's inner ops return sequence lengths to its C++
+    code), never a bool or float read from a tensor."""
+    recording = replay._Recording([])
+    recording.keep(result(torch.randn(2)))
+    assert recording.spoiled is None if spoils is None else spoils in recording.spoiled
 
 
 def test_a_fresh_dispatch_selection_is_not_recorded_but_a_remembered_one_is(replaying):
@@ -232,3 +243,16 @@ def test_flat_unet_replays_its_ops_on_the_gpu(monkeypatch, no_tf32):
     assert DEVICE == "cuda"
     assert_close(replayed, implemented, torch.float32, reduction_size=1, what="replayed against implemented")
     torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+def test_sdpa_records_as_its_inner_ops_on_the_gpu(replaying):
+    """F.scaled_dot_product_attention reaches the recorder as the backend op SDPA chose (flash, efficient, cuDNN),
+    whose results include sequence lengths (ints): recorded, and replayed with each call's q, k and v."""
+    def attention(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+    call = RecordedCall("sdkernels::test_sdpa", attention)
+    for _ in range(3):
+        q, k, v = (torch.randn(2, 8, 256, 40, device="cuda", dtype=torch.float16) for _ in range(3))
+        assert torch.equal(call(q, k, v), attention(q, k, v))
+    assert recorded(call), call.why_not
