@@ -103,8 +103,9 @@ class LinearGroup:
         return tuple([t.data_ptr() for t in self._parameters()])  # a list, not a generator: one call, not one an item
 
     def _parameters(self) -> list:
-        params = [m.weight for m in self.members]
-        params += [m.bias for m in self.members if m.bias is not None]
+        # (the modules' _parameters dicts, not m.weight: Module.__getattr__ is a Python call, asked every step)
+        params = [m._parameters["weight"] for m in self.members]
+        params += [b for b in [m._parameters.get("bias") for m in self.members] if b is not None]
         params += [e for e in self.extras if e is not None]
         return params
 
