@@ -7,22 +7,28 @@ that with the patched modules, whose op calls each pass through input checks, di
 signature, and that graph runs as plain Python: one line per op, no nn.Module calls, none of diffusers' branches.
 There is no code generation and no CUDA graph: the ops are the same calls, sdkernels' ops call their own
 implementation (the same input checks and dispatch, without torch.library's Python layers), and tracing takes
-seconds, not the minutes Inductor's compile takes.
+seconds, not the minutes Inductor's compile takes. Each op node then records its call once and replays it
+(sdkernels.replay), and the backend drops idle dropouts and merges repeated calls (``merge_repeats``).
 
 What tracing fixes stays fixed until dynamo's guards see a change (a new shape, dtype or module, which traces
 again): environment knobs the patched modules read, and the paths that only run eagerly (the pending transformer
 norms: under tracing each block runs on its own). sdkernels.linear_groups' fused projections and the ResNet blocks'
-shared time-embedding SiLU keep state across calls, which a trace cannot hold: while a flat graph is traced
-(``tracing()``) they become calls of the ops ``sdkernels::linear_group_output`` and ``sdkernels::shared_silu``, which
-keep that state at run time. The first call of a model runs eagerly (precompile and the measured op choices).
-Calls with autograd recording, under torch.compile, a dispatch or function mode, or a functorch transform run the
-forward as it is. Inside ``patch.running_originals`` (the step choice's other way) a second graph is traced with
-the original modules, so that sdkernels.step_choice, installed over this, weighs two flat steps. Dynamo keeps its
-graphs per code object, up to its recompile limit (8 by default, torch._dynamo.config): past that many signatures
-(resolutions, batch sizes, dtypes) and models, further ones run the forward eagerly, as without ``flat``.
+shared time-embedding SiLU keep state across calls eagerly, which a trace cannot hold: while a flat graph is traced
+(``tracing()``) each member of a group calls ``sdkernels::linear_group_all`` on the group's buffers (every member's
+output; the member takes its columns) and each block its own SiLU, and ``merge_repeats`` leaves one call of each
+per input. Before each flat call the groups lay out again any weights replaced since (``BEFORE_CALL``: the graph
+reads the groups' buffers, not the members' weights). The first call of a model runs eagerly (precompile and the
+measured op choices). Calls with autograd recording, under torch.compile, a dispatch or function mode, or a
+functorch transform run the forward as it is. Inside ``patch.running_originals`` (the step choice's other way) a
+second graph is traced with the original modules, so that sdkernels.step_choice, installed over this, weighs two
+flat steps. Dynamo keeps its graphs per code object, up to its recompile limit (8 by default,
+torch._dynamo.config): past that many signatures (resolutions, batch sizes, dtypes) and models, further ones run
+the forward eagerly, as without ``flat``.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 from typing import Optional
 
@@ -32,12 +38,13 @@ from torch import nn
 
 from . import replay
 from .ops._common import _nothing_intercepts
-from .replay import RecordedCall, replayable
+from .replay import RecordedCall
 from .shadow import Shadowing, attach_to_unet, detach
 
 logger = logging.getLogger("sdkernels")
 
 _FLAT = "_sdkernels_flat"  # on a model: its FlatCall
+BEFORE_CALL = []  # called before each flat call (sdkernels.linear_groups.keep_intact)
 _tracing = False  # True while a FlatCall runs its traced callable (dynamo guards on it: the graphs need it True)
 
 
@@ -78,8 +85,8 @@ def _op_name(target) -> Optional[str]:
 
 
 def direct_calls(gm: torch.fx.GraphModule) -> int:
-    """Point gm's sdkernels op nodes at the ops' own implementations, each recorded and replayed (sdkernels.replay)
-    unless it keeps state across calls; returns how many nodes it changed."""
+    """Point gm's sdkernels op nodes at the ops' own implementations, each recorded and replayed (sdkernels.replay);
+    returns how many nodes it changed."""
     implementations = _op_implementations()
     changed = 0
     for node in gm.graph.nodes:
@@ -87,7 +94,7 @@ def direct_calls(gm: torch.fx.GraphModule) -> int:
             name = _op_name(node.target)
             implementation = implementations.get(name)
             if implementation is not None:
-                node.target = RecordedCall(name, implementation) if replayable(name) else implementation
+                node.target = RecordedCall(name, implementation)
                 changed += 1
     if changed:
         gm.recompile()
@@ -111,10 +118,130 @@ def drop_idle_dropouts(gm: torch.fx.GraphModule) -> int:
     return removed
 
 
+# Calls that compute a fresh tensor from their arguments alone, so that two with the same arguments may be one
+# (merge_repeats): the linear groups' op and SiLU, which every member and every ResNet block traces on its own.
+_MERGEABLE_OPS = {"sdkernels::linear_group_all"}
+_MERGEABLE_FUNCTIONS = (F.silu,)
+# What never returns a view of its arguments (every sdkernels op, by torch.library's rule, and these): where a chain
+# of other calls leads from a mutated tensor back to the same one of these (or to any graph input), the mutation may
+# reach the other's memory.
+_FRESH_FUNCTIONS = (F.linear, F.silu, F.gelu, F.group_norm, F.layer_norm, F.scaled_dot_product_attention, F.interpolate,
+                    torch.conv2d, torch.cat, torch.exp, torch.sin, torch.cos, torch.arange)
+
+
+def _mutated_arguments(node):
+    """The arguments a node writes into (in-place methods and functions, inplace=True, out=, mutating ops), or
+    None where it may write into any of them (a module call)."""
+    if node.op == "call_module":
+        return None
+    if node.op not in ("call_function", "call_method"):
+        return ()
+    target = node.target
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    schema = getattr(target, "_schema", None)
+    if schema is None and isinstance(target, torch._ops.OpOverloadPacket):
+        schema = target.default._schema
+    if schema is not None:
+        return tuple(node.args[i] for i, a in enumerate(schema.arguments)
+                     if a.alias_info is not None and a.alias_info.is_write and i < len(node.args))
+    written = []
+    if (name.endswith("_") and not name.endswith("__")) or _inplace(node) or name in (
+            "setitem", "iadd", "isub", "imul", "itruediv"):
+        written.append(node.args[0] if node.args else None)
+    if "out" in node.kwargs:
+        written.append(node.kwargs["out"])
+    return tuple(written)
+
+
+@functools.lru_cache(maxsize=None)
+def _signature(target):
+    try:
+        return inspect.signature(target)
+    except (TypeError, ValueError):  # a builtin without one
+        return None
+
+
+def _inplace(node) -> bool:
+    """Whether a call passes inplace=True (by keyword or position: F.silu(x, True))."""
+    if node.kwargs.get("inplace") is True:
+        return True
+    signature = _signature(node.target) if callable(node.target) else None
+    if signature is None or "inplace" not in signature.parameters:
+        return False
+    try:
+        return signature.bind(*node.args, **node.kwargs).arguments.get("inplace") is True
+    except TypeError:
+        return True  # cannot tell: say it writes
+
+
+def _memory_root(node, roots: dict):
+    """The call whose fresh output a node's tensor may be a view of: itself for a fresh call, the graph's inputs
+    (all one root: they may share memory) for a placeholder, else its first argument's root."""
+    if node in roots:
+        return roots[node]
+    if node.op in ("placeholder", "get_attr"):
+        root = "inputs"
+    elif node.op == "call_function" and (_op_name(node.target) or "").startswith("sdkernels::"):
+        root = node
+    elif node.op == "call_function" and node.target in _FRESH_FUNCTIONS and not _inplace(node):
+        root = node
+    elif node.args and isinstance(node.args[0], torch.fx.Node):
+        root = _memory_root(node.args[0], roots)
+    else:
+        root = node
+    roots[node] = root
+    return root
+
+
+def _merge_key(node):
+    mergeable = (node.op == "call_function" and (_op_name(node.target) in _MERGEABLE_OPS or (
+        node.target in _MERGEABLE_FUNCTIONS and not _inplace(node))))
+    if not mergeable:
+        return None
+    key = (node.target, tuple(node.args), tuple(sorted(node.kwargs.items())))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def merge_repeats(gm: torch.fx.GraphModule) -> int:
+    """Merge each mergeable call (_MERGEABLE_OPS, _MERGEABLE_FUNCTIONS) into an earlier one with the same arguments,
+    where nothing in between may have written into their memory; returns how many it merged."""
+    roots, first, written_at, everything_written_at = {}, {}, {}, -1
+    merged = 0
+    for position, node in enumerate(list(gm.graph.nodes)):
+        key = _merge_key(node)
+        if key is not None:
+            earlier = first.get(key)
+            tensors = [a for a in node.args if isinstance(a, torch.fx.Node)]
+            last_write = max([everything_written_at] + [written_at.get(_memory_root(a, roots), -1) for a in tensors])
+            if earlier is not None and last_write < earlier[1]:
+                node.replace_all_uses_with(earlier[0])
+                gm.graph.erase_node(node)
+                merged += 1
+                continue
+            first[key] = (node, position)
+        written = _mutated_arguments(node)
+        if written is None:
+            everything_written_at = position
+        for w in written or ():
+            if isinstance(w, torch.fx.Node):
+                root = _memory_root(w, roots)
+                written_at[root] = position
+                if root == "inputs":
+                    everything_written_at = position
+    if merged:
+        gm.recompile()
+    return merged
+
+
 def flat_backend(gm: torch.fx.GraphModule, example_inputs):
-    """A dynamo backend that runs the traced graph as it is, without idle dropouts, its sdkernels ops called
-    directly."""
+    """A dynamo backend that runs the traced graph as it is, without idle dropouts and repeated calls, its sdkernels
+    ops called directly."""
     drop_idle_dropouts(gm)
+    merge_repeats(gm)
     direct_calls(gm)
     return gm.forward
 
@@ -144,6 +271,8 @@ class FlatCall(Shadowing):
         flat = self.flat.get(way)
         if flat is None:
             flat = self.flat[way] = _traced(self.original, way)
+        for hook in BEFORE_CALL:
+            hook()
         global _tracing
         previous, _tracing = _tracing, True
         replaying, replay.active = replay.active, replay.allowed()

@@ -14,8 +14,9 @@ again, so a CUDA graph captures the GEMM in every forward it records, and a resu
 made it. A member whose weight no longer is its view (``weight.data = ...``, ``model.to(...)``) makes the group lay
 the current weights out again before it computes. Where a call cannot take the group's result (another input, a
 member wrapped by LoRA or given hooks, autograd or autocast, torch.compile), the member runs as the module it is.
-A flat graph (sdkernels.flat) keeps the group: its trace records each member's projection as one call of the op
-``sdkernels::linear_group_output``, whose implementation is ``LinearGroup.output`` at run time.
+A flat graph (sdkernels.flat) keeps the group: its trace records each member's projection as a call of the op
+``sdkernels::linear_group_all`` on the group's buffers (every member's output) and the member's columns of it, and
+flat's backend merges the calls on one input into one.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import flat, replay
+from . import flat
 from .patch import must_run_original
 
 logger = logging.getLogger("sdkernels")
@@ -36,7 +37,7 @@ logger = logging.getLogger("sdkernels")
 _LINK = "_sdkernels_linear_group"  # member.__dict__ key: (group, index)
 # Results made and replaced before a second member took theirs: members that do not share their input after all.
 _MAX_WASTED = 3
-# Every LinearGroup by its ``ident``, for the op that flat graphs call (an op takes ints, not objects).
+# Every LinearGroup by its ``ident`` (keep_intact's list: the groups flat graphs read).
 _GROUPS = weakref.WeakValueDictionary()
 _IDENTS = itertools.count()
 
@@ -156,31 +157,30 @@ class LinearGroup:
             self._result = None  # every member has its columns: hold no memory past this forward
         return result[3][..., self.columns[index]]
 
-    def output_or_member(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        """output(index, x), or where the group has stopped, the member's own output plus its extra."""
-        out = self.output(index, x)
-        if out is None:
-            out = self.members[index](x)
-            extra = self.extras[index]
-            out = out if extra is None else out + extra
-        return out
+
+@torch.library.custom_op("sdkernels::linear_group_all", mutates_args=())
+def _group_all_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  extra: Optional[torch.Tensor]) -> torch.Tensor:
+    """Every member's projection of x (plus its extra), side by side: F.linear over a group's buffers. A flat graph
+    (sdkernels.flat) calls it at each member, and flat's backend merges the calls on one input into one."""
+    out = F.linear(x, weight, bias)
+    return out if extra is None else out.add_(extra)
 
 
-@torch.library.custom_op("sdkernels::linear_group_output", mutates_args=())
-def _group_output_op(x: torch.Tensor, group: int, index: int) -> torch.Tensor:
-    """Member ``index`` of LinearGroup ``group``: its projection of x (plus its extra), a view of the group's result.
-    Called from flat graphs only (sdkernels.flat), whose backend calls this function directly."""
-    return _GROUPS[group].output_or_member(index, x)
+@_group_all_op.register_fake
+def _(x, weight, bias, extra):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-replay.never_replay("sdkernels::linear_group_output")  # its group computes every member's output at the first
+def keep_intact() -> None:
+    """Lay out again the weights of every group whose members' weights were replaced (a flat graph reads the
+    groups' buffers, not the members' weights: sdkernels.flat calls this before each flat call)."""
+    for group in list(_GROUPS.values()):
+        if group.broken is None and group.weight is not None:
+            group._intact()
 
 
-@_group_output_op.register_fake
-def _(x, group, index):
-    g = _GROUPS[group]
-    columns = g.columns[index]
-    return x.new_empty((*x.shape[:-1], g.columns[-1].stop))[..., columns]  # the strides of the real view
+flat.BEFORE_CALL.append(keep_intact)
 
 
 def _side_by_side(tensors, params, columns) -> torch.Tensor:
@@ -217,6 +217,7 @@ def project(module: nn.Module, x: torch.Tensor, plus: Optional[torch.Tensor] = N
                     if out is not None:
                         return out
                 elif flat.tracing() and group.broken is None:
-                    return torch.ops.sdkernels.linear_group_output(x, group.ident, index)
+                    full = torch.ops.sdkernels.linear_group_all(x, group.weight, group.bias, group.extra)
+                    return full[..., group.columns[index]]
     out = module(x)
     return out if plus is None else out + plus

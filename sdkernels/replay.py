@@ -21,8 +21,9 @@ A recording is kept only where it is complete and repeatable; otherwise the node
 Composite aten ops (SDPA) are recorded as the ops they run (the dispatch mode sees those); their choices, made in
 C++ from shapes and global flags (torch.backends' SDPA switches), are fixed at the recording.
 Recordings are kept per node and per tuple of its tensors' alignments (the one thing dynamo does not guard); a node
-whose recording failed MAX_ATTEMPTS times runs its implementation for good. Ops that keep state across calls
-(``never_replay``) are never recorded. Nothing is replayed while a backend is forced (``use_backend``,
+whose recording failed MAX_ATTEMPTS times runs its implementation for good. (An op that kept state across calls
+would replay wrongly: sdkernels has none; flat graphs compute the linear groups and the shared time-embedding SiLU
+as plain calls merged by sdkernels.flat.) Nothing is replayed while a backend is forced (``use_backend``,
 SDKERNELS_BACKEND), a launch hook is set (a profiler), cached launches are off, or ``SDKERNELS_REPLAY=0``;
 ``allowed()`` says so and sdkernels.flat asks it once per graph call.
 """
@@ -37,17 +38,7 @@ from ._env import ENVIRON, getenv
 MAX_ATTEMPTS = 3      # recordings tried per node and alignments before the node keeps to its implementation
 MAX_PROGRAMS = 64     # per node; alignments that keep changing start over
 _VALUE_DEPENDENT = (torch.Tag.dynamic_output_shape, torch.Tag.data_dependent_output)
-_NEVER: set = set()   # "sdkernels::name" of the ops never recorded (never_replay)
 active = False        # set by sdkernels.flat around a graph call: replay (and record) in this call
-
-
-def never_replay(op_name: str) -> None:
-    """Mark an op (its "sdkernels::name") as keeping state across calls: its flat-graph nodes are never recorded."""
-    _NEVER.add(op_name)
-
-
-def replayable(op_name: str) -> bool:
-    return op_name not in _NEVER
 
 
 def _launch_module():

@@ -16,7 +16,7 @@ from sdkernels.testing import assert_close
 
 from conftest import DEVICE
 
-importlib.import_module("sdkernels.patchers.group_norm")  # defines sdkernels::shared_silu
+importlib.import_module("sdkernels.linear_groups")  # defines sdkernels::linear_group_all
 
 
 @pytest.fixture
@@ -195,12 +195,15 @@ def test_replays_stop_where_a_backend_is_forced(monkeypatch):
     assert not replay.allowed()
 
 
-def test_flat_graphs_record_their_ops_but_the_stateful_ones_and_lose_idle_dropouts():
+def test_flat_graphs_record_their_ops_and_lose_idle_dropouts_and_repeats():
     class Block(torch.nn.Module):
-        def forward(self, x, temb):
+        def forward(self, x, temb, w):
             x = F.dropout(x, 0.1, training=False)
             h = torch.ops.sdkernels.group_norm(x, 2, None, None, 1e-5, True, None, None)
-            return h + torch.ops.sdkernels.shared_silu(temb)[:, :, None, None]
+            s = F.silu(temb)
+            a = torch.ops.sdkernels.linear_group_all(s, w, None, None)[:, :4]
+            b = torch.ops.sdkernels.linear_group_all(F.silu(temb), w, None, None)[:, 4:]
+            return h + (a + b)[:, :, None, None]
 
     graphs = []
 
@@ -211,14 +214,15 @@ def test_flat_graphs_record_their_ops_but_the_stateful_ones_and_lose_idle_dropou
 
     torch._dynamo.reset()
     try:
-        x, temb = torch.randn(2, 4, 3, 3), torch.randn(2, 4)
-        torch.compile(Block(), backend=backend, dynamic=False)(x, temb)
+        x, temb, w = torch.randn(2, 4, 3, 3), torch.randn(2, 6), torch.randn(8, 6)
+        out = torch.compile(Block(), backend=backend, dynamic=False)(x, temb, w)
     finally:
         torch._dynamo.reset()
+    assert torch.allclose(out, Block()(x, temb, w), atol=1e-5)
     targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
     recorded_ops = [t.op_name for t in targets if isinstance(t, RecordedCall)]
-    assert recorded_ops == ["sdkernels::group_norm"]
-    assert not replay.replayable("sdkernels::shared_silu") and F.dropout not in targets
+    assert recorded_ops == ["sdkernels::group_norm", "sdkernels::linear_group_all"]
+    assert F.dropout not in targets and targets.count(F.silu) == 1
 
 
 @pytest.mark.gpu

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import banded, flat, replay
+from .. import banded
 from ..linear_groups import project
 from ..ops.bias_add import add_bias_residual_
 from ..ops.group_norm import group_norm
@@ -161,17 +161,15 @@ def shared_silu(nonlinearity: nn.Module, temb: torch.Tensor) -> torch.Tensor:
     """nonlinearity(temb), computed once for all the UNet's ResNet blocks: each applies SiLU to the same time
     embedding (22 identical launches per SD1.5 step), so the result for the last tensor seen is kept while it is
     that very tensor (a weak reference, not an id: ids are reused) with the same version counter (no in-place
-    change since). Under CUDA-graph capture the blocks then share the one captured SiLU; in a flat graph
-    (sdkernels.flat) each block calls the op ``sdkernels::shared_silu``, which keeps the result the same way, so
-    that the time-embedding projections' linear group sees one input. Any other nonlinearity, or a call autograd
-    must record, runs as is."""
+    change since). Under CUDA-graph capture the blocks then share the one captured SiLU; a flat graph
+    (sdkernels.flat) records each block's SiLU, and flat's backend merges them into one (so that the time-embedding
+    projections' linear group sees one input). Any other nonlinearity, or a call autograd must record, runs as
+    is."""
     # (torch.compile traces neither weak references nor version counters, and fuses the SiLU anyway; an inference
     # tensor has no version counter to check)
     if type(nonlinearity) is not nn.SiLU or nonlinearity.inplace:
         return nonlinearity(temb)
     if torch.compiler.is_compiling():  # (dynamo cannot trace is_inference())
-        if flat.tracing() and not must_run_original(temb):
-            return torch.ops.sdkernels.shared_silu(temb)
         return nonlinearity(temb)
     if temb.is_inference() or must_run_original(temb):
         return nonlinearity(temb)
@@ -185,21 +183,6 @@ def _kept_silu(temb: torch.Tensor, silu) -> torch.Tensor:
     result = silu(temb)
     _last_silu[:] = [weakref.ref(temb), temb._version, result]
     return result
-
-
-@torch.library.custom_op("sdkernels::shared_silu", mutates_args=())
-def _shared_silu_op(temb: torch.Tensor) -> torch.Tensor:
-    """SiLU of temb, the same tensor for every call on that very tensor (see shared_silu). Called from flat graphs
-    only, whose backend calls this function directly."""
-    return F.silu(temb) if temb.is_inference() else _kept_silu(temb, F.silu)
-
-
-replay.never_replay("sdkernels::shared_silu")  # its result is kept for the next call's
-
-
-@_shared_silu_op.register_fake
-def _(temb):
-    return torch.empty_like(temb)
 
 
 def conv_without_bias(conv, x):
