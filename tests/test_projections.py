@@ -236,15 +236,22 @@ def test_graph_replays_compute_the_projections_again():
             assert_close(out, unet(*new).sample, torch.float16, reduction_size=320)
 
 
-def test_lora_adapters_merged_and_removed_after_patching(no_tf32):
+@pytest.mark.parametrize("flat", [False, True], ids=["eager_or_graphs", "flat"])
+def test_lora_adapters_merged_and_removed_after_patching(no_tf32, flat):
     """peft adapters on to_q / to_k / to_v after patching: wrapped layers run as themselves; merging writes the
     base weights in place (the group's buffer), unmerging and deleting give the base model back. Each state matches
-    the unpatched modules (and, on a GPU, through CUDA graphs)."""
+    the unpatched modules (and, on a GPU, through CUDA graphs; with flat=True, through flat graphs, each state's
+    second call)."""
     peft = pytest.importorskip("peft")
     from sdkernels.patch import running_originals
     from peft.tuners.tuners_utils import BaseTunerLayer
+    torch._dynamo.reset()
     unet, inputs = attention_unet(), unet_inputs()
-    patch(unet, cuda_graph=GPU)
+    patch(unet, cuda_graph=GPU and not flat, flat=flat, tune=not flat)
+    calls = 2 if flat else 1  # (flat: the first call of each way runs eagerly)
+
+    def run():
+        return [unet(*inputs).sample for _ in range(calls)][-1]
 
     def tuner_layers():
         return [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
@@ -256,17 +263,20 @@ def test_lora_adapters_merged_and_removed_after_patching(no_tf32):
     # (on the CPU the ops run their eager references: the Triton interpreter would take minutes here, and what is
     # tested is which weights the projections read)
     with torch.no_grad(), contextlib.nullcontext() if GPU else sdkernels.use_backend("reference"):
-        base = unet(*inputs).sample
+        base = run()
         unet.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
                                          target_modules=["to_q", "to_k", "to_v"]), adapter_name="a")
         outs = {}
         for name, step in steps:
             step()
-            outs[name] = unet(*inputs).sample
+            outs[name] = run()
             with running_originals():
-                expected = unet(*inputs).sample
+                expected = run()
             assert_close(outs[name], expected, torch.float32, reduction_size=320, what=name)
     assert_close(outs["merged"], outs["adapter"], torch.float32, reduction_size=320)
     assert not torch.allclose(outs["adapter"], base, atol=1e-3)  # the adapter did change the output
     assert_close(outs["deleted"], base, torch.float32, reduction_size=320)
+    if flat:  # both ways ran flat graphs
+        assert set(sdkernels.flat.installed(unet).flat) == {False, True}
     unpatch(unet)
+    torch._dynamo.reset()
