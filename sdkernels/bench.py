@@ -11,6 +11,8 @@ is patched in place after the eager variants and unpatched at the end, so one co
   eager_graph       the same, captured into one CUDA graph and replayed
   compile           torch.compile(mode="reduce-overhead") of the eager model (--compile), with its compile time
   sdkernels         after sdkernels.patch(model)
+  sdkernels_flat    after sdkernels.patch(model, flat=True) (--flat; a UNet: its forward as one dynamo-traced graph
+                    per signature, op calls replayed, no CUDA graphs); its setup includes the trace
   sdkernels_graph   after sdkernels.patch(model, cuda_graph=True): its graph per input signature, each call
                     with the wrapper's checks, input copies and output clone (what a pipeline gets)
 Each is timed (median ms of do_bench: CUDA events after a warm-up) and given its it/s, speedup over eager, peak
@@ -60,7 +62,7 @@ from .patch import patch, patchers, summary, unpatch  # noqa: E402
 from .testing import relative_error  # noqa: E402
 
 BASELINES = ("eager", "eager_graph", "compile")
-OURS = ("sdkernels", "sdkernels_graph")
+OURS = ("sdkernels", "sdkernels_flat", "sdkernels_graph")
 # A patched output further than this from eager's (max |ours - eager| / max |eager|) fails the run. fp16: about ten
 # times the spread of eager's own SD1.5 output over cuDNN's algorithm choices (1.5e-3); fp32 leaves room for TF32.
 MAX_REL_ERR = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 1e-1}
@@ -116,6 +118,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help='also time torch.compile(mode="reduce-overhead") of the eager model (minutes to compile)')
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph variants")
+    p.add_argument("--flat", action="store_true",
+                   help="also sdkernels.patch(model, flat=True): a UNet's steps as flat graphs without CUDA graphs")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="model and inputs channels_last (default), as fast SD pipelines run them; every variant "
                         "runs the same layout")
@@ -262,11 +266,13 @@ def run_case(case: Case, args, dtype: torch.dtype, label: str) -> tuple:
     run_with = _runner(case, call_args, call_kwargs)
     step = functools.partial(run_with, models.entry(model))
 
-    def patched(cuda_graph=False):
+    def patched(cuda_graph=False, flat=False):
         graphs.uninstall(model)  # the pipeline's eager_graph leaves its graphs on the unpatched model
         patch(model, ops=_ops(args), cuda_graph=cuda_graph, low_memory=args.low_memory,
-              channels_last=args.channels_last)  # every variant in the run's one layout
+              channels_last=args.channels_last, flat=flat)  # every variant in the run's one layout
         print(f"{label}: {summary(model)}", flush=True)
+        if flat:
+            step()  # a flat model's first call runs eagerly; measure's first call traces (its setup time)
         return step
 
     with_graphs = on_gpu() and not args.no_graph
@@ -278,6 +284,10 @@ def run_case(case: Case, args, dtype: torch.dtype, label: str) -> tuple:
     elif case.compile:
         print(f"{label}: torch.compile skipped: reduce-overhead mode is a CUDA-graph baseline, and there is no GPU")
     plan.append(("sdkernels", patched))
+    if args.flat and models.spec(case.model).kind != "vae":
+        plan.append(("sdkernels_flat", lambda: patched(flat=True)))
+    elif args.flat:
+        print(f"{label}: --flat skipped: flat graphs are for UNets (a VAE decode is GPU-bound)")
     if with_graphs:
         plan.append(("sdkernels_graph", lambda: patched(cuda_graph=True)))
 

@@ -50,6 +50,21 @@ def test_unet_step(tmp_path, capsys):
         assert png.exists()
 
 
+def test_flat_unet_step(tmp_path, capsys):
+    """--flat adds sdkernels.patch(model, flat=True)'s row (its setup includes the trace); a VAE skips it."""
+    torch._dynamo.reset()
+    try:
+        rc, doc = run_bench(tmp_path, "--model", "tiny-unet", "--no-graph", "--flat")
+    finally:
+        torch._dynamo.reset()
+    assert rc == 0
+    check_rows(doc, "unet_step", "model=tiny-unet,B=1,res=64", ["sdkernels", "sdkernels_flat"], ["eager"])
+    assert "[#############-------] 2/3 sdkernels_flat" in capsys.readouterr().out
+    rc, doc = run_bench(tmp_path, "--model", "tiny-vae", "--no-graph", "--flat", "--resolution", "12")
+    assert rc == 0 and "--flat skipped" in capsys.readouterr().out
+    assert {r["ours"] for r in doc["rows"]} == {"sdkernels"}
+
+
 def test_vae_decode_from_local_weights(tmp_path):
     """--model-path loads a local diffusers pipeline folder's vae/ (what a user with real weights has)."""
     models.build("tiny-vae", init="unit").save_pretrained(tmp_path / "pipe" / "vae")
