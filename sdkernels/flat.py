@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import operator
 from typing import Optional
 
 import torch
@@ -123,10 +124,11 @@ def drop_idle_dropouts(gm: torch.fx.GraphModule) -> int:
 _MERGEABLE_OPS = {"sdkernels::linear_group_all"}
 _MERGEABLE_FUNCTIONS = (F.silu,)
 # What never returns a view of its arguments (every sdkernels op, by torch.library's rule, and these): where a chain
-# of other calls leads from a mutated tensor back to the same one of these (or to any graph input), the mutation may
-# reach the other's memory.
+# of other calls leads from a mutated tensor back to the same one of these, the mutation may reach the other's memory.
 _FRESH_FUNCTIONS = (F.linear, F.silu, F.gelu, F.group_norm, F.layer_norm, F.scaled_dot_product_attention, F.interpolate,
-                    torch.conv2d, torch.cat, torch.exp, torch.sin, torch.cos, torch.arange)
+                    torch.conv2d, torch.cat, torch.exp, torch.sin, torch.cos, torch.arange, operator.add, operator.sub,
+                    operator.mul, operator.truediv)
+_INPUTS, _ANY = "graph inputs", "any"  # memory roots: the graph's inputs (one: they may share memory); any memory
 
 
 def _mutated_arguments(node):
@@ -175,20 +177,18 @@ def _inplace(node) -> bool:
 
 
 def _memory_root(node, roots: dict):
-    """The call whose fresh output a node's tensor may be a view of: itself for a fresh call, the graph's inputs
-    (all one root: they may share memory) for a placeholder, else its first argument's root."""
+    """The call whose fresh output a node's tensor may be a view of: itself for a fresh call, _INPUTS for the graph's
+    inputs, else its tensor arguments' root where they share one, _ANY where they do not."""
     if node in roots:
         return roots[node]
     if node.op in ("placeholder", "get_attr"):
-        root = "inputs"
-    elif node.op == "call_function" and (_op_name(node.target) or "").startswith("sdkernels::"):
+        root = _INPUTS
+    elif node.op == "call_function" and ((_op_name(node.target) or "").startswith("sdkernels::") or (
+            node.target in _FRESH_FUNCTIONS and not _inplace(node))):
         root = node
-    elif node.op == "call_function" and node.target in _FRESH_FUNCTIONS and not _inplace(node):
-        root = node
-    elif node.args and isinstance(node.args[0], torch.fx.Node):
-        root = _memory_root(node.args[0], roots)
     else:
-        root = node
+        sources = {_memory_root(a, roots) for a in node.all_input_nodes}
+        root = sources.pop() if len(sources) == 1 else node if not sources else _ANY
     roots[node] = root
     return root
 
@@ -209,29 +209,26 @@ def _merge_key(node):
 def merge_repeats(gm: torch.fx.GraphModule) -> int:
     """Merge each mergeable call (_MERGEABLE_OPS, _MERGEABLE_FUNCTIONS) into an earlier one with the same arguments,
     where nothing in between may have written into their memory; returns how many it merged."""
-    roots, first, written_at, everything_written_at = {}, {}, {}, -1
-    merged = 0
+    roots, first, written_at = {}, {}, {}  # written_at: memory root -> position of the last write into it
+    last_write, merged = -1, 0              # (last_write: of any root)
     for position, node in enumerate(list(gm.graph.nodes)):
+        _memory_root(node, roots)  # in graph order: each lookup then recurses one level at most
         key = _merge_key(node)
         if key is not None:
             earlier = first.get(key)
-            tensors = [a for a in node.args if isinstance(a, torch.fx.Node)]
-            last_write = max([everything_written_at] + [written_at.get(_memory_root(a, roots), -1) for a in tensors])
-            if earlier is not None and last_write < earlier[1]:
+            reads = {_memory_root(a, roots) for a in node.all_input_nodes}
+            written = last_write if _ANY in reads else max([written_at.get(_ANY, -1)]
+                                                             + [written_at.get(r, -1) for r in reads])
+            if earlier is not None and written < earlier[1]:
                 node.replace_all_uses_with(earlier[0])
                 gm.graph.erase_node(node)
                 merged += 1
                 continue
             first[key] = (node, position)
-        written = _mutated_arguments(node)
-        if written is None:
-            everything_written_at = position
-        for w in written or ():
-            if isinstance(w, torch.fx.Node):
-                root = _memory_root(w, roots)
-                written_at[root] = position
-                if root == "inputs":
-                    everything_written_at = position
+        targets = _mutated_arguments(node)
+        for target in [_ANY] if targets is None else targets:
+            if target is _ANY or isinstance(target, torch.fx.Node):
+                written_at[target if target is _ANY else _memory_root(target, roots)] = last_write = position
     if merged:
         gm.recompile()
     return merged

@@ -20,7 +20,6 @@ flat's backend merges the calls on one input into one.
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import weakref
 from typing import Optional, Sequence
@@ -37,9 +36,8 @@ logger = logging.getLogger("sdkernels")
 _LINK = "_sdkernels_linear_group"  # member.__dict__ key: (group, index)
 # Results made and replaced before a second member took theirs: members that do not share their input after all.
 _MAX_WASTED = 3
-# Every LinearGroup by its ``ident`` (keep_intact's list: the groups flat graphs read).
-_GROUPS = weakref.WeakValueDictionary()
-_IDENTS = itertools.count()
+# Every LinearGroup alive (keep_intact's list: the groups flat graphs read).
+_GROUPS = weakref.WeakSet()
 
 
 class LinearGroup:
@@ -63,14 +61,13 @@ class LinearGroup:
         self._link()
 
     def _register(self) -> None:
-        self.ident = next(_IDENTS)
-        _GROUPS[self.ident] = self
+        _GROUPS.add(self)
 
     def __getstate__(self):
         # (a pickled model: a result held mid-forward refers to its input weakly, which does not pickle)
         return {**self.__dict__, "_result": None}
 
-    def __setstate__(self, state):  # a copy (deepcopy, torch.load) is a group of its own
+    def __setstate__(self, state):  # a copy (deepcopy, torch.load) is a group of its own, kept intact too
         self.__dict__.update(state)
         self._register()
 
@@ -175,7 +172,7 @@ def _(x, weight, bias, extra):
 def keep_intact() -> None:
     """Lay out again the weights of every group whose members' weights were replaced (a flat graph reads the
     groups' buffers, not the members' weights: sdkernels.flat calls this before each flat call)."""
-    for group in list(_GROUPS.values()):
+    for group in list(_GROUPS):
         if group.broken is None and group.weight is not None:
             group._intact()
 

@@ -98,24 +98,26 @@ class _Recording(TorchDispatchMode):
     def keep(self, result):
         """Index the new tensors of a step's result; returns the step's result spec (see the class docstring)."""
         if isinstance(result, torch.Tensor):
-            if id(result) in self.index:  # an in-place op returns its input
-                return None
-            self.index[id(result)] = len(self.tensors)
-            self.tensors.append(result)
-            return -1
+            return -1 if self._adopt(result) else None
         if isinstance(result, (tuple, list)):
             new = []
             for position, value in enumerate(result):
                 if isinstance(value, torch.Tensor):
-                    if id(value) not in self.index:
-                        self.index[id(value)] = len(self.tensors)
-                        self.tensors.append(value)
+                    if self._adopt(value):
                         new.append(position)
                 else:
                     self._check_plain(value)
             return tuple(new) or None
         self._check_plain(result)
         return None
+
+    def _adopt(self, tensor) -> bool:
+        """Index a step's result tensor; False where it is one already known (an in-place op returns its input)."""
+        if id(tensor) in self.index:
+            return False
+        self.index[id(tensor)] = len(self.tensors)
+        self.tensors.append(tensor)
+        return True
 
     def _check_plain(self, value) -> None:
         """A step's result besides tensors may be None or an int (a size: SDPA's inner ops return the sequence
