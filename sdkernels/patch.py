@@ -147,7 +147,7 @@ def patch(pipe_or_model, *, ops: Optional[Iterable[str]] = None, cuda_graph: boo
             step_choice.uninstall(model)  # back on top of the flat call: it then weighs two flat steps
             flat_steps.install(model)
             if tune and any(result.replaced.values()):
-                step_choice.install(model)
+                step_choice.install(model, flat=True)
         elif tune and any(result.replaced.values()) and graphs.graphed(model) is None:
             step_choice.install(model)
     return pipe_or_model

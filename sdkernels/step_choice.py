@@ -34,10 +34,11 @@ _CHOICE = "_sdkernels_step_choice"  # on a model: its StepChoice
 PATCHED, ORIGINALS = "patched", "originals"
 
 
-def install(model: nn.Module) -> bool:
+def install(model: nn.Module, flat: bool = False) -> bool:
     """Put a StepChoice on a UNet2DConditionModel's forward (nothing if one is there already); False for any other
-    model."""
-    return attach_to_unet(model, _CHOICE, lambda: StepChoice(model, "forward"))
+    model. ``flat``: the forward is a flat call (sdkernels.flat), whose two ways are flat steps: their choice is
+    stored apart from the unflattened one's, which weighs other steps."""
+    return attach_to_unet(model, _CHOICE, lambda: StepChoice(model, "forward", flat))
 
 
 def uninstall(model: nn.Module) -> None:
@@ -51,8 +52,9 @@ def installed(model: nn.Module) -> Optional["StepChoice"]:
 class StepChoice(Shadowing):
     """A model method shadowed on the instance by one that runs it with the patched or the original modules."""
 
-    def __init__(self, model: nn.Module, method: str):
-        self.choices = tuning.MeasuredChoice(f"step_{type(model).__name__}_{method}", alternate=True)
+    def __init__(self, model: nn.Module, method: str, flat: bool = False):
+        name = f"step_{type(model).__name__}_{method}" + ("_flat" if flat else "")
+        self.choices = tuning.MeasuredChoice(name, alternate=True)
         super().__init__(model, method)
 
     def __call__(self, *args, **kwargs):

@@ -44,6 +44,9 @@ def test_patch_installs_a_step_choice_without_graphs_only():
     patch(unet)
     assert step_choice.installed(unet) is not None and "forward" in unet.__dict__
     assert step_choice.installed(unet).choices.alternate  # the two ways timed in alternation (host drift)
+    unflat = step_choice.installed(unet).choices.name
+    patch(unet, flat=True)  # flat steps weigh differently: never the unflattened step's stored choice
+    assert step_choice.installed(unet).choices.name == unflat + "_flat"
     patch(unet.to(DEVICE), ops=[], cuda_graph=True)  # graphs replace it: replays are GPU time only
     assert step_choice.installed(unet) is None
     unpatch(unet)
