@@ -9,13 +9,13 @@ import argparse
 from collections import Counter
 import cProfile
 import pstats
-import statistics
 import time
 
 import torch
 
 import sdkernels
 from sdkernels import models, step_choice
+from sdkernels.benchmarking import paired_ms
 from sdkernels.kernels import launch
 
 STEPS = 10
@@ -116,30 +116,6 @@ def compare_op_host_time(eager_step, patched_step, rows: int) -> None:
         print(f"{label}: {sum(n * us for n, us in ops.values()) / 1e3:.2f} ms of self CPU time per step in all")
 
 
-def paired_ms(eager_step, patched_step, rounds=12, steps=4) -> dict:
-    """Medians over alternating short runs of the two models: CPU ms of this thread per step, wall ms per step (the
-    GPU finished), and eager/patched of each (a shared host's speed drifts by tens of percent within minutes, which
-    separate runs would read as a difference between the models)."""
-    for step in (eager_step, patched_step):
-        for _ in range(3):
-            step()
-    torch.cuda.synchronize()
-    cpu, wall = {eager_step: [], patched_step: []}, {eager_step: [], patched_step: []}
-    for _ in range(rounds):
-        for step in (eager_step, patched_step):
-            start_cpu, start_wall = time.thread_time(), time.perf_counter()
-            for _ in range(steps):
-                step()
-            cpu[step].append((time.thread_time() - start_cpu) / steps * 1e3)
-            torch.cuda.synchronize()
-            wall[step].append((time.perf_counter() - start_wall) / steps * 1e3)
-    median = statistics.median
-    return dict(eager_cpu=median(cpu[eager_step]), patched_cpu=median(cpu[patched_step]),
-                eager_wall=median(wall[eager_step]), patched_wall=median(wall[patched_step]),
-                cpu_ratio=median(e / p for e, p in zip(cpu[eager_step], cpu[patched_step])),
-                wall_ratio=median(e / p for e, p in zip(wall[eager_step], wall[patched_step])))
-
-
 def host_time_by_patcher(model, args) -> None:
     """The step's host and wall time with each patcher alone, all (as patch() leaves the model: with its measured
     step choice), and all with the original modules forced (what the patched modules' wrappers cost), each against
@@ -174,8 +150,8 @@ def host_time_by_patcher(model, args) -> None:
             step_choice.uninstall(patched_model)
         r = paired_ms(eager_step, step)
         sdkernels.unpatch(patched_model)
-        print(f"  {label:16s} CPU eager {r['eager_cpu']:7.2f} patched {r['patched_cpu']:7.2f} "
-              f"({r['cpu_ratio']:.3f}x)   wall eager {r['eager_wall']:7.2f} patched {r['patched_wall']:7.2f} "
+        print(f"  {label:16s} CPU eager {r['baseline_cpu']:7.2f} patched {r['cpu']:7.2f} "
+              f"({r['cpu_ratio']:.3f}x)   wall eager {r['baseline_wall']:7.2f} patched {r['wall']:7.2f} "
               f"({r['wall_ratio']:.3f}x)")
 
 

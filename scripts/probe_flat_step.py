@@ -5,22 +5,20 @@ unpatched model) and the patched model unflattened, all without the step choice 
 it is: the step choice weighs the flat patched step against the flat original modules), and the flat patched step
 with its op calls' replays off (sdkernels.replay, SDKERNELS_REPLAY=0); then each flat step's Python calls and its
 functions by own time.
-    python scripts/probe_flat_step.py [--model sd15] [--batch 2] [--resolution 512] [--rows 25] [--variants "a;b"]"""
+    python scripts/probe_flat_step.py [--model sd15] [--batch 2] [--resolution 512] [--rows 25] [--block 5]
+        [--variants "a;b"]"""
 import argparse
 import copy
 import cProfile
 import os
 import pstats
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from host_profile_step import paired_ms  # noqa: E402
-
-import sdkernels  # noqa: E402
-from sdkernels import flat, models, step_choice  # noqa: E402
+import sdkernels
+from sdkernels import flat, models, step_choice
+from sdkernels.benchmarking import paired_ms
 
 
 def timed_first_calls(step) -> float:
@@ -51,6 +49,7 @@ def main():
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--rows", type=int, default=25)
+    p.add_argument("--block", type=int, default=5, help="consecutive steps of each way between switches")
     p.add_argument("--variants", default=";".join(VARIANTS), help="separated by ;, of: " + "; ".join(VARIANTS))
     args = p.parse_args()
     wanted = args.variants.split(";")
@@ -85,10 +84,10 @@ def main():
               f"{torch.__version__}: ms per step (medians of alternating runs against eager); first two calls s; "
               "max |diff| against eager (patched, flat: against patched)")
         for label, (step, first_s, out, ref) in rows.items():
-            r = paired_ms(eager_step, step)
+            r = paired_ms(eager_step, step, block=args.block)
             diff = (out.float() - ref.float()).abs().max().item()
-            print(f"  {label:24s} CPU eager {r['eager_cpu']:7.2f} this {r['patched_cpu']:7.2f} ({r['cpu_ratio']:.3f}x)"
-                  f"   wall eager {r['eager_wall']:7.2f} this {r['patched_wall']:7.2f} ({r['wall_ratio']:.3f}x)"
+            print(f"  {label:24s} CPU eager {r['baseline_cpu']:7.2f} this {r['cpu']:7.2f} ({r['cpu_ratio']:.3f}x)"
+                  f"   wall eager {r['baseline_wall']:7.2f} this {r['wall']:7.2f} ({r['wall_ratio']:.3f}x)"
                   f"   first calls {first_s:5.1f} s   diff {diff:.3g}", flush=True)
         for label in [v for v in ("eager, flat", "patched, flat") if v in rows]:
             profiler = cProfile.Profile()

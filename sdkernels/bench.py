@@ -6,7 +6,7 @@
     python -m sdkernels.bench --model sd15 --pipeline       # a 20-step DDIM loop with classifier-free guidance
 
 Variants, all on one model (random weights from sdkernels.models, or --model-path) and one set of inputs; the model
-is patched in place after the eager variants and unpatched at the end, so one copy of the weights is held:
+is patched in place after the eager variants and unpatched at the end (a UNet's eager twin aside, below):
   eager             the diffusers model as it is
   eager_graph       the same, captured into one CUDA graph and replayed
   compile           torch.compile(mode="reduce-overhead") of the eager model (--compile), with its compile time
@@ -22,6 +22,13 @@ output beyond MAX_REL_ERR fails the run (exit 1, after the results are written).
 model as it stood to the first output: patching, capture or compilation, and the first call with its kernel
 compiles. One UNet step is unet(sample, t, encoder_hidden_states[, added_cond_kwargs]).sample; a VAE step is
 vae.decode(latents).sample.
+
+A UNet step without CUDA graphs is host-bound (its Python and launches outlast its GPU work), and a shared host's
+speed drifts by tens of percent within minutes, which variants timed one after the other read as a difference
+between them. So on a GPU the UNet's no-graph variants (sdkernels, sdkernels_flat) are also timed against an
+unpatched copy of the model in alternating blocks of consecutive steps (benchmarking.paired_ms, wall time): their
+rows against eager and the table's "vs eager" take those paired times ("paired" in the row); --no-paired skips the
+copy (one set of weights held) and the pairing.
 
 With --pipeline each variant runs a whole denoising loop instead (sdkernels.pipelines.denoise, diffusers' text-to-
 image loop: --steps UNet calls, default 20, each on both halves of classifier-free guidance, and the --scheduler's
@@ -41,6 +48,7 @@ one to pick), CUDA graphs and torch.compile are skipped, and the times mean noth
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import functools
 import gc
@@ -57,7 +65,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton (our kernels import it)
 
 from . import graphs, models, pipelines, step_choice  # noqa: E402
-from .benchmarking import DTYPES, Results, as_cuda_graph, bench_ms, machine, on_gpu  # noqa: E402
+from .benchmarking import DTYPES, Results, as_cuda_graph, bench_ms, machine, on_gpu, paired_ms  # noqa: E402
 from .patch import patch, patchers, summary, unpatch  # noqa: E402
 from .testing import relative_error  # noqa: E402
 
@@ -70,6 +78,10 @@ PIPELINE_STEPS = 20
 # by --quick; each variant's first call, which measure() makes, is the CPU's warm-up
 TIMING = {False: dict(warmup_ms=250, rep_ms=2000, cpu_calls=3, cpu_warmup=False),
           True: dict(warmup_ms=100, rep_ms=500, cpu_calls=1, cpu_warmup=False)}
+# by --quick, then by whether a call is a whole loop (--pipeline): paired_ms's rounds and block of consecutive calls
+PAIRING = {False: (dict(rounds=12, block=5), dict(rounds=6, block=1)),
+           True: (dict(rounds=6, block=5), dict(rounds=4, block=1))}
+PAIRED = ("sdkernels", "sdkernels_flat")  # host-bound: timed against the eager twin in alternation as well
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +117,7 @@ class Measurement:
     peak_mib: Optional[float] = None     # GPU only
     max_rel_err: Optional[float] = None  # None where eager's own output is not finite: nothing to compare with
     rel_err: Optional[float] = None
+    paired: Optional[dict] = None        # benchmarking.paired_ms against the eager twin (PAIRED variants, GPU)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -133,6 +146,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="results JSON (default sdkernels-bench-<model>.json here)")
     p.add_argument("--plot", help="bar chart PNG (default: the --out path with .png; needs matplotlib)")
     p.add_argument("--quick", action="store_true", help="shorter timing")
+    p.add_argument("--no-paired", action="store_true",
+                   help="time a UNet's no-graph variants only one after the other, not also in alternation with an "
+                        "unpatched copy (which holds a second copy of the weights)")
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="torch.backends.cudnn.benchmark = True for every variant (cuDNN times its convolution "
                         "algorithms per shape instead of taking its heuristic's pick)")
@@ -265,6 +281,9 @@ def run_case(case: Case, args, dtype: torch.dtype, label: str) -> tuple:
     call_kwargs = {k: _as_layout(v, memory_format) for k, v in call_kwargs.items()}
     run_with = _runner(case, call_args, call_kwargs)
     step = functools.partial(run_with, models.entry(model))
+    twin_step = None  # the unpatched twin's step, timed in alternation with the host-bound variants
+    if on_gpu() and models.spec(case.model).kind == "unet" and not args.no_paired:
+        twin_step = functools.partial(run_with, models.entry(copy.deepcopy(model)))
 
     def patched(cuda_graph=False, flat=False):
         graphs.uninstall(model)  # the pipeline's eager_graph leaves its graphs on the unpatched model
@@ -298,7 +317,8 @@ def run_case(case: Case, args, dtype: torch.dtype, label: str) -> tuple:
             for done, (variant, make) in enumerate(plan):
                 print(f"{label}: {progress_bar(done, len(plan))} {variant} ...", flush=True)
                 try:
-                    m, out = measure(variant, make, reference, timing)
+                    pairing = (twin_step, PAIRING[args.quick][bool(case.steps)]) if variant in PAIRED else None
+                    m, out = measure(variant, make, reference, timing, pairing)
                     _require_graphs(variant, model)
                 except Exception as e:
                     if reference is None:
@@ -357,9 +377,10 @@ def _eager_graphed(case: Case, model, step):
     return step
 
 
-def measure(variant: str, make, reference, timing: dict) -> tuple:
+def measure(variant: str, make, reference, timing: dict, pairing: Optional[tuple] = None) -> tuple:
     """(Measurement, first output). make() returns the step function (capturing or compiling on the way); its first
-    call's output is compared with the reference (eager's; None: this is eager), then the step is timed."""
+    call's output is compared with the reference (eager's; None: this is eager), then the step is timed, and with
+    ``pairing`` ((the eager twin's step or None, paired_ms's arguments)) also timed in alternation with the twin."""
     base = _memory_start()
     start = time.perf_counter()
     fn = make()
@@ -377,6 +398,8 @@ def measure(variant: str, make, reference, timing: dict) -> tuple:
     if reference is not None:
         out = None  # a graph's static output: the timing replays rewrite it
     m.ms = bench_ms(fn, **timing)
+    if pairing is not None and pairing[0] is not None:
+        m.paired = paired_ms(pairing[0], fn, **pairing[1])
     return m, out
 
 
@@ -393,11 +416,16 @@ def add_rows(results: Results, case: Case, dtype: torch.dtype, measured: list) -
     by_name = {m.variant: m for m in measured}
     for ours in (by_name[v] for v in OURS if v in by_name):
         for base in (by_name[v] for v in BASELINES if v in by_name):
-            results.add(case.bench, case.name, dtype, ours.ms, base.variant, base.ms, ours=ours.variant,
-                        its=case.steps_per_call * 1e3 / ours.ms, baseline_its=case.steps_per_call * 1e3 / base.ms,
+            ours_ms, base_ms, extra = ours.ms, base.ms, {}
+            if base.variant == "eager" and ours.paired:  # the pair's times, not those of runs minutes apart
+                ours_ms, base_ms = ours.paired["wall"], ours.paired["baseline_wall"]
+                extra = dict(paired=True, timing="median wall ms per step, alternating blocks of steps with an "
+                                                 "unpatched copy (benchmarking.paired_ms)")
+            results.add(case.bench, case.name, dtype, ours_ms, base.variant, base_ms, ours=ours.variant,
+                        its=case.steps_per_call * 1e3 / ours_ms, baseline_its=case.steps_per_call * 1e3 / base_ms,
                         peak_mib=ours.peak_mib, baseline_peak_mib=base.peak_mib, max_rel_err=_number(ours.max_rel_err),
                         baseline_max_rel_err=_number(base.max_rel_err), rel_err=_number(ours.rel_err),
-                        setup_s=ours.setup_s, baseline_setup_s=base.setup_s)
+                        setup_s=ours.setup_s, baseline_setup_s=base.setup_s, **extra)
 
 
 def table(label: str, measured: list, steps_per_call: int = 1) -> str:
@@ -408,7 +436,12 @@ def table(label: str, measured: list, steps_per_call: int = 1) -> str:
         peak = f"{m.peak_mib:9.0f}" if m.peak_mib is not None else f"{'-':>9s}"
         err = f"{m.max_rel_err:11.2e}" if m.max_rel_err is not None else f"{'-':>11s}"
         its = steps_per_call * 1e3 / m.ms
-        lines.append(f"  {m.variant:16s} {m.ms:10.3f} {its:9.2f} {eager_ms / m.ms:7.2f}x {peak} {err} {m.setup_s:8.1f}")
+        speedup = m.paired["baseline_wall"] / m.paired["wall"] if m.paired else eager_ms / m.ms
+        lines.append(f"  {m.variant:16s} {m.ms:10.3f} {its:9.2f} {speedup:7.2f}x{'*' if m.paired else ' '}{peak} {err} "
+                     f"{m.setup_s:8.1f}")
+    lines += [f"  * {m.variant} paired with an unpatched copy in alternating blocks: eager "
+              f"{m.paired['baseline_wall']:.3f} ms, {m.variant} {m.paired['wall']:.3f} ms a step (wall)"
+              for m in measured if m.paired]
     return "\n".join(lines)
 
 

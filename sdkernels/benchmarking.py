@@ -67,6 +67,34 @@ def bench_ms(fn, warmup_ms: float = 25, rep_ms: float = 100, graph: bool = False
     return statistics.median(times)
 
 
+def paired_ms(baseline, step, rounds: int = 12, block: int = 5) -> dict:
+    """A host-bound step (a UNet step without CUDA graphs) against its baseline, timed in alternating blocks of
+    ``block`` consecutive calls, the order reversed every other round: a shared host's speed drifts by tens of
+    percent within minutes, which steps timed one after the other read as a difference between them, while blocks
+    keep each step's own code warm in the CPU's caches as a loop of it does. Medians of per-call ms: CPU time of
+    this thread and wall time (a block's calls, then the GPU finished), and of the per-round ratios baseline/step.
+    """
+    sync = torch.cuda.synchronize if on_gpu() else (lambda: None)
+    for fn in (baseline, step):
+        for _ in range(3):
+            fn()
+    sync()
+    cpu, wall = {baseline: [], step: []}, {baseline: [], step: []}
+    for i in range(rounds):
+        for fn in (baseline, step) if i % 2 == 0 else (step, baseline):
+            start_cpu, start_wall = time.thread_time(), time.perf_counter()
+            for _ in range(block):
+                fn()
+            cpu[fn].append((time.thread_time() - start_cpu) / block * 1e3)
+            sync()
+            wall[fn].append((time.perf_counter() - start_wall) / block * 1e3)
+    median = statistics.median
+    return dict(baseline_cpu=median(cpu[baseline]), cpu=median(cpu[step]),
+                baseline_wall=median(wall[baseline]), wall=median(wall[step]),
+                cpu_ratio=median(b / s for b, s in zip(cpu[baseline], cpu[step])),
+                wall_ratio=median(b / s for b, s in zip(wall[baseline], wall[step])))
+
+
 def l2_cache_bytes() -> int:
     """The current GPU's L2 cache size (H100: 50 MiB, H200: 60 MiB); 50 MiB where torch does not say."""
     return getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 0) or 50 * 2**20

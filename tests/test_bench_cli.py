@@ -138,6 +138,24 @@ def test_model_inputs_follow_the_config():
     assert latents.shape == (1, 4, 64, 64)
 
 
+def test_paired_timing_alternates_blocks(monkeypatch):
+    """benchmarking.paired_ms: blocks of consecutive calls, the order reversed every other round, medians per call
+    and of the per-round ratios."""
+    from sdkernels import benchmarking
+    calls, clock = [], [0.0]
+    monkeypatch.setattr(benchmarking.time, "perf_counter", lambda: clock[0])
+
+    def way(name, ms):
+        def run():
+            calls.append(name)
+            clock[0] += ms / 1e3
+        return run
+    r = benchmarking.paired_ms(way("a", 3.0), way("b", 2.0), rounds=3, block=2)
+    assert calls[6:] == list("aabbbbaaaabb")  # after 3 warm-up calls each
+    assert r["baseline_wall"] == pytest.approx(3.0) and r["wall"] == pytest.approx(2.0)
+    assert r["wall_ratio"] == pytest.approx(1.5)
+
+
 def test_unit_init():
     model = models.build("tiny-unet", init="unit")
     for m in model.modules():
@@ -160,3 +178,6 @@ def test_gpu_variants(tmp_path):
     assert by["sdkernels_graph", "eager"]["max_rel_err"] == pytest.approx(by["sdkernels", "eager"]["max_rel_err"],
                                                                           abs=1e-3)
     assert all(r["peak_mib"] > 0 and r["baseline_peak_mib"] > 0 for r in rows)
+    # host-bound rows against eager: timed in alternation with an unpatched copy, not minutes apart
+    assert by["sdkernels", "eager"].get("paired") and not by["sdkernels_graph", "eager"].get("paired")
+    assert by["sdkernels", "eager"]["ours_ms"] != by["sdkernels", "eager_graph"]["ours_ms"]
