@@ -428,16 +428,21 @@ def add_rows(results: Results, case: Case, dtype: torch.dtype, measured: list) -
                         setup_s=ours.setup_s, baseline_setup_s=base.setup_s, **extra)
 
 
+def speedup_label(m: Measurement, eager: Measurement) -> str:
+    """m's speedup over eager: paired ("*") where m was timed in alternation with the eager twin."""
+    if m.paired:
+        return f"{m.paired['baseline_wall'] / m.paired['wall']:.2f}x*"
+    return f"{eager.ms / m.ms:.2f}x "
+
+
 def table(label: str, measured: list, steps_per_call: int = 1) -> str:
-    eager_ms = measured[0].ms
     lines = [label, f"  {'variant':16s} {'ms':>10s} {'it/s':>9s} {'vs eager':>8s} {'peak MiB':>9s} "
                     f"{'max rel err':>11s} {'setup s':>8s}"]
     for m in measured:
         peak = f"{m.peak_mib:9.0f}" if m.peak_mib is not None else f"{'-':>9s}"
         err = f"{m.max_rel_err:11.2e}" if m.max_rel_err is not None else f"{'-':>11s}"
         its = steps_per_call * 1e3 / m.ms
-        speedup = m.paired["baseline_wall"] / m.paired["wall"] if m.paired else eager_ms / m.ms
-        lines.append(f"  {m.variant:16s} {m.ms:10.3f} {its:9.2f} {speedup:7.2f}x{'*' if m.paired else ' '}{peak} {err} "
+        lines.append(f"  {m.variant:16s} {m.ms:10.3f} {its:9.2f} {speedup_label(m, measured[0]):>9s}{peak} {err} "
                      f"{m.setup_s:8.1f}")
     lines += [f"  * {m.variant} paired with an unpatched copy in alternating blocks: eager "
               f"{m.paired['baseline_wall']:.3f} ms, {m.variant} {m.paired['wall']:.3f} ms a step (wall)"
@@ -459,10 +464,10 @@ def write_plot(runs: list, path: str) -> Optional[str]:
         bars = ax.bar([m.variant for m in measured], [m.ms for m in measured],
                       color=["tab:orange" if m.variant in OURS else "tab:gray" for m in measured])
         for bar, m in zip(bars, measured):
-            ax.annotate(f"{measured[0].ms / m.ms:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ax.annotate(speedup_label(m, measured[0]).strip(), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom", fontsize=8)
         ax.set_title(f"{case.bench} {case.name}", fontsize=9)
-        ax.set_ylabel("ms per call")
+        ax.set_ylabel("ms per call" + ("; *: speedup paired with eager" if any(m.paired for m in measured) else ""))
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
     gpu = machine()["gpu"]
     fig.suptitle(f"sdkernels vs eager on {gpu}" if gpu else "CPU, Triton interpreter: times are not speed")
