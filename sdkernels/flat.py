@@ -234,10 +234,112 @@ def merge_repeats(gm: torch.fx.GraphModule) -> int:
     return merged
 
 
+def _example(node) -> Optional[torch.Tensor]:
+    """The (fake) tensor dynamo traced for a node, or None."""
+    value = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, torch.fx.Node) else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _private_fresh(node) -> bool:
+    """Whether node is a fresh call's output (_memory_root) that nothing but its one user reads."""
+    return isinstance(node, torch.fx.Node) and _memory_root(node, {}) is node and len(node.users) == 1
+
+
+def drop_unit_scaling(gm: torch.fx.GraphModule) -> int:
+    """Remove ``x / 1.0`` and ``x * 1.0`` nodes (diffusers' rescale_output_factor, one a UNet attention: a kernel
+    that copies its input) where x is floating point, fresh and read by nothing else, so that no write through the
+    result can reach other memory; returns how many it removed."""
+    removed = 0
+    for node in list(gm.graph.nodes):
+        if (node.op == "call_function" and node.target in (operator.truediv, operator.mul) and len(node.args) == 2
+                and not node.kwargs and type(node.args[1]) is float and node.args[1] == 1.0
+                and _private_fresh(node.args[0])):
+            x = _example(node.args[0])
+            if x is not None and x.is_floating_point():
+                node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
+                removed += 1
+    if removed:
+        gm.recompile()
+    return removed
+
+
+def _layer_norm_of_sum(node) -> Optional[tuple]:
+    """(add node, view node, C) where node is sdkernels::group_norm with one group, no SiLU, residual or shift, of
+    ``(a + b).view(-1, C, 1)`` (patchers.layer_norm's LayerNorm) with a, b and the norm's parameters as
+    add_layer_norm's kernel takes them (the eager chain's test); else None."""
+    from .patchers.transformer_block import fusable
+    if node.op != "call_function" or _op_name(node.target) != "sdkernels::group_norm":
+        return None
+    args = list(node.args) + [None] * (8 - len(node.args))
+    for i, name in enumerate(("x", "num_groups", "weight", "bias", "eps", "silu", "residual", "shift")):
+        if name in node.kwargs:
+            args[i] = node.kwargs[name]
+    rows, groups, weight, bias, _, silu, residual, shift = args
+    if groups != 1 or silu is not False or residual is not None or shift is not None:
+        return None
+    if not (isinstance(rows, torch.fx.Node) and rows.op == "call_method" and rows.target == "view"
+            and len(rows.args) == 4 and rows.args[1] == -1 and rows.args[3] == 1 and type(rows.args[2]) is int):
+        return None
+    total = rows.args[0]
+    if not (isinstance(total, torch.fx.Node) and total.op == "call_function" and total.target is operator.add
+            and len(total.args) == 2 and not total.kwargs):
+        return None
+    a, b = (_example(t) for t in total.args)
+    C = rows.args[2]
+    if a is None or b is None or a.dim() < 2 or a.shape[-1] != C:
+        return None
+    parameters = [_example(p) for p in (weight, bias)]
+    if any(p is not None and (t is None or tuple(t.shape) != (C,)) for p, t in zip((weight, bias), parameters)):
+        return None
+    return (total, rows, C) if fusable(a, b, *parameters) else None
+
+
+def fuse_add_layer_norms(gm: torch.fx.GraphModule) -> int:
+    """Where the graph already calls sdkernels::add_layer_norm (transformer_add_norm is patched in), fuse each other
+    ``layer_norm(a + b)`` (as patchers.layer_norm traces it) into that op too: a transformer block's last add and the
+    next block's norm1, which eagerly link across the two blocks' calls (patchers.transformer_block's chain) but not
+    in a trace, where each block runs on its own (SDXL's chained blocks). The sum keeps its other readers. Returns how
+    many it fused."""
+    op = torch.ops.sdkernels.add_layer_norm.default
+    if not any(_op_name(n.target) == "sdkernels::add_layer_norm" for n in gm.graph.nodes if n.op == "call_function"):
+        return 0
+    fused = 0
+    for node in list(gm.graph.nodes):
+        found = _layer_norm_of_sum(node)
+        if found is None:
+            continue
+        total, rows, C = found
+        args = list(node.args) + [None] * (5 - len(node.args))
+        weight = node.kwargs.get("weight", args[2])
+        bias = node.kwargs.get("bias", args[3])
+        eps = node.kwargs.get("eps", args[4])
+        with gm.graph.inserting_after(total):  # before every reader of the sum
+            both = gm.graph.call_function(op, (total.args[0], total.args[1], weight, bias, eps))
+        with gm.graph.inserting_after(both):
+            new_total = gm.graph.call_function(operator.getitem, (both, 0))
+        with gm.graph.inserting_after(new_total):
+            normed = gm.graph.call_function(operator.getitem, (both, 1))
+        with gm.graph.inserting_after(normed):
+            normed_rows = gm.graph.call_method("view", (normed, -1, C, 1))
+        node.replace_all_uses_with(normed_rows)
+        gm.graph.erase_node(node)
+        if not rows.users:
+            gm.graph.erase_node(rows)
+        total.replace_all_uses_with(new_total)
+        gm.graph.erase_node(total)
+        fused += 1
+    if fused:
+        gm.recompile()
+    return fused
+
+
 def flat_backend(gm: torch.fx.GraphModule, example_inputs):
-    """A dynamo backend that runs the traced graph as it is, without idle dropouts and repeated calls, its sdkernels
-    ops called directly."""
+    """A dynamo backend that runs the traced graph as it is, without idle dropouts, unit scalings and repeated calls,
+    each add + LayerNorm one op where the model has that op, its sdkernels ops called directly."""
     drop_idle_dropouts(gm)
+    drop_unit_scaling(gm)
+    fuse_add_layer_norms(gm)
     merge_repeats(gm)
     direct_calls(gm)
     return gm.forward

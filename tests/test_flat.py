@@ -2,6 +2,7 @@
 result as the patched model unflattened, every sdkernels op node calling the op's implementation directly;
 unpatch, deep copies, autograd and the wrong combination with cuda_graph behave."""
 import copy
+import operator
 
 import pytest
 import torch
@@ -209,3 +210,59 @@ def test_the_flat_graphs_op_passes_opcheck_and_computes_its_members():
                      what=f"member {index}")
     twin = copy.deepcopy(group)
     assert twin in linear_groups._GROUPS and group in linear_groups._GROUPS
+
+
+def _with_values(gm, *args):
+    """gm with each node's traced value in its meta, as dynamo leaves them (the passes read shapes and dtypes)."""
+    class Recording(torch.fx.Interpreter):
+        def run_node(self, node):
+            node.meta["example_value"] = result = super().run_node(node)
+            return result
+    Recording(gm).run(*args)
+    return gm
+
+
+def test_unit_scalings_go_only_where_no_write_can_reach_other_memory():
+    def body(x, w):
+        y = torch.nn.functional.linear(x, w)
+        dropped = y / 1.0                              # fresh, read by nothing else
+        kept_input = x / 1.0                           # a graph input: the result must not alias it
+        z = torch.nn.functional.linear(x, w)
+        kept_shared = z * 1.0                          # z is read again below
+        kept_scaled = torch.nn.functional.linear(x, w) / 2.0
+        v = torch.nn.functional.linear(x, w).t()
+        kept_view = v / 1.0                            # a view (memory root: the linear, read through the view)
+        dropped.add_(1)                                # a write through the result reaches only y's memory
+        return dropped, kept_input, kept_shared + z, kept_scaled, kept_view
+
+    x, w = torch.randn(3, 4), torch.randn(5, 4)
+    gm = _with_values(torch.fx.symbolic_trace(body), x, w)
+    assert flat.drop_unit_scaling(gm) == 1
+    left = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (operator.truediv, operator.mul)]
+    assert len(left) == 4
+    for got, expected in zip(gm(x.clone(), w), body(x.clone(), w)):
+        assert torch.equal(got, expected)
+
+
+def test_chained_blocks_add_and_norm_in_one_op_in_the_flat_graph(monkeypatch, no_tf32):
+    """A transformer block's last add and the next block's norm1 (eagerly linked across the blocks' calls) are one
+    sdkernels::add_layer_norm in the flat graph too, and the attention outputs' ``/ 1.0`` is gone: the unflattened
+    patched result, bit for bit where both run the same ops."""
+    from diffusers import UNet2DConditionModel
+    from test_patch import randomize
+    graphs = traced_graphs(monkeypatch)
+    fused = []
+    real = flat.fuse_add_layer_norms
+    monkeypatch.setattr(flat, "fuse_add_layer_norms", lambda gm: fused.append(real(gm)) or fused[-1])
+    unet = randomize(UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+        transformer_layers_per_block=2, cross_attention_dim=32, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")))
+    unet, inputs = on_device(unet, *unet_inputs(batch=2))
+    patch(unet, flat=True, tune=False)
+    expected = run_unet(unet, inputs)  # eager: the chain links (8 blocks in 4 transformers: 4 links)
+    out = run_unet(unet, inputs)
+    assert fused == [4]
+    nodes = list(graphs[0][0].graph.nodes)
+    assert not any(n.target is operator.truediv and n.args[1] == 1.0 for n in nodes if n.op == "call_function")
+    assert_close(out, expected, torch.float32, reduction_size=64 * 9, what="flat, chained blocks")

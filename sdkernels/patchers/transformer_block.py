@@ -39,17 +39,18 @@ def _block_class():
     return BasicTransformerBlock
 
 
-def _fusable(addend: torch.Tensor, stream: torch.Tensor, norm: nn.LayerNorm) -> bool:
-    """Whether add_layer_norm's kernel takes ``addend + stream`` then ``norm``: one shape and kernel dtype, dense
-    rows, the norm's parameters in that dtype."""
+def fusable(addend: torch.Tensor, stream: torch.Tensor, weight: Optional[torch.Tensor],
+            bias: Optional[torch.Tensor]) -> bool:
+    """Whether add_layer_norm's kernel takes ``addend + stream`` then a LayerNorm of these parameters: one shape and
+    kernel dtype, dense rows, the parameters in that dtype (also sdkernels.flat's test, on traced tensors)."""
     return (addend.shape == stream.shape and addend.dtype == stream.dtype and addend.dtype in KERNEL_DTYPES
-            and addend.is_contiguous() and stream.is_contiguous()
-            and all(p is None or p.dtype == addend.dtype for p in (norm.weight, norm.bias)))
+            and addend.device == stream.device and addend.is_contiguous() and stream.is_contiguous()
+            and all(p is None or p.dtype == addend.dtype for p in (weight, bias)))
 
 
 def _add_then_norm(addend: torch.Tensor, stream: torch.Tensor, norm: nn.LayerNorm) -> tuple:
     """(addend + stream, norm(addend + stream)): one op where it takes them, else the add and the norm's call."""
-    if _fusable(addend, stream, norm):
+    if fusable(addend, stream, norm.weight, norm.bias):
         return add_layer_norm(addend, stream, norm.weight, norm.bias, norm.eps)
     total = addend + stream
     return total, norm(total)
@@ -101,7 +102,7 @@ def _last_add(block, ff_output, hidden_states):
     if not _tracks(hidden_states):
         return ff_output + hidden_states
     norm = block.__dict__.get(_NEXT_NORM)
-    if (norm is not None and _plain_norm(norm) and _fusable(ff_output, hidden_states, norm)
+    if (norm is not None and _plain_norm(norm) and fusable(ff_output, hidden_states, norm.weight, norm.bias)
             and not must_run_original(*norm.parameters())):
         total, normed = add_layer_norm(ff_output, hidden_states, norm.weight, norm.bias, norm.eps)
     else:
