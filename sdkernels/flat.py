@@ -8,11 +8,12 @@ signature, and that graph runs as plain Python: one line per op, no nn.Module ca
 There is no code generation and no CUDA graph: the ops are the same calls, sdkernels' ops call their own
 implementation (the same input checks and dispatch, without torch.library's Python layers), and tracing takes
 seconds, not the minutes Inductor's compile takes. Each op node then records its call once and replays it
-(sdkernels.replay), and the backend drops idle dropouts and merges repeated calls (``merge_repeats``).
+(sdkernels.replay), and the backend drops idle dropouts and ``x / 1.0`` and merges repeated calls (``merge_repeats``).
 
 What tracing fixes stays fixed until dynamo's guards see a change (a new shape, dtype or module, which traces
 again): environment knobs the patched modules read, and the paths that only run eagerly (the pending transformer
-norms: under tracing each block runs on its own). sdkernels.linear_groups' fused projections and the ResNet blocks'
+norms: under tracing each block runs on its own, and the backend fuses the chained blocks' add and LayerNorm into
+one op again: ``fuse_add_layer_norms``). sdkernels.linear_groups' fused projections and the ResNet blocks'
 shared time-embedding SiLU keep state across calls eagerly, which a trace cannot hold: while a flat graph is traced
 (``tracing()``) each member of a group calls ``sdkernels::linear_group_all`` on the group's buffers (every member's
 output; the member takes its columns) and each block its own SiLU, and ``merge_repeats`` leaves one call of each
@@ -105,15 +106,23 @@ def direct_calls(gm: torch.fx.GraphModule) -> int:
 def drop_idle_dropouts(gm: torch.fx.GraphModule) -> int:
     """Remove gm's F.dropout nodes that return their input (training False, or p 0: every dropout of an inference
     UNet, ~70 calls an SD1.5 step); returns how many it removed."""
+    def idle(node) -> bool:
+        if node.op != "call_function" or node.target is not F.dropout or not node.args:
+            return False
+        p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
+        training = node.args[2] if len(node.args) > 2 else node.kwargs.get("training", True)
+        return training is False or (p == 0 and type(p) in (int, float))
+    return _bypass(gm, idle)
+
+
+def _bypass(gm: torch.fx.GraphModule, returns_its_input) -> int:
+    """Replace each node for which returns_its_input(node) holds by its first argument; returns how many."""
     removed = 0
     for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target is F.dropout and node.args:
-            p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
-            training = node.args[2] if len(node.args) > 2 else node.kwargs.get("training", True)
-            if training is False or (p == 0 and type(p) in (int, float)):
-                node.replace_all_uses_with(node.args[0])
-                gm.graph.erase_node(node)
-                removed += 1
+        if returns_its_input(node):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            removed += 1
     if removed:
         gm.recompile()
     return removed
@@ -249,19 +258,14 @@ def drop_unit_scaling(gm: torch.fx.GraphModule) -> int:
     """Remove ``x / 1.0`` and ``x * 1.0`` nodes (diffusers' rescale_output_factor, one a UNet attention: a kernel
     that copies its input) where x is floating point, fresh and read by nothing else, so that no write through the
     result can reach other memory; returns how many it removed."""
-    removed = 0
-    for node in list(gm.graph.nodes):
-        if (node.op == "call_function" and node.target in (operator.truediv, operator.mul) and len(node.args) == 2
+    def unit(node) -> bool:
+        if not (node.op == "call_function" and node.target in (operator.truediv, operator.mul) and len(node.args) == 2
                 and not node.kwargs and type(node.args[1]) is float and node.args[1] == 1.0
                 and _private_fresh(node.args[0])):
-            x = _example(node.args[0])
-            if x is not None and x.is_floating_point():
-                node.replace_all_uses_with(node.args[0])
-                gm.graph.erase_node(node)
-                removed += 1
-    if removed:
-        gm.recompile()
-    return removed
+            return False
+        x = _example(node.args[0])
+        return x is not None and x.is_floating_point()
+    return _bypass(gm, unit)
 
 
 def _layer_norm_of_sum(node) -> Optional[tuple]:
