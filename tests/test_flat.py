@@ -266,3 +266,14 @@ def test_chained_blocks_add_and_norm_in_one_op_in_the_flat_graph(monkeypatch, no
     nodes = list(graphs[0][0].graph.nodes)
     assert not any(n.target is operator.truediv and n.args[1] == 1.0 for n in nodes if n.op == "call_function")
     assert_close(out, expected, torch.float32, reduction_size=64 * 9, what="flat, chained blocks")
+
+
+def test_only_idle_dropouts_go():
+    def body(x):
+        F = torch.nn.functional
+        return F.dropout(x, 0.1, False) + F.dropout(x, p=0.0) + F.dropout(x, 0.5, True), F.dropout(x)
+
+    gm = torch.fx.symbolic_trace(body)
+    assert flat.drop_idle_dropouts(gm) == 2
+    kept = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.nn.functional.dropout]
+    assert len(kept) == 2 and all(n.args[1:] in ((0.5, True), ()) for n in kept)
