@@ -317,7 +317,8 @@ def run_case(case: Case, args, dtype: torch.dtype, label: str) -> tuple:
             for done, (variant, make) in enumerate(plan):
                 print(f"{label}: {progress_bar(done, len(plan))} {variant} ...", flush=True)
                 try:
-                    pairing = (twin_step, PAIRING[args.quick][bool(case.steps)]) if variant in PAIRED else None
+                    pairing = ((twin_step, PAIRING[args.quick][bool(case.steps)])
+                               if variant in PAIRED and twin_step is not None else None)
                     m, out = measure(variant, make, reference, timing, pairing)
                     _require_graphs(variant, model)
                 except Exception as e:
@@ -380,7 +381,7 @@ def _eager_graphed(case: Case, model, step):
 def measure(variant: str, make, reference, timing: dict, pairing: Optional[tuple] = None) -> tuple:
     """(Measurement, first output). make() returns the step function (capturing or compiling on the way); its first
     call's output is compared with the reference (eager's; None: this is eager), then the step is timed, and with
-    ``pairing`` ((the eager twin's step or None, paired_ms's arguments)) also timed in alternation with the twin."""
+    ``pairing`` ((the eager twin's step, paired_ms's arguments)) also timed in alternation with the twin."""
     base = _memory_start()
     start = time.perf_counter()
     fn = make()
@@ -398,7 +399,7 @@ def measure(variant: str, make, reference, timing: dict, pairing: Optional[tuple
     if reference is not None:
         out = None  # a graph's static output: the timing replays rewrite it
     m.ms = bench_ms(fn, **timing)
-    if pairing is not None and pairing[0] is not None:
+    if pairing is not None:
         m.paired = paired_ms(pairing[0], fn, **pairing[1])
     return m, out
 

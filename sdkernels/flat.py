@@ -269,9 +269,10 @@ def drop_unit_scaling(gm: torch.fx.GraphModule) -> int:
 
 
 def _layer_norm_of_sum(node) -> Optional[tuple]:
-    """(add node, view node, C) where node is sdkernels::group_norm with one group, no SiLU, residual or shift, of
-    ``(a + b).view(-1, C, 1)`` (patchers.layer_norm's LayerNorm) with a, b and the norm's parameters as
-    add_layer_norm's kernel takes them (the eager chain's test); else None."""
+    """(add node, view node, C, weight, bias, eps) where node is sdkernels::group_norm with one group, no SiLU,
+    residual or shift, of ``(a + b).view(-1, C, 1)`` (patchers.layer_norm's LayerNorm) with a, b and the norm's
+    parameters (graph inputs: defined before the sum) as add_layer_norm's kernel takes them (the eager chain's
+    test); else None."""
     from .patchers.transformer_block import fusable
     if node.op != "call_function" or _op_name(node.target) != "sdkernels::group_norm":
         return None
@@ -279,7 +280,7 @@ def _layer_norm_of_sum(node) -> Optional[tuple]:
     for i, name in enumerate(("x", "num_groups", "weight", "bias", "eps", "silu", "residual", "shift")):
         if name in node.kwargs:
             args[i] = node.kwargs[name]
-    rows, groups, weight, bias, _, silu, residual, shift = args
+    rows, groups, weight, bias, eps, silu, residual, shift = args
     if groups != 1 or silu is not False or residual is not None or shift is not None:
         return None
     if not (isinstance(rows, torch.fx.Node) and rows.op == "call_method" and rows.target == "view"
@@ -294,9 +295,10 @@ def _layer_norm_of_sum(node) -> Optional[tuple]:
     if a is None or b is None or a.dim() < 2 or a.shape[-1] != C:
         return None
     parameters = [_example(p) for p in (weight, bias)]
-    if any(p is not None and (t is None or tuple(t.shape) != (C,)) for p, t in zip((weight, bias), parameters)):
+    if any(p is not None and (t is None or tuple(t.shape) != (C,) or p.op not in ("placeholder", "get_attr"))
+           for p, t in zip((weight, bias), parameters)):
         return None
-    return (total, rows, C) if fusable(a, b, *parameters) else None
+    return (total, rows, C, weight, bias, eps) if fusable(a, b, *parameters) else None
 
 
 def fuse_add_layer_norms(gm: torch.fx.GraphModule) -> int:
@@ -313,11 +315,7 @@ def fuse_add_layer_norms(gm: torch.fx.GraphModule) -> int:
         found = _layer_norm_of_sum(node)
         if found is None:
             continue
-        total, rows, C = found
-        args = list(node.args) + [None] * (5 - len(node.args))
-        weight = node.kwargs.get("weight", args[2])
-        bias = node.kwargs.get("bias", args[3])
-        eps = node.kwargs.get("eps", args[4])
+        total, rows, C, weight, bias, eps = found
         with gm.graph.inserting_after(total):  # before every reader of the sum
             both = gm.graph.call_function(op, (total.args[0], total.args[1], weight, bias, eps))
         with gm.graph.inserting_after(both):
