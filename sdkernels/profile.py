@@ -2,6 +2,7 @@
 
     python -m sdkernels.profile --model sd15 [--batch 2] [--resolution 512] [--steps 5] [--top 15] [--objective call]
     python -m sdkernels.profile --model vae --resolution 1024 --low-memory     # patched with low_memory=True
+    python -m sdkernels.profile --model sd15 --compile     # a third column: torch.compile's kernels (GPU only)
 
 It runs the model (random weights at unit gain, fp16 and channels_last on a GPU; fp32 in Triton's interpreter on the
 CPU, where only the shape of the table means something) under torch.profiler for a few steps after a warm-up, sums
@@ -31,13 +32,13 @@ from .patch import patch, unpatch  # noqa: E402
 KERNEL_CLASSES = [
     ("attention", r"flash|fmha|attention|softmax_times_v|row_stats|merge_row|_efficient_attention"),
     ("groupnorm", r"group_norm|groupnorm|one_pass_kernel|flat_partials|flat_apply|rows_partials|rows_apply|"
-                  r"finalize_kernel|gn_|welford"),
+                  r"finalize_kernel|gn_|welford|^_tile_kernel"),
     ("geglu/gelu", r"geglu|gelu"),
     ("layernorm", r"layer_norm|layernorm"),
     ("convolution", r"conv|implicit_gemm|xmma_fprop|fprop|dgrad|winograd|cudnn"),
     ("gemm", r"gemm|cutlass|nvjet|sm90_xmma|cublas|matmul|addmm|\bmm\b|bmm|linear"),
     ("copies/layout", r"copy|transpose|permute|contiguous|cat|nchw|nhwc|memcpy|upsample|interpolate"),
-    ("elementwise", r"elementwise|vectorized|unrolled|reduce|add|mul|silu|sigmoid|div"),
+    ("elementwise", r"elementwise|vectorized|unrolled|reduce|add|mul|silu|sigmoid|div|bias_residual"),
 ]
 
 
@@ -86,18 +87,27 @@ def by_class(per_kernel: dict) -> dict:
     return dict(totals)
 
 
-def report(eager: dict, patched: dict, top: int) -> str:
-    eager_classes, patched_classes = by_class(eager), by_class(patched)
-    total_e, total_p = sum(eager_classes.values()), sum(patched_classes.values())
-    lines = [f"  {'class':16s} {'eager us':>10s} {'share':>6s} {'patched us':>11s} {'share':>6s}"]
-    for label in sorted(set(eager_classes) | set(patched_classes), key=lambda k: -patched_classes.get(k, 0.0)):
-        e, p = eager_classes.get(label, 0.0), patched_classes.get(label, 0.0)
-        lines.append(f"  {label:16s} {e:10.1f} {e / max(total_e, 1e-9):6.1%} {p:11.1f} {p / max(total_p, 1e-9):6.1%}")
-    lines.append(f"  {'total':16s} {total_e:10.1f} {'':6s} {total_p:11.1f}")
+def report(eager: dict, patched: dict, top: int, compiled: dict = None) -> str:
+    """The per-class table (eager, patched, and torch.compile's column where given), then the patched top kernels."""
+    columns = [("eager", by_class(eager)), ("patched", by_class(patched))]
+    if compiled is not None:
+        columns.append(("compile", by_class(compiled)))
+    totals = [sum(classes.values()) for _, classes in columns]
+    lines = ["  " + f"{'class':16s}" + "".join(f" {name + ' us':>11s} {'share':>6s}" for name, _ in columns)]
+    labels = set().union(*(classes for _, classes in columns))
+    for label in sorted(labels, key=lambda k: -columns[1][1].get(k, 0.0)):
+        cells = [(classes.get(label, 0.0), total) for (_, classes), total in zip(columns, totals)]
+        lines.append(f"  {label:16s}" + "".join(f" {us:11.1f} {us / max(total, 1e-9):6.1%}" for us, total in cells))
+    lines.append(f"  {'total':16s}" + "".join(f" {total:11.1f} {'':6s}" for total in totals))
     lines.append(f"\n  patched step, top {top} kernels:")
     for name, us in sorted(patched.items(), key=lambda kv: -kv[1])[:top]:
         lines.append(f"  {us:10.1f} us  {kernel_class(name):14s} {name[:90]}")
     return "\n".join(lines)
+
+
+def _no_grad_call(fn, args, kwargs):
+    with torch.no_grad():
+        return fn(*args, **kwargs)
 
 
 def main(argv=None) -> int:
@@ -111,6 +121,9 @@ def main(argv=None) -> int:
     p.add_argument("--ops", help="comma-separated sdkernels patchers (default: sdkernels.default_ops())")
     p.add_argument("--low-memory", action="store_true",
                    help="patch with low_memory=True (large activations in bands of rows, sdkernels.banded)")
+    p.add_argument("--compile", action="store_true",
+                   help="also profile torch.compile of the eager model (default mode: the kernels reduce-overhead "
+                        "replays in its CUDA graphs; GPU only, a minute or more to compile)")
     p.add_argument("--objective", choices=tuning.OBJECTIVES, default="device",
                    help="what the measured backend choices minimize: the GPU time a CUDA-graph replay pays (device, "
                         "the default) or one call's time with its host overhead (call, a step without graphs)")
@@ -129,6 +142,11 @@ def main(argv=None) -> int:
             return models.model_call(model, call_args, call_kwargs)
 
     eager = profile_step(step, args.steps)
+    compiled = None
+    if args.compile and gpu:
+        compiled_call = torch.compile(models.entry(model))
+        compiled = profile_step(lambda: _no_grad_call(compiled_call, call_args, call_kwargs), args.steps)
+        torch._dynamo.reset()
     patch(model, ops=args.ops.split(",") if args.ops else None, low_memory=args.low_memory)
     # The patched modules' kernels, always: without graphs the step choice may otherwise run the original modules
     # (it did in one of three profiles of the SD1.5 step on an H200).
@@ -141,7 +159,7 @@ def main(argv=None) -> int:
     device = torch.cuda.get_device_name() if gpu else "CPU (Triton interpreter: not speed)"
     print(f"{args.model}, batch {args.batch or spec.batch}, {args.resolution or spec.resolution} px, {dtype}, "
           f"{device}{', patched with low_memory' if args.low_memory else ''}: device time per step by kernel class")
-    print(report(eager, patched, args.top))
+    print(report(eager, patched, args.top, compiled))
     return 0
 
 

@@ -15,6 +15,9 @@ from sdkernels import profile
     ("aten::addmm", "gemm"),
     ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::Half>>", "elementwise"),
     ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::Half>", "layernorm"),
+    ("_tile_kernel", "groupnorm"),
+    ("_bias_residual_kernel", "elementwise"),
+    ("triton_red_fused_native_group_norm_silu_3", "groupnorm"),
     ("something_new", "other"),
 ])
 def test_kernel_classes(name, label):
@@ -25,6 +28,18 @@ def test_tiny_unet_run_prints_both_tables(capsys):
     assert profile.main(["--model", "tiny-unet", "--steps", "1", "--top", "3"]) == 0
     out = capsys.readouterr().out
     assert "eager us" in out and "patched us" in out and "top 3 kernels" in out
+
+
+def test_the_compile_column_sums_each_class_and_its_total():
+    eager = {"nvjet_hsh_gemm": 10.0, "_one_pass_kernel": 5.0}
+    patched = {"nvjet_hsh_gemm": 8.0}
+    compiled = {"nvjet_hsh_gemm": 9.0, "triton_red_fused_native_group_norm_silu_0": 3.0}
+    lines = profile.report(eager, patched, 1, compiled).splitlines()
+    assert "compile us" in lines[0]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[1:4]}
+    assert rows["gemm"] == ["10.0", "66.7%", "8.0", "100.0%", "9.0", "75.0%"]
+    assert rows["groupnorm"] == ["5.0", "33.3%", "0.0", "0.0%", "3.0", "25.0%"]
+    assert rows["total"] == ["15.0", "8.0", "12.0"]
 
 
 def test_tiny_vae_profile_with_low_memory_runs_the_band_forwards(capsys, monkeypatch):
