@@ -9,6 +9,10 @@ ResnetBlock2D with unit-gain random weights, channels_last, in eval mode, timed 
            choice between it and the unfused path): group_norm_stats, then two conv3x3_fused (Triton)
   eager    the block as diffusers runs it
   unfused  the block patched with ops=["resnet_gn_silu"]: cuDNN convolutions and our GroupNorm+SiLU op
+  cudnn    the block's convolutions alone through cuDNN (conv1, conv2, the 1x1 shortcut; no bias, norm or add):
+           not a block, a bound: a fused block whose convolutions ran at cuDNN's speed, with every norm, SiLU and
+           add free, would take this long, so unfused / cudnn is the most any fusion gains over the unfused path
+           without convolutions faster than cuDNN's
 
 Every provider's output is first checked against the block in fp32 (fp64 without a GPU): a patched block further
 from it than twice eager's error aborts the run before any row is written. Each row carries the bytes one block
@@ -46,6 +50,7 @@ from sdkernels.testing import env_set, relative_error  # noqa: E402
 BENCH = "resnet_block"
 PROVIDERS = {"ours": ["resnet_block"], "eager": None, "unfused": ["resnet_gn_silu"]}
 TARGETS = {"eager": 1.3, "unfused": 1.1}  # issue 7, at the SD1.5 shapes
+CONV_BOUND = "cudnn"                      # the convolutions alone (see the docstring)
 MAX_ERROR_RATIO = 2.0                     # a patched block's error vs fp32 at most this times eager's (+ 1e-4)
 
 
@@ -159,6 +164,21 @@ def as_asked(provider: str):
     return env_set("SDKERNELS_TUNING", "0") if provider == "ours" else contextlib.nullcontext()
 
 
+def convolutions_only(block):
+    """The block's convolutions as cuDNN runs them on its channels_last input, without their biases (PyTorch adds
+    a bias after cuDNN's kernel on a channels_last output), norms or adds: what no block that runs cuDNN's
+    convolutions can go under."""
+    import torch.nn.functional as F
+
+    def run(x, temb):
+        h = F.conv2d(x, block.conv1.weight, None, padding=1)
+        out = F.conv2d(h, block.conv2.weight, None, padding=1)
+        if block.conv_shortcut is not None:
+            F.conv2d(x, block.conv_shortcut.weight)  # launched and timed (eager and a graph's capture keep it)
+        return out
+    return run
+
+
 def measure_case(case: Case, dtype, device, timing: dict) -> dict:
     """Check, then time, every provider on one case: {"ms": {provider: ms}, "error": {provider: relative error}}."""
     base = materialize(case, device, dtype)
@@ -185,6 +205,7 @@ def measure_case(case: Case, dtype, device, timing: dict) -> dict:
         for provider, block in blocks.items():
             with as_asked(provider):
                 ms[provider] = bench_rotating_ms(block, sets, **timing)
+        ms[CONV_BOUND] = bench_rotating_ms(convolutions_only(base), sets, **timing)
     return {"ms": ms, "error": errors}
 
 
@@ -195,7 +216,7 @@ def add_rows(results: Results, case: Case, dtype, m: dict, copy_gbps) -> None:
                  shortcut="conv1x1" if case.block.conv_shortcut is not None else "identity")
     if copy_gbps:
         extra.update(floor_ms=moved["ours"] / copy_gbps / 1e6)
-    for baseline in ("eager", "unfused"):
+    for baseline in ("eager", "unfused", CONV_BOUND):
         results.add(BENCH, case.name, dtype, m["ms"]["ours"], baseline, m["ms"][baseline], bytes_moved=moved["ours"],
                     flops=flops(case), **extra)
 
@@ -203,13 +224,15 @@ def add_rows(results: Results, case: Case, dtype, m: dict, copy_gbps) -> None:
 def case_table(cases, measured, dtype, copy_gbps) -> str:
     us = lambda v: f"{1e3 * v:9.1f}"  # noqa: E731
     lines = [f"{'case':36s} {'calls':>5s} {'MB ours':>8s} {'MB eager':>8s} {'floor us':>9s} {'ours us':>9s} "
-             f"{'eager us':>9s} {'unfus us':>9s} {'x eager':>7s} {'x unfus':>7s} {'TFLOP/s':>7s}"]
+             f"{'eager us':>9s} {'unfus us':>9s} {'conv us':>9s} {'x eager':>7s} {'x unfus':>7s} {'unf/conv':>8s} "
+             f"{'TFLOP/s':>7s}"]
     for case in cases:
         ms, moved = measured[case.name]["ms"], traffic(case, dtype)
         floor = us(moved["ours"] / copy_gbps / 1e6) if copy_gbps else f"{'-':>9s}"
         lines.append(f"{case.name:36s} {sum(case.calls.values()):5d} {moved['ours'] / 1e6:8.2f} "
                      f"{moved['eager'] / 1e6:8.2f} {floor} {us(ms['ours'])} {us(ms['eager'])} {us(ms['unfused'])} "
-                     f"{ms['eager'] / ms['ours']:7.2f} {ms['unfused'] / ms['ours']:7.2f} "
+                     f"{us(ms[CONV_BOUND])} {ms['eager'] / ms['ours']:7.2f} {ms['unfused'] / ms['ours']:7.2f} "
+                     f"{ms['unfused'] / ms[CONV_BOUND]:8.2f} "
                      f"{flops(case) / ms['ours'] / 1e9:7.1f}")
     return "\n".join(lines)
 
@@ -226,6 +249,14 @@ def summary(cases, measured) -> str:
             ", ".join(missed)
         lines.append(f"SD1.5 shapes, speedup vs {baseline}: min {min(r for _, r in ratios):.2f}x, median "
                      f"{statistics.median(r for _, r in ratios):.2f}x; target {target}x: {verdict}")
+    ceilings = [(c.name, measured[c.name]["ms"]["unfused"] / measured[c.name]["ms"][CONV_BOUND])
+                for c in cases if "sd15" in c.calls]
+    if ceilings:
+        under = [n for n, r in ceilings if r < TARGETS["unfused"]]
+        lines.append(f"SD1.5 shapes, unfused / cuDNN's convolutions alone (the most a fusion can gain over unfused "
+                     f"with cuDNN-speed convolutions): min {min(r for _, r in ceilings):.2f}x, median "
+                     f"{statistics.median(r for _, r in ceilings):.2f}x; under {TARGETS['unfused']}x at "
+                     f"{len(under)} of {len(ceilings)}" + (": " + ", ".join(under) if under else ""))
     for model in dict.fromkeys(m for c in cases for m in c.calls):
         per_forward = {p: sum(c.calls[model] * measured[c.name]["ms"][p] for c in cases if model in c.calls)
                        for p in PROVIDERS}
