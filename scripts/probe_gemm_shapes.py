@@ -14,11 +14,10 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch.profiler import ProfilerActivity, profile
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from sdkernels import models, step_choice, tuning
-from sdkernels.patch import patch
+from probe_step_ops import patched_step_profile
+from sdkernels import models, tuning
 from sdkernels.profile import kernel_class
 
 
@@ -80,18 +79,10 @@ def triton_linear(x, w, b, config):
     return (ws + b).to(x.dtype) if b is not None else ws.to(x.dtype)
 
 
-def gemm_shapes(model, call_args, call_kwargs, steps=3):
-    """{(M, N, K, bias): [calls a step, kernel us a step]} of the step's aten GEMMs (addmm, mm)."""
-    def step():
-        with torch.no_grad():
-            return models.model_call(model, call_args, call_kwargs)
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
+def gemm_shapes(model_name, steps=3):
+    """{(M, N, K, bias): [calls a step, kernel us a step]} of the patched step's aten GEMMs (addmm, mm), and
+    {(op, shapes): kernel us a step} of the GEMM kernels other ops launched."""
+    prof = patched_step_profile(model_name, steps, objective="device")
     shapes = defaultdict(lambda: [0, 0.0])
     other = defaultdict(float)
     for event in prof.events():
@@ -116,15 +107,7 @@ def main():
     p.add_argument("--model", default="sd15", choices=list(models.MODELS))
     p.add_argument("--top", type=int, default=40)
     args = p.parse_args()
-    spec = models.spec(args.model)
-    with torch.device("cuda"):
-        model = models.build(args.model, init="unit", dtype=torch.float16)
-    model = model.to(memory_format=torch.channels_last)
-    call_args, call_kwargs = models.model_inputs(model, spec.batch, spec.resolution)
-    patch(model)
-    step_choice.uninstall(model)
-    with tuning.optimizing_for("device"):
-        shapes, other = gemm_shapes(model, call_args, call_kwargs)
+    shapes, other = gemm_shapes(args.model)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     print(f"GEMM kernels a step: {sum(v[1] for v in shapes.values()):.1f} us in addmm/mm, "
           f"{sum(other.values()):.1f} us elsewhere")

@@ -4,14 +4,42 @@ UNet step:
     python scripts/probe_step_ops.py --model sd15 --kernel "elementwise_kernel<128, 4"
 """
 import argparse
+import contextlib
 import re
 from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from sdkernels import models, step_choice
+from sdkernels import models, step_choice, tuning
 from sdkernels.patch import patch
+
+
+def patched_step_profile(model_name: str, steps: int, objective=None):
+    """torch.profiler's record (CPU ops with their input shapes, and their kernels) of ``steps`` steps of the
+    patched model, after three warm-up steps: the patched modules' ops, not the originals the step choice may
+    pick; ``objective`` (sdkernels.tuning's, e.g. "device": the choices a CUDA-graph replay gets) or the default."""
+    spec = models.spec(model_name)
+    with torch.device("cuda"):
+        model = models.build(model_name, init="unit", dtype=torch.float16)
+    model = model.to(memory_format=torch.channels_last)
+    call_args, call_kwargs = models.model_inputs(model, spec.batch, spec.resolution)
+    patch(model)
+    step_choice.uninstall(model)
+
+    def step():
+        with torch.no_grad():
+            return models.model_call(model, call_args, call_kwargs)
+
+    with tuning.optimizing_for(objective) if objective else contextlib.nullcontext():
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+            for _ in range(steps):
+                step()
+            torch.cuda.synchronize()
+    return prof
 
 
 def main():
@@ -22,25 +50,7 @@ def main():
     p.add_argument("--top", type=int, default=20)
     p.add_argument("--regex", action="store_true", help="--kernel is a regular expression, not a substring")
     args = p.parse_args()
-    spec = models.spec(args.model)
-    with torch.device("cuda"):
-        model = models.build(args.model, init="unit", dtype=torch.float16)
-    model = model.to(memory_format=torch.channels_last)
-    call_args, call_kwargs = models.model_inputs(model, spec.batch, spec.resolution)
-    patch(model)
-    step_choice.uninstall(model)  # the patched modules' ops, not the originals the step choice may pick
-
-    def step():
-        with torch.no_grad():
-            return models.model_call(model, call_args, call_kwargs)
-
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
-        for _ in range(args.steps):
-            step()
-        torch.cuda.synchronize()
+    prof = patched_step_profile(args.model, args.steps)
     pattern = re.compile(args.kernel if args.regex else re.escape(args.kernel))
     totals, counts = defaultdict(float), defaultdict(int)
     for event in prof.events():
