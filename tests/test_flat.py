@@ -277,3 +277,55 @@ def test_only_idle_dropouts_go():
     assert flat.drop_idle_dropouts(gm) == 2
     kept = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.nn.functional.dropout]
     assert len(kept) == 2 and all(n.args[1:] in ((0.5, True), ()) for n in kept)
+
+
+def test_peft_lora_adapters_after_the_trace(monkeypatch, no_tf32):
+    """LoRA adapters added, weighted, disabled and deleted after the flat graph was traced: every call equals an
+    unpatched twin given the same adapters (dynamo traces again where its guards see a change, and past its
+    recompile limit runs the forward as it is)."""
+    peft = pytest.importorskip("peft")
+    graphs = traced_graphs(monkeypatch)
+    unet, inputs = on_device(tiny_unet(), *unet_inputs(batch=2))
+    twin = copy.deepcopy(unet)
+    patch(unet, flat=True, tune=False)
+    for _ in range(2):
+        base = run_unet(unet, inputs)  # the second call traced
+    for name, seed in (("a", 1), ("b", 2)):
+        for model in (unet, twin):
+            torch.manual_seed(seed)
+            model.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                              target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name=name)
+    traced = len(graphs)
+    steps = [lambda m: m.set_adapters(["a", "b"], [1.0, 0.3]), lambda m: m.disable_adapters(),
+             lambda m: m.enable_adapters(), lambda m: m.delete_adapters(["a", "b"])]
+    outs = []
+    for i, step in enumerate(steps):
+        step(unet)
+        step(twin)
+        out = run_unet(unet, inputs)
+        assert_close(out, run_unet(twin, inputs), torch.float32, reduction_size=64 * 9, what=f"LoRA step {i}")
+        outs.append(out)
+    assert len(graphs) > traced  # the adapted model ran flat graphs of its own
+    assert not torch.allclose(outs[0], base, rtol=1e-3, atol=1e-3)  # the adapters did change the output
+    assert_close(outs[-1], base, torch.float32, reduction_size=64 * 9, what="adapters deleted")
+    unpatch(unet)
+
+
+def test_a_new_resolution_and_batch_trace_graphs_of_their_own(monkeypatch, no_tf32):
+    """After the first signature's trace, a call at another resolution and batch size traces its own graph (or runs
+    as it is) and equals the unpatched model; the first signature's graph still serves its shape."""
+    graphs = traced_graphs(monkeypatch)
+    unet, inputs = on_device(tiny_unet(), *unet_inputs(batch=2))
+    twin = copy.deepcopy(unet)
+    patch(unet, flat=True, tune=False)
+    for _ in range(2):
+        run_unet(unet, inputs)
+    traced = len(graphs)
+    _, (x, t, context) = on_device(twin, torch.randn(1, 4, 16, 12), torch.tensor([300]), torch.randn(1, 7, 32))
+    for _ in range(2):
+        out = run_unet(unet, (x, t, context))
+    assert len(graphs) > traced
+    assert_close(out, run_unet(twin, (x, t, context)), torch.float32, reduction_size=64 * 9, what="new signature")
+    assert_close(run_unet(unet, inputs), run_unet(twin, inputs), torch.float32, reduction_size=64 * 9,
+                 what="first signature again")
+    unpatch(unet)
