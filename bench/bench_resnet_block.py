@@ -13,6 +13,8 @@ ResnetBlock2D with unit-gain random weights, channels_last, in eval mode, timed 
            not a block, a bound: a fused block whose convolutions ran at cuDNN's speed, with every norm, SiLU and
            add free, would take this long, so unfused / cudnn is the most any fusion gains over the unfused path
            without convolutions faster than cuDNN's
+  triton_convs  the same convolutions through sdkernels::conv3x3_fused as the fused block runs it (tuning off), with
+           no prologue or epilogue: the fused block's time less this is what its fusion costs
 
 Every provider's output is first checked against the block in fp32 (fp64 without a GPU): a patched block further
 from it than twice eager's error aborts the run before any row is written. Each row carries the bytes one block
@@ -51,6 +53,7 @@ BENCH = "resnet_block"
 PROVIDERS = {"ours": ["resnet_block"], "eager": None, "unfused": ["resnet_gn_silu"]}
 TARGETS = {"eager": 1.3, "unfused": 1.1}  # issue 7, at the SD1.5 shapes
 CONV_BOUND = "cudnn"                      # the convolutions alone (see the docstring)
+OUR_CONVS = "triton_convs"                # our 3x3 convolutions alone
 MAX_ERROR_RATIO = 2.0                     # a patched block's error vs fp32 at most this times eager's (+ 1e-4)
 
 
@@ -164,15 +167,19 @@ def as_asked(provider: str):
     return env_set("SDKERNELS_TUNING", "0") if provider == "ours" else contextlib.nullcontext()
 
 
-def convolutions_only(block):
-    """The block's convolutions as cuDNN runs them on its channels_last input, without their biases (PyTorch adds
-    a bias after cuDNN's kernel on a channels_last output), norms or adds: what no block that runs cuDNN's
-    convolutions can go under."""
+def convolutions_only(block, ours: bool = False):
+    """The block's convolutions alone on its channels_last input, without their biases (PyTorch adds a bias after
+    cuDNN's kernel on a channels_last output), norms or adds: through cuDNN, what no block that runs cuDNN's
+    convolutions can go under; with ``ours`` the 3x3 ones through sdkernels::conv3x3_fused (the shortcut stays
+    cuDNN's, as in the fused block)."""
     import torch.nn.functional as F
+    from sdkernels.ops.conv3x3 import conv3x3_fused
+
+    def conv3x3(x, weight):
+        return conv3x3_fused(x, weight)[0] if ours else F.conv2d(x, weight, None, padding=1)
 
     def run(x, temb):
-        h = F.conv2d(x, block.conv1.weight, None, padding=1)
-        out = F.conv2d(h, block.conv2.weight, None, padding=1)
+        out = conv3x3(conv3x3(x, block.conv1.weight), block.conv2.weight)
         if block.conv_shortcut is not None:
             F.conv2d(x, block.conv_shortcut.weight)  # launched and timed (eager and a graph's capture keep it)
         return out
@@ -206,6 +213,8 @@ def measure_case(case: Case, dtype, device, timing: dict) -> dict:
             with as_asked(provider):
                 ms[provider] = bench_rotating_ms(block, sets, **timing)
         ms[CONV_BOUND] = bench_rotating_ms(convolutions_only(base), sets, **timing)
+        with as_asked("ours"):
+            ms[OUR_CONVS] = bench_rotating_ms(convolutions_only(base, ours=True), sets, **timing)
     return {"ms": ms, "error": errors}
 
 
@@ -216,7 +225,7 @@ def add_rows(results: Results, case: Case, dtype, m: dict, copy_gbps) -> None:
                  shortcut="conv1x1" if case.block.conv_shortcut is not None else "identity")
     if copy_gbps:
         extra.update(floor_ms=moved["ours"] / copy_gbps / 1e6)
-    for baseline in ("eager", "unfused", CONV_BOUND):
+    for baseline in ("eager", "unfused", CONV_BOUND, OUR_CONVS):
         results.add(BENCH, case.name, dtype, m["ms"]["ours"], baseline, m["ms"][baseline], bytes_moved=moved["ours"],
                     flops=flops(case), **extra)
 
@@ -224,14 +233,16 @@ def add_rows(results: Results, case: Case, dtype, m: dict, copy_gbps) -> None:
 def case_table(cases, measured, dtype, copy_gbps) -> str:
     us = lambda v: f"{1e3 * v:9.1f}"  # noqa: E731
     lines = [f"{'case':36s} {'calls':>5s} {'MB ours':>8s} {'MB eager':>8s} {'floor us':>9s} {'ours us':>9s} "
-             f"{'eager us':>9s} {'unfus us':>9s} {'conv us':>9s} {'x eager':>7s} {'x unfus':>7s} {'unf/conv':>8s} "
+             f"{'eager us':>9s} {'unfus us':>9s} {'conv us':>9s} {'ourconv':>9s} {'x eager':>7s} {'x unfus':>7s} "
+             f"{'unf/conv':>8s} "
              f"{'TFLOP/s':>7s}"]
     for case in cases:
         ms, moved = measured[case.name]["ms"], traffic(case, dtype)
         floor = us(moved["ours"] / copy_gbps / 1e6) if copy_gbps else f"{'-':>9s}"
         lines.append(f"{case.name:36s} {sum(case.calls.values()):5d} {moved['ours'] / 1e6:8.2f} "
                      f"{moved['eager'] / 1e6:8.2f} {floor} {us(ms['ours'])} {us(ms['eager'])} {us(ms['unfused'])} "
-                     f"{us(ms[CONV_BOUND])} {ms['eager'] / ms['ours']:7.2f} {ms['unfused'] / ms['ours']:7.2f} "
+                     f"{us(ms[CONV_BOUND])} {us(ms[OUR_CONVS])} {ms['eager'] / ms['ours']:7.2f} "
+                     f"{ms['unfused'] / ms['ours']:7.2f} "
                      f"{ms['unfused'] / ms[CONV_BOUND]:8.2f} "
                      f"{flops(case) / ms['ours'] / 1e9:7.1f}")
     return "\n".join(lines)
@@ -257,6 +268,13 @@ def summary(cases, measured) -> str:
                      f"with cuDNN-speed convolutions): min {min(r for _, r in ceilings):.2f}x, median "
                      f"{statistics.median(r for _, r in ceilings):.2f}x; under {TARGETS['unfused']}x at "
                      f"{len(under)} of {len(ceilings)}" + (": " + ", ".join(under) if under else ""))
+    sd15 = [measured[c.name]["ms"] for c in cases if "sd15" in c.calls]
+    if sd15:
+        speed = [m[CONV_BOUND] / m[OUR_CONVS] for m in sd15]
+        cost = [1e3 * (m["ours"] - m[OUR_CONVS]) for m in sd15]
+        lines.append(f"SD1.5 shapes, our convolutions alone against cuDNN's: {min(speed):.2f}x-{max(speed):.2f}x "
+                     f"its speed (median {statistics.median(speed):.2f}x); the fused block less its convolutions "
+                     f"(what the fusion costs): median {statistics.median(cost):.1f} us")
     for model in dict.fromkeys(m for c in cases for m in c.calls):
         per_forward = {p: sum(c.calls[model] * measured[c.name]["ms"][p] for c in cases if model in c.calls)
                        for p in PROVIDERS}
