@@ -14,7 +14,9 @@ ResnetBlock2D with unit-gain random weights, channels_last, in eval mode, timed 
            add free, would take this long, so unfused / cudnn is the most any fusion gains over the unfused path
            without convolutions faster than cuDNN's
   triton_convs  the same convolutions through sdkernels::conv3x3_fused as the fused block runs it (tuning off), with
-           no prologue or epilogue: the fused block's time less this is what its fusion costs
+           no norm or epilogue; its triton_bordered backend still copies each input into a zero-bordered buffer, so
+           this is our convolutions with those copies: the fused block's time less this is what its statistics,
+           normalization and epilogues add
 
 Every provider's output is first checked against the block in fp32 (fp64 without a GPU): a patched block further
 from it than twice eager's error aborts the run before any row is written. Each row carries the bytes one block
@@ -170,8 +172,8 @@ def as_asked(provider: str):
 def convolutions_only(block, ours: bool = False):
     """The block's convolutions alone on its channels_last input, without their biases (PyTorch adds a bias after
     cuDNN's kernel on a channels_last output), norms or adds: through cuDNN, what no block that runs cuDNN's
-    convolutions can go under; with ``ours`` the 3x3 ones through sdkernels::conv3x3_fused (the shortcut stays
-    cuDNN's, as in the fused block)."""
+    convolutions can go under; with ``ours`` the 3x3 ones through sdkernels::conv3x3_fused (with the bordered
+    backend's input copies; the shortcut stays cuDNN's, as in the fused block)."""
     import torch.nn.functional as F
     from sdkernels.ops.conv3x3 import conv3x3_fused
 
@@ -272,9 +274,10 @@ def summary(cases, measured) -> str:
     if sd15:
         speed = [m[CONV_BOUND] / m[OUR_CONVS] for m in sd15]
         cost = [1e3 * (m["ours"] - m[OUR_CONVS]) for m in sd15]
-        lines.append(f"SD1.5 shapes, our convolutions alone against cuDNN's: {min(speed):.2f}x-{max(speed):.2f}x "
-                     f"its speed (median {statistics.median(speed):.2f}x); the fused block less its convolutions "
-                     f"(what the fusion costs): median {statistics.median(cost):.1f} us")
+        lines.append(f"SD1.5 shapes, our convolutions (with their bordered input copies) against cuDNN's: "
+                     f"{min(speed):.2f}x-{max(speed):.2f}x its speed (median {statistics.median(speed):.2f}x); the "
+                     f"fused block less them (statistics, normalization, epilogues): median "
+                     f"{statistics.median(cost):.1f} us")
     for model in dict.fromkeys(m for c in cases for m in c.calls):
         per_forward = {p: sum(c.calls[model] * measured[c.name]["ms"][p] for c in cases if model in c.calls)
                        for p in PROVIDERS}
