@@ -105,11 +105,6 @@ def report(eager: dict, patched: dict, top: int, compiled: dict = None) -> str:
     return "\n".join(lines)
 
 
-def _no_grad_call(fn, args, kwargs):
-    with torch.no_grad():
-        return fn(*args, **kwargs)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="sd15" if torch.cuda.is_available() else "tiny-unet",
@@ -137,15 +132,16 @@ def main(argv=None) -> int:
         model = model.to(memory_format=torch.channels_last)
     call_args, call_kwargs = models.model_inputs(model, args.batch or spec.batch, args.resolution or spec.resolution)
 
-    def step():
+    def step(entry=None):
+        """One step: the model's, or ``entry``'s (torch.compile of it) on the same inputs."""
         with torch.no_grad():
-            return models.model_call(model, call_args, call_kwargs)
+            return (entry or models.entry(model))(*call_args, **call_kwargs)
 
     eager = profile_step(step, args.steps)
     compiled = None
     if args.compile and gpu:
         compiled_call = torch.compile(models.entry(model))
-        compiled = profile_step(lambda: _no_grad_call(compiled_call, call_args, call_kwargs), args.steps)
+        compiled = profile_step(lambda: step(compiled_call), args.steps)
         torch._dynamo.reset()
     patch(model, ops=args.ops.split(",") if args.ops else None, low_memory=args.low_memory)
     # The patched modules' kernels, always: without graphs the step choice may otherwise run the original modules
