@@ -17,9 +17,10 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .._env import ENVIRON, env_key, getenv
-from .flash_attention import (HEAD_DIM_CHUNKS, LOG2E, _LOG2E, _accumulate_pv, _bh_base, _load_query, _log2_scores,
-                              _program_tile, _scores, _store_output, dot_precision, launch_config, mask_kind,
-                              chunk1_start, mask_strides, stride_unit, tail_mode, view_strides, _zero_accumulators)
+from .flash_attention import (HEAD_DIM_CHUNKS, LOG2E, SHORT_KEYS, _LOG2E, _accumulate_pv, _bh_base, _load_query,
+                              _log2_scores, _program_tile, _scores, _store_output, dot_precision, launch_config,
+                              mask_kind, chunk1_start, mask_strides, stride_unit, tail_mode, view_strides,
+                              _zero_accumulators)
 from .utils import cdiv, multiprocessor_count, poisoned, programmatic_dependent, fix_cache_keys
 from .launch import cached_launch
 
@@ -144,9 +145,17 @@ def _softmax_times_v(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, part_ptr, splits, H, 
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr,
                      STRIDE_UNIT: tl.constexpr, FOLD_TAIL: tl.constexpr, PDL: tl.constexpr = False,
-                     OWN_STATS: tl.constexpr = False):
+                     OWN_STATS: tl.constexpr = False, STATS_BLOCK_N: tl.constexpr = 64,
+                     STATS_FOLD_TAIL: tl.constexpr = False):
     """OWN_STATS: the program computes its rows' statistics itself, a first pass over the keys (one launch, the
-    statistics in registers); else it merges the statistics kernel's partials part[0..splits-1]."""
+    statistics in registers) in key blocks of STATS_BLOCK_N (wider ones shorten that pass's chain of dependent
+    loads, and its tile needs no accumulator beside it; STATS_FOLD_TAIL its tail mode); else it merges the statistics
+    kernel's partials part[0..splits-1]. PDL with OWN_STATS: a programmatic dependent of whatever kernel ran before
+    (its launch overlaps that kernel's end): wait for its writes before any load; else a dependent of the statistics
+    kernel (the wait below)."""
+    if OWN_STATS and PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     bh, q_base, k_base, v_base, mask_base, offs_m, rows_m = _program_tile(
         q_ptr, k_ptr, v_ptr, mask_ptr, H, N, sqb, sqh, skb, skh, svb, svh, smb, smh, BLOCK_M, STRIDE_UNIT)
     sqn *= STRIDE_UNIT
@@ -155,9 +164,9 @@ def _softmax_times_v(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, part_ptr, splits, H, 
     son *= STRIDE_UNIT
     q0, q1 = _load_query(q_base, rows_m, sqn, sqd, D0, D1, C1, HEAD_DIM)
     if OWN_STATS:
-        l2, row_sum = _key_range_stats(q0, q1, k_base, mask_base, rows_m, 0, tl.cdiv(Nk, BLOCK_N), True, Nk,
-                                       skn, skd, smm, smn, qk_scale, D0, D1, C1, HEAD_DIM, BLOCK_N, MASK,
-                                       PRECISION, FOLD_TAIL)
+        l2, row_sum = _key_range_stats(q0, q1, k_base, mask_base, rows_m, 0, tl.cdiv(Nk, STATS_BLOCK_N), True,
+                                       Nk, skn, skd, smm, smn, qk_scale, D0, D1, C1, HEAD_DIM, STATS_BLOCK_N, MASK,
+                                       PRECISION, STATS_FOLD_TAIL)
     else:
         if PDL:  # a programmatic dependent of the statistics: wait for them (q, k, v were ready before)
             gdc_wait()
@@ -199,8 +208,9 @@ PDL_MAX_KEYS = 256
 def programmatic_launch(q, Nk: int) -> bool:
     """Whether softmax . V launches as a programmatic dependent of the statistics kernel (Hopper's griddepcontrol,
     sm_90+; not in the interpreter): its launch and query loads then overlap the statistics' last programs, where a
-    short call spends a few us between the two kernels. Auto: at Nk <= PDL_MAX_KEYS. SDKERNELS_PARTIAL_PDL=0 turns it
-    off, =1 on at every length and device (compile_check's sm_90 scenario)."""
+    short call spends a few us between the two kernels; with one launch, of the kernel before it. Auto: at Nk <=
+    PDL_MAX_KEYS. SDKERNELS_PARTIAL_PDL=0 turns it off, =1 on at every length and device (compile_check's sm_90
+    scenario)."""
     return programmatic_dependent("SDKERNELS_PARTIAL_PDL", q.device, Nk <= PDL_MAX_KEYS)
 
 
@@ -221,6 +231,24 @@ def one_launch(Nk: int) -> bool:
     if knob in ("0", "1"):
         return knob == "1"
     return Nk <= ONE_LAUNCH_MAX_KEYS
+
+
+# The one-launch kernel's statistics pass in key blocks of at least this many where the keys are more than
+# SHORT_KEYS: its loop then has half the dependent steps. H200, scripts/probe_partial_softmax.py --plans one,stats,
+# same call: N = Nk = 256, d = 160, tile (64, 64, 4, 3): 9.0 us against 9.4 with 64-key statistics blocks (256-key
+# blocks 9.6); at Nk = 77 (SHORT_KEYS: 32-key blocks) 128-key blocks lost (6.2 against 5.9 us).
+STATS_BLOCK_MIN = 128
+_STATS_BLOCK_KNOB = env_key("SDKERNELS_PARTIAL_STATS_BLOCK")
+
+
+def one_launch_stats_block(block_n: int, Nk: int) -> int:
+    """Key block of the one-launch kernel's statistics pass: STATS_BLOCK_MIN or the softmax . V pass's block_n if
+    wider, block_n itself at Nk <= SHORT_KEYS; SDKERNELS_PARTIAL_STATS_BLOCK=n forces n (a probe knob,
+    scripts/probe_partial_softmax.py)."""
+    knob = getenv("SDKERNELS_PARTIAL_STATS_BLOCK") if _STATS_BLOCK_KNOB in ENVIRON else None
+    if knob:
+        return int(knob)
+    return block_n if Nk <= SHORT_KEYS else max(block_n, STATS_BLOCK_MIN)
 
 
 def choose_splits(n_row_programs: int, n_key_blocks: int, device) -> int:
@@ -278,7 +306,8 @@ def partial_softmax_attention_triton(q, k, v, out, scale, mask, row_stats=None, 
     D0, D1 = HEAD_DIM_CHUNKS[d]
     own_stats = row_stats is None and one_launch(Nk)
     block_m, block_n, warps, stages = config or launch_config(d, q.dtype, N, B * H, mask_kind(mask, d), q.device, Nk)
-    pdl = not own_stats and programmatic_launch(q, Nk)
+    pdl = programmatic_launch(q, Nk)
+    stats_block = one_launch_stats_block(block_n, Nk) if own_stats else block_n
     if own_stats:
         partials, splits = q, 1  # (not read)
     elif row_stats is None:
@@ -292,7 +321,8 @@ def partial_softmax_attention_triton(q, k, v, out, scale, mask, row_stats=None, 
         *mask_strides(mask),
         D0=D0, D1=D1, C1=chunk1_start(d), HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, MASK=mask_kind(mask, d),
         PRECISION=dot_precision(q.dtype), STRIDE_UNIT=unit, FOLD_TAIL=tail_mode(d, Nk, block_n) == 1, PDL=pdl,
-        OWN_STATS=own_stats, num_warps=warps, num_stages=stages, launch_pdl=pdl)
+        OWN_STATS=own_stats, STATS_BLOCK_N=stats_block,
+        STATS_FOLD_TAIL=tail_mode(d, Nk, stats_block) == 1, num_warps=warps, num_stages=stages, launch_pdl=pdl)
     return out
 
 

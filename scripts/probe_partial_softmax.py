@@ -3,7 +3,7 @@
 over every pair of tile configs and split counts, and the one-launch plan (SDKERNELS_PARTIAL_ONE_LAUNCH=1: the
 softmax . V kernel computes its rows' statistics itself) over the same configs; CUDA-graph replays beside SDPA's
 math backend in the same process, each checked against SDPA first.
-    python scripts/probe_partial_softmax.py [--cases "2,8,256,256,160;2,8,256,77,160"] [--plans pairs,one]
+    python scripts/probe_partial_softmax.py [--cases "2,8,256,256,160;2,8,256,77,160"] [--plans pairs,one,stats]
 """
 import argparse
 import itertools
@@ -19,12 +19,15 @@ from probe_sweep import checked_us, graph_us, sweep  # scripts/
 CASES = "2,8,256,256,160;2,8,256,77,160"
 CONFIGS = [(64, 64, 4, 3), (64, 32, 4, 3), (32, 64, 4, 3), (32, 32, 2, 3), (32, 64, 2, 2), (16, 64, 2, 3),
            (64, 128, 4, 2), (32, 128, 4, 2), (16, 32, 1, 2)]
+STATS_CONFIGS = [(64, 64, 8, 3), (64, 64, 8, 2), (64, 32, 8, 3), (32, 64, 4, 2), (64, 64, 4, 2)]
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", default=CASES, help="B,H,N,Nk,d cases separated by ';'")
-    p.add_argument("--plans", default="pairs,one", help="pairs (two kernels, config pairs and splits), one")
+    p.add_argument("--plans", default="pairs,one,stats",
+                   help="pairs (two kernels, config pairs and splits), one, stats (one launch, wider statistics "
+                        "blocks)")
     args = p.parse_args()
     plans = args.plans.split(",")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; fp16, us per call")
@@ -63,6 +66,14 @@ def main():
             print(f"  one launch, default config: {us:.1f} us ({math_us / us:.2f}x math) {note}", flush=True)
             for us, config, note in sweep(CONFIGS, run, out, expected, graph_us)[:6]:
                 print(f"  one launch {config}: {us:.1f} us ({math_us / us:.2f}x math) {note}", flush=True)
+        if "stats" in plans:  # the one-launch kernel with wider key blocks in its statistics pass
+            os.environ["SDKERNELS_PARTIAL_ONE_LAUNCH"] = "1"
+            for block in (128, 256):
+                os.environ["SDKERNELS_PARTIAL_STATS_BLOCK"] = str(block)
+                for us, config, note in sweep(CONFIGS + STATS_CONFIGS, run, out, expected, graph_us)[:6]:
+                    print(f"  one launch, statistics in {block}-key blocks, {config}: {us:.1f} us "
+                          f"({math_us / us:.2f}x math) {note}", flush=True)
+            os.environ.pop("SDKERNELS_PARTIAL_STATS_BLOCK")
         os.environ.pop("SDKERNELS_PARTIAL_ONE_LAUNCH")
 
 

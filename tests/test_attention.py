@@ -262,6 +262,28 @@ def test_one_launch_rule(monkeypatch):
     assert not one_launch(1)
 
 
+def test_one_launch_statistics_block_rule(monkeypatch):
+    """The one-launch kernel's statistics pass takes wider key blocks past SHORT_KEYS, never narrower ones; the
+    knob forces one. (test_partial_softmax_in_one_launch runs the default rule at 200 keys, past SHORT_KEYS.)"""
+    from sdkernels.kernels.flash_attention import SHORT_KEYS
+    from sdkernels.kernels.partial_softmax import STATS_BLOCK_MIN, one_launch_stats_block
+    assert one_launch_stats_block(32, SHORT_KEYS) == 32
+    assert one_launch_stats_block(64, SHORT_KEYS + 1) == max(64, STATS_BLOCK_MIN)
+    assert one_launch_stats_block(2 * STATS_BLOCK_MIN, 1024) == 2 * STATS_BLOCK_MIN
+    monkeypatch.setenv("SDKERNELS_PARTIAL_STATS_BLOCK", "256")
+    assert one_launch_stats_block(32, 77) == 256
+
+
+@pytest.mark.parametrize("stats_block", ["32", "256"])
+def test_one_launch_with_forced_statistics_block(monkeypatch, stats_block):
+    """Statistics blocks narrower and wider than the softmax . V pass's, with a tail and two head-dim chunks."""
+    monkeypatch.setenv("SDKERNELS_PARTIAL_ONE_LAUNCH", "1")
+    monkeypatch.setenv("SDKERNELS_PARTIAL_STATS_BLOCK", stats_block)
+    q, k, v, h = make_qkv(1, 2, 21, 150, 80, torch.float16, "bnhd")
+    check("partial_softmax", q, k, v, make_mask("keys", 1, 2, 21, 150, torch.float16), h,
+          what=f"statistics in {stats_block}-key blocks")
+
+
 @pytest.mark.parametrize("splits", [1, 2, 3, 8])
 def test_row_stats_match_max_and_sum(splits):
     """The (B*H, N, 2) statistics themselves: row max of S = scale q k^T + mask and sum of exp(S - max)."""
