@@ -17,6 +17,10 @@ ResnetBlock2D with unit-gain random weights, channels_last, in eval mode, timed 
            no norm or epilogue; its triton_bordered backend still copies each input into a zero-bordered buffer, so
            this is our convolutions with those copies: the fused block's time less this is what its statistics,
            normalization and epilogues add
+  conv_kernels  our bordered convolution kernels alone (kernels/conv3x3_padded.py, no bias or epilogue), each
+           reading a bordered input made once per input set outside the timing (conv1's of x, conv2's of conv1's
+           output), with the 1x1 shortcut through cuDNN; GPU only. unfused / 1.1 less this is what the fusion's
+           statistics, normalization, adds and bordered writes may cost for issue 7's 1.1x
 
 Every provider's output is first checked against the block in fp32 (fp64 without a GPU): a patched block further
 from it than twice eager's error aborts the run before any row is written. Each row carries the bytes one block
@@ -56,6 +60,7 @@ PROVIDERS = {"ours": ["resnet_block"], "eager": None, "unfused": ["resnet_gn_sil
 TARGETS = {"eager": 1.3, "unfused": 1.1}  # issue 7, at the SD1.5 shapes
 CONV_BOUND = "cudnn"                      # the convolutions alone (see the docstring)
 OUR_CONVS = "triton_convs"                # our 3x3 convolutions alone
+OUR_KERNELS = "conv_kernels"              # our bordered convolution kernels alone, inputs bordered beforehand
 MAX_ERROR_RATIO = 2.0                     # a patched block's error vs fp32 at most this times eager's (+ 1e-4)
 
 
@@ -188,6 +193,29 @@ def convolutions_only(block, ours: bool = False):
     return run
 
 
+def bordered_kernels_only(block, sets):
+    """Our two bordered convolution kernels alone (no bias or epilogue) on each input set's bordered buffers, made
+    here once (conv2's from conv1's output), so the copies are out of the timing; the 1x1 shortcut through cuDNN."""
+    import torch.nn.functional as F
+    from sdkernels.kernels.conv3x3_padded import conv3x3_padded, gn_silu_bordered
+    prepared = {}
+    for x, _temb in sets:
+        h = torch.empty_like(x[:, :1]).expand(-1, block.conv1.out_channels, -1, -1).contiguous(
+            memory_format=torch.channels_last)
+        xp1 = gn_silu_bordered(x)
+        conv3x3_padded(xp1, block.conv1.weight, None, None, None, 1.0, h)
+        prepared[x.data_ptr()] = (xp1, h, gn_silu_bordered(h), torch.empty_like(h))
+
+    def run(x, temb):
+        xp1, h, xp2, out = prepared[x.data_ptr()]
+        conv3x3_padded(xp1, block.conv1.weight, None, None, None, 1.0, h)
+        conv3x3_padded(xp2, block.conv2.weight, None, None, None, 1.0, out)
+        if block.conv_shortcut is not None:
+            F.conv2d(x, block.conv_shortcut.weight)
+        return out
+    return run
+
+
 def measure_case(case: Case, dtype, device, timing: dict) -> dict:
     """Check, then time, every provider on one case: {"ms": {provider: ms}, "error": {provider: relative error}}."""
     base = materialize(case, device, dtype)
@@ -217,6 +245,8 @@ def measure_case(case: Case, dtype, device, timing: dict) -> dict:
         ms[CONV_BOUND] = bench_rotating_ms(convolutions_only(base), sets, **timing)
         with as_asked("ours"):
             ms[OUR_CONVS] = bench_rotating_ms(convolutions_only(base, ours=True), sets, **timing)
+        if device == "cuda":
+            ms[OUR_KERNELS] = bench_rotating_ms(bordered_kernels_only(base, sets), sets, **timing)
     return {"ms": ms, "error": errors}
 
 
@@ -227,7 +257,9 @@ def add_rows(results: Results, case: Case, dtype, m: dict, copy_gbps) -> None:
                  shortcut="conv1x1" if case.block.conv_shortcut is not None else "identity")
     if copy_gbps:
         extra.update(floor_ms=moved["ours"] / copy_gbps / 1e6)
-    for baseline in ("eager", "unfused", CONV_BOUND, OUR_CONVS):
+    for baseline in ("eager", "unfused", CONV_BOUND, OUR_CONVS, OUR_KERNELS):
+        if baseline not in m["ms"]:
+            continue
         results.add(BENCH, case.name, dtype, m["ms"]["ours"], baseline, m["ms"][baseline], bytes_moved=moved["ours"],
                     flops=flops(case), **extra)
 
@@ -235,7 +267,8 @@ def add_rows(results: Results, case: Case, dtype, m: dict, copy_gbps) -> None:
 def case_table(cases, measured, dtype, copy_gbps) -> str:
     us = lambda v: f"{1e3 * v:9.1f}"  # noqa: E731
     lines = [f"{'case':36s} {'calls':>5s} {'MB ours':>8s} {'MB eager':>8s} {'floor us':>9s} {'ours us':>9s} "
-             f"{'eager us':>9s} {'unfus us':>9s} {'conv us':>9s} {'ourconv':>9s} {'x eager':>7s} {'x unfus':>7s} "
+             f"{'eager us':>9s} {'unfus us':>9s} {'conv us':>9s} {'ourconv':>9s} {'kernels':>9s} {'x eager':>7s} "
+             f"{'x unfus':>7s} "
              f"{'unf/conv':>8s} "
              f"{'TFLOP/s':>7s}"]
     for case in cases:
@@ -243,7 +276,9 @@ def case_table(cases, measured, dtype, copy_gbps) -> str:
         floor = us(moved["ours"] / copy_gbps / 1e6) if copy_gbps else f"{'-':>9s}"
         lines.append(f"{case.name:36s} {sum(case.calls.values()):5d} {moved['ours'] / 1e6:8.2f} "
                      f"{moved['eager'] / 1e6:8.2f} {floor} {us(ms['ours'])} {us(ms['eager'])} {us(ms['unfused'])} "
-                     f"{us(ms[CONV_BOUND])} {us(ms[OUR_CONVS])} {ms['eager'] / ms['ours']:7.2f} "
+                     f"{us(ms[CONV_BOUND])} {us(ms[OUR_CONVS])} "
+                     f"{us(ms[OUR_KERNELS]) if OUR_KERNELS in ms else format('-', '>9s')} "
+                     f"{ms['eager'] / ms['ours']:7.2f} "
                      f"{ms['unfused'] / ms['ours']:7.2f} "
                      f"{ms['unfused'] / ms[CONV_BOUND]:8.2f} "
                      f"{flops(case) / ms['ours'] / 1e9:7.1f}")
@@ -278,6 +313,15 @@ def summary(cases, measured) -> str:
                      f"{min(speed):.2f}x-{max(speed):.2f}x its speed (median {statistics.median(speed):.2f}x); the "
                      f"fused block less them (statistics, normalization, epilogues): median "
                      f"{statistics.median(cost):.1f} us")
+    if sd15 and OUR_KERNELS in sd15[0]:
+        speed = [m[CONV_BOUND] / m[OUR_KERNELS] for m in sd15]
+        budget = [1e3 * (m["unfused"] / TARGETS["unfused"] - m[OUR_KERNELS]) for m in sd15]
+        lines.append(f"SD1.5 shapes, our convolution kernels alone (bordered inputs made outside the timing) against "
+                     f"cuDNN's: {min(speed):.2f}x-{max(speed):.2f}x its speed (median "
+                     f"{statistics.median(speed):.2f}x); left at {TARGETS['unfused']}x unfused for everything else "
+                     f"(unfused / {TARGETS['unfused']} less them): {min(budget):.1f} to {max(budget):.1f} us, median "
+                     f"{statistics.median(budget):.1f}; the fused block spends "
+                     f"{statistics.median(1e3 * (m['ours'] - m[OUR_KERNELS]) for m in sd15):.1f} (median)")
     for model in dict.fromkeys(m for c in cases for m in c.calls):
         per_forward = {p: sum(c.calls[model] * measured[c.name]["ms"][p] for c in cases if model in c.calls)
                        for p in PROVIDERS}
