@@ -200,8 +200,8 @@ def bordered_kernels_only(block, sets):
     from sdkernels.kernels.conv3x3_padded import conv3x3_padded, gn_silu_bordered
     prepared = {}
     for x, _temb in sets:
-        h = torch.empty_like(x[:, :1]).expand(-1, block.conv1.out_channels, -1, -1).contiguous(
-            memory_format=torch.channels_last)
+        h = torch.empty((x.shape[0], block.conv1.out_channels, *x.shape[2:]), device=x.device, dtype=x.dtype,
+                        memory_format=torch.channels_last)
         xp1 = gn_silu_bordered(x)
         conv3x3_padded(xp1, block.conv1.weight, None, None, None, 1.0, h)
         prepared[x.data_ptr()] = (xp1, h, gn_silu_bordered(h), torch.empty_like(h))
